@@ -1,0 +1,189 @@
+//! The per-backend primitives behind `enqueue`, the relay store and the operator functions.
+
+use std::time::Duration;
+
+use waybill_outbox_core::{
+    Claimed, CompleteReport, Completion, LeaseToken, MessageId, NewOutboxMessage, OutboxMessage,
+    Retention,
+};
+
+use crate::Result;
+
+/// A diesel connection the outbox can work on: implemented for `PgConnection`,
+/// `SqliteConnection`, `MysqlConnection` (each behind its cargo feature) and for r2d2 pooled
+/// connections of those.
+///
+/// These are the building blocks; most code calls [`enqueue`](crate::enqueue), the relay's
+/// [`DieselStore`](crate::DieselStore) and the operator functions instead. Every method runs
+/// on the connection it is given and never checks out another one.
+pub trait OutboxConnection {
+    /// Whether the connection is inside a transaction (or savepoint) right now.
+    ///
+    /// # Errors
+    ///
+    /// The transaction manager is broken after a failed rollback.
+    fn in_transaction(&mut self) -> Result<bool>;
+
+    /// Inserts already validated messages with as few statements as the backend allows. Joins
+    /// the caller's transaction if there is one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateMessageId`](crate::Error::DuplicateMessageId) or database failures.
+    fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()>;
+
+    /// Runs the embedded outbox and inbox migrations that have not run yet.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`](crate::Error::Migration) when a migration fails.
+    fn run_outbox_migrations(&mut self) -> Result<()>;
+
+    /// Reverts every embedded migration (runs each `down.sql`), dropping the tables.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`](crate::Error::Migration) when a migration fails.
+    fn revert_outbox_migrations(&mut self) -> Result<()>;
+
+    /// Claims up to `limit` due messages for `lease` in its own short transaction (see
+    /// [`OutboxStore::claim`](waybill_outbox_core::OutboxStore::claim)).
+    ///
+    /// # Errors
+    ///
+    /// Database failures; nothing is claimed then.
+    fn claim_outbox_messages(
+        &mut self,
+        limit: usize,
+        lease: Duration,
+        owner: &str,
+    ) -> Result<Claimed>;
+
+    /// Writes back completions fenced by `token` in one transaction.
+    ///
+    /// # Errors
+    ///
+    /// Database failures; nothing is written then.
+    fn complete_outbox_messages(
+        &mut self,
+        token: LeaseToken,
+        completions: &[Completion],
+        retention: Retention,
+    ) -> Result<CompleteReport>;
+
+    /// Deletes up to `limit` messages published more than `older_than` ago, unless another
+    /// purge is running; returns how many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn purge_published_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64>;
+
+    /// Puts parked messages back to pending with a fresh attempt count: the one with `id`, or
+    /// all of `partition_key`, or all parked messages when both are `None`. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn requeue_parked_messages(
+        &mut self,
+        id: Option<MessageId>,
+        partition_key: Option<&str>,
+    ) -> Result<u64>;
+
+    /// The stored message with `id`, whatever its status.
+    ///
+    /// # Errors
+    ///
+    /// Database failures or a malformed row.
+    fn find_outbox_message(&mut self, id: MessageId) -> Result<Option<OutboxMessage>>;
+
+    /// Pending, parked and published counts and the oldest pending message's enqueue time,
+    /// per topic.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn outbox_topic_stats(&mut self) -> Result<Vec<crate::TopicStats>>;
+
+    /// Starts listening for enqueue notifications; `false` where the backend has none.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn listen_for_outbox(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Whether a notification arrived since the last call; never blocks.
+    ///
+    /// # Errors
+    ///
+    /// Database failures (a lost connection).
+    fn outbox_notified(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+mod pooled {
+    use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
+
+    use super::*;
+
+    impl<C> OutboxConnection for PooledConnection<ConnectionManager<C>>
+    where
+        C: OutboxConnection + R2D2Connection + 'static,
+    {
+        fn in_transaction(&mut self) -> Result<bool> {
+            (**self).in_transaction()
+        }
+        fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()> {
+            (**self).insert_outbox_messages(messages)
+        }
+        fn run_outbox_migrations(&mut self) -> Result<()> {
+            (**self).run_outbox_migrations()
+        }
+        fn revert_outbox_migrations(&mut self) -> Result<()> {
+            (**self).revert_outbox_migrations()
+        }
+        fn claim_outbox_messages(
+            &mut self,
+            limit: usize,
+            lease: Duration,
+            owner: &str,
+        ) -> Result<Claimed> {
+            (**self).claim_outbox_messages(limit, lease, owner)
+        }
+        fn complete_outbox_messages(
+            &mut self,
+            token: LeaseToken,
+            completions: &[Completion],
+            retention: Retention,
+        ) -> Result<CompleteReport> {
+            (**self).complete_outbox_messages(token, completions, retention)
+        }
+        fn purge_published_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64> {
+            (**self).purge_published_messages(older_than, limit)
+        }
+        fn requeue_parked_messages(
+            &mut self,
+            id: Option<MessageId>,
+            partition_key: Option<&str>,
+        ) -> Result<u64> {
+            (**self).requeue_parked_messages(id, partition_key)
+        }
+        fn find_outbox_message(&mut self, id: MessageId) -> Result<Option<OutboxMessage>> {
+            (**self).find_outbox_message(id)
+        }
+        fn outbox_topic_stats(&mut self) -> Result<Vec<crate::TopicStats>> {
+            (**self).outbox_topic_stats()
+        }
+        fn listen_for_outbox(&mut self) -> Result<bool> {
+            (**self).listen_for_outbox()
+        }
+        fn outbox_notified(&mut self) -> Result<bool> {
+            (**self).outbox_notified()
+        }
+    }
+}

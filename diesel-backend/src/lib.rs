@@ -1,0 +1,279 @@
+//! **waybill** on diesel: a transactional outbox and inbox for PostgreSQL, SQLite and
+//! MySQL/MariaDB.
+//!
+//! # Why
+//!
+//! A service that saves a state change and then publishes an event writes to two systems, and
+//! one can fail after the other: the event is lost, or it announces a change that was rolled
+//! back. With the outbox, [`enqueue`] writes the event into the *same* database transaction as
+//! the state change. A [`Relay`](waybill_outbox_core::Relay) over a [`DieselStore`] publishes
+//! committed events afterwards. A rolled-back transaction publishes nothing; a broker that is
+//! down only delays delivery.
+//!
+//! # Getting started
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use waybill_diesel::{enqueue, run_migrations};
+//! use waybill_outbox_core::NewOutboxMessage;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut conn = SqliteConnection::establish(":memory:")?;
+//! run_migrations(&mut conn)?;
+//! # diesel::sql_query("CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER)").execute(&mut conn)?;
+//!
+//! conn.transaction(|conn| {
+//!     diesel::sql_query("INSERT INTO orders (id, total) VALUES (4231, 1999)").execute(conn)?;
+//!     let event = NewOutboxMessage::json("orders", "order:4231", "OrderPlaced",
+//!         &serde_json::json!({"order_id": 4231, "total": 1999}))?;
+//!     enqueue(conn, &event)?;
+//!     Ok::<_, Box<dyn std::error::Error>>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//!
+//! - `postgres` (default): `PgConnection`, with `LISTEN`/`NOTIFY` wake-ups for idle relays.
+//! - `sqlite` (default): `SqliteConnection`, the embedded choice.
+//! - `mysql`: `MysqlConnection` for MySQL 8 and MariaDB 10.6+, linked against the system's
+//!   `libmysqlclient`/`libmariadb` (`apt-get install libmariadb-dev`).
+//!
+//! # Backend differences
+//!
+//! | | PostgreSQL | MySQL / MariaDB | SQLite |
+//! |---|---|---|---|
+//! | message id | `uuid` | `BINARY(16)`, big-endian | `BLOB` of 16 bytes, big-endian |
+//! | headers | `jsonb` | JSON text (`LONGTEXT` checked by `JSON_VALID`) | JSON text |
+//! | times | `timestamptz`, database clock | `DATETIME(6)` in UTC, database clock | integer microseconds, process clock |
+//! | claim serialization | `claim` lock row, `FOR SHARE` for write-backs | the same, `READ COMMITTED` | single writer, `BEGIN IMMEDIATE` |
+//! | wake-up | `NOTIFY` from an insert trigger | poll | poll |
+
+mod common;
+mod connection;
+mod error;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod pg;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+mod store;
+
+use chrono::{DateTime, Utc};
+use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};
+
+pub use connection::OutboxConnection;
+pub use error::{Error, Result};
+pub use store::DieselStore;
+
+/// Rows per `INSERT` statement: far below every backend's bind-parameter limit.
+pub(crate) const INSERT_CHUNK: usize = 1000;
+
+/// Writes `message` to the outbox on `conn`, joining the caller's transaction.
+///
+/// Call it inside the transaction that changes your state (`conn.transaction(|conn| ..)`): the
+/// message commits with that transaction and disappears with its rollback, or with the
+/// rollback of a savepoint around the call. It never checks out another connection, begins a
+/// transaction or commits. Called outside a transaction, the single insert commits on its own.
+/// The message is checked against [`Limits::default`] first; see [`Outbox`] for other limits.
+///
+/// Returns the message's id.
+///
+/// # Errors
+///
+/// [`Error::Invalid`] before the database is touched; [`Error::DuplicateMessageId`] when the id
+/// is already in the outbox (on PostgreSQL the caller's transaction is then aborted);
+/// [`Error::Database`].
+pub fn enqueue<C: OutboxConnection + ?Sized>(
+    conn: &mut C,
+    message: &NewOutboxMessage,
+) -> Result<MessageId> {
+    Outbox::default().enqueue(conn, message)
+}
+
+/// Writes all `messages` to the outbox on `conn`, in order, joining the caller's transaction.
+///
+/// Like [`enqueue`], with as few statements as the backend allows. More than 1,000 messages
+/// need several statements: then it must run inside a transaction.
+///
+/// # Errors
+///
+/// As [`enqueue`], plus [`Error::NotInTransaction`] for a multi-statement batch outside a
+/// transaction and [`Error::DuplicateMessageId`] for an id repeated within `messages`.
+pub fn enqueue_all<C: OutboxConnection + ?Sized>(
+    conn: &mut C,
+    messages: &[NewOutboxMessage],
+) -> Result<()> {
+    Outbox::default().enqueue_all(conn, messages)
+}
+
+/// Runs the embedded outbox migrations that have not run yet, in their own transactions.
+///
+/// The same SQL is in the repository's `migrations/<backend>/` folders for projects that manage
+/// their schema with `diesel migration`.
+///
+/// # Errors
+///
+/// [`Error::Migration`].
+pub fn run_migrations<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<()> {
+    conn.run_outbox_migrations()
+}
+
+/// Reverts every embedded migration, dropping the outbox (and inbox) tables with their data.
+///
+/// # Errors
+///
+/// [`Error::Migration`].
+pub fn revert_migrations<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<()> {
+    conn.revert_outbox_migrations()
+}
+
+/// Puts the parked message `id` back to pending with a fresh attempt count; returns whether
+/// it was parked. Later messages of its key flow again once it is published.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn requeue<C: OutboxConnection + ?Sized>(conn: &mut C, id: MessageId) -> Result<bool> {
+    Ok(conn.requeue_parked_messages(Some(id), None)? > 0)
+}
+
+/// Puts every parked message of `partition_key` back to pending; returns how many.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn requeue_key<C: OutboxConnection + ?Sized>(conn: &mut C, partition_key: &str) -> Result<u64> {
+    conn.requeue_parked_messages(None, Some(partition_key))
+}
+
+/// The stored message with `id`, if it is still in the outbox.
+///
+/// # Errors
+///
+/// [`Error::Database`], [`Error::MalformedRow`].
+pub fn find_message<C: OutboxConnection + ?Sized>(
+    conn: &mut C,
+    id: MessageId,
+) -> Result<Option<OutboxMessage>> {
+    conn.find_outbox_message(id)
+}
+
+/// Per-topic counts for monitoring, from [`topic_stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicStats {
+    /// The topic.
+    pub topic: String,
+    /// Messages waiting to be published (including leased and backing-off ones).
+    pub pending: i64,
+    /// Parked messages waiting for an operator.
+    pub parked: i64,
+    /// Published messages still kept for the retention window.
+    pub published: i64,
+    /// When the oldest pending message was enqueued.
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+impl TopicStats {
+    /// Counts for one topic.
+    pub fn new(
+        topic: String,
+        pending: i64,
+        parked: i64,
+        published: i64,
+        oldest_pending: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            topic,
+            pending,
+            parked,
+            published,
+            oldest_pending,
+        }
+    }
+}
+
+/// Pending, parked and retained counts and the oldest pending message, per topic.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn topic_stats<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<Vec<TopicStats>> {
+    conn.outbox_topic_stats()
+}
+
+/// The outbox with non-default [`Limits`].
+///
+/// ```
+/// use waybill_diesel::{Error, Outbox};
+/// use waybill_outbox_core::{Limits, NewOutboxMessage};
+/// # use diesel::prelude::*;
+/// # let mut conn = SqliteConnection::establish(":memory:").unwrap();
+/// # waybill_diesel::run_migrations(&mut conn).unwrap();
+///
+/// let outbox = Outbox::new(Limits::default().max_payload_bytes(16));
+/// let big = NewOutboxMessage::bytes("t", "k", "T", "text/plain", vec![b'x'; 17]);
+/// assert!(matches!(outbox.enqueue(&mut conn, &big), Err(Error::Invalid { .. })));
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Outbox {
+    limits: Limits,
+}
+
+impl Outbox {
+    /// An outbox that checks messages against `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self { limits }
+    }
+
+    /// [`enqueue`] with these limits.
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue`].
+    pub fn enqueue<C: OutboxConnection + ?Sized>(
+        &self,
+        conn: &mut C,
+        message: &NewOutboxMessage,
+    ) -> Result<MessageId> {
+        self.validate(message)?;
+        conn.insert_outbox_messages(std::slice::from_ref(message))?;
+        Ok(message.id())
+    }
+
+    /// [`enqueue_all`] with these limits.
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue_all`].
+    pub fn enqueue_all<C: OutboxConnection + ?Sized>(
+        &self,
+        conn: &mut C,
+        messages: &[NewOutboxMessage],
+    ) -> Result<()> {
+        let mut seen = std::collections::HashSet::with_capacity(messages.len());
+        for message in messages {
+            self.validate(message)?;
+            if !seen.insert(message.id()) {
+                return Err(Error::DuplicateMessageId(Some(message.id())));
+            }
+        }
+        if messages.len() > INSERT_CHUNK && !conn.in_transaction()? {
+            return Err(Error::NotInTransaction(messages.len()));
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        conn.insert_outbox_messages(messages)
+    }
+
+    fn validate(&self, message: &NewOutboxMessage) -> Result<()> {
+        self.limits.check(message).map_err(|source| Error::Invalid {
+            id: message.id(),
+            source,
+        })
+    }
+}

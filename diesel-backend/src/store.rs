@@ -1,0 +1,133 @@
+//! The relay's store over an r2d2 pool of diesel connections.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection, R2D2Connection};
+use waybill_outbox_core::{
+    Claimed, CompleteReport, Completion, LeaseToken, OutboxStore, Retention,
+};
+
+use crate::{Error, OutboxConnection, Result};
+
+type Pooled<C> = PooledConnection<ConnectionManager<C>>;
+
+/// The [`OutboxStore`] the relay uses: each call checks out a pooled connection, does its work
+/// in one short transaction and gives the connection back, so no transaction or lock is held
+/// while the broker works.
+///
+/// On PostgreSQL it also keeps one pooled connection listening for the enqueue trigger's
+/// `NOTIFY`, so size the pool one above the relay's needs.
+///
+/// ```
+/// use diesel::r2d2::{ConnectionManager, Pool};
+/// use diesel::SqliteConnection;
+/// use waybill_diesel::DieselStore;
+/// use waybill_outbox_core::{InMemoryPublisher, Relay, RelayConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = Pool::builder().max_size(1).build(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
+/// waybill_diesel::run_migrations(&mut pool.get()?)?;
+/// let mut relay = Relay::new(DieselStore::new(pool), InMemoryPublisher::new(), RelayConfig::default());
+/// assert_eq!(relay.run_once()?.claimed, 0);
+/// # Ok(())
+/// # }
+/// ```
+pub struct DieselStore<C: R2D2Connection + 'static> {
+    pool: Pool<ConnectionManager<C>>,
+    listener: Mutex<Option<Pooled<C>>>,
+    cannot_listen: AtomicBool,
+}
+
+impl<C: R2D2Connection + 'static> fmt::Debug for DieselStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DieselStore")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: R2D2Connection + 'static> DieselStore<C> {
+    /// A store over `pool`.
+    pub fn new(pool: Pool<ConnectionManager<C>>) -> Self {
+        Self {
+            pool,
+            listener: Mutex::new(None),
+            cannot_listen: AtomicBool::new(false),
+        }
+    }
+
+    /// The pool this store uses.
+    pub fn pool(&self) -> &Pool<ConnectionManager<C>> {
+        &self.pool
+    }
+
+    fn conn(&self) -> Result<Pooled<C>> {
+        Ok(self.pool.get()?)
+    }
+}
+
+impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore<C> {
+    type Error = Error;
+
+    fn claim(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed> {
+        self.conn()?.claim_outbox_messages(limit, lease, owner)
+    }
+
+    fn complete(
+        &self,
+        token: LeaseToken,
+        completions: &[Completion],
+        retention: Retention,
+    ) -> Result<CompleteReport> {
+        if completions.is_empty() {
+            return Ok(CompleteReport::default());
+        }
+        self.conn()?
+            .complete_outbox_messages(token, completions, retention)
+    }
+
+    fn purge_published(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.conn()?.purge_published_messages(older_than, limit)
+    }
+
+    fn poll_wakeup(&self) -> Result<bool> {
+        if self.cannot_listen.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let mut listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(conn) = listener.as_mut() else {
+            let mut conn = self.conn()?;
+            if !conn.listen_for_outbox()? {
+                self.cannot_listen.store(true, Ordering::Relaxed);
+                return Ok(false);
+            }
+            *listener = Some(conn);
+            // Notifications sent before LISTEN are lost: report a wake-up so the relay polls.
+            return Ok(true);
+        };
+        conn.outbox_notified().inspect_err(|_| {
+            // A broken listening connection is dropped; the next call listens afresh.
+            *listener = None;
+        })
+    }
+}
+
+impl<C: R2D2Connection + 'static> Drop for DieselStore<C> {
+    fn drop(&mut self) {
+        let listener = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(mut conn) = listener.take() {
+            // The connection goes back to the pool: stop it collecting notifications there.
+            if let Err(error) =
+                diesel::connection::SimpleConnection::batch_execute(&mut *conn, "UNLISTEN *")
+            {
+                log::warn!("UNLISTEN on the relay's listening connection failed: {error}");
+            }
+        }
+    }
+}

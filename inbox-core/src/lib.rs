@@ -1,0 +1,1 @@
+//! Backend-free types of the waybill inbox (see issue 4).
