@@ -491,6 +491,10 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         let mut totals = RelayReport::default();
         let mut idle_wait = self.config.min_poll_interval;
         let mut failures = 0;
+        // Start listening before the first idle wait, so no wake-up sent after start is missed.
+        if let Err(error) = self.store.poll_wakeup() {
+            log::warn!("listening for outbox notifications failed: {error}");
+        }
         while !self.handle.is_stopped() {
             let started = Instant::now();
             match self.run_once() {

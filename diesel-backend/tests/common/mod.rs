@@ -4,7 +4,13 @@
 //! Server URLs: `PG_DATABASE_URL` / `MYSQL_DATABASE_URL`, falling back to the local defaults.
 //! An unreachable server skips its suite with a message, unless `WAYBILL_REQUIRE_SERVERS=1`
 //! (set by CI), which turns the skip into a failure.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::expect_used, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::expect_used,
+    clippy::unwrap_used
+)]
 
 use std::io::Write;
 

@@ -1,0 +1,509 @@
+//! The relay on every backend: several relays at once, per-key order, crashes between confirm
+//! and mark, fencing of stalled relays, poison messages, broker outages, wake-ups, shutdown.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::{Backend, TestDb};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use waybill_diesel::{enqueue, enqueue_all, find_message, requeue, topic_stats, DieselStore};
+use waybill_outbox_core::{
+    Backoff, InMemoryPublisher, NewOutboxMessage, OutboxMessage, OutboxStore, PublishError,
+    Publisher, Relay, RelayConfig, RelayHooks, RelayReport, Retention, Status,
+};
+
+/// Liveness bound for loops that wait on leases or backoffs to pass: a test that needs it has
+/// failed, it does not measure speed.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn msg(key: &str, index: usize) -> NewOutboxMessage {
+    NewOutboxMessage::bytes(
+        "orders",
+        key,
+        "Step",
+        "text/plain",
+        format!("{key}|{index}"),
+    )
+}
+
+fn fill<C: Backend>(db: &TestDb<C>, keys: usize, per_key: usize) -> Vec<NewOutboxMessage> {
+    // Interleave keys so every batch mixes them.
+    let messages: Vec<_> = (0..per_key)
+        .flat_map(|i| (0..keys).map(move |k| msg(&format!("key:{k}"), i)))
+        .collect();
+    let mut conn = db.conn();
+    for chunk in messages.chunks(1000) {
+        conn.transaction(|conn| enqueue_all(conn, chunk))
+            .expect("enqueue");
+    }
+    messages
+}
+
+fn config() -> RelayConfig {
+    RelayConfig::default().batch_size(100).backoff(Backoff::new(
+        Duration::from_millis(1),
+        Duration::from_millis(5),
+    ))
+}
+
+fn relay<C: Backend, P: Publisher>(
+    db: &TestDb<C>,
+    publisher: P,
+    config: RelayConfig,
+) -> Relay<DieselStore<C>, P> {
+    Relay::new(DieselStore::new(db.pool.clone()), publisher, config)
+}
+
+fn index_of(message: &OutboxMessage) -> usize {
+    let payload = String::from_utf8(message.payload.clone()).unwrap();
+    payload.rsplit_once('|').unwrap().1.parse().unwrap()
+}
+
+/// Asserts that, per key, the first publication of each message follows enqueue order.
+fn assert_key_order(log: &[OutboxMessage]) {
+    let mut next: HashMap<&str, usize> = HashMap::new();
+    let mut seen = HashSet::new();
+    for message in log {
+        if !seen.insert(message.id) {
+            continue; // a republication after a crash or takeover: at-least-once
+        }
+        let expected = next.entry(message.partition_key.as_str()).or_insert(0);
+        assert_eq!(
+            index_of(message),
+            *expected,
+            "key {} published out of order",
+            message.partition_key
+        );
+        *expected += 1;
+    }
+}
+
+fn pending_and_parked<C: Backend>(db: &TestDb<C>) -> (i64, i64) {
+    topic_stats(&mut db.conn())
+        .unwrap()
+        .iter()
+        .fold((0, 0), |(p, k), s| (p + s.pending, k + s.parked))
+}
+
+/// Runs `relay` round after round until `done` holds.
+fn drive<S: OutboxStore, P: Publisher>(
+    relay: &mut Relay<S, P>,
+    mut done: impl FnMut() -> bool,
+) -> RelayReport {
+    let deadline = Instant::now() + PATIENCE;
+    let mut totals = RelayReport::default();
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "relay made no progress within {PATIENCE:?}"
+        );
+        let report = relay.run_once().expect("relay round");
+        totals.published += report.published;
+        totals.retried += report.retried;
+        totals.parked += report.parked;
+        totals.fenced_off += report.fenced_off;
+        if report.claimed == 0 {
+            std::thread::yield_now();
+        }
+    }
+    totals
+}
+
+fn four_relays_publish_every_message_once_in_key_order<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 50, 200);
+    let publisher = InMemoryPublisher::new();
+    let idle_poll = config()
+        .min_poll_interval(Duration::from_millis(1))
+        .poll_interval(Duration::from_millis(20));
+    let relays: Vec<_> = (0..4)
+        .map(|n| {
+            relay(
+                &db,
+                publisher.clone(),
+                idle_poll.clone().owner(format!("relay-{n}")),
+            )
+        })
+        .collect();
+    let handles: Vec<_> = relays.iter().map(Relay::handle).collect();
+    let workers: Vec<_> = relays
+        .into_iter()
+        .map(|mut relay| std::thread::spawn(move || relay.run()))
+        .collect();
+    assert!(
+        publisher.wait_for(messages.len(), PATIENCE),
+        "every message published"
+    );
+    handles.iter().for_each(|h| h.stop());
+    let published: u64 = workers
+        .into_iter()
+        .map(|w| w.join().unwrap().published)
+        .sum();
+    let log = publisher.published();
+    assert_eq!(
+        log.len(),
+        messages.len(),
+        "no message lost, none published twice"
+    );
+    assert_eq!(published, messages.len() as u64);
+    assert_eq!(
+        log.iter().map(|m| m.id).collect::<HashSet<_>>().len(),
+        messages.len()
+    );
+    assert_key_order(&log);
+    assert_eq!(pending_and_parked(&db), (0, 0));
+}
+
+/// Publishes, then dies before the relay can write the outcome back.
+struct CrashAfterConfirm(InMemoryPublisher);
+
+impl Publisher for CrashAfterConfirm {
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        self.0.publish(batch);
+        panic!("relay killed between broker confirm and mark");
+    }
+}
+
+fn crash_between_confirm_and_mark_republishes_never_loses<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 3, 4);
+    let publisher = InMemoryPublisher::new();
+    let mut doomed = relay(
+        &db,
+        CrashAfterConfirm(publisher.clone()),
+        config().lease(Duration::from_millis(1)),
+    );
+    let crashed = std::thread::spawn(move || doomed.run_once()).join();
+    assert!(crashed.is_err(), "the first relay died");
+    assert_eq!(publisher.len(), messages.len(), "the broker got the batch");
+    assert_eq!(
+        pending_and_parked(&db),
+        (messages.len() as i64, 0),
+        "nothing was marked"
+    );
+
+    let mut survivor = relay(&db, publisher.clone(), config());
+    drive(&mut survivor, || pending_and_parked(&db) == (0, 0));
+    let log = publisher.published();
+    assert_eq!(
+        log.len(),
+        2 * messages.len(),
+        "republished after the lease expired: at-least-once"
+    );
+    assert_key_order(&log);
+}
+
+/// Blocks in `publish` until the test lets it go, then reports `outcome` for every message.
+struct Stalling {
+    inner: InMemoryPublisher,
+    entered: mpsc::Sender<()>,
+    resume: mpsc::Receiver<()>,
+    outcome: Result<(), PublishError>,
+}
+
+impl Publisher for Stalling {
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        self.entered.send(()).unwrap();
+        self.resume.recv().unwrap();
+        if self.outcome.is_ok() {
+            self.inner.publish(batch);
+        }
+        vec![self.outcome.clone(); batch.len()]
+    }
+}
+
+fn stalled_relay_is_fenced_off_after_takeover<C: Backend>(db: TestDb<C>) {
+    for outcome in [Ok(()), Err(PublishError::Retryable("late failure".into()))] {
+        let messages = fill(&db, 2, 3);
+        let publisher = InMemoryPublisher::new();
+        let (entered_tx, entered) = mpsc::channel();
+        let (resume, resume_rx) = mpsc::channel();
+        let stalling = Stalling {
+            inner: publisher.clone(),
+            entered: entered_tx,
+            resume: resume_rx,
+            outcome,
+        };
+        let mut stalled = relay(
+            &db,
+            stalling,
+            config().lease(Duration::from_millis(1)).owner("stalled"),
+        );
+        let worker = std::thread::spawn(move || stalled.run_once().unwrap());
+        entered.recv().unwrap();
+
+        // The lease runs out while the first relay is stuck; another relay takes over.
+        let mut rescuer = relay(&db, publisher.clone(), config().owner("rescuer"));
+        drive(&mut rescuer, || pending_and_parked(&db) == (0, 0));
+        resume.send(()).unwrap();
+        let late = worker.join().unwrap();
+        assert_eq!(late.claimed, messages.len() as u64);
+        assert_eq!(
+            late.fenced_off,
+            messages.len() as u64,
+            "every late write was refused"
+        );
+        assert_eq!(
+            pending_and_parked(&db),
+            (0, 0),
+            "the late relay changed nothing"
+        );
+        for message in &messages {
+            assert_eq!(
+                find_message(&mut db.conn(), message.id()).unwrap(),
+                None,
+                "published and deleted"
+            );
+        }
+    }
+}
+
+fn poison_message_is_parked_its_key_waits_and_requeue_releases_it<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 50, 4);
+    let poison = messages
+        .iter()
+        .find(|m| m.partition_key() == "key:7" && m.payload() == b"key:7|1")
+        .unwrap()
+        .id();
+    let broken = Arc::new(AtomicBool::new(true));
+    let fault = broken.clone();
+    let publisher = InMemoryPublisher::new().with_fault(move |m| {
+        (m.id == poison && fault.load(Ordering::SeqCst))
+            .then(|| PublishError::Retryable("rejected".into()))
+    });
+    let mut relay = relay(&db, publisher.clone(), config().max_attempts(3));
+    let totals = drive(&mut relay, || pending_and_parked(&db) == (2, 1));
+    assert_eq!(totals.parked, 1);
+    assert_eq!(
+        totals.retried, 2,
+        "two retries, parked on the third attempt"
+    );
+    let parked = find_message(&mut db.conn(), poison).unwrap().unwrap();
+    assert_eq!(parked.status, Status::Parked);
+    assert_eq!(parked.attempts, 3);
+    assert!(parked.last_error.unwrap().contains("rejected"));
+    let key7: Vec<usize> = publisher
+        .published()
+        .iter()
+        .filter(|m| m.partition_key == "key:7")
+        .map(index_of)
+        .collect();
+    assert_eq!(key7, vec![0], "the messages behind the poison one wait");
+    assert_eq!(
+        relay.run_once().unwrap().claimed,
+        0,
+        "nothing of key:7 is claimable"
+    );
+
+    broken.store(false, Ordering::SeqCst);
+    assert!(requeue(&mut db.conn(), poison).unwrap());
+    drive(&mut relay, || pending_and_parked(&db) == (0, 0));
+    assert_eq!(publisher.len(), messages.len());
+    assert_key_order(&publisher.published());
+}
+
+fn broker_outage_backs_off_then_drains_everything<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 5, 10);
+    let down = Arc::new(AtomicBool::new(true));
+    let fault = down.clone();
+    let publisher = InMemoryPublisher::new().with_fault(move |_| {
+        fault
+            .load(Ordering::SeqCst)
+            .then(|| PublishError::Retryable("broker unavailable".into()))
+    });
+    let mut relay = relay(
+        &db,
+        publisher.clone(),
+        config().batch_size(1000).backoff(Backoff::new(
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )),
+    );
+    let report = relay.run_once().unwrap();
+    assert_eq!(report.retried, 5, "the head of each key failed");
+    assert_eq!(report.published + report.parked, 0);
+    let first = find_message(&mut db.conn(), messages[0].id())
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.attempts, 1);
+    assert_eq!(first.last_error.as_deref(), Some("broker unavailable"));
+    assert!(
+        first.available_at > chrono::Utc::now() + chrono::Duration::minutes(20),
+        "backed off"
+    );
+    assert_eq!(
+        relay.run_once().unwrap().claimed,
+        0,
+        "every key waits for its backoff"
+    );
+
+    down.store(false, Ordering::SeqCst);
+    db.conn()
+        .batch_execute("UPDATE outbox_messages SET available_at = created_at")
+        .unwrap();
+    drive(&mut relay, || pending_and_parked(&db) == (0, 0));
+    assert_eq!(publisher.len(), messages.len(), "nothing lost");
+    assert_key_order(&publisher.published());
+}
+
+fn delayed_message_holds_back_only_its_key<C: Backend>(db: TestDb<C>) {
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut conn = db.conn();
+    enqueue(&mut conn, &msg("a", 0).available_at(later)).unwrap();
+    enqueue(&mut conn, &msg("a", 1)).unwrap();
+    enqueue(&mut conn, &msg("b", 0)).unwrap();
+    let publisher = InMemoryPublisher::new();
+    let mut relay = relay(&db, publisher.clone(), config());
+    assert_eq!(relay.run_once().unwrap().published, 1);
+    assert_eq!(publisher.published()[0].partition_key, "b");
+    assert_eq!(relay.run_once().unwrap().claimed, 0);
+}
+
+fn unreadable_row_is_parked_and_others_flow<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 3, 2);
+    db.conn()
+        .batch_execute(
+            "UPDATE outbox_messages SET headers = '[1, 2]' WHERE partition_key = 'key:1'",
+        )
+        .unwrap();
+    let publisher = InMemoryPublisher::new();
+    let mut relay = relay(&db, publisher.clone(), config());
+    drive(&mut relay, || pending_and_parked(&db).0 == 0);
+    assert_eq!(publisher.len(), 4);
+    assert_eq!(pending_and_parked(&db), (0, 2));
+    let bad = find_message(&mut db.conn(), messages[1].id());
+    assert!(
+        bad.is_err(),
+        "still unreadable, and reported as such: {bad:?}"
+    );
+}
+
+struct IdleSignal(mpsc::Sender<()>);
+
+impl RelayHooks for IdleSignal {
+    fn on_idle(&self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// An idle relay with an hour-long poll interval publishes a new message: only a wake-up can
+/// have made it look.
+fn wake_up_reaches_an_idle_relay<C: Backend>(db: TestDb<C>, by_notify: bool) {
+    let publisher = InMemoryPublisher::new();
+    let (idle_tx, idle) = mpsc::channel();
+    let hour = Duration::from_secs(3600);
+    let mut relay = relay(
+        &db,
+        publisher.clone(),
+        config().poll_interval(hour).min_poll_interval(hour),
+    )
+    .with_hooks(IdleSignal(idle_tx));
+    let handle = relay.handle();
+    let worker = std::thread::spawn(move || relay.run());
+    // The relay listens before its first claim, so once it is idle no wake-up can be missed.
+    idle.recv().unwrap();
+    enqueue(&mut db.conn(), &msg("a", 0)).unwrap();
+    if !by_notify {
+        handle.wake();
+    }
+    assert!(publisher.wait_for(1, PATIENCE), "the idle relay was woken");
+    handle.stop();
+    let totals = worker.join().unwrap();
+    assert_eq!(totals.published, 1);
+}
+
+fn in_process_wake_reaches_an_idle_relay<C: Backend>(db: TestDb<C>) {
+    wake_up_reaches_an_idle_relay(db, false);
+}
+
+fn stop_finishes_the_batch_in_hand_and_holds_nothing<C: Backend>(db: TestDb<C>) {
+    fill(&db, 4, 50);
+    let publisher = InMemoryPublisher::new();
+    let (entered_tx, entered) = mpsc::channel();
+    let (resume, resume_rx) = mpsc::channel();
+    let stalling = Stalling {
+        inner: publisher.clone(),
+        entered: entered_tx,
+        resume: resume_rx,
+        outcome: Ok(()),
+    };
+    let mut running = relay(&db, stalling, config().batch_size(50));
+    let handle = running.handle();
+    let worker = std::thread::spawn(move || running.run());
+    entered.recv().unwrap();
+    handle.stop();
+    resume.send(()).unwrap();
+    let totals = worker.join().unwrap();
+    assert_eq!(totals.published, 50, "the batch in hand was finished");
+    assert_eq!(publisher.len(), 50);
+
+    // Stopped between claim and publish: the claim is handed back unsent.
+    let mut stopped = relay(&db, publisher.clone(), config().batch_size(50));
+    stopped.handle().stop();
+    let report = stopped.run_once().unwrap();
+    assert_eq!(
+        (report.claimed, report.released, report.published),
+        (50, 50, 0)
+    );
+    // Nothing is left leased: a fresh relay claims everything at once.
+    let mut next = relay(&db, publisher.clone(), config().batch_size(1000));
+    assert_eq!(next.run_once().unwrap().published, 150);
+    assert_key_order(&publisher.published());
+}
+
+fn retention_keeps_published_messages_until_purged<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 2, 5);
+    let publisher = InMemoryPublisher::new();
+    let window = Duration::from_secs(3600);
+    let mut relay = relay(&db, publisher, config().retention(Retention::Keep(window)));
+    drive(&mut relay, || pending_and_parked(&db).0 == 0);
+    let kept = find_message(&mut db.conn(), messages[0].id())
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.status, Status::Published);
+    assert!(kept.published_at.is_some());
+    let store = DieselStore::new(db.pool.clone());
+    assert_eq!(
+        store.purge_published(window, 3).unwrap(),
+        0,
+        "inside the window"
+    );
+    let mut purged = Vec::new();
+    loop {
+        let n = store.purge_published(Duration::ZERO, 3).unwrap();
+        purged.push(n);
+        if n < 3 {
+            break;
+        }
+    }
+    assert_eq!(purged, vec![3, 3, 3, 1], "bounded batches");
+    assert_eq!(
+        find_message(&mut db.conn(), messages[0].id()).unwrap(),
+        None
+    );
+}
+
+backend_tests!(
+    four_relays_publish_every_message_once_in_key_order,
+    crash_between_confirm_and_mark_republishes_never_loses,
+    stalled_relay_is_fenced_off_after_takeover,
+    poison_message_is_parked_its_key_waits_and_requeue_releases_it,
+    broker_outage_backs_off_then_drains_everything,
+    delayed_message_holds_back_only_its_key,
+    unreadable_row_is_parked_and_others_flow,
+    in_process_wake_reaches_an_idle_relay,
+    stop_finishes_the_batch_in_hand_and_holds_nothing,
+    retention_keeps_published_messages_until_purged,
+);
+
+#[cfg(feature = "postgres")]
+#[test]
+fn notify_from_the_enqueueing_transaction_wakes_an_idle_relay() {
+    if let Some(db) = common::postgres() {
+        wake_up_reaches_an_idle_relay(db, true);
+    }
+}
