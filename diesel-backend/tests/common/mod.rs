@@ -4,14 +4,20 @@
 //! Server URLs: `PG_DATABASE_URL` / `MYSQL_DATABASE_URL`, falling back to the local defaults.
 //! An unreachable server skips its suite with a message, unless `WAYBILL_REQUIRE_SERVERS=1`
 //! (set by CI), which turns the skip into a failure.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::expect_used, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::expect_used,
+    clippy::unwrap_used
+)]
 
 use std::io::Write;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
-use waybill_diesel::OutboxConnection;
+use waybill_diesel::{InboxConnection, OutboxConnection};
 
 pub type TestPool<C> = Pool<ConnectionManager<C>>;
 
@@ -36,7 +42,9 @@ impl<C: R2D2Connection + 'static> Drop for TestDb<C> {
 }
 
 /// The connection types the suites run on.
-pub trait Backend: OutboxConnection + R2D2Connection + Connection + 'static {
+pub trait Backend:
+    OutboxConnection + InboxConnection + R2D2Connection + Connection + 'static
+{
     const NAME: &'static str;
 }
 
