@@ -313,11 +313,17 @@ fn purge_deletes_old_records_in_bounded_batches<C: Ledger>(db: TestDb<C>) {
         0,
         "within the window"
     );
+    let later = Utc::now() + chrono::Duration::minutes(1);
+    assert_eq!(
+        conn.delete_inbox_records(Some("billing"), later, 3)
+            .unwrap(),
+        3,
+        "one statement deletes one bounded batch"
+    );
     let no_window = Inbox::new("billing").retention(Duration::ZERO);
-    assert_eq!(no_window.purge_processed(conn, 3).unwrap(), 7);
+    assert_eq!(no_window.purge_processed(conn, 3).unwrap(), 4);
     assert_eq!(billing.processed_count(conn).unwrap(), 0);
     assert_eq!(shipping.processed_count(conn).unwrap(), 2);
-    let later = Utc::now() + chrono::Duration::minutes(1);
     assert_eq!(purge_processed_before(conn, later, 1).unwrap(), 2);
     assert_eq!(shipping.processed_count(conn).unwrap(), 0);
 }

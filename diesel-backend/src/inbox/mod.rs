@@ -173,6 +173,11 @@ impl Inbox {
     /// processes the message. Inside a caller's transaction, nothing is final until the caller
     /// commits.
     ///
+    /// Run it at the default `READ COMMITTED` (PostgreSQL) or `REPEATABLE READ` (MySQL)
+    /// isolation. Under PostgreSQL's `REPEATABLE READ` or `SERIALIZABLE`, a duplicate that
+    /// committed concurrently surfaces as a serialization failure instead of
+    /// [`Processed::Duplicate`]: a retryable error, so leave the delivery unacknowledged.
+    ///
     /// # Errors
     ///
     /// The handler's error; [`Error::InvalidInboxKey`] for an empty or over-long consumer
