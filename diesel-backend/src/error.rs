@@ -34,6 +34,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An inbox consumer name or dedup key is empty or longer than 255 characters (the
+    /// MySQL column width); the database was not touched.
+    #[error("inbox {what} must be 1 to 255 characters long, not {chars}")]
+    InvalidInboxKey {
+        /// `consumer name` or `dedup key`.
+        what: &'static str,
+        /// Its length in characters.
+        chars: usize,
+    },
     /// The database refused or failed a statement.
     #[error("database error")]
     Database(#[from] DieselError),

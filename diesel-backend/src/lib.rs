@@ -53,6 +53,7 @@
 mod common;
 mod connection;
 mod error;
+pub mod inbox;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]
@@ -66,6 +67,9 @@ use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};
 
 pub use connection::OutboxConnection;
 pub use error::{Error, Result};
+pub use inbox::{
+    purge_processed_before, DedupKey, Inbox, InboxConnection, IncomingMessage, Processed,
+};
 pub use store::DieselStore;
 
 /// Rows per `INSERT` statement: far below every backend's bind-parameter limit.

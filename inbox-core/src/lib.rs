@@ -1,1 +1,40 @@
-//! Backend-free types of the waybill inbox (see issue 4).
+//! Backend-free types of the **waybill** inbox: [`IncomingMessage`], the [`wire`] form
+//! transports publish and read, [`DedupKey`] and the [`Processed`] outcome.
+//!
+//! Brokers deliver at least once: a relay retries after a lost confirm, a broker redelivers an
+//! unacknowledged message, a consumer crashes after its writes but before its ack. The inbox
+//! makes each message take effect once per consumer: the consumer records the message's
+//! sender-assigned id in its own database transaction, together with the handler's writes. A
+//! redelivery finds the record and is skipped; a failed handler rolls the record back with its
+//! writes, so the redelivery processes the message. The diesel implementation
+//! (`waybill_diesel::Inbox`) lives in `waybill-diesel`.
+//!
+//! ```
+//! use waybill_inbox_core::{wire, DedupKey, IncomingMessage};
+//! use waybill_outbox_core::{Headers, MessageId};
+//!
+//! // What a transport received:
+//! let id = MessageId::new();
+//! let headers = Headers::from([
+//!     (wire::MESSAGE_ID.to_owned(), id.to_string()),
+//!     (wire::TOPIC.to_owned(), "orders".to_owned()),
+//!     (wire::MESSAGE_TYPE.to_owned(), "OrderPlaced".to_owned()),
+//!     (wire::SENT_AT.to_owned(), "2026-11-27T10:00:00Z".to_owned()),
+//!     (wire::CONTENT_TYPE.to_owned(), "application/json".to_owned()),
+//!     ("correlation-id".to_owned(), "checkout-77".to_owned()),
+//! ]);
+//! let incoming: IncomingMessage = wire::decode(headers, br#"{"order_id":4231}"#.to_vec())?;
+//! assert_eq!(incoming.id, id);
+//! assert_eq!(incoming.headers.len(), 1);
+//! assert_eq!(DedupKey::from(incoming.id), DedupKey::MessageId(id));
+//! # Ok::<(), waybill_inbox_core::DecodeError>(())
+//! ```
+
+mod dedup;
+mod error;
+mod incoming;
+pub mod wire;
+
+pub use dedup::{DedupKey, Processed};
+pub use error::{DecodeError, Result};
+pub use incoming::{IncomingMessage, OCTET_STREAM};

@@ -17,7 +17,7 @@ use std::io::Write;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
-use waybill_diesel::OutboxConnection;
+use waybill_diesel::{InboxConnection, OutboxConnection};
 
 pub type TestPool<C> = Pool<ConnectionManager<C>>;
 
@@ -42,7 +42,9 @@ impl<C: R2D2Connection + 'static> Drop for TestDb<C> {
 }
 
 /// The connection types the suites run on.
-pub trait Backend: OutboxConnection + R2D2Connection + Connection + 'static {
+pub trait Backend:
+    OutboxConnection + InboxConnection + R2D2Connection + Connection + 'static
+{
     const NAME: &'static str;
 }
 

@@ -1,0 +1,81 @@
+//! SQLite: `INSERT .. ON CONFLICT DO NOTHING` and the row count. One writer at a time: a
+//! concurrent delivery waits for the write lock (the busy timeout), then sees the record.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sqlite::SqliteConnection;
+use waybill_outbox_core::MessageId;
+
+use super::InboxConnection;
+use crate::Result;
+
+mod schema {
+    diesel::table! {
+        inbox_processed (consumer, dedup_key) {
+            consumer -> Text,
+            dedup_key -> Text,
+            message_id -> Nullable<Binary>,
+            processed_at -> BigInt,
+        }
+    }
+}
+
+use schema::inbox_processed as p;
+
+impl InboxConnection for SqliteConnection {
+    fn insert_inbox_record(
+        &mut self,
+        consumer: &str,
+        key: &str,
+        message_id: Option<MessageId>,
+    ) -> Result<bool> {
+        let inserted = diesel::insert_into(p::table)
+            .values((
+                p::consumer.eq(consumer),
+                p::dedup_key.eq(key),
+                p::message_id.eq(message_id.map(|id| id.as_bytes().to_vec())),
+                p::processed_at.eq(Utc::now().timestamp_micros()),
+            ))
+            .on_conflict_do_nothing()
+            .execute(self)?;
+        Ok(inserted == 1)
+    }
+
+    fn inbox_record_exists(&mut self, consumer: &str, key: &str) -> Result<bool> {
+        Ok(diesel::select(diesel::dsl::exists(
+            p::table
+                .filter(p::consumer.eq(consumer))
+                .filter(p::dedup_key.eq(key)),
+        ))
+        .get_result(self)?)
+    }
+
+    fn count_inbox_records(&mut self, consumer: &str) -> Result<u64> {
+        let count: i64 = p::table
+            .filter(p::consumer.eq(consumer))
+            .count()
+            .get_result(self)?;
+        Ok(count.unsigned_abs())
+    }
+
+    fn delete_inbox_records(
+        &mut self,
+        consumer: Option<&str>,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        let deleted = diesel::sql_query(
+            "DELETE FROM inbox_processed WHERE rowid IN (\
+               SELECT rowid FROM inbox_processed \
+               WHERE processed_at < ? AND (? IS NULL OR consumer = ?) \
+               ORDER BY processed_at LIMIT ?)",
+        )
+        .bind::<BigInt, _>(cutoff.timestamp_micros())
+        .bind::<Nullable<Text>, _>(consumer)
+        .bind::<Nullable<Text>, _>(consumer)
+        .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(self)?;
+        Ok(deleted as u64)
+    }
+}
