@@ -68,7 +68,8 @@ use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};
 pub use connection::OutboxConnection;
 pub use error::{Error, Result};
 pub use inbox::{
-    purge_processed_before, DedupKey, Inbox, InboxConnection, IncomingMessage, Processed,
+    purge_processed_before, DedupKey, Inbox, InboxConnection, InboxHandler, IncomingMessage,
+    Processed,
 };
 pub use store::DieselStore;
 

@@ -30,11 +30,13 @@
 //! # Ok::<(), waybill_inbox_core::DecodeError>(())
 //! ```
 
+mod consumer;
 mod dedup;
 mod error;
 mod incoming;
 pub mod wire;
 
+pub use consumer::{DeliveryHandler, Disposition};
 pub use dedup::{DedupKey, Processed};
 pub use error::{DecodeError, Result};
 pub use incoming::{IncomingMessage, OCTET_STREAM};

@@ -7,6 +7,7 @@
 //! (first rolled back). A handler error rolls back the record with the handler's writes, so a
 //! redelivery processes the message again.
 
+mod handler;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
@@ -20,6 +21,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use diesel::Connection;
 pub use waybill_inbox_core::{DedupKey, IncomingMessage, Processed};
 use waybill_outbox_core::MessageId;
+
+pub use handler::InboxHandler;
 
 use crate::{Error, Result};
 

@@ -1,0 +1,94 @@
+//! A [`DeliveryHandler`] that runs every delivery through the inbox on a pooled connection.
+
+use std::fmt;
+
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection, R2D2Connection};
+use waybill_inbox_core::{DeliveryHandler, Disposition, IncomingMessage, Processed};
+
+use super::{Inbox, InboxConnection};
+use crate::Error;
+
+/// Connects a transport's consumer loop to the inbox: each delivery gets a pooled connection,
+/// and `handler` runs inside [`Inbox::process_once`], so the delivery is acknowledged only after
+/// the handler's writes and the dedup record committed together.
+///
+/// - handled or duplicate -> [`Disposition::Ack`]
+/// - older than the inbox's retention window -> [`Disposition::DeadLetter`]
+/// - handler or database error (rolled back, nothing recorded) -> [`Disposition::Retry`]
+///
+/// ```
+/// use diesel::r2d2::{ConnectionManager, Pool};
+/// use diesel::SqliteConnection;
+/// use waybill_diesel::{Inbox, InboxHandler};
+/// use waybill_inbox_core::{DeliveryHandler, Disposition, IncomingMessage};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = Pool::builder().max_size(1).build(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
+/// waybill_diesel::run_migrations(&mut pool.get()?)?;
+/// let mut handler = InboxHandler::new(pool, Inbox::new("billing"), |_conn, _msg: &IncomingMessage| {
+///     Ok::<_, waybill_diesel::Error>(()) // the consumer's writes go here, on `_conn`
+/// });
+/// let msg = IncomingMessage::new(waybill_outbox_core::MessageId::new(), "orders", "OrderPlaced", "{}");
+/// assert_eq!(handler.handle(&msg), Disposition::Ack);
+/// assert_eq!(handler.handle(&msg), Disposition::Ack); // the duplicate is skipped
+/// # Ok(())
+/// # }
+/// ```
+pub struct InboxHandler<C: R2D2Connection + 'static, F> {
+    pool: Pool<ConnectionManager<C>>,
+    inbox: Inbox,
+    handler: F,
+}
+
+impl<C: R2D2Connection + 'static, F> fmt::Debug for InboxHandler<C, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxHandler")
+            .field("inbox", &self.inbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: R2D2Connection + 'static, F> InboxHandler<C, F> {
+    /// Runs `handler` for each new message through `inbox`, on connections from `pool`.
+    pub fn new(pool: Pool<ConnectionManager<C>>, inbox: Inbox, handler: F) -> Self {
+        Self {
+            pool,
+            inbox,
+            handler,
+        }
+    }
+}
+
+impl<C, F, E> DeliveryHandler for InboxHandler<C, F>
+where
+    C: InboxConnection + R2D2Connection + Send + 'static,
+    F: FnMut(&mut PooledConnection<ConnectionManager<C>>, &IncomingMessage) -> Result<(), E>,
+    E: From<Error> + From<diesel::result::Error> + fmt::Display,
+{
+    fn handle(&mut self, message: &IncomingMessage) -> Disposition {
+        let mut conn = match self.pool.get() {
+            Ok(conn) => conn,
+            Err(error) => return Disposition::Retry(format!("no database connection: {error}")),
+        };
+        let handler = &mut self.handler;
+        match self
+            .inbox
+            .process_once(&mut conn, message, |conn| handler(conn, message))
+        {
+            Ok(Processed::Handled(()) | Processed::Duplicate) => Disposition::Ack,
+            Ok(Processed::Expired) => Disposition::DeadLetter(format!(
+                "sent at {}, older than the {:?} inbox retention window",
+                message.sent_at,
+                self.inbox.retention_window()
+            )),
+            Err(error) => {
+                log::warn!(
+                    "inbox {}: message {} failed, will be redelivered: {error}",
+                    self.inbox.consumer(),
+                    message.id
+                );
+                Disposition::Retry(error.to_string())
+            }
+        }
+    }
+}
