@@ -25,7 +25,7 @@ use crate::Error;
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let pool = Pool::builder().max_size(1).build(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
 /// waybill_diesel::run_migrations(&mut pool.get()?)?;
-/// let mut handler = InboxHandler::new(pool, Inbox::new("billing"), |_conn, _msg: &IncomingMessage| {
+/// let mut handler = InboxHandler::new(pool, Inbox::new("billing"), |_conn: &mut _, _msg: &IncomingMessage| {
 ///     Ok::<_, waybill_diesel::Error>(()) // the consumer's writes go here, on `_conn`
 /// });
 /// let msg = IncomingMessage::new(waybill_outbox_core::MessageId::new(), "orders", "OrderPlaced", "{}");

@@ -1,1 +1,483 @@
-//! In-process broker for waybill: the embedded default and tests, with fault injection.
+//! An in-process broker for **waybill**: the embedded default and tests, with no server.
+//!
+//! [`MemoryBroker`] keeps one bounded FIFO queue per topic. [`MemoryPublisher`] implements the
+//! relay's [`Publisher`] (a full queue refuses with a retryable error: backpressure instead of
+//! unbounded memory), and [`MemoryConsumer`] is a consumer loop that hands decoded messages to a
+//! [`DeliveryHandler`] and acknowledges, redelivers or dead-letters them like a real broker.
+//!
+//! Messages travel in the [`wire`] form, exactly as over RabbitMQ or NATS. Faults can be switched
+//! on so the exactly-once machinery is visibly exercised: a fraction of acknowledged deliveries
+//! is delivered again (a lost ack), and the publisher's "connection" can be dropped.
+//!
+//! ```
+//! use std::time::Duration;
+//! use waybill_inbox_core::{Disposition, IncomingMessage};
+//! use waybill_memory::{MemoryBroker, MemoryConfig};
+//! use waybill_outbox_core::{MessageId, OutboxMessage, Publisher, Status};
+//!
+//! let broker = MemoryBroker::new(MemoryConfig::default().redeliver_fraction(1.0));
+//! let mut publisher = broker.publisher();
+//! let mut msg = OutboxMessage::new(1, MessageId::new(), Status::Pending);
+//! msg.topic = "orders".into();
+//! msg.message_type = "OrderPlaced".into();
+//! assert!(publisher.publish(&[msg])[0].is_ok());
+//!
+//! let mut consumer = broker.consumer("orders");
+//! let mut handler = |_: &IncomingMessage| Disposition::Ack;
+//! let report = consumer.run_once(&mut handler, 10, Duration::ZERO);
+//! assert_eq!(report.delivered, 2); // delivered, then redelivered as a duplicate
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use waybill_inbox_core::{wire, DeliveryHandler, Disposition};
+use waybill_outbox_core::{Headers, OutboxMessage, PublishError, Publisher};
+
+/// How the in-process broker behaves.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    capacity: usize,
+    redeliver_fraction: f64,
+    max_redeliveries: u32,
+    seed: Option<u64>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 100_000,
+            redeliver_fraction: 0.0,
+            max_redeliveries: 5,
+            seed: None,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// The most messages one topic's queue holds; publishing to a full queue fails with a
+    /// retryable error. Defaults to 100,000.
+    #[must_use]
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The fraction (0.0 to 1.0) of acknowledged messages that are delivered once more, as when
+    /// an ack is lost (an extra delivery is not duplicated again). Defaults to 0.
+    #[must_use]
+    pub fn redeliver_fraction(mut self, fraction: f64) -> Self {
+        self.redeliver_fraction = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Redeliveries after [`Disposition::Retry`] before a message is dead-lettered. Defaults to 5.
+    #[must_use]
+    pub fn max_redeliveries(mut self, redeliveries: u32) -> Self {
+        self.max_redeliveries = redeliveries;
+        self
+    }
+
+    /// Seeds the fault injection so a run can be replayed. Defaults to a random seed.
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+}
+
+/// A message that could not be handled, with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The topic it was published to.
+    pub topic: String,
+    /// The wire headers as published.
+    pub headers: Headers,
+    /// The payload as published.
+    pub payload: Vec<u8>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+}
+
+/// What the broker has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Messages accepted from publishers.
+    pub published: u64,
+    /// Deliveries handed to consumers (including redeliveries).
+    pub delivered: u64,
+    /// Extra deliveries of acknowledged messages (injected lost acks).
+    pub duplicated: u64,
+    /// Publish attempts refused (full queue or dropped connection).
+    pub refused: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+}
+
+/// Counts of one [`MemoryConsumer::run_once`] or [`MemoryConsumer::run`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumeReport {
+    /// Deliveries handed to the handler or found malformed.
+    pub delivered: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
+    /// Deliveries sent back for redelivery.
+    pub retried: u64,
+    /// Deliveries dead-lettered (handler's choice, redeliveries exhausted, or malformed).
+    pub dead_lettered: u64,
+    /// Deliveries that could not be decoded.
+    pub malformed: u64,
+}
+
+impl ConsumeReport {
+    fn add(&mut self, other: Self) {
+        self.delivered += other.delivered;
+        self.acked += other.acked;
+        self.retried += other.retried;
+        self.dead_lettered += other.dead_lettered;
+        self.malformed += other.malformed;
+    }
+}
+
+#[derive(Clone)]
+struct Envelope {
+    headers: Headers,
+    payload: Vec<u8>,
+    redeliveries: u32,
+    /// An injected extra delivery; never duplicated again, so faults stay bounded.
+    duplicate: bool,
+}
+
+struct State {
+    queues: HashMap<String, VecDeque<Envelope>>,
+    dead_letters: Vec<DeadLetter>,
+    stats: BrokerStats,
+    rng: SmallRng,
+}
+
+struct Inner {
+    config: MemoryConfig,
+    state: Mutex<State>,
+    arrived: Condvar,
+    disconnected: AtomicBool,
+}
+
+/// An in-process broker with one bounded queue per topic. Cheap to clone; clones share queues.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with `config`.
+    pub fn new(config: MemoryConfig) -> Self {
+        let rng = match config.seed {
+            Some(seed) => SmallRng::seed_from_u64(seed),
+            None => SmallRng::from_rng(&mut rand::rng()),
+        };
+        let state = State {
+            queues: HashMap::new(),
+            dead_letters: Vec::new(),
+            stats: BrokerStats::default(),
+            rng,
+        };
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                state: Mutex::new(state),
+                arrived: Condvar::new(),
+                disconnected: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// A publisher for the relay.
+    pub fn publisher(&self) -> MemoryPublisher {
+        MemoryPublisher {
+            broker: self.clone(),
+        }
+    }
+
+    /// A consumer of `topic`'s queue. Several consumers of one topic compete for its messages.
+    pub fn consumer(&self, topic: impl Into<String>) -> MemoryConsumer {
+        MemoryConsumer {
+            broker: self.clone(),
+            topic: topic.into(),
+        }
+    }
+
+    /// Simulates a lost connection: publishing fails with a retryable error until
+    /// [`reconnect`](Self::reconnect).
+    pub fn disconnect(&self) {
+        self.inner.disconnected.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a simulated connection loss.
+    pub fn reconnect(&self) {
+        self.inner.disconnected.store(false, Ordering::SeqCst);
+    }
+
+    /// Puts raw wire data on `topic`'s queue, bypassing the publisher: for bad-input tests.
+    pub fn publish_raw(&self, topic: &str, headers: Headers, payload: Vec<u8>) {
+        let mut state = self.lock();
+        state
+            .queues
+            .entry(topic.to_owned())
+            .or_default()
+            .push_back(Envelope {
+                headers,
+                payload,
+                redeliveries: 0,
+                duplicate: false,
+            });
+        state.stats.published += 1;
+        drop(state);
+        self.inner.arrived.notify_all();
+    }
+
+    /// What the broker has done so far.
+    pub fn stats(&self) -> BrokerStats {
+        self.lock().stats
+    }
+
+    /// Messages waiting in `topic`'s queue.
+    pub fn queued(&self, topic: &str) -> usize {
+        self.lock().queues.get(topic).map_or(0, VecDeque::len)
+    }
+
+    /// Every dead-lettered message so far, for operators and tests.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.lock().dead_letters.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The relay's [`Publisher`] for a [`MemoryBroker`].
+#[derive(Clone, Debug)]
+pub struct MemoryPublisher {
+    broker: MemoryBroker,
+}
+
+impl Publisher for MemoryPublisher {
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        let inner = &self.broker.inner;
+        let mut state = self.broker.lock();
+        let mut failed_keys = std::collections::HashSet::new();
+        let outcomes = batch
+            .iter()
+            .map(|msg| {
+                if failed_keys.contains(&msg.partition_key) {
+                    return Err(PublishError::NotAttempted);
+                }
+                let refusal = if inner.disconnected.load(Ordering::SeqCst) {
+                    Some("connection to the in-process broker dropped")
+                } else if state
+                    .queues
+                    .get(&msg.topic)
+                    .is_some_and(|q| q.len() >= inner.config.capacity)
+                {
+                    Some("queue full")
+                } else {
+                    None
+                };
+                if let Some(reason) = refusal {
+                    state.stats.refused += 1;
+                    failed_keys.insert(msg.partition_key.clone());
+                    return Err(PublishError::Retryable(reason.to_owned()));
+                }
+                let (headers, payload) = wire::encode(msg);
+                state
+                    .queues
+                    .entry(msg.topic.clone())
+                    .or_default()
+                    .push_back(Envelope {
+                        headers,
+                        payload,
+                        redeliveries: 0,
+                        duplicate: false,
+                    });
+                state.stats.published += 1;
+                Ok(())
+            })
+            .collect();
+        drop(state);
+        inner.arrived.notify_all();
+        outcomes
+    }
+}
+
+/// A consumer loop over one topic's queue of a [`MemoryBroker`].
+#[derive(Clone, Debug)]
+pub struct MemoryConsumer {
+    broker: MemoryBroker,
+    topic: String,
+}
+
+impl MemoryConsumer {
+    /// Handles up to `max` deliveries, waiting at most `wait` for the first one. The
+    /// deterministic step tests drive.
+    pub fn run_once(
+        &mut self,
+        handler: &mut impl DeliveryHandler,
+        max: usize,
+        wait: Duration,
+    ) -> ConsumeReport {
+        let mut report = ConsumeReport::default();
+        let deadline = Instant::now() + wait;
+        while (report.delivered as usize) < max {
+            let Some(envelope) = self.next(if report.delivered == 0 {
+                deadline
+            } else {
+                Instant::now()
+            }) else {
+                break;
+            };
+            report.add(self.deliver(envelope, handler));
+        }
+        report
+    }
+
+    /// Handles deliveries until `stop` is set; an idle wait lasts at most 50 ms between checks.
+    pub fn run(&mut self, handler: &mut impl DeliveryHandler, stop: &AtomicBool) -> ConsumeReport {
+        let mut report = ConsumeReport::default();
+        while !stop.load(Ordering::SeqCst) {
+            report.add(self.run_once(handler, 100, Duration::from_millis(50)));
+        }
+        report
+    }
+
+    fn next(&self, deadline: Instant) -> Option<Envelope> {
+        let mut state = self.broker.lock();
+        loop {
+            if let Some(envelope) = state
+                .queues
+                .get_mut(&self.topic)
+                .and_then(VecDeque::pop_front)
+            {
+                state.stats.delivered += 1;
+                return Some(envelope);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            state = self
+                .broker
+                .inner
+                .arrived
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn deliver(&self, envelope: Envelope, handler: &mut impl DeliveryHandler) -> ConsumeReport {
+        let mut report = ConsumeReport {
+            delivered: 1,
+            ..ConsumeReport::default()
+        };
+        let disposition = match wire::decode(envelope.headers.clone(), envelope.payload.clone()) {
+            Ok(message) => handler.handle(&message),
+            Err(error) => {
+                report.malformed = 1;
+                Disposition::DeadLetter(format!("malformed message: {error}"))
+            }
+        };
+        let config = &self.broker.inner.config;
+        let mut state = self.broker.lock();
+        match disposition {
+            Disposition::Ack => {
+                report.acked = 1;
+                if !envelope.duplicate
+                    && config.redeliver_fraction > 0.0
+                    && state.rng.random_bool(config.redeliver_fraction)
+                {
+                    state.stats.duplicated += 1;
+                    self.requeue(
+                        &mut state,
+                        Envelope {
+                            duplicate: true,
+                            ..envelope
+                        },
+                    );
+                }
+            }
+            Disposition::Retry(reason) if envelope.redeliveries >= config.max_redeliveries => {
+                report.dead_lettered = 1;
+                self.dead_letter(
+                    &mut state,
+                    envelope,
+                    format!(
+                        "gave up after {} redeliveries: {reason}",
+                        config.max_redeliveries
+                    ),
+                );
+            }
+            Disposition::Retry(_) => {
+                report.retried = 1;
+                let redeliveries = envelope.redeliveries + 1;
+                self.requeue(
+                    &mut state,
+                    Envelope {
+                        redeliveries,
+                        ..envelope
+                    },
+                );
+            }
+            Disposition::DeadLetter(reason) => {
+                report.dead_lettered = 1;
+                self.dead_letter(&mut state, envelope, reason);
+            }
+            other => {
+                report.retried = 1;
+                log::warn!("unknown disposition {other:?}; redelivering");
+                self.requeue(&mut state, envelope);
+            }
+        }
+        report
+    }
+
+    fn requeue(&self, state: &mut State, envelope: Envelope) {
+        state
+            .queues
+            .entry(self.topic.clone())
+            .or_default()
+            .push_back(envelope);
+        self.broker.inner.arrived.notify_all();
+    }
+
+    fn dead_letter(&self, state: &mut State, envelope: Envelope, reason: String) {
+        log::warn!("dead-lettering a message of topic {}: {reason}", self.topic);
+        state.stats.dead_lettered += 1;
+        state.dead_letters.push(DeadLetter {
+            topic: self.topic.clone(),
+            headers: envelope.headers,
+            payload: envelope.payload,
+            reason,
+        });
+    }
+}

@@ -1,0 +1,231 @@
+//! The in-process broker behaves like a real one: wire round trip, backpressure, lost
+//! connections, bounded redeliveries, dead letters, and duplicates the inbox absorbs.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use waybill_diesel::sqlite::SqliteOptions;
+use waybill_diesel::{enqueue_all, DieselStore, Inbox, InboxHandler};
+use waybill_inbox_core::{wire, Disposition, IncomingMessage};
+use waybill_memory::{MemoryBroker, MemoryConfig};
+use waybill_outbox_core::{
+    Headers, MessageId, NewOutboxMessage, OutboxMessage, PublishError, Publisher, Relay,
+    RelayConfig, Status,
+};
+
+fn stored(seq: i64, key: &str) -> OutboxMessage {
+    let mut msg = OutboxMessage::new(seq, MessageId::new(), Status::Pending);
+    msg.topic = "orders".into();
+    msg.partition_key = key.into();
+    msg.message_type = "OrderPlaced".into();
+    msg.content_type = "application/json".into();
+    msg.payload = format!("{{\"seq\":{seq}}}").into_bytes();
+    msg.headers = Headers::from([("traceparent".to_owned(), "00-abc-def-01".to_owned())]);
+    msg
+}
+
+#[test]
+fn messages_arrive_decoded_and_in_order() {
+    let broker = MemoryBroker::new(MemoryConfig::default());
+    let sent: Vec<_> = (1..=20).map(|i| stored(i, "order:1")).collect();
+    assert!(broker.publisher().publish(&sent).iter().all(Result::is_ok));
+    let mut received = Vec::new();
+    let mut handler = |m: &IncomingMessage| {
+        received.push(m.clone());
+        Disposition::Ack
+    };
+    let report = broker
+        .consumer("orders")
+        .run_once(&mut handler, 100, Duration::ZERO);
+    assert_eq!((report.delivered, report.acked), (20, 20));
+    let expected: Vec<IncomingMessage> = sent.iter().map(IncomingMessage::from).collect();
+    assert_eq!(received, expected);
+}
+
+#[test]
+fn a_full_queue_pushes_back_and_stops_the_key() {
+    let broker = MemoryBroker::new(MemoryConfig::default().capacity(2));
+    let batch = [
+        stored(1, "a"),
+        stored(2, "a"),
+        stored(3, "a"),
+        stored(4, "a"),
+    ];
+    let outcomes = broker.publisher().publish(&batch);
+    assert_eq!(outcomes[..2], [Ok(()), Ok(())]);
+    assert!(matches!(outcomes[2], Err(PublishError::Retryable(_))));
+    assert_eq!(outcomes[3], Err(PublishError::NotAttempted));
+    assert_eq!(broker.queued("orders"), 2, "memory stays bounded");
+}
+
+#[test]
+fn a_dropped_connection_fails_retryably_until_it_is_back() {
+    let broker = MemoryBroker::new(MemoryConfig::default());
+    broker.disconnect();
+    assert!(matches!(
+        broker.publisher().publish(&[stored(1, "a")])[0],
+        Err(PublishError::Retryable(_))
+    ));
+    broker.reconnect();
+    assert_eq!(broker.publisher().publish(&[stored(1, "a")])[0], Ok(()));
+}
+
+#[test]
+fn retries_are_bounded_then_dead_lettered_with_the_reason() {
+    let broker = MemoryBroker::new(MemoryConfig::default().max_redeliveries(3));
+    broker
+        .publisher()
+        .publish(&[stored(1, "a"), stored(2, "b")]);
+    let mut attempts = 0;
+    let mut handler = |m: &IncomingMessage| {
+        if m.partition_key == "a" {
+            attempts += 1;
+            Disposition::Retry("database down".into())
+        } else {
+            Disposition::Ack
+        }
+    };
+    let report = broker
+        .consumer("orders")
+        .run_once(&mut handler, 100, Duration::ZERO);
+    assert_eq!(attempts, 4, "first delivery plus three redeliveries");
+    assert_eq!(
+        (report.acked, report.retried, report.dead_lettered),
+        (1, 3, 1)
+    );
+    let dead = broker.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("database down"),
+        "{}",
+        dead[0].reason
+    );
+}
+
+#[test]
+fn malformed_deliveries_are_dead_lettered_and_the_rest_flow() {
+    let broker = MemoryBroker::new(MemoryConfig::default());
+    let (good_headers, good_payload) = wire::encode(&stored(1, "a"));
+    let mut no_id = good_headers.clone();
+    no_id.remove(wire::MESSAGE_ID);
+    let mut bad_id = good_headers.clone();
+    bad_id.insert(wire::MESSAGE_ID.into(), "not-a-uuid".into());
+    broker.publish_raw("orders", no_id, good_payload.clone());
+    broker.publish_raw("orders", bad_id, good_payload.clone());
+    broker.publish_raw(
+        "orders",
+        wire::encode(&stored(2, "a")).0,
+        b"{not json".to_vec(),
+    );
+    broker.publisher().publish(&[stored(3, "a")]);
+    let mut handled = 0;
+    let mut handler = |_: &IncomingMessage| {
+        handled += 1;
+        Disposition::Ack
+    };
+    let report = broker
+        .consumer("orders")
+        .run_once(&mut handler, 100, Duration::ZERO);
+    assert_eq!(
+        (report.malformed, report.dead_lettered, report.acked),
+        (3, 3, 1)
+    );
+    assert_eq!(handled, 1);
+    let reasons: Vec<_> = broker
+        .dead_letters()
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert!(
+        reasons.iter().all(|r| r.starts_with("malformed message")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn redelivered_duplicates_take_effect_once_through_the_inbox() {
+    let dir = std::env::temp_dir().join(format!("waybill-memory-{}.db", uuid_like()));
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SqliteOptions::default()))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            dir.to_string_lossy(),
+        ))
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    waybill_diesel::run_migrations(&mut conn).unwrap();
+    diesel::sql_query("CREATE TABLE ledger (message_id TEXT NOT NULL)")
+        .execute(&mut conn)
+        .unwrap();
+    let messages: Vec<_> = (0..200)
+        .map(|i| {
+            NewOutboxMessage::bytes(
+                "orders",
+                format!("order:{}", i % 10),
+                "OrderPlaced",
+                "text/plain",
+                "x",
+            )
+        })
+        .collect();
+    conn.transaction(|conn| enqueue_all(conn, &messages))
+        .unwrap();
+    drop(conn);
+
+    let broker = MemoryBroker::new(MemoryConfig::default().redeliver_fraction(0.5).seed(7));
+    let mut relay = Relay::new(
+        DieselStore::new(pool.clone()),
+        broker.publisher(),
+        RelayConfig::default(),
+    );
+    while relay.run_once().unwrap().claimed > 0 {}
+    let mut handler = InboxHandler::new(
+        pool.clone(),
+        Inbox::new("billing"),
+        |conn: &mut _, msg: &IncomingMessage| {
+            diesel::sql_query("INSERT INTO ledger (message_id) VALUES (?)")
+                .bind::<diesel::sql_types::Text, _>(msg.id.to_string())
+                .execute(conn)
+                .map(drop)
+                .map_err(waybill_diesel::Error::from)
+        },
+    );
+    let mut consumer = broker.consumer("orders");
+    while consumer
+        .run_once(&mut handler, 100, Duration::ZERO)
+        .delivered
+        > 0
+    {}
+
+    let stats = broker.stats();
+    assert!(
+        stats.duplicated > 50,
+        "duplicates were delivered: {stats:?}"
+    );
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let rows: Count = diesel::sql_query("SELECT count(*) AS n FROM ledger")
+        .get_result(&mut pool.get().unwrap())
+        .unwrap();
+    let distinct: Count = diesel::sql_query("SELECT count(DISTINCT message_id) AS n FROM ledger")
+        .get_result(&mut pool.get().unwrap())
+        .unwrap();
+    assert_eq!(
+        (rows.n, distinct.n),
+        (200, 200),
+        "every message took effect exactly once"
+    );
+    drop(pool);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", dir.display()));
+    }
+}
+
+fn uuid_like() -> String {
+    MessageId::new().to_string()
+}
