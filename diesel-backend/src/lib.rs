@@ -62,6 +62,11 @@ pub mod pg;
 pub mod sqlite;
 mod store;
 
+/// The README's snippet, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 use chrono::{DateTime, Utc};
 use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};
 
