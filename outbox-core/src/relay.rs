@@ -309,6 +309,7 @@ pub struct Relay<S, P> {
     hooks: Box<dyn RelayHooks>,
     rng: SmallRng,
     last_purge: Option<Instant>,
+    totals: RelayReport,
 }
 
 impl<S, P> fmt::Debug for Relay<S, P> {
@@ -330,6 +331,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             hooks: Box::new(NoHooks),
             rng: SmallRng::from_rng(&mut rand::rng()),
             last_purge: None,
+            totals: RelayReport::default(),
         }
     }
 
@@ -348,6 +350,13 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     /// The configuration in force.
     pub fn config(&self) -> &RelayConfig {
         &self.config
+    }
+
+    /// Counters since the relay was built (claimed, published, retried, parked, released,
+    /// fenced off), summed over every round: what a metrics exporter reads. Per-topic pending,
+    /// parked and oldest-pending figures come from the store (`waybill_diesel::topic_stats`).
+    pub fn totals(&self) -> RelayReport {
+        self.totals
     }
 
     /// The store this relay works on.
@@ -421,6 +430,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             );
         }
         log::debug!("relay round: {report:?}");
+        self.totals.add(&report);
         Ok(report)
     }
 
