@@ -33,6 +33,32 @@
 //! # }
 //! ```
 //!
+//! Then run a relay over a pool: `Relay::new(DieselStore::new(pool), publisher,
+//! RelayConfig::default()).run()` (see [`DieselStore`]). It claims committed messages under a
+//! fenced lease, publishes them with any [`Publisher`](waybill_outbox_core::Publisher), and keeps
+//! per-key order across any number of relays.
+//!
+//! # Consuming once
+//!
+//! Brokers deliver at least once. [`Inbox::process_once`] records the message's id in the
+//! consumer's transaction together with the handler's writes, so a duplicate is skipped and a
+//! failed handler leaves nothing behind; [`InboxHandler`] wires it to a transport's consumer loop.
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use waybill_diesel::{Inbox, IncomingMessage, Processed};
+//! # use waybill_outbox_core::MessageId;
+//! # let mut conn = SqliteConnection::establish(":memory:").unwrap();
+//! # waybill_diesel::run_migrations(&mut conn).unwrap();
+//! # let delivery = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}");
+//!
+//! let billing = Inbox::new("billing");
+//! let first = billing.process_once(&mut conn, &delivery, |_conn| Ok::<_, waybill_diesel::Error>(1))?;
+//! let again = billing.process_once(&mut conn, &delivery, |_conn| Ok::<_, waybill_diesel::Error>(2))?;
+//! assert_eq!((first, again), (Processed::Handled(1), Processed::Duplicate));
+//! # Ok::<(), waybill_diesel::Error>(())
+//! ```
+//!
 //! # Features
 //!
 //! - `postgres` (default): `PgConnection`, with `LISTEN`/`NOTIFY` wake-ups for idle relays.
