@@ -253,9 +253,14 @@ fn main() -> Result<(), Error> {
         let mut conn = pool.get()?;
         waybill_diesel::run_migrations(&mut *conn)?;
         conn.batch_execute("CREATE TABLE orders (id uuid PRIMARY KEY, customer text NOT NULL, amount bigint NOT NULL, created_at timestamptz NOT NULL)")?;
+        if std::env::var("WAYBILL_BENCH_NO_NOTIFY").is_ok() {
+            conn.batch_execute("ALTER TABLE outbox_messages DISABLE TRIGGER outbox_messages_notify")?;
+        }
         let mut results = BTreeMap::new();
         enqueue_overhead(&settings, &schema, &mut results)?;
-        relay_drain(&settings, &schema, &mut results)?;
+        if std::env::var("WAYBILL_BENCH_ONLY_ENQUEUE").is_err() {
+            relay_drain(&settings, &schema, &mut results)?;
+        }
         Ok(results)
     })();
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;

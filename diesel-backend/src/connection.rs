@@ -115,6 +115,16 @@ pub trait OutboxConnection {
         Ok(false)
     }
 
+    /// Tells writers whether a relay waits idle, so they send wake-ups only then; a no-op where
+    /// the backend has no notifications.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn announce_outbox_idle(&mut self, _idle: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether a notification arrived since the last call; never blocks.
     ///
     /// # Errors
@@ -184,6 +194,9 @@ mod pooled {
         }
         fn outbox_notified(&mut self) -> Result<bool> {
             (**self).outbox_notified()
+        }
+        fn announce_outbox_idle(&mut self, idle: bool) -> Result<()> {
+            (**self).announce_outbox_idle(idle)
         }
     }
 }

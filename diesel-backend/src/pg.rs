@@ -379,6 +379,15 @@ impl OutboxConnection for PgConnection {
         Ok(true)
     }
 
+    fn announce_outbox_idle(&mut self, idle: bool) -> Result<()> {
+        diesel::sql_query(
+            "UPDATE outbox_relay_locks SET token = $1, updated_at = now() WHERE name = 'wakeup'",
+        )
+        .bind::<BigInt, _>(i64::from(idle))
+        .execute(self)?;
+        Ok(())
+    }
+
     fn outbox_notified(&mut self) -> Result<bool> {
         let mut notified = false;
         for notification in self.notifications_iter() {

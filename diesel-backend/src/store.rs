@@ -93,6 +93,13 @@ impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore
         self.conn()?.purge_published_messages(older_than, limit)
     }
 
+    fn announce_idle(&self, idle: bool) -> Result<()> {
+        if self.cannot_listen.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.conn()?.announce_outbox_idle(idle)
+    }
+
     fn poll_wakeup(&self) -> Result<bool> {
         if self.cannot_listen.load(Ordering::Relaxed) {
             return Ok(false);

@@ -507,3 +507,37 @@ fn notify_from_the_enqueueing_transaction_wakes_an_idle_relay() {
         wake_up_reaches_an_idle_relay(db, true);
     }
 }
+
+/// Writers notify only while a relay waits idle: NOTIFY takes a database-wide lock at commit.
+#[cfg(feature = "postgres")]
+#[test]
+fn writers_are_asked_for_wake_ups_only_while_a_relay_waits() {
+    #[derive(QueryableByName)]
+    struct Flag {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        token: i64,
+    }
+    let Some(db) = common::postgres() else { return };
+    let flag = || -> i64 {
+        diesel::sql_query("SELECT token FROM outbox_relay_locks WHERE name = 'wakeup'")
+            .get_result::<Flag>(&mut db.conn())
+            .unwrap()
+            .token
+    };
+    assert_eq!(flag(), 0, "no relay waits yet");
+    let (idle_tx, idle) = mpsc::channel();
+    let hour = Duration::from_secs(3600);
+    let mut relay = relay(
+        &db,
+        InMemoryPublisher::new(),
+        config().poll_interval(hour).min_poll_interval(hour),
+    )
+    .with_hooks(IdleSignal(idle_tx));
+    let handle = relay.handle();
+    let worker = std::thread::spawn(move || relay.run());
+    idle.recv().unwrap();
+    assert_eq!(flag(), 1, "an idle relay asks for wake-ups");
+    handle.stop();
+    worker.join().unwrap();
+    assert_eq!(flag(), 0, "a stopped relay withdraws the request");
+}

@@ -505,18 +505,29 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         if let Err(error) = self.store.poll_wakeup() {
             log::warn!("listening for outbox notifications failed: {error}");
         }
+        let mut announced_idle = false;
         while !self.handle.is_stopped() {
             let started = Instant::now();
             match self.run_once() {
                 Ok(report) => {
                     failures = 0;
                     totals.add(&report);
-                    if report.claimed == 0 {
+                    if report.claimed == 0 && !announced_idle {
+                        // Ask writers for wake-ups, then look once more: a message committed
+                        // before the announcement was visible must not wait for the poll.
+                        self.announce_idle(true);
+                        announced_idle = true;
+                        continue;
+                    } else if report.claimed == 0 {
                         self.hooks.on_idle();
                         log::trace!("outbox idle; waiting up to {idle_wait:?}");
                         self.wait_idle(idle_wait);
                         idle_wait = (idle_wait * 2).min(self.config.poll_interval);
                     } else {
+                        if announced_idle {
+                            self.announce_idle(false);
+                            announced_idle = false;
+                        }
                         self.hooks.on_batch(&report, started.elapsed());
                         idle_wait = self.config.min_poll_interval;
                     }
@@ -539,8 +550,19 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             }
             self.purge_if_due();
         }
+        if announced_idle {
+            // Writers need not wake a relay that is gone.
+            self.announce_idle(false);
+        }
         log::info!("relay {} stopped: {totals:?}", self.config.owner);
         totals
+    }
+
+    /// A failed announcement only costs wake-up latency (the poll still finds the work).
+    fn announce_idle(&mut self, idle: bool) {
+        if let Err(error) = self.store.announce_idle(idle) {
+            log::warn!("announcing relay idle={idle} failed: {error}");
+        }
     }
 
     fn wait_idle(&mut self, timeout: Duration) {

@@ -124,6 +124,16 @@ pub trait OutboxStore {
     /// Database failures.
     fn purge_published(&self, older_than: Duration, limit: usize) -> Result<u64, Self::Error>;
 
+    /// Tells writers that a relay is about to wait idle (`true`) or is busy again (`false`), so
+    /// they send wake-ups only when someone waits for them. The default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn announce_idle(&self, _idle: bool) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Returns `true` when a writer has signalled new messages since the last call (PostgreSQL
     /// `NOTIFY`). Must not block. The default never signals, leaving the poll to find work.
     ///
@@ -153,6 +163,10 @@ impl<S: OutboxStore + ?Sized> OutboxStore for std::sync::Arc<S> {
 
     fn purge_published(&self, older_than: Duration, limit: usize) -> Result<u64, Self::Error> {
         (**self).purge_published(older_than, limit)
+    }
+
+    fn announce_idle(&self, idle: bool) -> Result<(), Self::Error> {
+        (**self).announce_idle(idle)
     }
 
     fn poll_wakeup(&self) -> Result<bool, Self::Error> {

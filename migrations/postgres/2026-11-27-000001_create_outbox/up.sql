@@ -44,24 +44,27 @@ CREATE INDEX outbox_messages_parked_idx ON outbox_messages (partition_key, seq) 
 CREATE INDEX outbox_messages_published_idx ON outbox_messages (published_at) WHERE status = 1;
 
 -- Relay coordination rows. `claim` serializes claims across relays and hands out fencing tokens;
--- `purge` lets one relay at a time delete published rows.
+-- `purge` lets one relay at a time delete published rows; `wakeup` is 1 while a relay waits idle.
 CREATE TABLE outbox_relay_locks (
     -- Lock name: `claim` or `purge`.
     name TEXT PRIMARY KEY,
-    -- Last fencing token handed out (claim) or purge runs so far (purge).
+    -- Last fencing token handed out (claim); 1 while some relay waits idle (wakeup).
     token BIGINT NOT NULL DEFAULT 0,
     -- Relay that took the lock last.
     holder TEXT,
     -- When it did.
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-INSERT INTO outbox_relay_locks (name) VALUES ('claim'), ('purge');
+INSERT INTO outbox_relay_locks (name) VALUES ('claim'), ('purge'), ('wakeup');
 
--- Wakes idle relays (LISTEN waybill_outbox) when an enqueueing transaction commits; once per
--- statement, and PostgreSQL folds repeats within a transaction into one notification.
+-- Wakes idle relays (LISTEN waybill_outbox) when an enqueueing transaction commits. Only while a
+-- relay waits idle: a NOTIFY takes a database-wide lock at commit, which would serialize every
+-- enqueueing transaction while the relays are busy anyway.
 CREATE FUNCTION waybill_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('waybill_outbox', '');
+    IF EXISTS (SELECT 1 FROM outbox_relay_locks WHERE name = 'wakeup' AND token > 0) THEN
+        PERFORM pg_notify('waybill_outbox', '');
+    END IF;
     RETURN NULL;
 END;
 $$;
