@@ -97,7 +97,7 @@ pub use consumer::{
 };
 pub use error::{Error, Result};
 pub use publisher::{NatsPublisher, PublisherConfig, MSG_ID_HEADER};
-pub use subject::{sanitize_token, SubjectMapping};
+pub use subject::{sanitize_token, SubjectFn, SubjectMapping};
 
 /// The private runtime a publisher or consumer drives its client on.
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -3,6 +3,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// A function from `(topic, partition_key)` to a subject, for [`SubjectMapping::Custom`].
+pub type SubjectFn = dyn Fn(&str, &str) -> String + Send + Sync;
+
 /// Chooses the subject each outbox message is published to.
 ///
 /// - [`SubjectMapping::Topic`] (the default): the subject is the topic, e.g. `orders`.
@@ -33,7 +36,7 @@ pub enum SubjectMapping {
     /// The subject is `<topic>.<sanitized key>`.
     TopicAndKey,
     /// The subject is what the function returns for `(topic, partition_key)`.
-    Custom(Arc<dyn Fn(&str, &str) -> String + Send + Sync>),
+    Custom(Arc<SubjectFn>),
 }
 
 impl fmt::Debug for SubjectMapping {
