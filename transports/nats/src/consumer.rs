@@ -245,7 +245,11 @@ impl NatsConsumer {
     pub fn connect(url: &str, config: ConsumerConfig) -> Result<Self> {
         let runtime = crate::runtime()?;
         let client = runtime.block_on(crate::connect(url))?;
-        let jetstream = jetstream::new(client.clone());
+        // The context spawns its ack task on the runtime.
+        let jetstream = {
+            let _runtime = runtime.enter();
+            jetstream::new(client.clone())
+        };
         let dead_letter_subject = config.dead_letter_subject_name();
         let consumer = runtime.block_on(async {
             let stream = jetstream

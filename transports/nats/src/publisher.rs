@@ -139,10 +139,14 @@ impl NatsPublisher {
     pub fn connect(url: &str, config: PublisherConfig) -> Result<Self> {
         let runtime = crate::runtime()?;
         let client = runtime.block_on(crate::connect(url))?;
-        let jetstream = jetstream::ContextBuilder::new()
-            .timeout(config.ack_timeout)
-            .max_ack_inflight(config.max_in_flight)
-            .build(client.clone());
+        // The context spawns its ack task on the runtime.
+        let jetstream = {
+            let _runtime = runtime.enter();
+            jetstream::ContextBuilder::new()
+                .timeout(config.ack_timeout)
+                .max_ack_inflight(config.max_in_flight)
+                .build(client.clone())
+        };
         log::debug!("NATS publisher connected to {}", redact(url));
         Ok(Self {
             client,

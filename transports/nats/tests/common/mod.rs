@@ -51,7 +51,10 @@ pub fn nats() -> Option<Nats> {
     let rt = runtime();
     match rt.block_on(async_nats::connect(&url)) {
         Ok(client) => {
-            let js = jetstream::new(client.clone());
+            let js = {
+                let _runtime = rt.enter();
+                jetstream::new(client.clone())
+            };
             Some(Nats {
                 rt,
                 client,
