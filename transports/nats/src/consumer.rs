@@ -312,6 +312,18 @@ impl NatsConsumer {
         &self.config
     }
 
+    /// Drops the connection and lets the client reconnect, as a broker restart would. For
+    /// tests; it does not wait for the new connection.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Reconnect`] when the client is closed.
+    pub fn force_reconnect(&self) -> Result<()> {
+        self.runtime
+            .block_on(self.client.force_reconnect())
+            .map_err(Error::Reconnect)
+    }
+
     /// Pulls up to `max` messages, waiting at most `wait` for them, and handles each in
     /// delivery order. Returns early when `max` messages arrived. The deterministic step that
     /// tests drive; [`run`](Self::run) is the loop around it.

@@ -138,6 +138,39 @@ fn unpublishable_messages_are_fatal_and_stop_only_their_key() {
 }
 
 #[test]
+fn a_message_the_stream_refuses_as_too_large_is_fatal_and_later_ones_of_its_key_already_sent() {
+    let Some(mut nats) = nats() else { return };
+    let name = unique("WB");
+    let topic = unique("t");
+    nats.forget_later(&name);
+    nats.rt
+        .block_on(
+            nats.js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![topic.clone()],
+                    max_message_size: 2048,
+                    ..Default::default()
+                }),
+        )
+        .unwrap();
+    let mut big = message(&topic, "a", 0);
+    big.content_type = "application/octet-stream".into();
+    big.payload = vec![b'x'; 4096];
+    let batch = vec![big, message(&topic, "a", 1), message(&topic, "b", 2)];
+    let outcomes = publisher(&nats.url).publish(&batch);
+    assert!(
+        matches!(outcomes[0], Err(PublishError::Fatal(_))),
+        "{outcomes:?}"
+    );
+    // The documented ordering caveat: the stream refused A only after B of the same key had
+    // been sent (pipelining), so B is stored and reported as such.
+    assert_eq!(outcomes[1], Ok(()));
+    assert_eq!(outcomes[2], Ok(()));
+    assert_eq!(nats.count(&name), 2);
+}
+
+#[test]
 fn a_subject_without_a_stream_is_retryable() {
     let Some(nats) = nats() else { return };
     let topic = unique("nostream");
