@@ -417,7 +417,16 @@ impl NatsConsumer {
         // in it would only come back after the ack wait.
         let mut messages = Vec::with_capacity(max);
         while let Some(message) = batch.next().await {
-            messages.push(message.map_err(Error::Receive)?);
+            match message {
+                Ok(message) => messages.push(message),
+                // Handle what arrived (else it would come back only after the ack wait); the
+                // next pull reports the error if it persists.
+                Err(error) if !messages.is_empty() => {
+                    log::warn!("pulling messages stopped early: {error}");
+                    break;
+                }
+                Err(error) => return Err(Error::Receive(error)),
+            }
         }
         for message in messages {
             report.delivered += 1;

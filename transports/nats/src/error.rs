@@ -70,15 +70,6 @@ pub enum Error {
         #[source]
         source: async_nats::Error,
     },
-    /// Publishing a message (to a stream or to the dead-letter subject) failed.
-    #[error("publishing to {subject} failed")]
-    Publish {
-        /// The subject published to.
-        subject: String,
-        /// The client's error.
-        #[source]
-        source: PublishError,
-    },
     /// Forcing a reconnect failed because the client is closed.
     #[error("forcing a reconnect failed")]
     Reconnect(#[source] async_nats::client::ReconnectError),
@@ -118,7 +109,6 @@ impl Error {
                 ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request
             ),
             Self::Fetch(_) | Self::Receive(_) | Self::Ack { .. } | Self::Reconnect(_) => true,
-            Self::Publish { source, .. } => !publish_error_is_fatal(source),
         }
     }
 }

@@ -23,7 +23,9 @@ fn batch_round_trips_every_field_in_key_order() {
     let sent = batch(&topic, 7, 500);
     let mut publisher = NatsPublisher::connect(
         &nats.url,
-        PublisherConfig::default().subject_mapping(SubjectMapping::TopicAndKey),
+        PublisherConfig::default()
+            .subject_mapping(SubjectMapping::TopicAndKey)
+            .max_in_flight(64), // several windows per batch
     )
     .unwrap();
     let outcomes = publisher.publish(&sent);
