@@ -1,1 +1,119 @@
-//! NATS JetStream transport for waybill: a publisher with Nats-Msg-Id dedup and acks, and a durable pull consumer loop.
+//! NATS JetStream transport for waybill: a [`NatsPublisher`] for the outbox relay, with
+//! `Nats-Msg-Id` deduplication and pipelined publish acks, and a [`NatsConsumer`] that feeds a
+//! durable pull consumer into a [`DeliveryHandler`](waybill_inbox_core::DeliveryHandler), such
+//! as the diesel backend's inbox handler.
+//!
+//! The API is synchronous like the rest of waybill: each publisher and consumer drives the
+//! async `async-nats` client on a private tokio runtime with one worker thread.
+//!
+//! # Getting started
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use waybill_inbox_core::{Disposition, IncomingMessage};
+//! use waybill_nats::{ConsumerConfig, NatsConsumer, NatsPublisher, PublisherConfig};
+//!
+//! # fn main() -> Result<(), waybill_nats::Error> {
+//! let url = "nats://127.0.0.1:4222";
+//! let publisher = NatsPublisher::connect(url, PublisherConfig::default())?;
+//! publisher.ensure_stream("ORDERS", &["orders"])?;
+//! // Hand `publisher` to `waybill_outbox_core::Relay::new(store, publisher, config)`.
+//!
+//! let mut consumer = NatsConsumer::connect(url, ConsumerConfig::new("ORDERS", "billing"))?;
+//! let mut handler = |_msg: &IncomingMessage| Disposition::Ack;
+//! let report = consumer.run_once(&mut handler, 100, Duration::from_secs(1))?;
+//! # let _ = report;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Mapping
+//!
+//! | outbox message | NATS |
+//! |---|---|
+//! | `payload` | the message body, unchanged |
+//! | `id` | header `waybill-message-id` and header `Nats-Msg-Id` |
+//! | `message_type`, `partition_key`, `topic`, `content_type`, `created_at` | headers `waybill-message-type`, `waybill-partition-key`, `waybill-topic`, `waybill-content-type`, `waybill-sent-at` ([`wire`](waybill_inbox_core::wire)) |
+//! | `headers` | headers of the same name |
+//! | `topic` (+ `partition_key`) | the subject, by [`SubjectMapping`]: the topic by default, or `<topic>.<sanitized key>` |
+//!
+//! The consumer removes JetStream's own `Nats-*` headers before decoding, so a sender header
+//! whose name starts with `Nats-` is passed to JetStream (e.g. `Nats-TTL`) but does not reach
+//! the handler.
+//!
+//! # Deduplication
+//!
+//! The relay publishes at least once: a crash between the broker's ack and the outbox write,
+//! or a lost ack, publishes a message again. JetStream stores a message whose `Nats-Msg-Id` it
+//! has seen within the stream's *duplicate window* only once, acks the retry with
+//! `duplicate = true`, and the publisher reports that as success. Give the stream a window
+//! ([`PublisherConfig::duplicate_window`], default 2 minutes) longer than the relay's lease plus
+//! its longest backoff. A retry after the window is stored again; the consumer's inbox then
+//! drops it, so the effect still happens once.
+//!
+//! # Ordering
+//!
+//! Messages of a batch are sent in outbox order on one connection, so JetStream stores them in
+//! that order, and the acks are then awaited together (pipelined, about ten times faster than
+//! awaiting each). The trait's per-key rule ("after a failure, send nothing more of that key")
+//! holds for failures found *before* sending (invalid subject or header, too large for the
+//! server, client not connected) and across the windows of [`PublisherConfig::max_in_flight`].
+//! It cannot hold for a failure found only in the *ack*: by then later messages of the key in
+//! the same window are already sent. If message A fails its ack (timeout, stream rejects it)
+//! while a later B of the same key is stored, B is reported as published and A is retried, so
+//! the stream holds B before A. This needs a failure of one message but not the next on the same
+//! connection (a stream rejecting A alone, or an ack timeout on A that a later ack beats);
+//! after a lost connection every later message fails as well. Consumers that need strict per-key
+//! order despite that must check a sequence of their own.
+//!
+//! # Redelivery and dead letters
+//!
+//! The consumer acks a delivery only after the handler returned `Ack` (the inbox handler
+//! returns it after its transaction committed). `Retry(reason)` naks with
+//! [`ConsumerConfig::nak_delay`]; on its [`ConsumerConfig::max_deliver`]-th delivery (known
+//! from the delivery's metadata) a failing message is instead published to the dead-letter
+//! subject with a [`DEAD_LETTER_REASON`] header and then `term`ed, so the final failure is
+//! recorded and never silently dropped. `DeadLetter(reason)` and data that does not decode
+//! (no id, an id that is not a UUID, a JSON content type with a body that is not JSON) are
+//! dead-lettered at once. The durable consumer's server-side `max_deliver` is a few deliveries
+//! higher than the configured one: those spare deliveries only retry a dead letter whose
+//! publish failed, without calling the handler again.
+//!
+//! The dead-letter subject defaults to `waybill.dead.<stream>`, stored in a stream
+//! `<stream>_dead` the consumer creates on connect (see [`ConsumerConfig::dead_letter_stream`]).
+//! A dead letter keeps the original headers and body and adds [`DEAD_LETTER_REASON`],
+//! [`DEAD_LETTER_STREAM`], [`DEAD_LETTER_SUBJECT`], [`DEAD_LETTER_SEQUENCE`] and
+//! [`DEAD_LETTER_DELIVERIES`]; its `Nats-Msg-Id` is `dead:<stream>:<sequence>`, so dead-lettering
+//! the same delivery twice stores it once.
+
+mod consumer;
+mod error;
+mod publisher;
+mod subject;
+
+pub use consumer::{
+    ConsumeReport, ConsumerConfig, NatsConsumer, DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON,
+    DEAD_LETTER_SEQUENCE, DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECT,
+};
+pub use error::{Error, Result};
+pub use publisher::{NatsPublisher, PublisherConfig, MSG_ID_HEADER};
+pub use subject::{sanitize_token, SubjectFn, SubjectMapping};
+
+/// The private runtime a publisher or consumer drives its client on.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("waybill-nats")
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client> {
+    async_nats::connect(url)
+        .await
+        .map_err(|source| Error::Connect {
+            url: error::redact(url),
+            source,
+        })
+}

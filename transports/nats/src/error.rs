@@ -1,0 +1,199 @@
+//! The transport's error type.
+
+use async_nats::jetstream::consumer::pull::BatchError;
+use async_nats::jetstream::context::{
+    CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind, PublishError,
+    PublishErrorKind,
+};
+use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::{ConnectError, ConnectErrorKind};
+
+/// What can go wrong in the NATS transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The private tokio runtime that drives the async client could not be built.
+    #[error("building the transport's tokio runtime failed")]
+    Runtime(#[source] std::io::Error),
+    /// Connecting to the server failed. The URL is shown without its password.
+    #[error("connecting to NATS at {url} failed")]
+    Connect {
+        /// The server URL, password redacted.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: ConnectError,
+    },
+    /// Creating or updating a stream failed.
+    #[error("creating stream {stream} failed")]
+    CreateStream {
+        /// The stream's name.
+        stream: String,
+        /// The client's error.
+        #[source]
+        source: CreateStreamError,
+    },
+    /// Looking up (or deleting) a stream failed, e.g. because it does not exist.
+    #[error("looking up stream {stream} failed")]
+    GetStream {
+        /// The stream's name.
+        stream: String,
+        /// The client's error.
+        #[source]
+        source: GetStreamError,
+    },
+    /// Creating or looking up the durable consumer failed.
+    #[error("setting up consumer {consumer} on stream {stream} failed")]
+    Consumer {
+        /// The stream's name.
+        stream: String,
+        /// The durable consumer's name.
+        consumer: String,
+        /// The client's error.
+        #[source]
+        source: ConsumerError,
+    },
+    /// Pulling a batch of messages failed (connection lost, consumer deleted, ...).
+    #[error("pulling messages failed")]
+    Fetch(#[source] BatchError),
+    /// Receiving a message of a pulled batch failed.
+    #[error("receiving a message failed")]
+    Receive(#[source] async_nats::Error),
+    /// Acknowledging (ack, nak or term) a delivery failed; the server redelivers it after the
+    /// consumer's ack wait.
+    #[error("acknowledging a delivery of stream sequence {sequence} failed")]
+    Ack {
+        /// The delivery's stream sequence.
+        sequence: u64,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Forcing a reconnect failed because the client is closed.
+    #[error("forcing a reconnect failed")]
+    Reconnect(#[source] async_nats::client::ReconnectError),
+    /// A configured name or subject is not valid for NATS.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// `true` when trying again later may succeed: the server is unreachable or timed out, the
+    /// connection was lost, or JetStream is temporarily unavailable. `false` for a wrong
+    /// configuration or a request the server refuses.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Runtime(_) | Self::Config(_) => false,
+            Self::Connect { source, .. } => !matches!(
+                source.kind(),
+                ConnectErrorKind::Authentication
+                    | ConnectErrorKind::AuthorizationViolation
+                    | ConnectErrorKind::ServerParse
+                    | ConnectErrorKind::Tls
+            ),
+            Self::CreateStream { source, .. } => matches!(
+                source.kind(),
+                CreateStreamErrorKind::JetStreamUnavailable
+                    | CreateStreamErrorKind::TimedOut
+                    | CreateStreamErrorKind::Response
+            ),
+            Self::GetStream { source, .. } => {
+                matches!(source.kind(), GetStreamErrorKind::Request)
+            }
+            Self::Consumer { source, .. } => matches!(
+                source.kind(),
+                ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request
+            ),
+            Self::Fetch(_) | Self::Receive(_) | Self::Ack { .. } | Self::Reconnect(_) => true,
+        }
+    }
+}
+
+impl waybill_outbox_core::Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+/// The JetStream publish errors that no retry can fix:
+///
+/// - the message exceeds the server's `max_payload` (the client refuses it before sending),
+/// - the stream refuses it as larger than its `max_msg_size` or its headers as too large,
+/// - the subject is invalid,
+/// - the stream is sealed.
+///
+/// Everything else is retryable: a timeout, a broken connection, no responders (no stream
+/// captures the subject *yet*: streams are created by operators, and in a cluster a stream can
+/// be briefly leaderless), a full stream with the `discard new` policy, storage exhausted.
+/// The relay's attempt limit bounds those retries.
+pub(crate) fn publish_error_is_fatal(error: &PublishError) -> bool {
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => {
+            let Some(source) = std::error::Error::source(error) else {
+                return false;
+            };
+            if let Some(js) = source.downcast_ref::<async_nats::jetstream::Error>() {
+                return matches!(
+                    js.error_code(),
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                        | ErrorCode::STREAM_SEALED
+                );
+            }
+            source
+                .downcast_ref::<async_nats::subject::SubjectError>()
+                .is_some()
+        }
+        _ => false,
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return redact_userinfo(url);
+    };
+    format!("{scheme}://{}", redact_userinfo(rest))
+}
+
+fn redact_userinfo(rest: &str) -> String {
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return rest.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    if userinfo.contains(':') {
+        format!("{user}:***@{host}{path}")
+    } else {
+        // A lone token (nats://token@host) is a credential too.
+        format!("***@{host}{path}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords_and_tokens() {
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact("nats://bob:s3cret@host:4222"),
+            "nats://bob:***@host:4222"
+        );
+        assert_eq!(redact("nats://tok@host"), "nats://***@host");
+        assert_eq!(
+            redact("nats://a:b@h1:4222,nats://c:d@h2"),
+            "nats://a:***@h1:4222,nats://c:***@h2"
+        );
+    }
+}

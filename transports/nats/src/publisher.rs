@@ -1,0 +1,363 @@
+//! [`NatsPublisher`]: the outbox relay's [`Publisher`] for NATS JetStream.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use futures_util::future::join_all;
+use tokio::runtime::Runtime;
+use waybill_inbox_core::wire;
+use waybill_outbox_core::{OutboxMessage, PublishError, Publisher};
+
+use crate::error::{publish_error_is_fatal, redact};
+use crate::subject::invalid_publish_subject;
+use crate::{Error, Result, SubjectMapping};
+
+/// The JetStream header that carries the message id JetStream deduplicates on.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// How a [`NatsPublisher`] publishes. `Default` gives the documented defaults.
+///
+/// ```
+/// use std::time::Duration;
+/// use waybill_nats::{PublisherConfig, SubjectMapping};
+///
+/// let config = PublisherConfig::default()
+///     .ack_timeout(Duration::from_secs(2))
+///     .subject_mapping(SubjectMapping::TopicAndKey)
+///     .duplicate_window(Duration::from_secs(600));
+/// # let _ = config;
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PublisherConfig {
+    ack_timeout: Duration,
+    subject_mapping: SubjectMapping,
+    max_in_flight: usize,
+    duplicate_window: Duration,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(5),
+            subject_mapping: SubjectMapping::Topic,
+            max_in_flight: 1024,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+impl PublisherConfig {
+    /// How long to wait for JetStream's ack of each message (and for the client to take the
+    /// message) before reporting it as retryable. Defaults to 5 seconds.
+    #[must_use]
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// How a message's topic and partition key become its subject. Defaults to
+    /// [`SubjectMapping::Topic`] (the subject is the topic).
+    #[must_use]
+    pub fn subject_mapping(mut self, mapping: SubjectMapping) -> Self {
+        self.subject_mapping = mapping;
+        self
+    }
+
+    /// How many messages may await their ack at once. A larger batch is sent in windows of
+    /// this size, each window's acks awaited before the next is sent. Defaults to 1024.
+    /// Values below 1 count as 1.
+    #[must_use]
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max.max(1);
+        self
+    }
+
+    /// The duplicate window [`NatsPublisher::ensure_stream`] gives a stream it creates:
+    /// JetStream drops a message whose `Nats-Msg-Id` it stored within this window. Defaults to
+    /// 2 minutes (the server's default). Make it longer than the relay's lease plus its longest
+    /// backoff, so that a relay retry of an already stored message is always dropped.
+    #[must_use]
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+}
+
+/// Publishes outbox messages to NATS JetStream, for [`waybill_outbox_core::Relay`].
+///
+/// Each message goes to the subject its [`SubjectMapping`] gives, with the
+/// [`wire`](waybill_inbox_core::wire) headers and `Nats-Msg-Id` = the message id, so JetStream's
+/// duplicate window drops a relay retry of a message it already stored. A batch is pipelined:
+/// every message is sent, then every ack awaited. The API is synchronous: the publisher drives
+/// the async client on a private runtime with one worker thread, which also keeps the connection
+/// alive (and reconnects it) between batches. Do not call it from inside an async runtime.
+///
+/// ```no_run
+/// use waybill_nats::{NatsPublisher, PublisherConfig};
+/// use waybill_outbox_core::{MessageId, OutboxMessage, Publisher, Status};
+///
+/// let mut publisher = NatsPublisher::connect("nats://127.0.0.1:4222", PublisherConfig::default())?;
+/// publisher.ensure_stream("ORDERS", &["orders", "orders.>"])?;
+/// let mut msg = OutboxMessage::new(1, MessageId::new(), Status::Pending);
+/// msg.topic = "orders".into();
+/// msg.message_type = "OrderPlaced".into();
+/// assert!(publisher.publish(&[msg]).iter().all(Result::is_ok));
+/// # Ok::<(), waybill_nats::Error>(())
+/// ```
+pub struct NatsPublisher {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    config: PublisherConfig,
+    url: String,
+    // Last: dropped after the client, whose tasks it runs.
+    runtime: Runtime,
+}
+
+impl fmt::Debug for NatsPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsPublisher")
+            .field("url", &self.url)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsPublisher {
+    /// Connects to the server(s) at `url` (comma-separated for several). The client then
+    /// reconnects by itself, forever, whenever the connection is lost.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Runtime`] when the private runtime cannot start, [`Error::Connect`] when the
+    /// server cannot be reached.
+    pub fn connect(url: &str, config: PublisherConfig) -> Result<Self> {
+        let runtime = crate::runtime()?;
+        let client = runtime.block_on(crate::connect(url))?;
+        // The context spawns its ack task on the runtime.
+        let jetstream = {
+            let _runtime = runtime.enter();
+            jetstream::ContextBuilder::new()
+                .timeout(config.ack_timeout)
+                .max_ack_inflight(config.max_in_flight)
+                .build(client.clone())
+        };
+        log::debug!("NATS publisher connected to {}", redact(url));
+        Ok(Self {
+            client,
+            jetstream,
+            config,
+            url: redact(url),
+            runtime,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PublisherConfig {
+        &self.config
+    }
+
+    /// Creates the stream `name` capturing `subjects`, with the configured
+    /// [duplicate window](PublisherConfig::duplicate_window), unless a stream of that name
+    /// exists (which is then left as it is). A convenience for tests and small setups;
+    /// production streams are usually managed by the operator.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CreateStream`], e.g. when another stream already captures one of `subjects`.
+    pub fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<()> {
+        let config = stream::Config {
+            name: name.to_owned(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            duplicate_window: self.config.duplicate_window,
+            ..Default::default()
+        };
+        self.runtime
+            .block_on(self.jetstream.get_or_create_stream(config))
+            .map_err(|source| Error::CreateStream {
+                stream: name.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// `true` while the client is connected to a server.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Drops the connection and lets the client reconnect, as a broker restart would. For
+    /// tests and for rebalancing; it does not wait for the new connection.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Reconnect`] when the client is closed.
+    pub fn force_reconnect(&self) -> Result<()> {
+        self.runtime
+            .block_on(self.client.force_reconnect())
+            .map_err(Error::Reconnect)
+    }
+
+    /// The subject, headers and body of `msg`, or why it can never be published.
+    fn prepare(&self, msg: &OutboxMessage) -> Result<(String, HeaderMap, Vec<u8>), String> {
+        let subject = self
+            .config
+            .subject_mapping
+            .subject(&msg.topic, &msg.partition_key);
+        if let Some(why) = invalid_publish_subject(&subject) {
+            return Err(format!("invalid subject {subject:?}: {why}"));
+        }
+        let (headers, body) = wire::encode(msg);
+        let mut map = HeaderMap::new();
+        for (name, value) in &headers {
+            if name.is_empty()
+                || name.contains(':')
+                || name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(format!("header name {name:?} is not valid in NATS"));
+            }
+            if value.contains(['\r', '\n']) {
+                return Err(format!("header {name} has a line break in its value"));
+            }
+            map.insert(name.as_str(), value.as_str());
+        }
+        map.insert(MSG_ID_HEADER, msg.id.to_string());
+        Ok((subject, map, body))
+    }
+
+    async fn publish_async(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        let mut outcomes: Vec<Result<(), PublishError>> = Vec::with_capacity(batch.len());
+        let mut failed_keys: HashSet<&str> = HashSet::new();
+        if self.client.connection_state() == State::Disconnected {
+            // Fail fast instead of waiting out the ack timeout; the client is reconnecting.
+            for msg in batch {
+                outcomes.push(if failed_keys.insert(msg.partition_key.as_str()) {
+                    Err(PublishError::Retryable("not connected to NATS".into()))
+                } else {
+                    Err(PublishError::NotAttempted)
+                });
+            }
+            log::warn!(
+                "NATS at {} unreachable: {} messages not published",
+                self.url,
+                batch.len()
+            );
+            return outcomes;
+        }
+        for window in batch.chunks(self.config.max_in_flight) {
+            let offset = outcomes.len();
+            outcomes.extend(window.iter().map(|_| Err(PublishError::NotAttempted)));
+            let mut pending: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(window.len());
+            for (i, msg) in window.iter().enumerate() {
+                if failed_keys.contains(msg.partition_key.as_str()) {
+                    continue;
+                }
+                let sent = match self.prepare(msg) {
+                    Err(why) => Err(PublishError::Fatal(why)),
+                    Ok((subject, headers, body)) => self
+                        .jetstream
+                        .publish_with_headers(subject, headers, body.into())
+                        .await
+                        .map_err(|error| classify(&error)),
+                };
+                match sent {
+                    Ok(ack) => pending.push((offset + i, ack)),
+                    Err(error) => {
+                        failed_keys.insert(msg.partition_key.as_str());
+                        outcomes[offset + i] = Err(error);
+                    }
+                }
+            }
+            let acks = join_all(
+                pending
+                    .into_iter()
+                    .map(|(i, ack)| async move { (i, ack.await) }),
+            )
+            .await;
+            for (i, ack) in acks {
+                outcomes[i] = match ack {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            log::debug!(
+                                "message {} was already in stream {} (seq {})",
+                                batch[i].id,
+                                ack.stream,
+                                ack.sequence
+                            );
+                        }
+                        Ok(())
+                    }
+                    Err(error) => {
+                        failed_keys.insert(batch[i].partition_key.as_str());
+                        Err(classify(&error))
+                    }
+                };
+            }
+        }
+        let failed: Vec<_> = outcomes
+            .iter()
+            .zip(batch)
+            .filter_map(|(outcome, msg)| match outcome {
+                Err(error @ (PublishError::Retryable(_) | PublishError::Fatal(_))) => {
+                    Some((msg.id, error))
+                }
+                _ => None,
+            })
+            .collect();
+        if let Some((id, error)) = failed.first() {
+            log::warn!(
+                "NATS at {}: {} of {} messages failed, first {id}: {error}",
+                self.url,
+                failed.len(),
+                batch.len()
+            );
+        }
+        log::debug!("published a batch of {} messages to NATS", batch.len());
+        outcomes
+    }
+}
+
+fn classify(error: &jetstream::context::PublishError) -> PublishError {
+    let text = error_chain(error);
+    if publish_error_is_fatal(error) {
+        PublishError::Fatal(text)
+    } else {
+        PublishError::Retryable(text)
+    }
+}
+
+/// An error and its sources, `: `-separated.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+impl Publisher for NatsPublisher {
+    /// Sends every message of `batch` (in order, on one connection), then awaits every ack.
+    ///
+    /// - ack, including a duplicate ack (already stored) -> `Ok`
+    /// - timeout, no responders, connection lost, stream full -> `Retryable`
+    /// - too large, invalid subject or header, sealed stream -> `Fatal`
+    /// - the client refused to take an earlier message of the same key, or an earlier window of
+    ///   the batch failed for that key -> `NotAttempted`
+    ///
+    /// Per-key order: a message whose *ack* fails may have later messages of its key in the
+    /// same window already sent, and those are reported as they were acked. See the crate docs.
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        self.runtime.block_on(self.publish_async(batch))
+    }
+}
