@@ -420,7 +420,10 @@ async fn open(addr: &str, config: &ConsumerConfig) -> Result<ConsumerLink> {
     let timeout = config.connect_timeout;
     let channel = &link.channel;
     let queue = short("queue name", config.queue.as_str())?;
-    let dlx = short("dead-letter exchange name", config.dead_letter_exchange_name())?;
+    let dlx = short(
+        "dead-letter exchange name",
+        config.dead_letter_exchange_name(),
+    )?;
     let dlq = short("dead-letter queue name", config.dead_letter_queue_name())?;
     let durable = QueueDeclareOptions {
         durable: true,
@@ -565,7 +568,10 @@ fn dispose(
         Err(error) => {
             let id = delivery_id(&delivery);
             let reason = format!("malformed: {}", chain(&error));
-            log::error!("queue {}: message {id} dead-lettered: {reason}", config.queue);
+            log::error!(
+                "queue {}: message {id} dead-lettered: {reason}",
+                config.queue
+            );
             runtime.block_on(dead_letter(current, config, &delivery, &id, &reason))?;
             report.malformed += 1;
             report.dead_lettered += 1;
@@ -581,7 +587,10 @@ fn dispose(
                 report.acked += 1;
             }
             Disposition::DeadLetter(reason) => {
-                log::error!("queue {}: message {id} dead-lettered: {reason}", config.queue);
+                log::error!(
+                    "queue {}: message {id} dead-lettered: {reason}",
+                    config.queue
+                );
                 dead_letter(current, config, &delivery, &id, &reason).await?;
                 report.dead_lettered += 1;
             }
@@ -597,13 +606,19 @@ fn dispose(
             }
             Disposition::Retry(reason) => {
                 let reason = format!("failed after {redeliveries} redeliveries: {reason}");
-                log::error!("queue {}: message {id} dead-lettered: {reason}", config.queue);
+                log::error!(
+                    "queue {}: message {id} dead-lettered: {reason}",
+                    config.queue
+                );
                 dead_letter(current, config, &delivery, &id, &reason).await?;
                 report.dead_lettered += 1;
             }
             other => {
                 let reason = format!("unknown disposition {other:?}");
-                log::error!("queue {}: message {id} dead-lettered: {reason}", config.queue);
+                log::error!(
+                    "queue {}: message {id} dead-lettered: {reason}",
+                    config.queue
+                );
                 dead_letter(current, config, &delivery, &id, &reason).await?;
                 report.dead_lettered += 1;
             }
@@ -660,7 +675,10 @@ async fn redeliver(
     reason: &str,
 ) -> Result<()> {
     let extra = [
-        (REDELIVERIES_HEADER, AMQPValue::LongLongInt(i64::from(count))),
+        (
+            REDELIVERIES_HEADER,
+            AMQPValue::LongLongInt(i64::from(count)),
+        ),
         (
             RETRY_REASON_HEADER,
             AMQPValue::LongString(LongString::from(reason)),
@@ -706,7 +724,10 @@ async fn dead_letter(
         current,
         config,
         delivery,
-        short("dead-letter exchange name", config.dead_letter_exchange_name())?,
+        short(
+            "dead-letter exchange name",
+            config.dead_letter_exchange_name(),
+        )?,
         short("queue name", config.queue.as_str())?,
         &extra,
     )

@@ -111,8 +111,8 @@ mod link;
 mod publisher;
 
 pub use consumer::{
-    AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER, RETRY_REASON_HEADER,
+    AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER,
+    REDELIVERIES_HEADER, RETRY_REASON_HEADER,
 };
 pub use error::{redact, Error, Result};
 pub use publisher::{AmqpPublisher, PublisherConfig, Routing};

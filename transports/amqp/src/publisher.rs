@@ -291,10 +291,7 @@ impl State {
                     Err(PublishError::Retryable(reason))
                 }
                 Err(_) => {
-                    let reason = format!(
-                        "not confirmed within {:?}",
-                        self.config.confirm_timeout
-                    );
+                    let reason = format!("not confirmed within {:?}", self.config.confirm_timeout);
                     log::warn!("message {id}: {reason}");
                     broken.get_or_insert(reason.clone());
                     Err(PublishError::Retryable(reason))
@@ -319,7 +316,10 @@ impl State {
             Some(link) if link.is_open() => Ok(()),
             Some(_) => {
                 self.disconnect().await;
-                Err("the connection to the broker was lost; reconnecting on the next publish".into())
+                Err(
+                    "the connection to the broker was lost; reconnecting on the next publish"
+                        .into(),
+                )
             }
             None => match Link::open(&self.addr, self.config.connect_timeout).await {
                 Ok(link) => {

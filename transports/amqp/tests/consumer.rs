@@ -52,7 +52,9 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     broker.cleanup_queue(&queue);
     let mut consumer = AmqpConsumer::connect(
         &broker.addr,
-        ConsumerConfig::new(&queue).bind(&topic, "#").max_redeliveries(3),
+        ConsumerConfig::new(&queue)
+            .bind(&topic, "#")
+            .max_redeliveries(3),
     )
     .expect("consumer");
     let mut publisher =
@@ -79,7 +81,10 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     assert_eq!(report.delivered, 13);
     assert_eq!(report.malformed, 0);
     assert_eq!(seen[&poison], 4, "first delivery + 3 redeliveries");
-    assert!(seen.iter().all(|(id, n)| *id == poison || *n == 1), "{seen:?}");
+    assert!(
+        seen.iter().all(|(id, n)| *id == poison || *n == 1),
+        "{seen:?}"
+    );
 
     let dead = broker.drain(&format!("{queue}.dead"), 1);
     assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(poison.to_string()));
@@ -120,7 +125,10 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
     };
     let send_good = |seq: i64| {
         let (headers, body) = good(seq);
-        let pairs: Vec<_> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pairs: Vec<_> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         raw(pairs, "application/json", &body);
     };
     let (template, _) = good(0);
@@ -174,7 +182,10 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
         .iter()
         .map(|d| header(d, DEAD_LETTER_REASON_HEADER).expect("reason"))
         .collect();
-    assert!(reasons[0].contains("malformed") && reasons[0].to_lowercase().contains("id"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("malformed") && reasons[0].to_lowercase().contains("id"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].contains("not-a-uuid"), "{reasons:?}");
     assert!(reasons[2].to_lowercase().contains("json"), "{reasons:?}");
     assert_eq!(broker.depth(&queue), 0);
@@ -201,15 +212,24 @@ fn a_handler_dead_letter_goes_to_the_dead_letter_queue_at_once_with_its_reason()
     let mut publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
     let message = stored(1, &topic, "k", "{}");
-    assert_eq!(publisher.publish(std::slice::from_ref(&message)), vec![Ok(())]);
+    assert_eq!(
+        publisher.publish(std::slice::from_ref(&message)),
+        vec![Ok(())]
+    );
 
     let mut handler = |_: &IncomingMessage| Disposition::DeadLetter("expired offer".into());
     let report = consume_until(&mut consumer, &mut handler, |r| r.dead_lettered == 1);
     assert_eq!((report.delivered, report.acked, report.retried), (1, 0, 0));
     let dead = broker.drain(&dead_queue, 1);
-    assert_eq!(header(&dead[0], DEAD_LETTER_REASON_HEADER), Some("expired offer".into()));
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON_HEADER),
+        Some("expired offer".into())
+    );
     // The dead letter is still a complete waybill message.
-    assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(message.id.to_string()));
+    assert_eq!(
+        header(&dead[0], wire::MESSAGE_ID),
+        Some(message.id.to_string())
+    );
 }
 
 #[test]

@@ -47,7 +47,9 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
     let pool = Pool::builder()
         .max_size(4)
         .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(path.to_string_lossy()))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            path.to_string_lossy(),
+        ))
         .expect("pool");
     let mut conn = pool.get().expect("conn");
     waybill_diesel::run_migrations(&mut conn).expect("migrations");
@@ -64,14 +66,20 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
 
     let messages: Vec<_> = (0..40)
         .map(|i| {
-            NewOutboxMessage::json(&topic, format!("order.{}", i % 4), "OrderPlaced", &serde_json::json!({ "n": i }))
-                .expect("json")
+            NewOutboxMessage::json(
+                &topic,
+                format!("order.{}", i % 4),
+                "OrderPlaced",
+                &serde_json::json!({ "n": i }),
+            )
+            .expect("json")
         })
         .collect();
     conn.transaction(|conn| enqueue_all(conn, &messages))
         .expect("enqueue");
 
-    let publisher = AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
     let mut relay = Relay::new(
         DieselStore::new(pool.clone()),
         Twice(publisher),
@@ -80,16 +88,23 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
     let mut published = 0;
     let deadline = Instant::now() + PATIENCE;
     while published < messages.len() as u64 {
-        assert!(Instant::now() < deadline, "relay published only {published}");
+        assert!(
+            Instant::now() < deadline,
+            "relay published only {published}"
+        );
         published += relay.run_once().expect("relay").published;
     }
 
-    let mut handler = InboxHandler::new(pool.clone(), Inbox::new("billing"), |conn: &mut _, message: &waybill_inbox_core::IncomingMessage| {
-        diesel::sql_query("INSERT INTO effects (message_id) VALUES (?)")
-            .bind::<Text, _>(message.id.to_string())
-            .execute(conn)?;
-        Ok::<_, waybill_diesel::Error>(())
-    });
+    let mut handler = InboxHandler::new(
+        pool.clone(),
+        Inbox::new("billing"),
+        |conn: &mut _, message: &waybill_inbox_core::IncomingMessage| {
+            diesel::sql_query("INSERT INTO effects (message_id) VALUES (?)")
+                .bind::<Text, _>(message.id.to_string())
+                .execute(conn)?;
+            Ok::<_, waybill_diesel::Error>(())
+        },
+    );
     let mut total = ConsumeReport::default();
     while total.acked < 2 * messages.len() {
         assert!(Instant::now() < deadline, "consumed only {total:?}");
@@ -102,9 +117,10 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
     }
     assert_eq!((total.retried, total.dead_lettered), (0, 0));
 
-    let effects: Vec<Effect> = diesel::sql_query("SELECT message_id FROM effects ORDER BY message_id")
-        .load(&mut conn)
-        .expect("effects");
+    let effects: Vec<Effect> =
+        diesel::sql_query("SELECT message_id FROM effects ORDER BY message_id")
+            .load(&mut conn)
+            .expect("effects");
     let mut expected: Vec<_> = messages.iter().map(|m| m.id().to_string()).collect();
     expected.sort();
     let got: Vec<_> = effects.into_iter().map(|e| e.message_id).collect();

@@ -24,7 +24,10 @@ fn consume_all(consumer: &mut AmqpConsumer, count: usize) -> Vec<IncomingMessage
     let deadline = std::time::Instant::now() + PATIENCE;
     let mut acked = 0;
     while acked < count {
-        assert!(std::time::Instant::now() < deadline, "only {acked} of {count} consumed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {acked} of {count} consumed"
+        );
         let report = consumer
             .run_once(&mut handler, count - acked, Duration::from_secs(5))
             .expect("consume");
@@ -42,9 +45,11 @@ fn a_confirmed_batch_decodes_back_unchanged_and_in_key_order() {
     let queue = unique("q");
     broker.cleanup_exchange(&topic);
     broker.cleanup_queue(&queue);
-    let mut consumer =
-        AmqpConsumer::connect(&broker.addr, ConsumerConfig::new(&queue).bind(&topic, "#").prefetch(100))
-            .expect("consumer");
+    let mut consumer = AmqpConsumer::connect(
+        &broker.addr,
+        ConsumerConfig::new(&queue).bind(&topic, "#").prefetch(100),
+    )
+    .expect("consumer");
     let mut publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
 
@@ -52,7 +57,9 @@ fn a_confirmed_batch_decodes_back_unchanged_and_in_key_order() {
         .map(|i| {
             let key = format!("order.{}", i % 7);
             let mut message = stored(i, &topic, &key, &format!(r#"{{"step":{i}}}"#));
-            message.headers.insert("traceparent".into(), format!("00-{i:032x}-{i:016x}-01"));
+            message
+                .headers
+                .insert("traceparent".into(), format!("00-{i:032x}-{i:016x}-01"));
             message
         })
         .collect();
@@ -90,9 +97,11 @@ fn amqp_properties_carry_id_type_content_type_timestamp_and_persistence() {
     broker.cleanup_queue(&queue);
     let topic = "billing";
     // A fixed exchange routes by topic.
-    let consumer =
-        AmqpConsumer::connect(&broker.addr, ConsumerConfig::new(&queue).bind(&exchange, topic))
-            .expect("consumer");
+    let consumer = AmqpConsumer::connect(
+        &broker.addr,
+        ConsumerConfig::new(&queue).bind(&exchange, topic),
+    )
+    .expect("consumer");
     drop(consumer);
     let mut publisher = AmqpPublisher::connect(
         &broker.addr,
@@ -100,7 +109,10 @@ fn amqp_properties_carry_id_type_content_type_timestamp_and_persistence() {
     )
     .expect("publisher");
     let message = stored(1, topic, "invoice.7", "{}");
-    assert_eq!(publisher.publish(std::slice::from_ref(&message)), vec![Ok(())]);
+    assert_eq!(
+        publisher.publish(std::slice::from_ref(&message)),
+        vec![Ok(())]
+    );
 
     let delivery = broker.drain(&queue, 1).remove(0);
     let properties = &delivery.properties;
@@ -110,7 +122,10 @@ fn amqp_properties_carry_id_type_content_type_timestamp_and_persistence() {
         properties.message_id().as_ref().map(|s| s.to_string()),
         Some(message.id.to_string())
     );
-    assert_eq!(properties.kind().as_ref().map(|s| s.to_string()), Some("Step".into()));
+    assert_eq!(
+        properties.kind().as_ref().map(|s| s.to_string()),
+        Some("Step".into())
+    );
     assert_eq!(
         properties.content_type().as_ref().map(|s| s.to_string()),
         Some("application/json".into())
@@ -161,20 +176,36 @@ fn a_lost_connection_is_retryable_and_the_next_publish_reconnects() {
             .expect("consumer");
     let mut publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
-    assert_eq!(publisher.publish(&[stored(1, &topic, "a", "{}")]), vec![Ok(())]);
+    assert_eq!(
+        publisher.publish(&[stored(1, &topic, "a", "{}")]),
+        vec![Ok(())]
+    );
 
     publisher.simulate_connection_loss();
     assert!(!publisher.is_connected());
-    let lost = [stored(2, &topic, "a", "{}"), stored(3, &topic, "a", "{}"), stored(4, &topic, "b", "{}")];
+    let lost = [
+        stored(2, &topic, "a", "{}"),
+        stored(3, &topic, "a", "{}"),
+        stored(4, &topic, "b", "{}"),
+    ];
     let outcomes = publisher.publish(&lost);
-    assert!(matches!(outcomes[0], Err(PublishError::Retryable(_))), "{outcomes:?}");
+    assert!(
+        matches!(outcomes[0], Err(PublishError::Retryable(_))),
+        "{outcomes:?}"
+    );
     assert_eq!(outcomes[1], Err(PublishError::NotAttempted));
-    assert!(matches!(outcomes[2], Err(PublishError::Retryable(_))), "{outcomes:?}");
+    assert!(
+        matches!(outcomes[2], Err(PublishError::Retryable(_))),
+        "{outcomes:?}"
+    );
 
     let outcomes = publisher.publish(&lost);
     assert_eq!(outcomes, vec![Ok(()), Ok(()), Ok(())]);
     assert!(publisher.is_connected());
     let received = consume_all(&mut consumer, 4);
-    let seqs: Vec<_> = received.iter().map(|m| m.headers["correlation-id"].clone()).collect();
+    let seqs: Vec<_> = received
+        .iter()
+        .map(|m| m.headers["correlation-id"].clone())
+        .collect();
     assert_eq!(seqs, ["corr-1", "corr-2", "corr-3", "corr-4"]);
 }

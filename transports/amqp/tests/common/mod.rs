@@ -18,8 +18,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -118,7 +118,10 @@ impl Broker {
                 .expect("publish");
             let confirmation = confirm.await.expect("confirm");
             assert!(confirmation.is_ack());
-            assert!(confirmation.take_message().is_none(), "raw publish returned");
+            assert!(
+                confirmation.take_message().is_none(),
+                "raw publish returned"
+            );
         });
     }
 
