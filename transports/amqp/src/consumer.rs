@@ -240,7 +240,7 @@ impl fmt::Debug for AmqpConsumer {
         f.debug_struct("AmqpConsumer")
             .field("addr", &redact(&self.addr))
             .field("config", &self.config)
-            .field("connected", &self.link.is_some())
+            .field("connected", &self.is_connected())
             .finish()
     }
 }
@@ -271,16 +271,39 @@ impl AmqpConsumer {
         &self.config
     }
 
+    /// `true` while the consumer holds an open connection and channel.
+    pub fn is_connected(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.link.is_open())
+    }
+
+    /// Closes the connection under the consumer without telling it, as a broker restart or a
+    /// network failure would: deliveries not yet acknowledged go back to the queue, and the
+    /// next [`run_once`](Self::run_once) reconnects. A test hook.
+    ///
+    /// ```no_run
+    /// # use waybill_amqp::{AmqpConsumer, ConsumerConfig};
+    /// let mut consumer = AmqpConsumer::connect("amqp://127.0.0.1:5672/%2f", ConsumerConfig::new("q"))?;
+    /// consumer.simulate_connection_loss();
+    /// assert!(!consumer.is_connected());
+    /// # Ok::<(), waybill_amqp::Error>(())
+    /// ```
+    pub fn simulate_connection_loss(&mut self) {
+        if let Some(link) = &self.link {
+            self.runtime.block_on(link.link.close());
+        }
+    }
+
     /// Handles up to `max` deliveries: waits at most `wait` for the first, then takes only
     /// those already at hand. Reconnects first if an earlier call lost the connection. The
     /// deterministic step that [`run`](Self::run) loops over.
     ///
     /// # Errors
     ///
-    /// A lost connection or channel ([`Error::Amqp`]), a broker that refused a redelivery copy
-    /// or dead letter ([`Error::Refused`]), an answer that timed out ([`Error::Timeout`]) or a
-    /// cancelled consumer ([`Error::ConsumerCancelled`]). The delivery at hand was then not
-    /// acknowledged, so the broker delivers it again; the next call reconnects.
+    /// A lost connection or channel ([`Error::ConnectionLost`], [`Error::Amqp`]), a broker that
+    /// refused a redelivery copy or dead letter ([`Error::Refused`]), an answer that timed out
+    /// ([`Error::Timeout`]) or a cancelled consumer ([`Error::ConsumerCancelled`]). The
+    /// delivery at hand was then not acknowledged, so the broker delivers it again; the next
+    /// call reconnects.
     pub fn run_once(
         &mut self,
         handler: &mut impl DeliveryHandler,
@@ -535,19 +558,13 @@ async fn next(
     timeout: Duration,
 ) -> Result<Option<Delivery>> {
     match tokio::time::timeout(timeout, current.consumer.next()).await {
-        Err(_) => {
-            if current.link.is_open() {
-                Ok(None)
-            } else {
-                Err(Error::ConsumerCancelled {
-                    queue: queue.to_owned(),
-                })
-            }
-        }
+        Err(_) if current.link.is_open() => Ok(None),
+        Err(_) => Err(Error::ConnectionLost),
         Ok(Some(delivery)) => Ok(Some(delivery?)),
-        Ok(None) => Err(Error::ConsumerCancelled {
+        Ok(None) if current.link.is_open() => Err(Error::ConsumerCancelled {
             queue: queue.to_owned(),
         }),
+        Ok(None) => Err(Error::ConnectionLost),
     }
 }
 

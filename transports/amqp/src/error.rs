@@ -45,6 +45,9 @@ pub enum Error {
         /// Nacked, or the reply code and text of the return.
         reason: String,
     },
+    /// The connection or channel closed under the consumer (broker restart, network failure).
+    #[error("the connection to the broker was lost")]
+    ConnectionLost,
     /// The broker cancelled the consumer, e.g. because its queue was deleted.
     #[error("the broker cancelled the consumer of queue {queue}")]
     ConsumerCancelled {
@@ -64,7 +67,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Amqp(error) => lapin_error_is_retryable(error),
-            Self::Timeout { .. } | Self::Refused { .. } | Self::ConsumerCancelled { .. } => true,
+            Self::Timeout { .. }
+            | Self::Refused { .. }
+            | Self::ConnectionLost
+            | Self::ConsumerCancelled { .. } => true,
             Self::Runtime(_) | Self::TooLong { .. } => false,
         }
     }

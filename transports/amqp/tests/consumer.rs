@@ -266,3 +266,45 @@ fn run_consumes_until_stopped() {
     assert_eq!(report.acked, 20);
     assert_eq!(broker.depth(&queue), 0);
 }
+
+#[test]
+fn after_a_lost_connection_the_consumer_reconnects_and_gets_the_unacknowledged_back() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let mut consumer = AmqpConsumer::connect(
+        &broker.addr,
+        ConsumerConfig::new(&queue).bind(&topic, "#").prefetch(10),
+    )
+    .expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch: Vec<_> = (0..10).map(|i| stored(i, &topic, "k", "{}")).collect();
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let mut handled = Vec::new();
+    let mut handler = |message: &IncomingMessage| {
+        handled.push(message.headers["correlation-id"].clone());
+        Disposition::Ack
+    };
+    let mut acked = 0;
+    while acked < 3 {
+        acked += consumer
+            .run_once(&mut handler, 3 - acked, PATIENCE)
+            .expect("consume")
+            .acked;
+    }
+
+    // The broker had already sent up to the prefetch; those unacknowledged go back.
+    consumer.simulate_connection_loss();
+    assert!(!consumer.is_connected());
+    let rest = consume_until(&mut consumer, &mut handler, |r| r.acked == 7);
+    assert_eq!(rest.dead_lettered, 0);
+    assert!(consumer.is_connected());
+    let expected: Vec<_> = (0..10).map(|i| format!("corr-{i}")).collect();
+    assert_eq!(handled, expected);
+}
