@@ -209,3 +209,45 @@ fn a_lost_connection_is_retryable_and_the_next_publish_reconnects() {
         .collect();
     assert_eq!(seqs, ["corr-1", "corr-2", "corr-3", "corr-4"]);
 }
+
+#[test]
+fn a_channel_error_fails_the_batch_retryably_and_the_next_publish_reopens_the_channel() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let missing = unique("missing");
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let mut consumer =
+        AmqpConsumer::connect(&broker.addr, ConsumerConfig::new(&queue).bind(&topic, "#"))
+            .expect("consumer");
+    // Without declaring, publishing to an exchange that does not exist closes the channel
+    // (404 NOT_FOUND).
+    let mut publisher = AmqpPublisher::connect(
+        &broker.addr,
+        PublisherConfig::default().declare_exchanges(None),
+    )
+    .expect("publisher");
+    let outcomes = publisher.publish(&[
+        stored(1, &missing, "a", "{}"),
+        stored(2, &missing, "a", "{}"),
+        stored(3, &missing, "b", "{}"),
+    ]);
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            Err(PublishError::Retryable(_) | PublishError::NotAttempted)
+        )),
+        "{outcomes:?}"
+    );
+    assert!(matches!(outcomes[0], Err(PublishError::Retryable(_))));
+    assert!(!publisher.is_connected());
+
+    assert_eq!(
+        publisher.publish(&[stored(4, &topic, "a", "{}")]),
+        vec![Ok(())]
+    );
+    assert_eq!(consume_all(&mut consumer, 1).len(), 1);
+}
