@@ -9,7 +9,9 @@
 //!   handler's transaction committed.
 //!
 //! Both are synchronous, like the rest of waybill: each owns a small private tokio runtime
-//! that runs lapin, and nothing async shows in the API.
+//! that runs lapin, and nothing async shows in the API. Being blocking, they belong on plain
+//! threads (like the relay's); calling them from inside an async runtime panics, as every
+//! nested `block_on` does: use `spawn_blocking` there.
 //!
 //! # Getting started
 //!
