@@ -1,0 +1,169 @@
+//! The transport's error type.
+
+use std::time::Duration;
+
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::ErrorKind;
+
+/// What can go wrong while talking to RabbitMQ.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The AMQP client failed: connection refused or lost, channel closed, or the broker refused
+    /// an operation (e.g. a queue declared again with different arguments).
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The transport's private tokio runtime could not be started.
+    #[error("starting the AMQP transport's runtime failed")]
+    Runtime(#[source] std::io::Error),
+    /// The broker did not answer in time.
+    #[error("{operation} timed out after {timeout:?}")]
+    Timeout {
+        /// What was waited for.
+        operation: &'static str,
+        /// How long.
+        timeout: Duration,
+    },
+    /// A name or value that AMQP carries as a short string is longer than 255 bytes.
+    #[error("{what} is longer than 255 bytes")]
+    TooLong {
+        /// Which name or value.
+        what: &'static str,
+        /// The length check that failed.
+        #[source]
+        source: lapin::types::ShortStringError,
+    },
+    /// The broker did not take a copy the consumer published (a redelivery or a dead letter):
+    /// it was negatively acknowledged or returned as unroutable. The original delivery was not
+    /// acknowledged, so the broker delivers it again.
+    #[error("the broker did not take the {what} of message {message}: {reason}")]
+    Refused {
+        /// `"redelivery copy"` or `"dead letter"`.
+        what: &'static str,
+        /// The message id, or `"-"` when the delivery had none.
+        message: String,
+        /// Nacked, or the reply code and text of the return.
+        reason: String,
+    },
+    /// The connection or channel closed under the consumer (broker restart, network failure).
+    #[error("the connection to the broker was lost")]
+    ConnectionLost,
+    /// The broker cancelled the consumer, e.g. because its queue was deleted.
+    #[error("the broker cancelled the consumer of queue {queue}")]
+    ConsumerCancelled {
+        /// The queue that was consumed.
+        queue: String,
+    },
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// `true` when trying again later may work: the broker is unreachable, the connection or
+    /// channel was lost, an answer timed out, a copy was refused, or the consumer was cancelled.
+    /// `false` for configuration errors such as a refused login, a missing exchange or queue,
+    /// a queue declared again with different arguments, or a name that is too long.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Amqp(error) => lapin_error_is_retryable(error),
+            Self::Timeout { .. }
+            | Self::Refused { .. }
+            | Self::ConnectionLost
+            | Self::ConsumerCancelled { .. } => true,
+            Self::Runtime(_) | Self::TooLong { .. } => false,
+        }
+    }
+}
+
+impl waybill_outbox_core::Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+fn lapin_error_is_retryable(error: &lapin::Error) -> bool {
+    match error.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::ChannelsLimitReached
+        | ErrorKind::InvalidChannel(_)
+        | ErrorKind::RuntimeShutdownError(_) => true,
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Hard(hard) => matches!(
+                hard,
+                AMQPHardError::CONNECTIONFORCED
+                    | AMQPHardError::RESOURCEERROR
+                    | AMQPHardError::INTERNALERROR
+            ),
+            AMQPErrorKind::Soft(soft) => matches!(soft, AMQPSoftError::RESOURCELOCKED),
+        },
+        _ => false,
+    }
+}
+
+/// `url` with the password replaced by `***`, for logs and errors.
+///
+/// ```
+/// assert_eq!(
+///     waybill_amqp::redact("amqp://guest:secret@rabbit:5672/%2f"),
+///     "amqp://guest:***@rabbit:5672/%2f"
+/// );
+/// assert_eq!(waybill_amqp::redact("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
+/// ```
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..scheme_end],
+        &authority[..colon],
+        &rest[at..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("amqps://u:p%40ss@h:1/v?heartbeat=5"),
+            "amqps://u:***@h:1/v?heartbeat=5"
+        );
+        assert_eq!(redact("amqp://u@h/v"), "amqp://u@h/v");
+        assert_eq!(redact("amqp://h/v@x:y"), "amqp://h/v@x:y");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn timeouts_are_retryable_and_long_names_are_not() {
+        let timeout = Error::Timeout {
+            operation: "confirm",
+            timeout: Duration::from_secs(1),
+        };
+        assert!(timeout.is_retryable());
+        let long = "x".repeat(300);
+        let source = lapin::types::ShortString::try_new(long).err();
+        if let Some(source) = source {
+            assert!(!Error::TooLong {
+                what: "routing key",
+                source
+            }
+            .is_retryable());
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Shared harness for the RabbitMQ tests: the broker address, skipping when it is down, unique
+//! names, and a raw lapin client for setup, raw publishes, reading queues and cleanup.
+//!
+//! `AMQP_ADDR` (default `amqp://guest:guest@127.0.0.1:5672/%2f`). An unreachable broker skips
+//! the test with a message, unless `WAYBILL_REQUIRE_SERVERS=1`, which makes it a failure.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::expect_used,
+    clippy::unwrap_used
+)]
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::runtime::Runtime;
+use waybill_outbox_core::{MessageId, OutboxMessage, Status};
+
+/// Liveness bound for loops that wait for the broker: reaching it is a failure, not a measure.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn addr() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("waybill-t-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A raw lapin client; deletes the queues and exchanges it was told about when dropped.
+pub struct Broker {
+    pub addr: String,
+    runtime: Runtime,
+    connection: Connection,
+    pub channel: Channel,
+    queues: HashSet<String>,
+    exchanges: HashSet<String>,
+}
+
+/// Connects, or skips (returns `None`) when the broker is not reachable.
+pub fn broker() -> Option<Broker> {
+    let addr = addr();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let connected = runtime.block_on(async {
+        let connection = Connection::connect(&addr, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok::<_, lapin::Error>((connection, channel))
+    });
+    match connected {
+        Ok((connection, channel)) => Some(Broker {
+            addr,
+            runtime,
+            connection,
+            channel,
+            queues: HashSet::new(),
+            exchanges: HashSet::new(),
+        }),
+        Err(error) => {
+            let message = format!(
+                "RabbitMQ not reachable at {} ({error})",
+                waybill_amqp::redact(&addr)
+            );
+            if std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
+                panic!("WAYBILL_REQUIRE_SERVERS=1 but {message}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+            None
+        }
+    }
+}
+
+impl Broker {
+    /// Deletes `queue` (and `<queue>.dead`, the default dead-letter queue and exchange) at the
+    /// end of the test.
+    pub fn cleanup_queue(&mut self, queue: &str) {
+        self.queues.insert(queue.to_owned());
+        self.queues.insert(format!("{queue}.dead"));
+        self.exchanges.insert(format!("{queue}.dead"));
+    }
+
+    pub fn cleanup_exchange(&mut self, exchange: &str) {
+        self.exchanges.insert(exchange.to_owned());
+    }
+
+    /// Publishes raw bytes to the queue through the default exchange and waits for the confirm.
+    pub fn publish_raw(&self, queue: &str, properties: BasicProperties, body: &[u8]) {
+        self.runtime.block_on(async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    ShortString::default(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish");
+            let confirmation = confirm.await.expect("confirm");
+            assert!(confirmation.is_ack());
+            assert!(
+                confirmation.take_message().is_none(),
+                "raw publish returned"
+            );
+        });
+    }
+
+    /// Consumes `count` messages from `queue` (acknowledging them), waiting for them with the
+    /// liveness bound only.
+    pub fn drain(&self, queue: &str, count: usize) -> Vec<Delivery> {
+        self.runtime.block_on(async {
+            let mut consumer = self
+                .channel
+                .basic_consume(
+                    queue.into(),
+                    ShortString::default(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("basic.consume");
+            let mut got = Vec::new();
+            while got.len() < count {
+                let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("only {} of {count} messages in {queue}", got.len()))
+                    .expect("consumer open")
+                    .expect("delivery");
+                self.channel
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                    .await
+                    .expect("ack");
+                got.push(delivery);
+            }
+            self.channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+                .expect("basic.cancel");
+            got
+        })
+    }
+
+    /// How many messages `queue` holds, without consuming them.
+    pub fn depth(&self, queue: &str) -> u32 {
+        self.runtime.block_on(async {
+            self.channel
+                .queue_declare(
+                    queue.into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("passive declare")
+                .message_count()
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.runtime.block_on(async {
+            for queue in &self.queues {
+                let _ = self
+                    .channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for exchange in &self.exchanges {
+                let _ = self
+                    .channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            let _ = self.connection.close(200, "OK".into()).await;
+        });
+    }
+}
+
+/// A stored outbox message as the relay would hand it over.
+pub fn stored(seq: i64, topic: &str, key: &str, payload: &str) -> OutboxMessage {
+    let mut message = OutboxMessage::new(seq, MessageId::new(), Status::Pending);
+    message.topic = topic.into();
+    message.partition_key = key.into();
+    message.message_type = "Step".into();
+    message.content_type = "application/json".into();
+    message.payload = payload.as_bytes().to_vec();
+    message
+        .headers
+        .insert("correlation-id".into(), format!("corr-{seq}"));
+    message.created_at = chrono::Utc::now();
+    message
+}
+
+/// A header of a raw message as text.
+pub fn header(message: &Delivery, name: &str) -> Option<String> {
+    let value = message
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)?
+        .clone();
+    match value {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}

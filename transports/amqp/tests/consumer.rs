@@ -1,0 +1,310 @@
+//! The consumer loop against a real RabbitMQ: bounded redeliveries, dead letters with a
+//! reason, malformed deliveries that do not stop the loop, and `run` with a stop flag.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use waybill_amqp::{
+    AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig,
+    DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
+};
+use waybill_inbox_core::{wire, DeliveryHandler, Disposition, IncomingMessage};
+use waybill_outbox_core::{MessageId, Publisher};
+
+use common::{header, stored, unique, PATIENCE};
+
+/// Runs the consumer until `done` says the summed report is complete.
+fn consume_until(
+    consumer: &mut AmqpConsumer,
+    handler: &mut impl DeliveryHandler,
+    done: impl Fn(&ConsumeReport) -> bool,
+) -> ConsumeReport {
+    let deadline = Instant::now() + PATIENCE;
+    let mut total = ConsumeReport::default();
+    while !done(&total) {
+        assert!(Instant::now() < deadline, "gave up waiting: {total:?}");
+        let report = consumer
+            .run_once(handler, 50, Duration::from_secs(5))
+            .expect("consume");
+        total.delivered += report.delivered;
+        total.acked += report.acked;
+        total.retried += report.retried;
+        total.dead_lettered += report.dead_lettered;
+        total.malformed += report.malformed;
+    }
+    total
+}
+
+#[test]
+fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let mut consumer = AmqpConsumer::connect(
+        &broker.addr,
+        ConsumerConfig::new(&queue)
+            .bind(&topic, "#")
+            .max_redeliveries(3),
+    )
+    .expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch: Vec<_> = (0..10)
+        .map(|i| stored(i, &topic, &format!("k{}", i % 3), "{}"))
+        .collect();
+    let poison = batch[4].id;
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let mut seen: HashMap<MessageId, usize> = HashMap::new();
+    let mut handler = |message: &IncomingMessage| {
+        *seen.entry(message.id).or_default() += 1;
+        if message.id == poison {
+            Disposition::Retry("the ledger is locked".into())
+        } else {
+            Disposition::Ack
+        }
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| {
+        r.acked == 9 && r.dead_lettered == 1
+    });
+    assert_eq!(report.retried, 3);
+    assert_eq!(report.delivered, 13);
+    assert_eq!(report.malformed, 0);
+    assert_eq!(seen[&poison], 4, "first delivery + 3 redeliveries");
+    assert!(
+        seen.iter().all(|(id, n)| *id == poison || *n == 1),
+        "{seen:?}"
+    );
+
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(poison.to_string()));
+    let reason = header(&dead[0], DEAD_LETTER_REASON_HEADER).expect("reason header");
+    assert!(reason.contains("failed after 3 redeliveries"), "{reason}");
+    assert!(reason.contains("the ledger is locked"), "{reason}");
+    assert_eq!(header(&dead[0], REDELIVERIES_HEADER), Some("3".into()));
+    assert_eq!(header(&dead[0], ORIGINAL_QUEUE_HEADER), Some(queue.clone()));
+    assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let queue = unique("q");
+    broker.cleanup_queue(&queue);
+    let mut consumer =
+        AmqpConsumer::connect(&broker.addr, ConsumerConfig::new(&queue)).expect("consumer");
+
+    let raw = |headers: Vec<(&str, &str)>, content_type: &str, body: &[u8]| {
+        let mut table = FieldTable::default();
+        for (name, value) in headers {
+            table.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+        broker.publish_raw(
+            &queue,
+            BasicProperties::default()
+                .with_content_type(content_type.into())
+                .with_headers(table),
+            body,
+        );
+    };
+    let good = |seq: i64| {
+        let (headers, body) = wire::encode(&stored(seq, "orders", "k", "{}"));
+        (headers, body)
+    };
+    let send_good = |seq: i64| {
+        let (headers, body) = good(seq);
+        let pairs: Vec<_> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        raw(pairs, "application/json", &body);
+    };
+    let (template, _) = good(0);
+    let without_id: Vec<_> = template
+        .iter()
+        .filter(|(k, _)| k.as_str() != wire::MESSAGE_ID)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let bad_id: Vec<_> = template
+        .iter()
+        .map(|(k, v)| {
+            if k == wire::MESSAGE_ID {
+                (k.as_str(), "not-a-uuid")
+            } else {
+                (k.as_str(), v.as_str())
+            }
+        })
+        .collect();
+    let fresh_id = MessageId::new().to_string();
+    let bad_json: Vec<_> = template
+        .iter()
+        .map(|(k, v)| {
+            if k == wire::MESSAGE_ID {
+                (k.as_str(), fresh_id.as_str())
+            } else {
+                (k.as_str(), v.as_str())
+            }
+        })
+        .collect();
+
+    send_good(1);
+    raw(without_id, "application/json", b"{}");
+    send_good(2);
+    raw(bad_id, "application/json", b"{}");
+    raw(bad_json, "application/json", b"{\"unterminated\":");
+    send_good(3);
+
+    let mut handled = Vec::new();
+    let mut handler = |message: &IncomingMessage| {
+        handled.push(message.headers["correlation-id"].clone());
+        Disposition::Ack
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| r.delivered == 6);
+    assert_eq!(report.acked, 3);
+    assert_eq!(report.malformed, 3);
+    assert_eq!(report.dead_lettered, 3);
+    assert_eq!(handled, ["corr-1", "corr-2", "corr-3"]);
+
+    let dead = broker.drain(&format!("{queue}.dead"), 3);
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|d| header(d, DEAD_LETTER_REASON_HEADER).expect("reason"))
+        .collect();
+    assert!(
+        reasons[0].contains("malformed") && reasons[0].to_lowercase().contains("id"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("not-a-uuid"), "{reasons:?}");
+    assert!(reasons[2].to_lowercase().contains("json"), "{reasons:?}");
+    assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn a_handler_dead_letter_goes_to_the_dead_letter_queue_at_once_with_its_reason() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let dead_queue = unique("dlq");
+    let dead_exchange = unique("dlx");
+    broker.cleanup_queue(&dead_queue);
+    broker.cleanup_exchange(&dead_exchange);
+    let config = ConsumerConfig::new(&queue)
+        .bind(&topic, "#")
+        .dead_letter_exchange(&dead_exchange)
+        .dead_letter_queue(&dead_queue);
+    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let message = stored(1, &topic, "k", "{}");
+    assert_eq!(
+        publisher.publish(std::slice::from_ref(&message)),
+        vec![Ok(())]
+    );
+
+    let mut handler = |_: &IncomingMessage| Disposition::DeadLetter("expired offer".into());
+    let report = consume_until(&mut consumer, &mut handler, |r| r.dead_lettered == 1);
+    assert_eq!((report.delivered, report.acked, report.retried), (1, 0, 0));
+    let dead = broker.drain(&dead_queue, 1);
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON_HEADER),
+        Some("expired offer".into())
+    );
+    // The dead letter is still a complete waybill message.
+    assert_eq!(
+        header(&dead[0], wire::MESSAGE_ID),
+        Some(message.id.to_string())
+    );
+}
+
+#[test]
+fn run_consumes_until_stopped() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let mut consumer = AmqpConsumer::connect(
+        &broker.addr,
+        ConsumerConfig::new(&queue)
+            .bind(&topic, "#")
+            .poll_timeout(Duration::from_millis(100)),
+    )
+    .expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch: Vec<_> = (0..20).map(|i| stored(i, &topic, "k", "{}")).collect();
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let stop = AtomicBool::new(false);
+    let mut count = 0;
+    let mut handler = |_: &IncomingMessage| {
+        count += 1;
+        if count == batch.len() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        Disposition::Ack
+    };
+    let report = consumer.run(&mut handler, &stop).expect("run");
+    assert_eq!(report.acked, 20);
+    assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn after_a_lost_connection_the_consumer_reconnects_and_gets_the_unacknowledged_back() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let mut consumer = AmqpConsumer::connect(
+        &broker.addr,
+        ConsumerConfig::new(&queue).bind(&topic, "#").prefetch(10),
+    )
+    .expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch: Vec<_> = (0..10).map(|i| stored(i, &topic, "k", "{}")).collect();
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let mut handled = Vec::new();
+    let mut handler = |message: &IncomingMessage| {
+        handled.push(message.headers["correlation-id"].clone());
+        Disposition::Ack
+    };
+    let mut acked = 0;
+    while acked < 3 {
+        acked += consumer
+            .run_once(&mut handler, 3 - acked, PATIENCE)
+            .expect("consume")
+            .acked;
+    }
+
+    // The broker had already sent up to the prefetch; those unacknowledged go back.
+    consumer.simulate_connection_loss();
+    assert!(!consumer.is_connected());
+    let rest = consume_until(&mut consumer, &mut handler, |r| r.acked == 7);
+    assert_eq!(rest.dead_lettered, 0);
+    assert!(consumer.is_connected());
+    let expected: Vec<_> = (0..10).map(|i| format!("corr-{i}")).collect();
+    assert_eq!(handled, expected);
+}
