@@ -1,0 +1,161 @@
+//! 10,000 messages from the outbox through RabbitMQ into the inbox, with the first consumer
+//! killed mid-stream after a commit and before its ack: every message takes effect exactly once.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel::sql_types::{BigInt, Text};
+use waybill_amqp::{AmqpConsumer, AmqpPublisher, ConsumerConfig, PublisherConfig};
+use waybill_diesel::{enqueue_all, DieselStore, Inbox, InboxHandler};
+use waybill_inbox_core::{DeliveryHandler, IncomingMessage};
+use waybill_outbox_core::{NewOutboxMessage, Relay, RelayConfig};
+
+use common::{unique, PATIENCE};
+
+const MESSAGES: usize = 10_000;
+const KILL_AFTER: usize = 3_000;
+
+type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
+
+fn record_effect(conn: &mut Conn, message: &IncomingMessage) -> Result<(), waybill_diesel::Error> {
+    diesel::sql_query("INSERT INTO effects (message_id) VALUES (?)")
+        .bind::<Text, _>(message.id.to_string())
+        .execute(conn)?;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn count(pool: &Pool<ConnectionManager<SqliteConnection>>, sql: &str) -> i64 {
+    diesel::sql_query(sql)
+        .get_result::<Count>(&mut pool.get().unwrap())
+        .unwrap()
+        .n
+}
+
+#[test]
+fn ten_thousand_messages_take_effect_once_across_a_consumer_killed_mid_stream() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("{}.db", unique("ten-thousand")));
+    let pool = Pool::builder()
+        .max_size(4)
+        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            path.to_string_lossy(),
+        ))
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    waybill_diesel::run_migrations(&mut conn).unwrap();
+    conn.batch_execute("CREATE TABLE effects (message_id TEXT NOT NULL)")
+        .unwrap();
+
+    let topic = unique("orders");
+    let queue = unique("billing");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue).bind(&topic, "#");
+    // Connecting declares and binds the queue, so nothing published is unroutable.
+    let first = AmqpConsumer::connect(&broker.addr, config.clone()).unwrap();
+
+    let messages: Vec<_> = (0..MESSAGES)
+        .map(|i| {
+            NewOutboxMessage::json(&topic, format!("order.{}", i % 100), "OrderPlaced", &i).unwrap()
+        })
+        .collect();
+    for chunk in messages.chunks(1000) {
+        conn.transaction(|conn| enqueue_all(conn, chunk)).unwrap();
+    }
+    drop(conn);
+    let publisher = AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).unwrap();
+    let mut relay = Relay::new(
+        DieselStore::new(pool.clone()),
+        publisher,
+        RelayConfig::default().batch_size(500),
+    );
+    let deadline = Instant::now() + PATIENCE * 5;
+    let mut published = 0;
+    while published < MESSAGES as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "relay published only {published}"
+        );
+        published += relay.run_once().unwrap().published;
+    }
+
+    // The first consumer dies right after committing its 3,000th message, before acking it.
+    let killed_pool = pool.clone();
+    let killed = std::thread::spawn(move || {
+        let mut consumer = first;
+        let mut inbox = InboxHandler::new(killed_pool, Inbox::new("billing"), record_effect);
+        let mut handled = 0;
+        let mut handler = |message: &IncomingMessage| {
+            let disposition = inbox.handle(message);
+            handled += 1;
+            assert!(
+                handled < KILL_AFTER,
+                "consumer killed between commit and ack"
+            );
+            disposition
+        };
+        loop {
+            consumer
+                .run_once(&mut handler, 100, Duration::from_secs(5))
+                .unwrap();
+        }
+    });
+    assert!(killed.join().is_err(), "the first consumer died");
+    assert_eq!(
+        count(&pool, "SELECT count(*) AS n FROM effects"),
+        KILL_AFTER as i64
+    );
+
+    // A restarted consumer gets the unacknowledged deliveries back; the inbox drops the duplicate.
+    let mut second = AmqpConsumer::connect(&broker.addr, config).unwrap();
+    let mut inbox = InboxHandler::new(pool.clone(), Inbox::new("billing"), record_effect);
+    let mut deliveries = 0;
+    let mut handler = |message: &IncomingMessage| {
+        deliveries += 1;
+        inbox.handle(message)
+    };
+    while count(&pool, "SELECT count(*) AS n FROM effects") < MESSAGES as i64 {
+        assert!(Instant::now() < deadline, "consumption stalled");
+        second
+            .run_once(&mut handler, 500, Duration::from_secs(5))
+            .unwrap();
+    }
+    assert!(
+        second
+            .run_once(&mut handler, 500, Duration::from_millis(200))
+            .unwrap()
+            .delivered
+            == 0
+    );
+    assert!(
+        deliveries > MESSAGES - KILL_AFTER,
+        "the committed but unacknowledged delivery came back"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) AS n FROM effects"),
+        MESSAGES as i64
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT message_id) AS n FROM effects"),
+        MESSAGES as i64
+    );
+
+    drop(pool);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
