@@ -72,7 +72,16 @@ impl Broker {
                 if let Some(namespace) = namespace {
                     config = config.routing(waybill_amqp::Routing::Exchange(exchange(namespace)));
                 }
-                relay_forever(db, waybill_amqp::AmqpPublisher::connect(url, config)?);
+                let publisher = waybill_amqp::AmqpPublisher::connect(url, config)?;
+                // A message no queue takes is parked (NO_ROUTE): declare the consumers' queues
+                // first, so a relay that starts before its consumers loses nothing.
+                for (topic, consumer) in QUEUES {
+                    drop(waybill_amqp::AmqpConsumer::connect(
+                        url,
+                        amqp_queue(namespace.as_deref(), topic, consumer),
+                    )?);
+                }
+                relay_forever(db, publisher);
             }
             Self::Nats { url, namespace } => {
                 let mut config = waybill_nats::PublisherConfig::default();
@@ -129,6 +138,31 @@ impl Broker {
             }
         }
         Ok(())
+    }
+}
+
+/// Who consumes which topic.
+const QUEUES: [(&str, &str); 2] = [
+    (
+        crate::orders::ORDERS_TOPIC,
+        crate::billing::BILLING_CONSUMER,
+    ),
+    (
+        crate::billing::PAYMENTS_TOPIC,
+        crate::orders::ORDERS_CONSUMER,
+    ),
+];
+
+/// `consumer`'s queue of `topic`, bound to where the relay publishes it.
+fn amqp_queue(
+    namespace: Option<&str>,
+    topic: &str,
+    consumer: &str,
+) -> waybill_amqp::ConsumerConfig {
+    match namespace {
+        None => waybill_amqp::ConsumerConfig::new(format!("{consumer}.{topic}")).bind(topic, "#"),
+        Some(ns) => waybill_amqp::ConsumerConfig::new(format!("{ns}.{consumer}.{topic}"))
+            .bind(exchange(ns), topic),
     }
 }
 

@@ -111,13 +111,35 @@ pub(crate) fn open<C: AppConnection>(
 ) -> Result<DbPool<C>, Error> {
     let pool = C::pool(url, size)?;
     let mut conn = pool.get()?;
-    run_migrations(&mut *conn)?;
-    match service {
-        Service::Orders => conn.create_orders_tables()?,
-        Service::Billing => conn.create_billing_tables()?,
+    // Processes starting together race to create the same tables, and diesel's migration
+    // harness is not safe against that: the losers retry and then find everything in place.
+    let mut attempt = 1;
+    loop {
+        let migrated = run_migrations(&mut *conn)
+            .map_err(Error::from)
+            .and_then(|()| {
+                match service {
+                    Service::Orders => conn.create_orders_tables()?,
+                    Service::Billing => conn.create_billing_tables()?,
+                }
+                Ok(())
+            });
+        match migrated {
+            Ok(()) => return Ok(pool.clone()),
+            Err(error) if attempt < MIGRATION_ATTEMPTS => {
+                log::info!("migrating failed (attempt {attempt}), retrying: {error}");
+                attempt += 1;
+                thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+            }
+            Err(error) => {
+                return Err(format!("migrating {service:?}'s database failed: {error}").into())
+            }
+        }
     }
-    Ok(pool)
 }
+
+/// How often [`open`] tries to bring a schema up to date.
+const MIGRATION_ATTEMPTS: u32 = 5;
 
 /// Polls both databases until every order is charged and paid (or the deadline passes),
 /// printing progress on stderr about once a second.
