@@ -77,10 +77,10 @@ pub(crate) fn run(options: &EmbeddedOptions) -> Result<bool, Error> {
 
     let outcome = wait_until_settled(&orders_db, &billing_db, options, started);
     let elapsed = started.elapsed();
-    let placed = writers
-        .join()
-        .map_err(|_| "an order writer panicked")
-        .and_then(|placed| placed.map_err(|_| "placing orders failed"));
+    let placed = match writers.join() {
+        Ok(placed) => placed,
+        Err(_) => Err("an order writer panicked".into()),
+    };
     workers.stop(&stop);
     let report = audit(&orders_db, &billing_db)?;
     print_audit(&report, &broker.stats(), elapsed);

@@ -6,9 +6,22 @@
 //! Run with: `cargo run --release -p waybill-order-service`
 //!
 //! That is the embedded mode: two SQLite files under `--data-dir`, the in-process broker
-//! repeating 20% of its deliveries, and every role on a thread of one process. The
-//! subcommands run one role per process on real servers instead; `report` prints the audit
-//! as JSON.
+//! repeating 20% of its deliveries, and every role on a thread of one process. `report`
+//! prints the audit as JSON.
+//!
+//! One process per role, on real servers (flags win over the environment):
+//!
+//! ```text
+//! export ORDERS_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orders
+//! export BILLING_DATABASE_URL=postgres://postgres@127.0.0.1:5432/billing
+//! export BROKER_URL=amqp://guest:guest@127.0.0.1:5672/%2f   # or nats://127.0.0.1:4222
+//! order-service relay --service orders &
+//! order-service relay --service billing &
+//! order-service billing &
+//! order-service serve-orders --listen 127.0.0.1:8080 &
+//! order-service place --count 1000 --concurrency 4   # or: curl -d '{"customer":"ada","amount_cents":1234}' localhost:8080/orders
+//! order-service report
+//! ```
 
 mod billing;
 mod broker;
