@@ -1,0 +1,259 @@
+//! Two services with their own databases, glued by waybill's outbox and inbox: **orders**
+//! places each order and its `OrderPlaced` event in one transaction; **billing** charges each
+//! order once, however often the broker delivers it, and answers with `PaymentCaptured`, which
+//! marks the order paid. The audit at the end proves every order was charged exactly once.
+//!
+//! Run with: `cargo run --release -p waybill-order-service`
+//!
+//! That is the embedded mode: two SQLite files under `--data-dir`, the in-process broker
+//! repeating 20% of its deliveries, and every role on a thread of one process. `report`
+//! prints the audit as JSON.
+//!
+//! One process per role, on real servers (flags win over the environment):
+//!
+//! ```text
+//! export ORDERS_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orders
+//! export BILLING_DATABASE_URL=postgres://postgres@127.0.0.1:5432/billing
+//! export BROKER_URL=amqp://guest:guest@127.0.0.1:5672/%2f   # or nats://127.0.0.1:4222
+//! order-service relay --service orders &
+//! order-service relay --service billing &
+//! order-service billing &
+//! order-service serve-orders --listen 127.0.0.1:8080 &
+//! order-service place --count 1000 --concurrency 4   # or: curl -d '{"customer":"ada","amount_cents":1234}' localhost:8080/orders
+//! order-service report
+//! ```
+
+mod billing;
+mod broker;
+mod db;
+mod embedded;
+mod http;
+mod inbox;
+mod orders;
+mod place;
+mod report;
+mod roles;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use diesel::{PgConnection, SqliteConnection};
+
+use crate::broker::Broker;
+use crate::db::{parse_url, AppConnection, Backend};
+use crate::embedded::{open, EmbeddedOptions, Service};
+
+/// The example's error type: anything, with its message, across threads.
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Parser)]
+#[command(name = "order-service", about = "waybill's order service example")]
+struct Args {
+    /// Where the embedded mode keeps its SQLite files (recreated on every run), and where the
+    /// database URLs point by default.
+    #[arg(long, global = true, default_value = "data/order-service")]
+    data_dir: PathBuf,
+    /// The orders database: `postgres://...` or a SQLite path (`sqlite://PATH` or `PATH`).
+    /// Defaults to `DATA_DIR/orders.db`.
+    #[arg(long, global = true, env = "ORDERS_DATABASE_URL")]
+    orders_db: Option<String>,
+    /// The billing database, like `--orders-db`. Defaults to `DATA_DIR/billing.db`.
+    #[arg(long, global = true, env = "BILLING_DATABASE_URL")]
+    billing_db: Option<String>,
+    /// The broker: `amqp://...`, `nats://...`, or `memory` (the embedded mode's default and
+    /// only choice).
+    #[arg(long, global = true, env = "BROKER_URL")]
+    broker: Option<String>,
+    /// A prefix for every exchange, queue, stream and subject, so several deployments (or
+    /// tests) can share one broker.
+    #[arg(long, global = true, env = "BROKER_NAMESPACE")]
+    namespace: Option<String>,
+    /// Orders to place in the embedded mode.
+    #[arg(long, default_value_t = 1000)]
+    orders: u64,
+    /// Threads placing orders in the embedded mode.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// The fraction of deliveries the in-process broker repeats (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.2)]
+    redeliver_fraction: f64,
+    /// Seconds the embedded mode waits for every order to be charged and paid.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prints the audit of both databases as one JSON object.
+    Report,
+    /// Relays one service's outbox to the broker.
+    Relay {
+        /// Whose outbox.
+        #[arg(long, value_enum)]
+        service: ServiceName,
+    },
+    /// Billing's consumer: charges each placed order once.
+    Billing,
+    /// Places orders straight through the orders database.
+    Place {
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        /// On how many threads.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// The orders service: HTTP API and the consumer that marks orders paid.
+    ServeOrders {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ServiceName {
+    Orders,
+    Billing,
+}
+
+/// Calls `$role::<C>(url, args..)` with `C` the connection type that `$url`'s scheme names.
+macro_rules! on_backend {
+    ($url:expr, $($role:ident)::+, $($arg:expr),*) => {
+        match parse_url(&$url)? {
+            (Backend::Postgres, url) => $($role)::+::<PgConnection>(&url, $($arg),*),
+            (Backend::Sqlite, url) => $($role)::+::<SqliteConnection>(&url, $($arg),*),
+        }
+    };
+}
+
+impl Args {
+    fn orders_url(&self) -> String {
+        self.orders_db
+            .clone()
+            .unwrap_or_else(|| self.data_file("orders.db"))
+    }
+
+    fn billing_url(&self) -> String {
+        self.billing_db
+            .clone()
+            .unwrap_or_else(|| self.data_file("billing.db"))
+    }
+
+    fn broker(&self) -> Result<Option<Broker>, Error> {
+        self.broker
+            .as_deref()
+            .map(|url| Broker::parse(url, self.namespace.clone()))
+            .transpose()
+    }
+
+    fn required_broker(&self) -> Result<Broker, Error> {
+        self.broker()?.ok_or_else(|| {
+            "this command needs --broker (or BROKER_URL): amqp://... or nats://...".into()
+        })
+    }
+
+    fn data_file(&self, name: &str) -> String {
+        self.data_dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("FAILED: some order was not charged exactly once or not paid");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the chosen command; `Ok(false)` means it ran but the audit failed.
+fn run(args: &Args) -> Result<bool, Error> {
+    match &args.command {
+        None => {
+            if let Some(url) = args.broker.as_deref().filter(|url| *url != "memory") {
+                return Err(format!(
+                    "the embedded mode runs on the in-process broker, not {url}: \
+                     run the subcommands (relay, billing, serve-orders) for a real broker"
+                )
+                .into());
+            }
+            embedded::run(&EmbeddedOptions {
+                data_dir: args.data_dir.clone(),
+                orders: args.orders,
+                concurrency: args.concurrency,
+                redeliver_fraction: args.redeliver_fraction,
+                timeout: Duration::from_secs(args.timeout_secs),
+            })
+        }
+        Some(Command::Relay { service }) => {
+            let broker = args.required_broker()?;
+            match service {
+                ServiceName::Orders => {
+                    on_backend!(args.orders_url(), roles::relay, Service::Orders, &broker)?;
+                }
+                ServiceName::Billing => {
+                    on_backend!(args.billing_url(), roles::relay, Service::Billing, &broker)?;
+                }
+            }
+            Ok(true)
+        }
+        Some(Command::Billing) => {
+            on_backend!(args.billing_url(), roles::billing, &args.required_broker()?)?;
+            Ok(true)
+        }
+        Some(Command::Place { count, concurrency }) => {
+            on_backend!(args.orders_url(), roles::place, *count, *concurrency)?;
+            Ok(true)
+        }
+        Some(Command::ServeOrders { listen }) => {
+            on_backend!(
+                args.orders_url(),
+                roles::serve_orders,
+                listen,
+                args.broker()?
+            )?;
+            Ok(true)
+        }
+        Some(Command::Report) => {
+            let (orders_backend, orders_url) = parse_url(&args.orders_url())?;
+            let (billing_backend, billing_url) = parse_url(&args.billing_url())?;
+            match (orders_backend, billing_backend) {
+                (Backend::Postgres, Backend::Postgres) => {
+                    print_report::<PgConnection, PgConnection>(&orders_url, &billing_url)
+                }
+                (Backend::Postgres, Backend::Sqlite) => {
+                    print_report::<PgConnection, SqliteConnection>(&orders_url, &billing_url)
+                }
+                (Backend::Sqlite, Backend::Postgres) => {
+                    print_report::<SqliteConnection, PgConnection>(&orders_url, &billing_url)
+                }
+                (Backend::Sqlite, Backend::Sqlite) => {
+                    print_report::<SqliteConnection, SqliteConnection>(&orders_url, &billing_url)
+                }
+            }
+        }
+    }
+}
+
+fn print_report<O: AppConnection, B: AppConnection>(
+    orders_url: &str,
+    billing_url: &str,
+) -> Result<bool, Error> {
+    let orders_db = open::<O>(orders_url, 1, Service::Orders)?;
+    let billing_db = open::<B>(billing_url, 1, Service::Billing)?;
+    let report = report::audit(&orders_db, &billing_db)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(true)
+}
