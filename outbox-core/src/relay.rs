@@ -492,13 +492,12 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Runs rounds until [`RelayHandle::stop`] is called, then returns the totals.
+    /// Runs rounds until [`RelayHandle::stop`] is called, then returns [`totals`](Self::totals).
     ///
     /// A full batch is followed at once by the next; an empty one by an idle wait that doubles
     /// up to the poll interval and ends early on a wake-up (`NOTIFY`, [`RelayHandle::wake`]).
     /// Database failures are logged and retried with backoff; they never end the loop.
     pub fn run(&mut self) -> RelayReport {
-        let mut totals = RelayReport::default();
         let mut idle_wait = self.config.min_poll_interval;
         let mut failures = 0;
         // Start listening before the first idle wait, so no wake-up sent after start is missed.
@@ -511,7 +510,6 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             match self.run_once() {
                 Ok(report) => {
                     failures = 0;
-                    totals.add(&report);
                     if report.claimed == 0 && !announced_idle {
                         // Ask writers for wake-ups, then look once more: a message committed
                         // before the announcement was visible must not wait for the poll.
@@ -554,8 +552,8 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             // Writers need not wake a relay that is gone.
             self.announce_idle(false);
         }
-        log::info!("relay {} stopped: {totals:?}", self.config.owner);
-        totals
+        log::info!("relay {} stopped: {:?}", self.config.owner, self.totals);
+        self.totals
     }
 
     /// A failed announcement only costs wake-up latency (the poll still finds the work).
