@@ -169,6 +169,8 @@ pub struct RelayReport {
     pub released: u64,
     /// Writes refused because another relay had taken the messages over (fencing).
     pub fenced_off: u64,
+    /// Expired leases of other relays this relay's claims took over.
+    pub lease_takeovers: u64,
 }
 
 impl RelayReport {
@@ -179,6 +181,7 @@ impl RelayReport {
         self.parked += other.parked;
         self.released += other.released;
         self.fenced_off += other.fenced_off;
+        self.lease_takeovers += other.lease_takeovers;
     }
 }
 
@@ -384,9 +387,17 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         )?;
         let mut report = RelayReport {
             claimed: claimed.messages.len() as u64,
+            lease_takeovers: claimed.lease_takeovers,
             ..RelayReport::default()
         };
+        if claimed.lease_takeovers > 0 {
+            log::warn!(
+                "took over {} expired leases of another relay (crashed, paused or too slow)",
+                claimed.lease_takeovers
+            );
+        }
         if claimed.messages.is_empty() {
+            self.totals.add(&report);
             return Ok(report);
         }
         let completions = if self.handle.is_stopped() {
@@ -551,6 +562,9 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         if announced_idle {
             // Writers need not wake a relay that is gone.
             self.announce_idle(false);
+        }
+        if let Err(error) = self.store.retire(&self.config.owner) {
+            log::warn!("telling other relays that this one stopped failed: {error}");
         }
         log::info!("relay {} stopped: {:?}", self.config.owner, self.totals);
         self.totals
