@@ -1,7 +1,6 @@
 DROP TABLE IF EXISTS outbox_relays;
 DROP TABLE IF EXISTS outbox_relay_leases;
 ALTER TABLE outbox_messages
-    DROP KEY outbox_messages_bucket_idx,
     DROP COLUMN bucket,
     ADD COLUMN lease_token BIGINT NULL
         COMMENT 'Fencing token of the claim that holds the message; older claims are refused',

@@ -4,8 +4,7 @@ ALTER TABLE outbox_messages
     ADD COLUMN bucket SMALLINT AS (CRC32(partition_key) & 63) STORED
         COMMENT 'Lease bucket of the partition key (0-63): a relay holds all of a key''s messages at once',
     DROP COLUMN lease_token,
-    DROP COLUMN lease_owner,
-    ADD KEY outbox_messages_bucket_idx (bucket, status, seq);
+    DROP COLUMN lease_owner;
 
 -- One row per bucket. A claim leases the buckets it takes messages from, under its fencing
 -- token; completing the claim releases them. An expired lease may be taken over by another

@@ -10,9 +10,6 @@ COMMENT ON COLUMN outbox_messages.bucket IS
 -- The per-message lease is gone: outbox_relay_leases holds leases per bucket.
 ALTER TABLE outbox_messages DROP COLUMN lease_token, DROP COLUMN lease_owner;
 
--- A claim picks free buckets by the position of their oldest pending message.
-CREATE INDEX outbox_messages_bucket_pending_idx ON outbox_messages (bucket, seq) WHERE status = 0;
-
 -- One row per bucket. A claim leases the buckets it takes messages from, under its fencing
 -- token; completing the claim releases them. An expired lease may be taken over by another
 -- relay, and the late relay's writes are then refused (its token no longer holds the bucket).
