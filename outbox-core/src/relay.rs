@@ -43,7 +43,7 @@ impl Default for RelayConfig {
             lease: Duration::from_secs(30),
             min_poll_interval: Duration::from_millis(10),
             poll_interval: Duration::from_secs(1),
-            wakeup_check_interval: Duration::from_millis(10),
+            wakeup_check_interval: Duration::from_millis(2),
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
             max_attempts: 10,
             retention: Retention::Delete,
@@ -91,8 +91,9 @@ impl RelayConfig {
         self
     }
 
-    /// How often an idle relay checks for a wake-up signal (no database round trip). Defaults to
-    /// 10 ms.
+    /// How often an idle relay checks for a wake-up signal (no database round trip: a read of
+    /// what the listening connection already received). It bounds the commit-to-publish latency
+    /// of a `NOTIFY` wake-up. Defaults to 2 ms, about 0.3% of a core while idle.
     #[must_use]
     pub fn wakeup_check_interval(mut self, interval: Duration) -> Self {
         self.wakeup_check_interval = interval.max(Duration::from_millis(1));
