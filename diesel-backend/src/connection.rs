@@ -125,6 +125,16 @@ pub trait OutboxConnection {
         Ok(())
     }
 
+    /// Forgets the relay named `owner`, which stopped, so the others' claims take its share of
+    /// the buckets at once; a no-op where all relays share one bucket (SQLite).
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn retire_outbox_relay(&mut self, _owner: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether a notification arrived since the last call; never blocks.
     ///
     /// # Errors
@@ -197,6 +207,9 @@ mod pooled {
         }
         fn announce_outbox_idle(&mut self, idle: bool) -> Result<()> {
             (**self).announce_outbox_idle(idle)
+        }
+        fn retire_outbox_relay(&mut self, owner: &str) -> Result<()> {
+            (**self).retire_outbox_relay(owner)
         }
     }
 }

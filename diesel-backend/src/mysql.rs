@@ -9,7 +9,7 @@ use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionMa
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Datetime, Nullable, Text};
+use diesel::sql_types::{BigInt, Datetime, Nullable, SmallInt, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use waybill_outbox_core::{
     Claimed, CompleteReport, Completion, LeaseToken, MessageId, NewOutboxMessage, OutboxMessage,
@@ -17,7 +17,8 @@ use waybill_outbox_core::{
 };
 
 use crate::common::{
-    headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Grouped, RawRow,
+    choose, headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Candidate,
+    Choice, Grouped, RawRow,
 };
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
@@ -42,13 +43,30 @@ mod schema {
             available_at -> Datetime,
             created_at -> Datetime,
             published_at -> Nullable<Datetime>,
-            lease_token -> Nullable<BigInt>,
-            lease_owner -> Nullable<Varchar>,
+            bucket -> SmallInt,
+        }
+    }
+
+    diesel::table! {
+        outbox_relay_leases (bucket) {
+            bucket -> SmallInt,
+            token -> BigInt,
+            owner -> Nullable<Varchar>,
+            expires_at -> Datetime,
+        }
+    }
+
+    diesel::table! {
+        outbox_relays (owner) {
+            owner -> Varchar,
+            seen_at -> Datetime,
         }
     }
 }
 
 use schema::outbox_messages as m;
+use schema::outbox_relay_leases as leases;
+use schema::outbox_relays as relays;
 
 #[derive(Insertable)]
 #[diesel(table_name = m)]
@@ -113,9 +131,11 @@ struct TokenNow {
 }
 
 #[derive(QueryableByName)]
-struct SeqRow {
+struct CandidateRow {
     #[diesel(sql_type = BigInt)]
     seq: i64,
+    #[diesel(sql_type = SmallInt)]
+    bucket: i16,
 }
 
 #[derive(QueryableByName)]
@@ -132,17 +152,66 @@ struct StatsRow {
     oldest_pending: Option<NaiveDateTime>,
 }
 
-/// See the PostgreSQL claim; binds: now, now, limit.
-const DUE: &str = "
-SELECT m.seq FROM outbox_messages m
+/// See the PostgreSQL claim; binds: now, now, now, limit.
+const CANDIDATES: &str = "
+SELECT m.seq, m.bucket FROM outbox_messages m
 LEFT JOIN (
     SELECT partition_key, MIN(seq) AS first_seq FROM outbox_messages
     WHERE (status = 0 AND available_at > ?) OR status = 2
     GROUP BY partition_key
 ) b ON b.partition_key = m.partition_key
 WHERE m.status = 0 AND m.available_at <= ? AND (b.first_seq IS NULL OR m.seq < b.first_seq)
+  AND m.bucket NOT IN (SELECT bucket FROM outbox_relay_leases WHERE expires_at > ?)
 ORDER BY m.seq
 LIMIT ?";
+
+/// `expires_at` of a released lease.
+fn released() -> NaiveDateTime {
+    DateTime::UNIX_EPOCH.naive_utc()
+}
+
+/// How many relays claimed within the last lease period (this one included).
+fn live_relays(
+    conn: &mut MysqlConnection,
+    owner: &str,
+    now: NaiveDateTime,
+    lease: chrono::Duration,
+) -> Result<usize> {
+    diesel::replace_into(relays::table)
+        .values((relays::owner.eq(owner), relays::seen_at.eq(now)))
+        .execute(conn)?;
+    diesel::delete(relays::table.filter(relays::seen_at.lt(now - chrono::Duration::days(1))))
+        .execute(conn)?;
+    let count: i64 = relays::table
+        .filter(relays::seen_at.gt(now - lease))
+        .count()
+        .get_result(conn)?;
+    Ok(usize::try_from(count).unwrap_or(1).max(1))
+}
+
+/// The keys among `buckets` that are blocked from a position on: by their first message that
+/// is not due yet or parked.
+fn blocked_keys(
+    conn: &mut MysqlConnection,
+    buckets: &[i16],
+    now: NaiveDateTime,
+) -> Result<std::collections::HashMap<String, i64>> {
+    let rows: Vec<(String, Option<i64>)> = m::table
+        .filter(m::bucket.eq_any(buckets))
+        .filter(
+            m::status
+                .eq(Status::Pending.code())
+                .and(m::available_at.gt(now))
+                .or(m::status.eq(Status::Parked.code())),
+        )
+        .group_by(m::partition_key)
+        .select((m::partition_key, diesel::dsl::min(m::seq)))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(key, first)| first.map(|first| (key, first)))
+        .collect())
+}
 
 fn db_now() -> diesel::expression::SqlLiteral<Datetime> {
     sql::<Datetime>("UTC_TIMESTAMP(6)")
@@ -204,6 +273,7 @@ impl OutboxConnection for MysqlConnection {
         // lock row, not a snapshot from before the wait.
         self.batch_execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
         self.transaction(|conn| {
+            // The claim row serializes claims and hands out the fencing token.
             diesel::sql_query(
                 "UPDATE outbox_relay_locks SET token = token + 1, holder = ?, updated_at = UTC_TIMESTAMP(6) \
                  WHERE name = 'claim'",
@@ -214,31 +284,58 @@ impl OutboxConnection for MysqlConnection {
                 "SELECT token, UTC_TIMESTAMP(6) AS now FROM outbox_relay_locks WHERE name = 'claim'",
             )
             .get_result(conn)?;
-            let seqs: Vec<i64> = diesel::sql_query(DUE)
+            let lease = chrono::Duration::microseconds(micros(lease));
+            let relay_count = live_relays(conn, owner, now, lease)?;
+            let candidates: Vec<Candidate> = diesel::sql_query(CANDIDATES)
                 .bind::<Datetime, _>(now)
                 .bind::<Datetime, _>(now)
-                .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-                .load::<SeqRow>(conn)?
+                .bind::<Datetime, _>(now)
+                .bind::<BigInt, _>(
+                    i64::try_from(limit.saturating_mul(relay_count)).unwrap_or(i64::MAX),
+                )
+                .load::<CandidateRow>(conn)?
                 .into_iter()
-                .map(|row| row.seq)
+                .map(|c| Candidate {
+                    seq: c.seq,
+                    bucket: c.bucket,
+                })
                 .collect();
+            let Choice { seqs, buckets } = choose(&candidates, relay_count, limit);
             if seqs.is_empty() {
                 return Ok(Claimed::new(token, Vec::new()));
             }
-            let lease_end = now + chrono::Duration::microseconds(micros(lease));
-            diesel::update(m::table.filter(m::seq.eq_any(&seqs)))
-                .set((m::available_at.eq(lease_end), m::lease_token.eq(token), m::lease_owner.eq(owner)))
+            let previous: Vec<NaiveDateTime> = leases::table
+                .filter(leases::bucket.eq_any(&buckets))
+                .select(leases::expires_at)
+                .for_update()
+                .load(conn)?;
+            let takeovers = previous.iter().filter(|&&at| at != released()).count();
+            diesel::update(leases::table.filter(leases::bucket.eq_any(&buckets)))
+                .set((
+                    leases::token.eq(token),
+                    leases::owner.eq(owner),
+                    leases::expires_at.eq(now + lease),
+                ))
                 .execute(conn)?;
+            // Read again now that the buckets are leased (see the PostgreSQL claim).
+            let blocked = blocked_keys(conn, &buckets, now)?;
             let rows: Vec<Row> = m::table
                 .filter(m::seq.eq_any(&seqs))
+                .filter(m::status.eq(Status::Pending.code()))
+                .filter(m::available_at.le(now))
                 .order(m::seq)
                 .select(Row::as_select())
                 .load(conn)?;
-            let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
+            let rows = rows
+                .into_iter()
+                .filter(|row| blocked.get(&row.partition_key).is_none_or(|&first| row.seq < first))
+                .map(RawRow::from)
+                .collect();
+            let (messages, malformed) = into_messages(rows);
             for (seq, reason) in &malformed {
-                park(conn, token, *seq, reason)?;
+                park(conn, &buckets, *seq, reason)?;
             }
-            Ok(Claimed::new(token, messages))
+            Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers as u64))
         })
     }
 
@@ -250,59 +347,62 @@ impl OutboxConnection for MysqlConnection {
     ) -> Result<CompleteReport> {
         let grouped = Grouped::new(completions);
         let applied = self.transaction::<_, Error, _>(|conn| {
-            // Shared with other completions, exclusive against claims (see the PostgreSQL side).
-            diesel::sql_query(
-                "SELECT token FROM outbox_relay_locks WHERE name = 'claim' LOCK IN SHARE MODE",
-            )
-            .execute(conn)?;
+            // The buckets this claim still holds, locked until the writes below commit (see
+            // the PostgreSQL side).
+            let held: Vec<i16> = leases::table
+                .filter(leases::token.eq(token))
+                .select(leases::bucket)
+                .for_update()
+                .load(conn)?;
+            if held.is_empty() {
+                return Ok(0);
+            }
             let mut applied = 0;
-            let owned = m::lease_token.eq(token);
-            let unlease = || {
-                (
-                    m::lease_token.eq(None::<i64>),
-                    m::lease_owner.eq(None::<String>),
-                )
+            let mine = || {
+                m::table
+                    .filter(m::bucket.eq_any(held.clone()))
+                    .filter(m::status.eq(Status::Pending.code()))
             };
             if !grouped.published.is_empty() {
-                let target = m::table
-                    .filter(m::seq.eq_any(&grouped.published))
-                    .filter(owned);
+                let target = mine().filter(m::seq.eq_any(&grouped.published));
                 applied += match retention {
                     Retention::Delete => diesel::delete(target).execute(conn)?,
                     Retention::Keep(_) => diesel::update(target)
                         .set((
                             m::status.eq(Status::Published.code()),
                             m::published_at.eq(sql::<Nullable<Datetime>>("UTC_TIMESTAMP(6)")),
-                            unlease(),
                         ))
                         .execute(conn)?,
                 };
             }
             if !grouped.released.is_empty() {
-                applied += diesel::update(
-                    m::table
-                        .filter(m::seq.eq_any(&grouped.released))
-                        .filter(owned),
-                )
-                .set((m::available_at.eq(db_now()), unlease()))
-                .execute(conn)?;
+                // Nothing to write: releasing the bucket hands them back.
+                let still_mine: i64 = mine()
+                    .filter(m::seq.eq_any(&grouped.released))
+                    .count()
+                    .get_result(conn)?;
+                applied += usize::try_from(still_mine).unwrap_or(0);
             }
             for (seq, delay, error) in &grouped.retried {
-                applied += diesel::sql_query(
-                    "UPDATE outbox_messages SET attempts = attempts + 1, last_error = ?, \
-                       available_at = TIMESTAMPADD(MICROSECOND, ?, UTC_TIMESTAMP(6)), \
-                       lease_token = NULL, lease_owner = NULL \
-                     WHERE seq = ? AND lease_token = ?",
-                )
-                .bind::<Text, _>(truncate_error(error))
-                .bind::<BigInt, _>(micros(*delay))
-                .bind::<BigInt, _>(seq)
-                .bind::<BigInt, _>(token)
-                .execute(conn)?;
+                applied += diesel::update(mine().filter(m::seq.eq(seq)))
+                    .set((
+                        m::attempts.eq(m::attempts + 1),
+                        m::last_error.eq(truncate_error(error)),
+                        m::available_at.eq(sql::<Datetime>("TIMESTAMPADD(MICROSECOND, ")
+                            .bind::<BigInt, _>(micros(*delay))
+                            .sql(", UTC_TIMESTAMP(6))")),
+                    ))
+                    .execute(conn)?;
             }
             for (seq, reason) in &grouped.parked {
-                applied += park(conn, token, *seq, reason)?;
+                applied += park(conn, &held, *seq, reason)?;
             }
+            diesel::update(leases::table.filter(leases::token.eq(token)))
+                .set((
+                    leases::owner.eq(None::<String>),
+                    leases::expires_at.eq(released()),
+                ))
+                .execute(conn)?;
             Ok(applied)
         })?;
         let applied = applied as u64;
@@ -366,6 +466,11 @@ impl OutboxConnection for MysqlConnection {
         row.map(|row| RawRow::from(row).into_message()).transpose()
     }
 
+    fn retire_outbox_relay(&mut self, owner: &str) -> Result<()> {
+        diesel::delete(relays::table.filter(relays::owner.eq(owner))).execute(self)?;
+        Ok(())
+    }
+
     fn outbox_topic_stats(&mut self) -> Result<Vec<TopicStats>> {
         let rows: Vec<StatsRow> = diesel::sql_query(
             "SELECT topic, \
@@ -385,18 +490,18 @@ impl OutboxConnection for MysqlConnection {
     }
 }
 
-fn park(conn: &mut MysqlConnection, token: LeaseToken, seq: i64, reason: &str) -> Result<usize> {
+/// Parks one message in a bucket the caller holds.
+fn park(conn: &mut MysqlConnection, held: &[i16], seq: i64, reason: &str) -> Result<usize> {
     Ok(diesel::update(
         m::table
             .filter(m::seq.eq(seq))
-            .filter(m::lease_token.eq(token)),
+            .filter(m::bucket.eq_any(held))
+            .filter(m::status.eq(Status::Pending.code())),
     )
     .set((
         m::status.eq(Status::Parked.code()),
         m::attempts.eq(m::attempts + 1),
         m::last_error.eq(truncate_error(reason)),
-        m::lease_token.eq(None::<i64>),
-        m::lease_owner.eq(None::<String>),
     ))
     .execute(conn)?)
 }

@@ -8,7 +8,7 @@ use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::dsl::sql;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use uuid::Uuid;
 use waybill_outbox_core::{
@@ -16,7 +16,9 @@ use waybill_outbox_core::{
     Retention, Status,
 };
 
-use crate::common::{into_messages, micros, truncate_error, Grouped, RawRow};
+use crate::common::{
+    choose, into_messages, micros, truncate_error, Candidate, Choice, Grouped, RawRow,
+};
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
 
@@ -43,8 +45,7 @@ mod schema {
             available_at -> Timestamptz,
             created_at -> Timestamptz,
             published_at -> Nullable<Timestamptz>,
-            lease_token -> Nullable<Int8>,
-            lease_owner -> Nullable<Text>,
+            bucket -> Int2,
         }
     }
 }
@@ -126,29 +127,99 @@ struct StatsRow {
     oldest_pending: Option<DateTime<Utc>>,
 }
 
-/// Claims the due head of every unblocked key, in outbox order. A key is blocked from its first
-/// message that is not due yet (delayed, backing off, leased by another relay) or parked.
-/// Runs after taking the `claim` lock row, so claims never interleave.
-const CLAIM: &str = "
+#[derive(QueryableByName)]
+struct CandidateRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = SmallInt)]
+    bucket: i16,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    count: i64,
+}
+
+#[derive(QueryableByName)]
+struct Lease {
+    #[diesel(sql_type = SmallInt)]
+    bucket: i16,
+}
+
+#[derive(QueryableByName)]
+struct Taken {
+    #[diesel(sql_type = Bool)]
+    taken_over: bool,
+}
+
+/// Claimable messages in outbox order: pending, due, in a bucket no live lease holds, and not
+/// behind a message of their key that is not due yet (delayed, backing off) or parked. Only
+/// `seq` and `bucket`, so looking further ahead than the batch costs little.
+const CANDIDATES: &str = "
 WITH blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
     WHERE (status = 0 AND available_at > statement_timestamp()) OR status = 2
     GROUP BY partition_key
-), due AS (
-    SELECT m.seq FROM outbox_messages m
-    LEFT JOIN blocked b ON b.partition_key = m.partition_key
-    WHERE m.status = 0 AND m.available_at <= statement_timestamp()
-      AND (b.first_seq IS NULL OR m.seq < b.first_seq)
-    ORDER BY m.seq
-    LIMIT $1
 )
-UPDATE outbox_messages m
-SET available_at = statement_timestamp() + $2 * interval '1 microsecond',
-    lease_token = $3, lease_owner = $4
-FROM due WHERE m.seq = due.seq
-RETURNING m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.payload,
-          m.headers, m.status, m.attempts, m.last_error, m.available_at, m.created_at,
-          m.published_at";
+SELECT m.seq, m.bucket FROM outbox_messages m
+LEFT JOIN blocked b ON b.partition_key = m.partition_key
+WHERE m.status = 0 AND m.available_at <= statement_timestamp()
+  AND (b.first_seq IS NULL OR m.seq < b.first_seq)
+  AND m.bucket NOT IN (
+      SELECT bucket FROM outbox_relay_leases WHERE expires_at > statement_timestamp())
+ORDER BY m.seq
+LIMIT $1";
+
+/// Leases the chosen buckets under the claim's token; reports which ones had been left
+/// unreleased by a relay whose lease expired (a takeover).
+const LEASE: &str = "
+WITH old AS (
+    SELECT bucket, expires_at FROM outbox_relay_leases WHERE bucket = ANY($1) FOR UPDATE
+)
+UPDATE outbox_relay_leases l
+SET token = $2, owner = $3,
+    expires_at = statement_timestamp() + $4 * interval '1 microsecond'
+FROM old WHERE l.bucket = old.bucket
+RETURNING old.expires_at > '-infinity' AS taken_over";
+
+/// The chosen messages, read again now that their buckets are leased: a late write by the
+/// relay whose lease was taken over may have published, parked or delayed some of them since
+/// the candidates were read, so the blocking rules are checked again on the fresh state.
+const LOAD: &str = "
+WITH blocked AS (
+    SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
+    WHERE ((status = 0 AND available_at > statement_timestamp()) OR status = 2)
+      AND bucket = ANY($1)
+    GROUP BY partition_key
+)
+SELECT m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.payload,
+       m.headers, m.status, m.attempts, m.last_error, m.available_at, m.created_at,
+       m.published_at
+FROM outbox_messages m
+LEFT JOIN blocked b ON b.partition_key = m.partition_key
+WHERE m.seq = ANY($2) AND m.status = 0 AND m.available_at <= statement_timestamp()
+  AND (b.first_seq IS NULL OR m.seq < b.first_seq)
+ORDER BY m.seq";
+
+/// How many relays claimed within the last lease period (this one included).
+fn live_relays(conn: &mut PgConnection, owner: &str, lease: Duration) -> Result<usize> {
+    diesel::sql_query(
+        "INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp()) \
+         ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at",
+    )
+    .bind::<Text, _>(owner)
+    .execute(conn)?;
+    let Count { count } = diesel::sql_query(
+        "WITH gone AS (DELETE FROM outbox_relays \
+           WHERE seen_at < statement_timestamp() - interval '1 day') \
+         SELECT count(*) AS count FROM outbox_relays \
+         WHERE seen_at > statement_timestamp() - $1 * interval '1 microsecond'",
+    )
+    .bind::<BigInt, _>(micros(lease))
+    .get_result(conn)?;
+    Ok(usize::try_from(count).unwrap_or(1).max(1))
+}
 
 fn headers_json(msg: &NewOutboxMessage) -> serde_json::Value {
     serde_json::Value::Object(
@@ -208,23 +279,45 @@ impl OutboxConnection for PgConnection {
         owner: &str,
     ) -> Result<Claimed> {
         self.transaction(|conn| {
+            // The claim row serializes claims and hands out the fencing token.
             let Token { token } = diesel::sql_query(
                 "UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now() \
                  WHERE name = 'claim' RETURNING token",
             )
             .bind::<Text, _>(owner)
             .get_result(conn)?;
-            let rows: Vec<Row> = diesel::sql_query(CLAIM)
-                .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-                .bind::<BigInt, _>(micros(lease))
+            let relays = live_relays(conn, owner, lease)?;
+            let candidates: Vec<Candidate> = diesel::sql_query(CANDIDATES)
+                .bind::<BigInt, _>(i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX))
+                .load::<CandidateRow>(conn)?
+                .into_iter()
+                .map(|c| Candidate {
+                    seq: c.seq,
+                    bucket: c.bucket,
+                })
+                .collect();
+            let Choice { seqs, buckets } = choose(&candidates, relays, limit);
+            if seqs.is_empty() {
+                return Ok(Claimed::new(token, Vec::new()));
+            }
+            let takeovers = diesel::sql_query(LEASE)
+                .bind::<Array<SmallInt>, _>(&buckets)
                 .bind::<BigInt, _>(token)
                 .bind::<Text, _>(owner)
+                .bind::<BigInt, _>(micros(lease))
+                .load::<Taken>(conn)?
+                .into_iter()
+                .filter(|t| t.taken_over)
+                .count();
+            let rows: Vec<Row> = diesel::sql_query(LOAD)
+                .bind::<Array<SmallInt>, _>(&buckets)
+                .bind::<Array<BigInt>, _>(&seqs)
                 .load(conn)?;
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
-                park(conn, token, *seq, reason)?;
+                park(conn, &buckets, *seq, reason)?;
             }
-            Ok(Claimed::new(token, messages))
+            Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers as u64))
         })
     }
 
@@ -236,24 +329,27 @@ impl OutboxConnection for PgConnection {
     ) -> Result<CompleteReport> {
         let grouped = Grouped::new(completions);
         let applied = self.transaction::<_, Error, _>(|conn| {
-            // Shared with other completions, exclusive against claims: a claim never reads
-            // the blocked keys while a completion is changing them.
-            diesel::sql_query(
-                "SELECT token FROM outbox_relay_locks WHERE name = 'claim' FOR SHARE",
+            // The buckets this claim still holds, locked until the writes below commit: a claim
+            // taking one over waits for them, and a taken-over bucket's writes are refused.
+            let held: Vec<i16> = diesel::sql_query(
+                "SELECT bucket FROM outbox_relay_leases WHERE token = $1 FOR UPDATE",
             )
-            .execute(conn)?;
+            .bind::<BigInt, _>(token)
+            .load::<Lease>(conn)?
+            .into_iter()
+            .map(|l| l.bucket)
+            .collect();
+            if held.is_empty() {
+                return Ok(0);
+            }
             let mut applied = 0;
-            let owned = m::lease_token.eq(token);
-            let unlease = || {
-                (
-                    m::lease_token.eq(None::<i64>),
-                    m::lease_owner.eq(None::<String>),
-                )
+            let mine = || {
+                m::table
+                    .filter(m::bucket.eq_any(held.clone()))
+                    .filter(m::status.eq(Status::Pending.code()))
             };
             if !grouped.published.is_empty() {
-                let target = m::table
-                    .filter(m::seq.eq_any(&grouped.published))
-                    .filter(owned);
+                let target = mine().filter(m::seq.eq_any(&grouped.published));
                 applied += match retention {
                     Retention::Delete => diesel::delete(target).execute(conn)?,
                     Retention::Keep(_) => diesel::update(target)
@@ -261,39 +357,39 @@ impl OutboxConnection for PgConnection {
                             m::status.eq(Status::Published.code()),
                             m::published_at
                                 .eq(sql::<Nullable<Timestamptz>>("statement_timestamp()")),
-                            unlease(),
                         ))
                         .execute(conn)?,
                 };
             }
             if !grouped.released.is_empty() {
-                applied += diesel::update(
-                    m::table
-                        .filter(m::seq.eq_any(&grouped.released))
-                        .filter(owned),
-                )
-                .set((
-                    m::available_at.eq(sql::<Timestamptz>("statement_timestamp()")),
-                    unlease(),
-                ))
-                .execute(conn)?;
+                // Nothing to write: releasing the bucket hands them back.
+                let still_mine: i64 = mine()
+                    .filter(m::seq.eq_any(&grouped.released))
+                    .count()
+                    .get_result(conn)?;
+                applied += usize::try_from(still_mine).unwrap_or(0);
             }
             for (seq, delay, error) in &grouped.retried {
                 applied += diesel::sql_query(
                     "UPDATE outbox_messages SET attempts = attempts + 1, last_error = $1, \
-                       available_at = statement_timestamp() + $2 * interval '1 microsecond', \
-                       lease_token = NULL, lease_owner = NULL \
-                     WHERE seq = $3 AND lease_token = $4",
+                       available_at = statement_timestamp() + $2 * interval '1 microsecond' \
+                     WHERE seq = $3 AND status = 0 AND bucket = ANY($4)",
                 )
                 .bind::<Text, _>(truncate_error(error))
                 .bind::<BigInt, _>(micros(*delay))
                 .bind::<BigInt, _>(seq)
-                .bind::<BigInt, _>(token)
+                .bind::<Array<SmallInt>, _>(&held)
                 .execute(conn)?;
             }
             for (seq, reason) in &grouped.parked {
-                applied += park(conn, token, *seq, reason)?;
+                applied += park(conn, &held, *seq, reason)?;
             }
+            diesel::sql_query(
+                "UPDATE outbox_relay_leases SET owner = NULL, expires_at = '-infinity' \
+                 WHERE token = $1",
+            )
+            .bind::<BigInt, _>(token)
+            .execute(conn)?;
             Ok(applied)
         })?;
         let applied = applied as u64;
@@ -388,6 +484,13 @@ impl OutboxConnection for PgConnection {
         Ok(())
     }
 
+    fn retire_outbox_relay(&mut self, owner: &str) -> Result<()> {
+        diesel::sql_query("DELETE FROM outbox_relays WHERE owner = $1")
+            .bind::<Text, _>(owner)
+            .execute(self)?;
+        Ok(())
+    }
+
     fn outbox_notified(&mut self) -> Result<bool> {
         let mut notified = false;
         for notification in self.notifications_iter() {
@@ -398,18 +501,18 @@ impl OutboxConnection for PgConnection {
     }
 }
 
-fn park(conn: &mut PgConnection, token: LeaseToken, seq: i64, reason: &str) -> Result<usize> {
+/// Parks one message in a bucket the caller holds.
+fn park(conn: &mut PgConnection, held: &[i16], seq: i64, reason: &str) -> Result<usize> {
     Ok(diesel::update(
         m::table
             .filter(m::seq.eq(seq))
-            .filter(m::lease_token.eq(token)),
+            .filter(m::bucket.eq_any(held))
+            .filter(m::status.eq(Status::Pending.code())),
     )
     .set((
         m::status.eq(Status::Parked.code()),
         m::attempts.eq(m::attempts + 1),
         m::last_error.eq(truncate_error(reason)),
-        m::lease_token.eq(None::<i64>),
-        m::lease_owner.eq(None::<String>),
     ))
     .execute(conn)?)
 }

@@ -41,8 +41,6 @@ mod schema {
             available_at -> BigInt,
             created_at -> BigInt,
             published_at -> Nullable<BigInt>,
-            lease_token -> Nullable<BigInt>,
-            lease_owner -> Nullable<Text>,
         }
     }
 }
@@ -194,22 +192,36 @@ struct StatsRow {
     oldest_pending: Option<i64>,
 }
 
-/// See the PostgreSQL claim; binds: lease end, token, owner, now, now, limit.
+#[derive(QueryableByName)]
+struct LeaseRow {
+    #[diesel(sql_type = BigInt)]
+    token: i64,
+    #[diesel(sql_type = BigInt)]
+    expires_at: i64,
+}
+
+/// See the PostgreSQL claim. SQLite has one writer, so the whole outbox is one bucket: a claim
+/// takes the lease on it, and relays take turns. Binds: now, now, limit.
 const CLAIM: &str = "
-UPDATE outbox_messages SET available_at = ?, lease_token = ?, lease_owner = ?
-WHERE seq IN (
-    SELECT m.seq FROM outbox_messages m
-    LEFT JOIN (
-        SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
-        WHERE (status = 0 AND available_at > ?) OR status = 2
-        GROUP BY partition_key
-    ) b ON b.partition_key = m.partition_key
-    WHERE m.status = 0 AND m.available_at <= ? AND (b.first_seq IS NULL OR m.seq < b.first_seq)
-    ORDER BY m.seq
-    LIMIT ?
-)
-RETURNING seq, id, topic, partition_key, message_type, content_type, payload, headers, status,
-          attempts, last_error, available_at, created_at, published_at";
+SELECT m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.payload,
+       m.headers, m.status, m.attempts, m.last_error, m.available_at, m.created_at,
+       m.published_at
+FROM outbox_messages m
+LEFT JOIN (
+    SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
+    WHERE (status = 0 AND available_at > ?) OR status = 2
+    GROUP BY partition_key
+) b ON b.partition_key = m.partition_key
+WHERE m.status = 0 AND m.available_at <= ? AND (b.first_seq IS NULL OR m.seq < b.first_seq)
+ORDER BY m.seq
+LIMIT ?";
+
+fn current_lease(conn: &mut SqliteConnection) -> Result<LeaseRow> {
+    Ok(
+        diesel::sql_query("SELECT token, expires_at FROM outbox_relay_leases WHERE bucket = 0")
+            .get_result(conn)?,
+    )
+}
 
 impl OutboxConnection for SqliteConnection {
     fn in_transaction(&mut self) -> Result<bool> {
@@ -276,19 +288,32 @@ impl OutboxConnection for SqliteConnection {
             .bind::<Text, _>(owner)
             .bind::<BigInt, _>(now)
             .get_result(conn)?;
+            let previous = current_lease(conn)?;
+            if previous.expires_at > now {
+                return Ok(Claimed::new(token, Vec::new()));
+            }
             let rows: Vec<Row> = diesel::sql_query(CLAIM)
-                .bind::<BigInt, _>(now.saturating_add(micros(lease)))
-                .bind::<BigInt, _>(token)
-                .bind::<Text, _>(owner)
                 .bind::<BigInt, _>(now)
                 .bind::<BigInt, _>(now)
                 .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
                 .load(conn)?;
+            if rows.is_empty() {
+                return Ok(Claimed::new(token, Vec::new()));
+            }
+            diesel::sql_query(
+                "UPDATE outbox_relay_leases SET token = ?, owner = ?, expires_at = ? WHERE bucket = 0",
+            )
+            .bind::<BigInt, _>(token)
+            .bind::<Text, _>(owner)
+            .bind::<BigInt, _>(now.saturating_add(micros(lease)))
+            .execute(conn)?;
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
-                park(conn, token, *seq, reason)?;
+                park(conn, *seq, reason)?;
             }
-            Ok(Claimed::new(token, messages))
+            // A lease that ended without being released belonged to a relay that stopped short.
+            let takeovers = u64::from(previous.expires_at != RELEASED);
+            Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers))
         })
     }
 
@@ -300,52 +325,49 @@ impl OutboxConnection for SqliteConnection {
     ) -> Result<CompleteReport> {
         let grouped = Grouped::new(completions);
         let applied = self.immediate_transaction::<_, Error, _>(|conn| {
+            if current_lease(conn)?.token != token {
+                return Ok(0); // taken over: every write is refused
+            }
             let now = now();
             let mut applied = 0;
-            let owned = m::lease_token.eq(token);
-            let unlease = || {
-                (
-                    m::lease_token.eq(None::<i64>),
-                    m::lease_owner.eq(None::<String>),
-                )
-            };
+            let pending = || m::table.filter(m::status.eq(Status::Pending.code()));
             if !grouped.published.is_empty() {
-                let target = m::table
-                    .filter(m::seq.eq_any(&grouped.published))
-                    .filter(owned);
+                let target = pending().filter(m::seq.eq_any(&grouped.published));
                 applied += match retention {
                     Retention::Delete => diesel::delete(target).execute(conn)?,
                     Retention::Keep(_) => diesel::update(target)
                         .set((
                             m::status.eq(Status::Published.code()),
                             m::published_at.eq(now),
-                            unlease(),
                         ))
                         .execute(conn)?,
                 };
             }
             if !grouped.released.is_empty() {
-                applied += diesel::update(
-                    m::table
-                        .filter(m::seq.eq_any(&grouped.released))
-                        .filter(owned),
-                )
-                .set((m::available_at.eq(now), unlease()))
-                .execute(conn)?;
+                // Nothing to write: releasing the lease hands them back.
+                let still_pending: i64 = pending()
+                    .filter(m::seq.eq_any(&grouped.released))
+                    .count()
+                    .get_result(conn)?;
+                applied += usize::try_from(still_pending).unwrap_or(0);
             }
             for (seq, delay, error) in &grouped.retried {
-                applied += diesel::update(m::table.filter(m::seq.eq(seq)).filter(owned))
+                applied += diesel::update(pending().filter(m::seq.eq(seq)))
                     .set((
                         m::attempts.eq(m::attempts + 1),
                         m::last_error.eq(truncate_error(error)),
                         m::available_at.eq(now.saturating_add(micros(*delay))),
-                        unlease(),
                     ))
                     .execute(conn)?;
             }
             for (seq, reason) in &grouped.parked {
-                applied += park(conn, token, *seq, reason)?;
+                applied += park(conn, *seq, reason)?;
             }
+            diesel::sql_query(
+                "UPDATE outbox_relay_leases SET owner = NULL, expires_at = ? WHERE bucket = 0",
+            )
+            .bind::<BigInt, _>(RELEASED)
+            .execute(conn)?;
             Ok(applied)
         })?;
         let applied = applied as u64;
@@ -426,18 +448,20 @@ impl OutboxConnection for SqliteConnection {
     }
 }
 
-fn park(conn: &mut SqliteConnection, token: LeaseToken, seq: i64, reason: &str) -> Result<usize> {
+/// `expires_at` of a released lease.
+const RELEASED: i64 = 0;
+
+/// Parks one pending message; the caller holds the lease.
+fn park(conn: &mut SqliteConnection, seq: i64, reason: &str) -> Result<usize> {
     Ok(diesel::update(
         m::table
             .filter(m::seq.eq(seq))
-            .filter(m::lease_token.eq(token)),
+            .filter(m::status.eq(Status::Pending.code())),
     )
     .set((
         m::status.eq(Status::Parked.code()),
         m::attempts.eq(m::attempts + 1),
         m::last_error.eq(truncate_error(reason)),
-        m::lease_token.eq(None::<i64>),
-        m::lease_owner.eq(None::<String>),
     ))
     .execute(conn)?)
 }

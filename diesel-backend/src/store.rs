@@ -100,6 +100,10 @@ impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore
         self.conn()?.announce_outbox_idle(idle)
     }
 
+    fn retire(&self, owner: &str) -> Result<()> {
+        self.conn()?.retire_outbox_relay(owner)
+    }
+
     fn poll_wakeup(&self) -> Result<bool> {
         if self.cannot_listen.load(Ordering::Relaxed) {
             return Ok(false);

@@ -14,8 +14,8 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use waybill_diesel::{enqueue, enqueue_all, find_message, requeue, topic_stats, DieselStore};
 use waybill_outbox_core::{
-    Backoff, InMemoryPublisher, NewOutboxMessage, OutboxMessage, OutboxStore, PublishError,
-    Publisher, Relay, RelayConfig, RelayHooks, RelayReport, Retention, Status,
+    Backoff, Completion, InMemoryPublisher, NewOutboxMessage, OutboxMessage, OutboxStore,
+    PublishError, Publisher, Relay, RelayConfig, RelayHooks, RelayReport, Retention, Status,
 };
 
 /// Liveness bound for loops that wait on leases or backoffs to pass: a test that needs it has
@@ -239,6 +239,10 @@ fn stalled_relay_is_fenced_off_after_takeover<C: Backend>(db: TestDb<C>) {
         // The lease runs out while the first relay is stuck; another relay takes over.
         let mut rescuer = relay(&db, publisher.clone(), config().owner("rescuer"));
         drive(&mut rescuer, || pending_and_parked(&db) == (0, 0));
+        assert!(
+            rescuer.totals().lease_takeovers >= 1,
+            "the rescuer took the stalled relay's lease over"
+        );
         resume.send(()).unwrap();
         let late = worker.join().unwrap();
         assert_eq!(late.claimed, messages.len() as u64);
@@ -442,7 +446,13 @@ fn stop_finishes_the_batch_in_hand_and_holds_nothing<C: Backend>(db: TestDb<C>) 
     assert_eq!(publisher.len(), 50);
 
     // Stopped between claim and publish: the claim is handed back unsent.
-    let mut stopped = relay(&db, publisher.clone(), config().batch_size(50));
+    // One name for both relays: a relay that never ran `run` has not said it is gone, and the
+    // next claims would leave it its share of the buckets for a lease period.
+    let mut stopped = relay(
+        &db,
+        publisher.clone(),
+        config().batch_size(50).owner("stopper"),
+    );
     stopped.handle().stop();
     let report = stopped.run_once().unwrap();
     assert_eq!(
@@ -450,9 +460,89 @@ fn stop_finishes_the_batch_in_hand_and_holds_nothing<C: Backend>(db: TestDb<C>) 
         (50, 50, 0)
     );
     // Nothing is left leased: a fresh relay claims everything at once.
-    let mut next = relay(&db, publisher.clone(), config().batch_size(1000));
+    let mut next = relay(
+        &db,
+        publisher.clone(),
+        config().batch_size(1000).owner("stopper"),
+    );
     assert_eq!(next.run_once().unwrap().published, 150);
     assert_key_order(&publisher.published());
+}
+
+/// Leases are per key, not per message: a relay publishes many messages of one key per batch.
+fn one_key_drains_in_one_batch_in_order<C: Backend>(db: TestDb<C>) {
+    fill(&db, 1, 300);
+    let publisher = InMemoryPublisher::new();
+    let mut relay = relay(&db, publisher.clone(), config().batch_size(1000));
+    let report = relay.run_once().unwrap();
+    assert_eq!((report.claimed, report.published), (300, 300));
+    assert_eq!(report.lease_takeovers, 0);
+    assert_key_order(&publisher.published());
+}
+
+/// With two relays at work, a claim takes only a share of the keys, so the second relay
+/// finds work while the first holds a batch. SQLite has one writer and one lease: relays there
+/// take turns instead.
+fn a_second_relay_finds_work_while_the_first_holds_a_batch<C: Backend>(db: TestDb<C>) {
+    fill(&db, 64, 5);
+    let store = DieselStore::new(db.pool.clone());
+    let lease = Duration::from_secs(600);
+    let keys = |claimed: &waybill_outbox_core::Claimed| -> HashSet<String> {
+        claimed
+            .messages
+            .iter()
+            .map(|m| m.partition_key.clone())
+            .collect()
+    };
+    let publish_all = |claimed: &waybill_outbox_core::Claimed| {
+        let done: Vec<_> = claimed
+            .messages
+            .iter()
+            .map(|m| Completion::Published { seq: m.seq })
+            .collect();
+        let report = store
+            .complete(claimed.token, &done, Retention::Delete)
+            .unwrap();
+        assert_eq!(report.applied, done.len() as u64);
+    };
+    // Alone, relay a takes everything; relay b, arriving, finds it all leased.
+    let alone = store.claim(1000, lease, "a").unwrap();
+    assert_eq!(alone.messages.len(), 320);
+    assert!(store.claim(1000, lease, "b").unwrap().messages.is_empty());
+    let release: Vec<_> = alone
+        .messages
+        .iter()
+        .map(|m| Completion::Release { seq: m.seq })
+        .collect();
+    store
+        .complete(alone.token, &release, Retention::Delete)
+        .unwrap();
+
+    // Both relays are known now: each claim leaves the other keys it can take.
+    let first = store.claim(1000, lease, "a").unwrap();
+    let second = store.claim(1000, lease, "b").unwrap();
+    if C::NAME == "sqlite" {
+        assert_eq!(first.messages.len(), 320);
+        assert!(second.messages.is_empty(), "one lease on SQLite");
+    } else {
+        assert!(!first.messages.is_empty() && first.messages.len() < 320);
+        assert!(!second.messages.is_empty(), "the second relay found work");
+        assert!(
+            keys(&first).is_disjoint(&keys(&second)),
+            "no key is held by both relays"
+        );
+    }
+    publish_all(&second);
+    publish_all(&first);
+    // A relay that stops says so, and the one left takes everything again.
+    store.retire("b").unwrap();
+    let rest = store.claim(1000, lease, "a").unwrap();
+    assert_eq!(
+        first.messages.len() + second.messages.len() + rest.messages.len(),
+        320
+    );
+    publish_all(&rest);
+    assert_eq!(pending_and_parked(&db), (0, 0));
 }
 
 fn retention_keeps_published_messages_until_purged<C: Backend>(db: TestDb<C>) {
@@ -498,6 +588,8 @@ backend_tests!(
     in_process_wake_reaches_an_idle_relay,
     stop_finishes_the_batch_in_hand_and_holds_nothing,
     retention_keeps_published_messages_until_purged,
+    one_key_drains_in_one_batch_in_order,
+    a_second_relay_finds_work_while_the_first_holds_a_batch,
 );
 
 #[cfg(feature = "postgres")]

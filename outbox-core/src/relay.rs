@@ -43,7 +43,7 @@ impl Default for RelayConfig {
             lease: Duration::from_secs(30),
             min_poll_interval: Duration::from_millis(10),
             poll_interval: Duration::from_secs(1),
-            wakeup_check_interval: Duration::from_millis(10),
+            wakeup_check_interval: Duration::from_millis(2),
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
             max_attempts: 10,
             retention: Retention::Delete,
@@ -91,8 +91,9 @@ impl RelayConfig {
         self
     }
 
-    /// How often an idle relay checks for a wake-up signal (no database round trip). Defaults to
-    /// 10 ms.
+    /// How often an idle relay checks for a wake-up signal (no database round trip: a read of
+    /// what the listening connection already received). It bounds the commit-to-publish latency
+    /// of a `NOTIFY` wake-up. Defaults to 2 ms, about 0.3% of a core while idle.
     #[must_use]
     pub fn wakeup_check_interval(mut self, interval: Duration) -> Self {
         self.wakeup_check_interval = interval.max(Duration::from_millis(1));
@@ -169,6 +170,8 @@ pub struct RelayReport {
     pub released: u64,
     /// Writes refused because another relay had taken the messages over (fencing).
     pub fenced_off: u64,
+    /// Expired leases of other relays this relay's claims took over.
+    pub lease_takeovers: u64,
 }
 
 impl RelayReport {
@@ -179,6 +182,7 @@ impl RelayReport {
         self.parked += other.parked;
         self.released += other.released;
         self.fenced_off += other.fenced_off;
+        self.lease_takeovers += other.lease_takeovers;
     }
 }
 
@@ -384,9 +388,17 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         )?;
         let mut report = RelayReport {
             claimed: claimed.messages.len() as u64,
+            lease_takeovers: claimed.lease_takeovers,
             ..RelayReport::default()
         };
+        if claimed.lease_takeovers > 0 {
+            log::warn!(
+                "took over {} expired leases of another relay (crashed, paused or too slow)",
+                claimed.lease_takeovers
+            );
+        }
         if claimed.messages.is_empty() {
+            self.totals.add(&report);
             return Ok(report);
         }
         let completions = if self.handle.is_stopped() {
@@ -551,6 +563,9 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         if announced_idle {
             // Writers need not wake a relay that is gone.
             self.announce_idle(false);
+        }
+        if let Err(error) = self.store.retire(&self.config.owner) {
+            log::warn!("telling other relays that this one stopped failed: {error}");
         }
         log::info!("relay {} stopped: {:?}", self.config.owner, self.totals);
         self.totals

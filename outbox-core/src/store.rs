@@ -16,12 +16,26 @@ pub struct Claimed {
     pub token: LeaseToken,
     /// The claimed messages, in outbox order.
     pub messages: Vec<OutboxMessage>,
+    /// Leases this claim took over from a relay that let them expire without completing
+    /// (crashed, paused or too slow): that relay's late writes will be refused.
+    pub lease_takeovers: u64,
 }
 
 impl Claimed {
     /// A claim of `messages` under `token`.
     pub fn new(token: LeaseToken, messages: Vec<OutboxMessage>) -> Self {
-        Self { token, messages }
+        Self {
+            token,
+            messages,
+            lease_takeovers: 0,
+        }
+    }
+
+    /// Records that the claim took over `count` expired leases.
+    #[must_use]
+    pub fn with_lease_takeovers(mut self, count: u64) -> Self {
+        self.lease_takeovers = count;
+        self
     }
 }
 
@@ -88,10 +102,12 @@ impl CompleteReport {
 ///
 /// Implementations must keep these promises, which the relay's guarantees rest on:
 /// - `claim` hands out only pending messages whose `available_at` has passed and that no
-///   earlier pending-but-unavailable or parked message of the same partition key precedes;
-///   it leases them until `lease` from now (by moving `available_at`) under a fresh, larger
-///   token, and claims never interleave (so two relays never hold one key at once).
-/// - `complete` writes each completion only where the message still carries `token`.
+///   earlier pending-but-unavailable or parked message of the same partition key precedes,
+///   in outbox order, possibly several of one key. It leases their keys until `lease` from now
+///   under a fresh, larger token, and claims never interleave, so two relays never hold one
+///   key at once. An expired lease may be taken over by the next claim.
+/// - `complete` writes each completion only while `token` still holds the message's key, then
+///   releases the claim's leases.
 /// - Neither holds a transaction open across calls.
 pub trait OutboxStore {
     /// The store's error.
@@ -134,6 +150,16 @@ pub trait OutboxStore {
         Ok(())
     }
 
+    /// Tells the other relays that the relay named `owner` stopped, so their claims take its share
+    /// of the outbox at once instead of after a lease period. The default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn retire(&self, _owner: &str) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Returns `true` when a writer has signalled new messages since the last call (PostgreSQL
     /// `NOTIFY`). Must not block. The default never signals, leaving the poll to find work.
     ///
@@ -167,6 +193,10 @@ impl<S: OutboxStore + ?Sized> OutboxStore for std::sync::Arc<S> {
 
     fn announce_idle(&self, idle: bool) -> Result<(), Self::Error> {
         (**self).announce_idle(idle)
+    }
+
+    fn retire(&self, owner: &str) -> Result<(), Self::Error> {
+        (**self).retire(owner)
     }
 
     fn poll_wakeup(&self) -> Result<bool, Self::Error> {
