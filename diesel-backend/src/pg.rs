@@ -129,8 +129,8 @@ struct StatsRow {
 
 #[derive(QueryableByName)]
 struct CandidateRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
+    #[diesel(embed)]
+    message: Row,
     #[diesel(sql_type = SmallInt)]
     bucket: i16,
 }
@@ -154,15 +154,17 @@ struct Taken {
 }
 
 /// Claimable messages in outbox order: pending, due, in a bucket no live lease holds, and not
-/// behind a message of their key that is not due yet (delayed, backing off) or parked. Only
-/// `seq` and `bucket`, so looking further ahead than the batch costs little.
+/// behind a message of their key that is not due yet (delayed, backing off) or parked.
 const CANDIDATES: &str = "
 WITH blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
     WHERE (status = 0 AND available_at > statement_timestamp()) OR status = 2
     GROUP BY partition_key
 )
-SELECT m.seq, m.bucket FROM outbox_messages m
+SELECT m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.payload,
+       m.headers, m.status, m.attempts, m.last_error, m.available_at, m.created_at,
+       m.published_at, m.bucket
+FROM outbox_messages m
 LEFT JOIN blocked b ON b.partition_key = m.partition_key
 WHERE m.status = 0 AND m.available_at <= statement_timestamp()
   AND (b.first_seq IS NULL OR m.seq < b.first_seq)
@@ -183,10 +185,11 @@ SET token = $2, owner = $3,
 FROM old WHERE l.bucket = old.bucket
 RETURNING old.expires_at > '-infinity' AS taken_over";
 
-/// The chosen messages, read again now that their buckets are leased: a late write by the
-/// relay whose lease was taken over may have published, parked or delayed some of them since
-/// the candidates were read, so the blocking rules are checked again on the fresh state.
-const LOAD: &str = "
+/// The chosen messages, read again after a takeover: a late write by the relay whose lease was
+/// taken over may have published, parked or delayed some of them since the candidates were
+/// read, so the blocking rules are checked again on the state after that write. (A bucket that
+/// was released cleanly has no such writer: its last holder has completed.)
+const RELOAD: &str = "
 WITH blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
     WHERE ((status = 0 AND available_at > statement_timestamp()) OR status = 2)
@@ -287,16 +290,20 @@ impl OutboxConnection for PgConnection {
             .bind::<Text, _>(owner)
             .get_result(conn)?;
             let relays = live_relays(conn, owner, lease)?;
-            let candidates: Vec<Candidate> = diesel::sql_query(CANDIDATES)
+            let mut candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
                 .bind::<BigInt, _>(i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX))
-                .load::<CandidateRow>(conn)?
-                .into_iter()
-                .map(|c| Candidate {
-                    seq: c.seq,
-                    bucket: c.bucket,
-                })
-                .collect();
-            let Choice { seqs, buckets } = choose(&candidates, relays, limit);
+                .load(conn)?;
+            let Choice { seqs, buckets } = choose(
+                &candidates
+                    .iter()
+                    .map(|c| Candidate {
+                        seq: c.message.seq,
+                        bucket: c.bucket,
+                    })
+                    .collect::<Vec<_>>(),
+                relays,
+                limit,
+            );
             if seqs.is_empty() {
                 return Ok(Claimed::new(token, Vec::new()));
             }
@@ -309,10 +316,16 @@ impl OutboxConnection for PgConnection {
                 .into_iter()
                 .filter(|t| t.taken_over)
                 .count();
-            let rows: Vec<Row> = diesel::sql_query(LOAD)
-                .bind::<Array<SmallInt>, _>(&buckets)
-                .bind::<Array<BigInt>, _>(&seqs)
-                .load(conn)?;
+            let rows: Vec<Row> = if takeovers > 0 {
+                diesel::sql_query(RELOAD)
+                    .bind::<Array<SmallInt>, _>(&buckets)
+                    .bind::<Array<BigInt>, _>(&seqs)
+                    .load(conn)?
+            } else {
+                let chosen: std::collections::HashSet<i64> = seqs.iter().copied().collect();
+                candidates.retain(|c| chosen.contains(&c.message.seq));
+                candidates.into_iter().map(|c| c.message).collect()
+            };
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
                 park(conn, &buckets, *seq, reason)?;
