@@ -252,9 +252,15 @@ impl OutboxConnection for MysqlConnection {
     }
 
     fn run_outbox_migrations(&mut self) -> Result<()> {
-        self.run_pending_migrations(MIGRATIONS)
-            .map_err(Error::Migration)?;
-        Ok(())
+        // Several processes starting at once would race on diesel's migrations table: the
+        // first runs them, the others wait (up to an hour) and find nothing left to do.
+        diesel::sql_query("SELECT GET_LOCK('waybill_migrations', 3600)").execute(self)?;
+        let migrated = self
+            .run_pending_migrations(MIGRATIONS)
+            .map(drop)
+            .map_err(Error::Migration);
+        diesel::sql_query("SELECT RELEASE_LOCK('waybill_migrations')").execute(self)?;
+        migrated
     }
 
     fn revert_outbox_migrations(&mut self) -> Result<()> {

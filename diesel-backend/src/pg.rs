@@ -25,6 +25,9 @@ use crate::{Error, OutboxConnection, Result, TopicStats};
 /// The PostgreSQL migrations, embedded.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
+/// The session advisory lock that serializes migration runs (`waybill` in ASCII).
+const MIGRATION_LOCK: i64 = 0x7761_7962_696c_6c;
+
 /// The channel the insert trigger notifies.
 const CHANNEL: &str = "waybill_outbox";
 
@@ -264,9 +267,19 @@ impl OutboxConnection for PgConnection {
     }
 
     fn run_outbox_migrations(&mut self) -> Result<()> {
-        self.run_pending_migrations(MIGRATIONS)
-            .map_err(Error::Migration)?;
-        Ok(())
+        // Several processes starting at once would race on diesel's migrations table: the
+        // first runs them, the others wait and find nothing left to do.
+        diesel::sql_query("SELECT pg_advisory_lock($1)")
+            .bind::<BigInt, _>(MIGRATION_LOCK)
+            .execute(self)?;
+        let migrated = self
+            .run_pending_migrations(MIGRATIONS)
+            .map(drop)
+            .map_err(Error::Migration);
+        diesel::sql_query("SELECT pg_advisory_unlock($1)")
+            .bind::<BigInt, _>(MIGRATION_LOCK)
+            .execute(self)?;
+        migrated
     }
 
     fn revert_outbox_migrations(&mut self) -> Result<()> {

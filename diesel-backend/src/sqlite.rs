@@ -262,9 +262,13 @@ impl OutboxConnection for SqliteConnection {
     }
 
     fn run_outbox_migrations(&mut self) -> Result<()> {
-        self.run_pending_migrations(MIGRATIONS)
-            .map_err(Error::Migration)?;
-        Ok(())
+        // One immediate transaction: a second process starting at once waits for the first
+        // (busy timeout) instead of racing it on diesel's migrations table.
+        self.immediate_transaction(|conn| {
+            conn.run_pending_migrations(MIGRATIONS)
+                .map(drop)
+                .map_err(Error::Migration)
+        })
     }
 
     fn revert_outbox_migrations(&mut self) -> Result<()> {

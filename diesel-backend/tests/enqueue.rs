@@ -236,6 +236,27 @@ fn migrations_run_twice_and_revert_cleanly<C: Backend>(db: TestDb<C>) {
     assert_eq!(pending(&db), 0);
 }
 
+/// Processes that start together (several relays, service instances) migrate one at a time.
+fn concurrent_migration_runs_all_succeed<C: Backend>(db: TestDb<C>) {
+    waybill_diesel::revert_migrations(&mut db.conn()).expect("start from nothing");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let mut conn = db.conn();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                waybill_diesel::run_migrations(&mut conn)
+            })
+        })
+        .collect();
+    for run in runs {
+        run.join().unwrap().expect("every concurrent run succeeds");
+    }
+    enqueue(&mut db.conn(), &message("order:1")).expect("the schema is complete");
+    assert_eq!(pending(&db), 1);
+}
+
 fn arbitrary_messages_round_trip<C: Backend>(db: TestDb<C>) {
     let name = "[\\PC&&[^\\x00]]{1,40}";
     let strategy = (
@@ -277,5 +298,6 @@ backend_tests!(
     invalid_messages_are_refused_before_the_database,
     duplicate_message_id_is_a_typed_error,
     migrations_run_twice_and_revert_cleanly,
+    concurrent_migration_runs_all_succeed,
     arbitrary_messages_round_trip,
 );
