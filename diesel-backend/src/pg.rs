@@ -26,7 +26,7 @@ use crate::{Error, OutboxConnection, Result, TopicStats};
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
 /// The session advisory lock that serializes migration runs (`waybill` in ASCII).
-const MIGRATION_LOCK: i64 = 0x7761_7962_696c_6c;
+const MIGRATION_LOCK: i64 = 0x0077_6179_6269_6c6c;
 
 /// The channel the insert trigger notifies.
 const CHANNEL: &str = "waybill_outbox";
