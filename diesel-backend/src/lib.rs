@@ -82,6 +82,7 @@ mod error;
 pub mod inbox;
 #[cfg(feature = "mysql")]
 pub mod mysql;
+pub mod ops;
 #[cfg(feature = "postgres")]
 pub mod pg;
 #[cfg(feature = "sqlite")]
@@ -101,6 +102,10 @@ pub use error::{Error, Result};
 pub use inbox::{
     purge_processed_before, DedupKey, Inbox, InboxConnection, InboxHandler, IncomingMessage,
     Processed,
+};
+pub use ops::{
+    inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases, requeue_all_parked,
+    skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
 };
 pub use store::DieselStore;
 

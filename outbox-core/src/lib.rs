@@ -24,6 +24,7 @@ mod backoff;
 mod error;
 mod id;
 mod message;
+pub mod metrics;
 mod publisher;
 mod relay;
 mod store;
