@@ -1,5 +1,6 @@
 //! `waybill relay`: relays on threads over one pool, Prometheus metrics, graceful shutdown.
 
+use std::collections::HashSet;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -151,9 +152,11 @@ fn run_relays<C: Backend, P: Publisher + Send + 'static>(
 
 /// Sets the per-topic outbox gauges every `interval` until `stop` disconnects.
 fn sample_gauges<C: Backend>(pool: &DbPool<C>, interval: Duration, stop: &mpsc::Receiver<()>) {
+    let mut topics = HashSet::new();
     loop {
-        if let Err(error) = sample_once(pool) {
-            log::warn!("sampling the outbox gauges failed: {error}");
+        match sample_once(pool, &topics) {
+            Ok(seen) => topics = seen,
+            Err(error) => log::warn!("sampling the outbox gauges failed: {error}"),
         }
         if !matches!(
             stop.recv_timeout(interval),
@@ -164,19 +167,31 @@ fn sample_gauges<C: Backend>(pool: &DbPool<C>, interval: Duration, stop: &mpsc::
     }
 }
 
-fn sample_once<C: Backend>(pool: &DbPool<C>) -> Result<(), CliError> {
+/// Sets the gauges of every topic in the outbox, and zeroes those of `before` that left it
+/// (all their messages were published and deleted). Returns the topics seen.
+fn sample_once<C: Backend>(
+    pool: &DbPool<C>,
+    before: &HashSet<String>,
+) -> Result<HashSet<String>, CliError> {
     let mut conn = pool.get()?;
     let now = waybill_diesel::outbox_clock(&mut *conn)?;
-    for stats in waybill_diesel::topic_stats(&mut *conn)? {
-        let topic = stats.topic;
-        metrics::gauge!(OUTBOX_PENDING, TOPIC_LABEL => topic.clone()).set(stats.pending as f64);
-        metrics::gauge!(OUTBOX_PARKED, TOPIC_LABEL => topic.clone()).set(stats.parked as f64);
-        let age = stats.oldest_pending.map_or(0.0, |at| {
+    let stats = waybill_diesel::topic_stats(&mut *conn)?;
+    let seen: HashSet<String> = stats.iter().map(|s| s.topic.clone()).collect();
+    let gone = before
+        .difference(&seen)
+        .map(|topic| (topic.clone(), 0, 0, 0.0));
+    let current = stats.into_iter().map(|s| {
+        let age = s.oldest_pending.map_or(0.0, |at| {
             (now - at).num_milliseconds().max(0) as f64 / 1000.0
         });
+        (s.topic, s.pending, s.parked, age)
+    });
+    for (topic, pending, parked, age) in current.chain(gone.collect::<Vec<_>>()) {
+        metrics::gauge!(OUTBOX_PENDING, TOPIC_LABEL => topic.clone()).set(pending as f64);
+        metrics::gauge!(OUTBOX_PARKED, TOPIC_LABEL => topic.clone()).set(parked as f64);
         metrics::gauge!(OUTBOX_OLDEST_PENDING_AGE, TOPIC_LABEL => topic).set(age);
     }
-    Ok(())
+    Ok(seen)
 }
 
 fn default_owner() -> String {
