@@ -1,7 +1,5 @@
 //! Errors of the binary.
 
-use std::error::Error as _;
-
 /// Everything a command can fail with.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CliError {
@@ -63,7 +61,7 @@ pub(crate) enum CliError {
 }
 
 /// `error: cause: cause`, the whole source chain on one line.
-pub(crate) fn chain(error: &CliError) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

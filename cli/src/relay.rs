@@ -16,7 +16,7 @@ use waybill_outbox_core::{Publisher, Relay, RelayConfig};
 
 use crate::cli::RelayArgs;
 use crate::db::{Backend, Prepare};
-use crate::error::{redact, CliError};
+use crate::error::{chain, redact, CliError};
 
 type DbPool<C> = Pool<ConnectionManager<C>>;
 
@@ -81,16 +81,9 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
 
 #[allow(dead_code)] // unused when no transport is built in
 fn broker_error(url: &str, error: &dyn std::error::Error) -> CliError {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
     CliError::Broker {
         url: redact(url),
-        message,
+        message: chain(error),
     }
 }
 

@@ -1,12 +1,17 @@
-//! Every operator command of the `waybill` binary on SQLite and PostgreSQL: output, `--json`
-//! shape and values, exit codes, and confirmation refused or given on stdin.
+//! Every operator command of the `waybill` binary on SQLite and PostgreSQL (and MySQL/MariaDB
+//! with the `mysql` feature): output, `--json` shape and values, exit codes, and confirmation
+//! refused or given on stdin.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+#[path = "../../diesel-backend/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::time::Duration;
 
 use common::{Backend, TestDb};
+use diesel::r2d2::R2D2Connection;
+use support::{Ops, Run};
 use waybill_diesel::{DieselStore, Inbox, IncomingMessage, OutboxConnection};
 use waybill_outbox_core::{
     InMemoryPublisher, MessageId, NewOutboxMessage, PublishError, Relay, RelayConfig, Retention,
@@ -22,13 +27,17 @@ struct Seeded {
     behind: MessageId,
 }
 
+fn waybill<C: R2D2Connection>(db: &TestDb<C>, args: &[&str], stdin: &str) -> Run {
+    support::waybill(&db.url, args, stdin)
+}
+
 fn message(topic: &str, key: &str, message_type: &str) -> NewOutboxMessage {
     NewOutboxMessage::json(topic, key, message_type, &serde_json::json!({"key": key}))
         .expect("a JSON message")
 }
 
 /// orders: 2 published, 1 parked (`poison`), 1 pending behind it; billing: 1 published.
-fn seed<C: Backend>(db: &TestDb<C>) -> Seeded {
+fn seed<C: Backend + Ops>(db: &TestDb<C>) -> Seeded {
     let poison = message("orders", "order:2", "Poison");
     let behind = message("orders", "order:2", "OrderPaid");
     let all = [
@@ -50,7 +59,7 @@ fn seed<C: Backend>(db: &TestDb<C>) -> Seeded {
 }
 
 /// Runs a relay until nothing is due; `Poison` messages are refused for good.
-fn drain<C: Backend>(db: &TestDb<C>) -> InMemoryPublisher {
+fn drain<C: Backend + Ops>(db: &TestDb<C>) -> InMemoryPublisher {
     let publisher = InMemoryPublisher::new().with_fault(|m| {
         (m.message_type == "Poison").then(|| PublishError::Fatal("no route to queue".into()))
     });
@@ -84,7 +93,7 @@ fn row(stdout: &str, first: &str) -> Vec<String> {
         .collect()
 }
 
-fn status_counts_every_topic_in_a_table_and_as_json<C: Backend>(db: TestDb<C>) {
+fn status_counts_every_topic_in_a_table_and_as_json<C: Backend + Ops>(db: TestDb<C>) {
     seed(&db);
     // A relay that claimed a message and still holds it.
     waybill_diesel::enqueue(
@@ -98,7 +107,7 @@ fn status_counts_every_topic_in_a_table_and_as_json<C: Backend>(db: TestDb<C>) {
         .unwrap();
     assert_eq!(claimed.messages.len(), 1);
 
-    let run = db.waybill(&["status"], "");
+    let run = waybill(&db, &["status"], "");
     run.assert_code(0);
     assert_eq!(
         row(&run.stdout, "TOPIC")[..4],
@@ -109,7 +118,9 @@ fn status_counts_every_topic_in_a_table_and_as_json<C: Backend>(db: TestDb<C>) {
     assert_eq!(billing[1..4], ["1", "0", "1"]);
     assert!(run.stdout.contains("relay-test (1)"), "{}", run.stdout);
 
-    let status = db.waybill(&["status", "--json"], "").assert_code(0).json();
+    let status = waybill(&db, &["status", "--json"], "")
+        .assert_code(0)
+        .json();
     let orders = topic(&status, "orders");
     assert_eq!(
         (orders["pending"].as_i64(), orders["parked"].as_i64()),
@@ -127,26 +138,27 @@ fn status_counts_every_topic_in_a_table_and_as_json<C: Backend>(db: TestDb<C>) {
     assert_eq!(billing["relays"][0]["messages"].as_i64(), Some(1));
 }
 
-fn status_of_an_empty_outbox_has_no_topics<C: Backend>(db: TestDb<C>) {
-    let run = db.waybill(&["status"], "");
+fn status_of_an_empty_outbox_has_no_topics<C: Backend + Ops>(db: TestDb<C>) {
+    let run = waybill(&db, &["status"], "");
     run.assert_code(0);
     assert!(run.stdout.contains("the outbox is empty"), "{run:?}");
-    let status = db.waybill(&["--json", "status"], "").assert_code(0).json();
+    let status = waybill(&db, &["--json", "status"], "")
+        .assert_code(0)
+        .json();
     assert_eq!(status, serde_json::json!({"topics": []}));
 }
 
-fn parked_list_and_show_tell_what_failed<C: Backend>(db: TestDb<C>) {
+fn parked_list_and_show_tell_what_failed<C: Backend + Ops>(db: TestDb<C>) {
     let seeded = seed(&db);
     let poison = seeded.poison.to_string();
 
-    let list = db.waybill(&["parked", "list"], "");
+    let list = waybill(&db, &["parked", "list"], "");
     list.assert_code(0);
     let cells = row(&list.stdout, &poison);
     assert_eq!(cells[1..5], ["orders", "order:2", "Poison", "1"]);
     assert!(list.stdout.contains("no route to queue"), "{list:?}");
 
-    let json = db
-        .waybill(&["parked", "list", "--json"], "")
+    let json = waybill(&db, &["parked", "list", "--json"], "")
         .assert_code(0)
         .json();
     let parked = json["parked"].as_array().expect("a parked array");
@@ -158,13 +170,12 @@ fn parked_list_and_show_tell_what_failed<C: Backend>(db: TestDb<C>) {
         .unwrap()
         .contains("no route to queue"));
 
-    let show = db.waybill(&["parked", "show", &poison], "");
+    let show = waybill(&db, &["parked", "show", &poison], "");
     show.assert_code(0);
     assert!(show.stdout.contains("status:        parked"), "{show:?}");
     assert!(show.stdout.contains("attempts:      1"), "{show:?}");
     assert!(show.stdout.contains(r#"{"key":"order:2"}"#), "{show:?}");
-    let json = db
-        .waybill(&["parked", "show", &poison, "--json"], "")
+    let json = waybill(&db, &["parked", "show", &poison, "--json"], "")
         .assert_code(0)
         .json();
     assert_eq!(json["status"], "parked");
@@ -172,18 +183,17 @@ fn parked_list_and_show_tell_what_failed<C: Backend>(db: TestDb<C>) {
     assert_eq!(json["payload_bytes"].as_u64(), Some(17));
 
     let missing = MessageId::new().to_string();
-    let run = db.waybill(&["parked", "show", &missing], "");
+    let run = waybill(&db, &["parked", "show", &missing], "");
     run.assert_code(1);
     assert!(run.stderr.contains("is not in the outbox"), "{run:?}");
-    db.waybill(&["parked", "show", "not-an-id"], "")
-        .assert_code(1);
+    waybill(&db, &["parked", "show", "not-an-id"], "").assert_code(1);
 }
 
-fn requeue_asks_first_and_puts_parked_messages_back<C: Backend>(db: TestDb<C>) {
+fn requeue_asks_first_and_puts_parked_messages_back<C: Backend + Ops>(db: TestDb<C>) {
     let seeded = seed(&db);
     let poison = seeded.poison.to_string();
 
-    let refused = db.waybill(&["requeue", &poison], "n\n");
+    let refused = waybill(&db, &["requeue", &poison], "n\n");
     refused.assert_code(ABORTED);
     assert!(refused.stderr.contains("[y/N]"), "{refused:?}");
     assert_eq!(
@@ -192,43 +202,43 @@ fn requeue_asks_first_and_puts_parked_messages_back<C: Backend>(db: TestDb<C>) {
             .len(),
         1
     );
-    db.waybill(&["requeue", &poison], "").assert_code(ABORTED); // no answer at all
+    waybill(&db, &["requeue", &poison], "").assert_code(ABORTED); // no answer at all
 
-    let run = db.waybill(&["requeue", &poison], "yes\n");
+    let run = waybill(&db, &["requeue", &poison], "yes\n");
     run.assert_code(0);
     assert!(run.stdout.contains("requeued 1 messages"), "{run:?}");
     assert!(waybill_diesel::parked_messages(&mut db.conn(), 10)
         .unwrap()
         .is_empty());
     // Not parked any more.
-    let again = db.waybill(&["requeue", &poison, "--yes"], "");
+    let again = waybill(&db, &["requeue", &poison, "--yes"], "");
     again.assert_code(1);
     assert!(again.stderr.contains("is not parked"), "{again:?}");
 
     drain(&db); // parks it again
-    db.waybill(&["requeue", "--key", "order:2", "--yes"], "")
-        .assert_code(0);
+    waybill(&db, &["requeue", "--key", "order:2", "--yes"], "").assert_code(0);
     drain(&db);
-    let run = db.waybill(&["requeue", "--all-parked"], "y\n");
+    let run = waybill(&db, &["requeue", "--all-parked"], "y\n");
     run.assert_code(0);
     assert!(run.stdout.contains("requeued 1 messages"), "{run:?}");
-    db.waybill(&["requeue"], "").assert_code(2);
-    db.waybill(&["requeue", &poison, "--key", "k"], "")
-        .assert_code(2);
+    waybill(&db, &["requeue"], "").assert_code(2);
+    waybill(&db, &["requeue", &poison, "--key", "k"], "").assert_code(2);
 }
 
-fn skip_moves_a_parked_message_to_the_audit_table_and_unblocks_its_key<C: Backend>(db: TestDb<C>) {
+fn skip_moves_a_parked_message_to_the_audit_table_and_unblocks_its_key<C: Backend + Ops>(
+    db: TestDb<C>,
+) {
     let seeded = seed(&db);
     let poison = seeded.poison.to_string();
 
-    db.waybill(&["skip", &poison, "--reason", "bad data"], "no\n")
-        .assert_code(ABORTED);
+    waybill(&db, &["skip", &poison, "--reason", "bad data"], "no\n").assert_code(ABORTED);
     assert!(waybill_diesel::find_message(&mut db.conn(), seeded.poison)
         .unwrap()
         .is_some());
-    db.waybill(&["skip", &poison], "y\n").assert_code(2); // --reason is required
+    waybill(&db, &["skip", &poison], "y\n").assert_code(2); // --reason is required
 
-    let run = db.waybill(
+    let run = waybill(
+        &db,
         &[
             "skip",
             &poison,
@@ -260,12 +270,13 @@ fn skip_moves_a_parked_message_to_the_audit_table_and_unblocks_its_key<C: Backen
         [seeded.behind]
     );
 
-    let gone = db.waybill(&["skip", &poison, "--reason", "x", "--yes"], "");
+    let gone = waybill(&db, &["skip", &poison, "--reason", "x", "--yes"], "");
     gone.assert_code(1);
     assert!(gone.stderr.contains("is not in the outbox"), "{gone:?}");
     let pending = message("orders", "order:9", "OrderPlaced");
     waybill_diesel::enqueue(&mut db.conn(), &pending).unwrap();
-    let run = db.waybill(
+    let run = waybill(
+        &db,
         &["skip", &pending.id().to_string(), "--reason", "x", "--yes"],
         "",
     );
@@ -273,37 +284,42 @@ fn skip_moves_a_parked_message_to_the_audit_table_and_unblocks_its_key<C: Backen
     assert!(run.stderr.contains("not parked"), "{run:?}");
 }
 
-fn purge_deletes_old_published_and_skipped_messages_in_batches<C: Backend>(db: TestDb<C>) {
+fn purge_deletes_old_published_and_skipped_messages_in_batches<C: Backend + Ops>(db: TestDb<C>) {
     let seeded = seed(&db);
-    db.waybill(
+    waybill(
+        &db,
         &["skip", &seeded.poison.to_string(), "--reason", "x", "--yes"],
         "",
     )
     .assert_code(0);
     drain(&db); // publishes `behind`: 4 published now
 
-    db.waybill(&["purge", "--older-than", "7d"], "n\n")
-        .assert_code(ABORTED);
-    let run = db.waybill(&["purge", "--older-than", "1h", "--yes"], "");
+    waybill(&db, &["purge", "--older-than", "7d"], "n\n").assert_code(ABORTED);
+    let run = waybill(&db, &["purge", "--older-than", "1h", "--yes"], "");
     run.assert_code(0);
     assert!(
         run.stdout.contains("purged 0 published and 0 skipped"),
         "{run:?}"
     );
 
-    let run = db.waybill(&["purge", "--older-than", "0s", "--batch-size", "1"], "y\n");
+    let run = waybill(
+        &db,
+        &["purge", "--older-than", "0s", "--batch-size", "1"],
+        "y\n",
+    );
     run.assert_code(0);
     assert!(
         run.stdout.contains("purged 4 published and 1 skipped"),
         "{run:?}"
     );
-    let status = db.waybill(&["status", "--json"], "").assert_code(0).json();
+    let status = waybill(&db, &["status", "--json"], "")
+        .assert_code(0)
+        .json();
     assert_eq!(status, serde_json::json!({"topics": []}));
-    db.waybill(&["purge", "--older-than", "soon", "--yes"], "")
-        .assert_code(2);
+    waybill(&db, &["purge", "--older-than", "soon", "--yes"], "").assert_code(2);
 }
 
-fn inbox_status_counts_what_a_consumer_processed<C: Backend>(db: TestDb<C>) {
+fn inbox_status_counts_what_a_consumer_processed<C: Backend + Ops>(db: TestDb<C>) {
     let billing = Inbox::new("billing");
     for _ in 0..2 {
         let delivery = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}");
@@ -314,22 +330,28 @@ fn inbox_status_counts_what_a_consumer_processed<C: Backend>(db: TestDb<C>) {
             .unwrap();
         assert_eq!(outcome, waybill_diesel::Processed::Handled(()));
     }
-    let run = db.waybill(&["inbox", "status", "--consumer", "billing"], "");
+    let run = waybill(&db, &["inbox", "status", "--consumer", "billing"], "");
     run.assert_code(0);
     assert_eq!(row(&run.stdout, "billing")[1], "2");
-    let json = db
-        .waybill(&["inbox", "status", "--consumer", "billing", "--json"], "")
-        .assert_code(0)
-        .json();
+    let json = waybill(
+        &db,
+        &["inbox", "status", "--consumer", "billing", "--json"],
+        "",
+    )
+    .assert_code(0)
+    .json();
     assert_eq!(json["processed"].as_i64(), Some(2));
     assert!(json["oldest_processed_at"].is_string(), "{json}");
-    let other = db
-        .waybill(&["inbox", "status", "--consumer", "shipping", "--json"], "")
-        .assert_code(0)
-        .json();
+    let other = waybill(
+        &db,
+        &["inbox", "status", "--consumer", "shipping", "--json"],
+        "",
+    )
+    .assert_code(0)
+    .json();
     assert_eq!(other["processed"].as_i64(), Some(0));
     assert!(other["newest_processed_at"].is_null());
-    db.waybill(&["inbox", "status"], "").assert_code(2);
+    waybill(&db, &["inbox", "status"], "").assert_code(2);
 }
 
 backend_tests!(
@@ -340,32 +362,36 @@ backend_tests!(
     skip_moves_a_parked_message_to_the_audit_table_and_unblocks_its_key,
     purge_deletes_old_published_and_skipped_messages_in_batches,
     inbox_status_counts_what_a_consumer_processed,
+    migrate_creates_the_schema,
 );
 
 #[test]
-fn migrate_creates_the_schema_on_a_new_sqlite_file_given_as_a_plain_path() {
-    let db = common::sqlite_db(false);
-    let path = db.url.trim_start_matches("sqlite://").to_owned();
-    let run = common::waybill(&path, &["migrate"], "");
+fn migrate_creates_the_schema_on_a_new_sqlite_file_given_as_a_path_or_url() {
+    let path = std::env::temp_dir().join(format!("waybill-migrate-{}.db", uuid::Uuid::new_v4()));
+    let path = path.to_string_lossy().into_owned();
+    let run = support::waybill(&path, &["migrate"], "");
     run.assert_code(0);
     assert!(run.stdout.contains("migrations are up to date"), "{run:?}");
-    common::waybill(&path, &["status"], "").assert_code(0);
-    common::waybill(&path, &["migrate"], "").assert_code(0); // again: nothing to do
+    let url = format!("sqlite://{path}");
+    support::waybill(&url, &["status"], "").assert_code(0);
+    support::waybill(&url, &["migrate"], "").assert_code(0); // again: nothing to do
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
 }
 
-#[test]
-fn migrate_creates_the_schema_on_postgres() {
-    let Some(db) = common::postgres_db(false) else {
-        return;
-    };
-    db.waybill(&["status"], "").assert_code(1); // no tables yet
-    db.waybill(&["migrate"], "").assert_code(0);
-    db.waybill(&["status", "--json"], "").assert_code(0);
+fn migrate_creates_the_schema<C: Backend + Ops>(db: TestDb<C>) {
+    waybill_diesel::revert_migrations(&mut db.conn()).unwrap();
+    let run = waybill(&db, &["status"], "");
+    run.assert_code(1); // no tables
+    assert!(run.stderr.contains("error: "), "{run:?}");
+    waybill(&db, &["migrate"], "").assert_code(0);
+    waybill(&db, &["status", "--json"], "").assert_code(0);
 }
 
 #[test]
 fn errors_name_the_database_without_its_password() {
-    let run = common::waybill("postgres://app:s3cret@127.0.0.1:1/none", &["status"], "");
+    let run = support::waybill("postgres://app:s3cret@127.0.0.1:1/none", &["status"], "");
     run.assert_code(1);
     assert!(
         run.stderr.contains("postgres://app:***@127.0.0.1:1/none"),
@@ -377,7 +403,7 @@ fn errors_name_the_database_without_its_password() {
 #[cfg(not(feature = "mysql"))]
 #[test]
 fn a_mysql_url_without_the_mysql_feature_is_a_clear_error() {
-    let run = common::waybill("mysql://root:pw@127.0.0.1/test", &["status"], "");
+    let run = support::waybill("mysql://root:pw@127.0.0.1/test", &["status"], "");
     run.assert_code(1);
     assert!(
         run.stderr.contains("without the `mysql` feature"),

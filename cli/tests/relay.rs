@@ -5,6 +5,7 @@
 
 #[path = "../../transports/amqp/tests/common/mod.rs"]
 mod amqp_common;
+#[path = "../../diesel-backend/tests/common/mod.rs"]
 mod common;
 #[path = "../../transports/nats/tests/common/mod.rs"]
 mod nats_common;
@@ -196,7 +197,7 @@ fn relay_publishes_to_nats_exports_metrics_carries_traceparent_and_stops_on_sigt
     let Some(mut nats) = nats_common::nats() else {
         return;
     };
-    let db = common::sqlite_db(true);
+    let db = common::sqlite().unwrap();
     let topic = nats_common::unique("ops");
     // `--topics` makes the relay create this stream; the harness deletes it afterwards.
     nats.forget_later(&topic);
@@ -224,7 +225,7 @@ fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_
     let Some(mut broker) = amqp_common::broker() else {
         return;
     };
-    let db = common::sqlite_db(true);
+    let db = common::sqlite().unwrap();
     let topic = amqp_common::unique("ops");
     let queue = amqp_common::unique("ops-q");
     broker.cleanup_queue(&queue);

@@ -224,6 +224,13 @@ pub fn outbox_clock<C: OpsConnection + ?Sized>(conn: &mut C) -> Result<DateTime<
     conn.outbox_clock()
 }
 
+/// A message's `status`, read before skipping it.
+#[derive(diesel::QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = diesel::sql_types::SmallInt)]
+    status: i16,
+}
+
 /// The skip precondition, shared by the backends: the row exists and is parked.
 fn check_parked(id: MessageId, status: Option<i16>) -> Result<()> {
     match status {

@@ -5,9 +5,11 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Binary, Datetime, Integer, Nullable, SmallInt, Text};
+use diesel::sql_types::{BigInt, Binary, Datetime, Integer, Nullable, Text};
 
-use super::{check_parked, InboxStats, OpsConnection, ParkedMessage, RelayLease, SKIPPED_COLUMNS};
+use super::{
+    check_parked, InboxStats, OpsConnection, ParkedMessage, RelayLease, StatusRow, SKIPPED_COLUMNS,
+};
 use crate::common::{id_from_bytes, micros};
 use crate::{Error, Result};
 
@@ -29,12 +31,6 @@ struct ParkedRow {
     last_error: Option<String>,
     #[diesel(sql_type = Datetime)]
     created_at: NaiveDateTime,
-}
-
-#[derive(QueryableByName)]
-struct StatusRow {
-    #[diesel(sql_type = SmallInt)]
-    status: i16,
 }
 
 #[derive(QueryableByName)]

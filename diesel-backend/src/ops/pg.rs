@@ -5,9 +5,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamptz};
 
-use super::{check_parked, InboxStats, OpsConnection, ParkedMessage, RelayLease, SKIPPED_COLUMNS};
+use super::{
+    check_parked, InboxStats, OpsConnection, ParkedMessage, RelayLease, StatusRow, SKIPPED_COLUMNS,
+};
 use crate::common::micros;
 use crate::{Error, Result};
 
@@ -27,12 +29,6 @@ struct ParkedRow {
     last_error: Option<String>,
     #[diesel(sql_type = Timestamptz)]
     created_at: DateTime<Utc>,
-}
-
-#[derive(QueryableByName)]
-struct StatusRow {
-    #[diesel(sql_type = SmallInt)]
-    status: i16,
 }
 
 #[derive(QueryableByName)]

@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Binary, Integer, Nullable, SmallInt, Text};
+use diesel::sql_types::{BigInt, Binary, Integer, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
 
-use super::{check_parked, InboxStats, OpsConnection, ParkedMessage, RelayLease, SKIPPED_COLUMNS};
+use super::{
+    check_parked, InboxStats, OpsConnection, ParkedMessage, RelayLease, StatusRow, SKIPPED_COLUMNS,
+};
 use crate::common::{id_from_bytes, micros};
 use crate::{Error, Result};
 
@@ -30,12 +32,6 @@ struct ParkedRow {
     last_error: Option<String>,
     #[diesel(sql_type = BigInt)]
     created_at: i64,
-}
-
-#[derive(QueryableByName)]
-struct StatusRow {
-    #[diesel(sql_type = SmallInt)]
-    status: i16,
 }
 
 #[derive(QueryableByName)]
