@@ -59,6 +59,13 @@
 //! # Ok::<(), waybill_diesel::Error>(())
 //! ```
 //!
+//! # Operating
+//!
+//! [`topic_stats`], [`relay_leases`], [`parked_messages`], [`find_message`], [`requeue`],
+//! [`requeue_key`], [`requeue_all_parked`], [`skip`], [`purge_skipped`] and [`inbox_stats`]
+//! answer "is anything stuck?" and fix it; the `waybill` binary (package `waybill-cli`) wraps
+//! them as commands.
+//!
 //! # Features
 //!
 //! - `postgres` (default): `PgConnection`, with `LISTEN`/`NOTIFY` wake-ups for idle relays.
