@@ -1,6 +1,6 @@
 //! `waybill relay` as a process: it publishes a SQLite outbox to NATS JetStream and to RabbitMQ,
 //! serves Prometheus metrics whose counters add up to the workload, carries each message's
-//! `traceparent` to the consumer's handler, and exits 0 on SIGTERM.
+//! `traceparent` to the consumer's handler, and exits 0 on SIGTERM or SIGINT.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 #[path = "../../transports/amqp/tests/common/mod.rs"]
@@ -9,6 +9,7 @@ mod amqp_common;
 mod common;
 #[path = "../../transports/nats/tests/common/mod.rs"]
 mod nats_common;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -132,6 +133,7 @@ fn check_relay_run(
     port: u16,
     topic: &str,
     ids: &HashSet<MessageId>,
+    signal: &str,
     mut consume: impl FnMut(&mut dyn FnMut(&IncomingMessage) -> Disposition),
 ) {
     let n = MESSAGES as f64;
@@ -167,7 +169,7 @@ fn check_relay_run(
     assert_eq!(traces, HashSet::from([Some(TRACEPARENT.to_owned())]));
 
     let kill = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
+        .args([signal, &relay.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -205,7 +207,7 @@ fn relay_publishes_to_nats_exports_metrics_carries_traceparent_and_stops_on_sigt
     let port = free_port();
     let relay = start_relay(&db.url, &nats.url, &topic, port);
     let mut consumer = None;
-    check_relay_run(relay, port, &topic, &ids, |mut handler| {
+    check_relay_run(relay, port, &topic, &ids, "-TERM", |mut handler| {
         // The stream exists once the relay has started.
         let consumer = consumer.get_or_insert_with(|| {
             waybill_nats::NatsConsumer::connect(
@@ -221,7 +223,7 @@ fn relay_publishes_to_nats_exports_metrics_carries_traceparent_and_stops_on_sigt
 }
 
 #[test]
-fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_sigterm() {
+fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_sigint() {
     let Some(mut broker) = amqp_common::broker() else {
         return;
     };
@@ -239,9 +241,29 @@ fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_
     let ids = enqueue(&db, &topic);
     let port = free_port();
     let relay = start_relay(&db.url, &broker.addr, &topic, port);
-    check_relay_run(relay, port, &topic, &ids, |mut handler| {
+    check_relay_run(relay, port, &topic, &ids, "-INT", |mut handler| {
         consumer
             .run_once(&mut handler, 100, Duration::from_millis(500))
             .expect("an AMQP consume");
     });
+}
+
+#[test]
+fn relay_exits_1_on_a_broker_it_cannot_use_and_redacts_the_password() {
+    let db = common::sqlite().unwrap();
+    let unsupported = support::waybill(&db.url, &["relay", "--broker-url", "kafka://k:9092"], "");
+    unsupported.assert_code(1);
+    assert!(
+        unsupported.stderr.contains("unsupported broker URL"),
+        "{unsupported:?}"
+    );
+    let url = "amqp://guest:s3cret@127.0.0.1:1/%2f";
+    let refused = support::waybill(&db.url, &["relay", "--broker-url", url], "");
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains("guest:***@127.0.0.1:1"),
+        "{refused:?}"
+    );
+    assert!(!refused.stderr.contains("s3cret"), "{refused:?}");
+    support::waybill(&db.url, &["relay"], "").assert_code(2); // --broker-url is required
 }
