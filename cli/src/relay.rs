@@ -76,6 +76,9 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
             return run_relays(pool, publishers, &args, &mut signals);
         }
     }
+    // Without transports built in, nothing uses them.
+    #[cfg(not(all(feature = "amqp", feature = "nats")))]
+    let _ = (&pool, &mut signals);
     Err(CliError::UnsupportedBroker(redact(&broker)))
 }
 
