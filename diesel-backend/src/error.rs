@@ -1,7 +1,7 @@
 //! Errors of the diesel backend.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use waybill_outbox_core::{MessageId, Retryable, ValidationError};
+use waybill_outbox_core::{MessageId, Retryable, Status, ValidationError};
 
 /// Everything that can go wrong in `waybill-diesel`.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,17 @@ pub enum Error {
         what: &'static str,
         /// Its length in characters.
         chars: usize,
+    },
+    /// No message with this id is in the outbox.
+    #[error("message {0} is not in the outbox")]
+    MessageNotFound(MessageId),
+    /// Only parked messages can be skipped; nothing was written.
+    #[error("message {id} is {status:?}, not parked; only parked messages can be skipped")]
+    NotParked {
+        /// The message.
+        id: MessageId,
+        /// Its status.
+        status: Status,
     },
     /// The database refused or failed a statement.
     #[error("database error")]

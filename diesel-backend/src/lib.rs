@@ -59,6 +59,13 @@
 //! # Ok::<(), waybill_diesel::Error>(())
 //! ```
 //!
+//! # Operating
+//!
+//! [`topic_stats`], [`relay_leases`], [`parked_messages`], [`find_message`], [`requeue`],
+//! [`requeue_key`], [`requeue_all_parked`], [`skip`], [`purge_skipped`] and [`inbox_stats`]
+//! answer "is anything stuck?" and fix it; the `waybill` binary (package `waybill-cli`) wraps
+//! them as commands.
+//!
 //! # Features
 //!
 //! - `postgres` (default): `PgConnection`, with `LISTEN`/`NOTIFY` wake-ups for idle relays.
@@ -82,6 +89,7 @@ mod error;
 pub mod inbox;
 #[cfg(feature = "mysql")]
 pub mod mysql;
+pub mod ops;
 #[cfg(feature = "postgres")]
 pub mod pg;
 #[cfg(feature = "sqlite")]
@@ -101,6 +109,10 @@ pub use error::{Error, Result};
 pub use inbox::{
     purge_processed_before, DedupKey, Inbox, InboxConnection, InboxHandler, IncomingMessage,
     Processed,
+};
+pub use ops::{
+    inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases, requeue_all_parked,
+    skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
 };
 pub use store::DieselStore;
 

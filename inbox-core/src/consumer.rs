@@ -19,6 +19,41 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
+/// What a transport's consumer loop did in one `run_once` or `run`: the same counts for every
+/// transport (re-exported by each as its own `ConsumeReport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumeReport {
+    /// Deliveries received (redeliveries count again), malformed ones included.
+    pub delivered: u64,
+    /// Deliveries acknowledged after the handler returned [`Disposition::Ack`].
+    pub acked: u64,
+    /// Deliveries sent back for another try after [`Disposition::Retry`].
+    pub retried: u64,
+    /// Deliveries dead-lettered: the handler's [`Disposition::DeadLetter`], redeliveries
+    /// exhausted, or malformed.
+    pub dead_lettered: u64,
+    /// Deliveries that could not be decoded (see [`wire::decode`](crate::wire::decode)); they
+    /// are dead-lettered.
+    pub malformed: u64,
+}
+
+impl ConsumeReport {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Self) {
+        self.delivered += other.delivered;
+        self.acked += other.acked;
+        self.retried += other.retried;
+        self.dead_lettered += other.dead_lettered;
+        self.malformed += other.malformed;
+    }
+
+    /// Adds these counts to the consumer metrics of `consumer` (see [`crate::metrics`]).
+    pub fn record(&self, consumer: &str) {
+        crate::metrics::record_consume(consumer, self);
+    }
+}
+
 /// Handles decoded deliveries for a transport's consumer loop. Closures implement it.
 ///
 /// ```

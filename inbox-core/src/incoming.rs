@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
-use waybill_outbox_core::{Headers, MessageId, OutboxMessage};
+use waybill_outbox_core::{is_valid_traceparent, Headers, MessageId, OutboxMessage, TRACEPARENT};
 
 /// The content type of [`IncomingMessage::new`] unless set otherwise.
 pub const OCTET_STREAM: &str = "application/octet-stream";
@@ -106,6 +106,25 @@ impl IncomingMessage {
     /// When the payload is not JSON of type `T`.
     pub fn json<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
         serde_json::from_slice(&self.payload)
+    }
+
+    /// The sender's W3C `traceparent` header, when it has a well-formed one: the handler
+    /// continues that trace. A malformed value is ignored, as W3C Trace Context asks.
+    ///
+    /// ```
+    /// # use waybill_inbox_core::IncomingMessage;
+    /// # use waybill_outbox_core::MessageId;
+    /// let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    /// let msg = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}")
+    ///     .with_header("traceparent", tp);
+    /// assert_eq!(msg.traceparent(), Some(tp));
+    /// assert_eq!(msg.with_header("traceparent", "garbage").traceparent(), None);
+    /// ```
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers
+            .get(TRACEPARENT)
+            .map(String::as_str)
+            .filter(|value| is_valid_traceparent(value))
     }
 }
 

@@ -34,9 +34,10 @@ mod consumer;
 mod dedup;
 mod error;
 mod incoming;
+pub mod metrics;
 pub mod wire;
 
-pub use consumer::{DeliveryHandler, Disposition};
+pub use consumer::{ConsumeReport, DeliveryHandler, Disposition};
 pub use dedup::{DedupKey, Processed};
 pub use error::{DecodeError, Result};
 pub use incoming::{IncomingMessage, OCTET_STREAM};

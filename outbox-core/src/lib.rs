@@ -24,9 +24,11 @@ mod backoff;
 mod error;
 mod id;
 mod message;
+pub mod metrics;
 mod publisher;
 mod relay;
 mod store;
+mod trace;
 mod validate;
 
 pub use backoff::Backoff;
@@ -36,4 +38,5 @@ pub use message::{Headers, NewOutboxMessage, OutboxMessage, Status, JSON_CONTENT
 pub use publisher::{InMemoryPublisher, PublishError, Publisher};
 pub use relay::{NoHooks, Relay, RelayConfig, RelayHandle, RelayHooks, RelayReport};
 pub use store::{Claimed, CompleteReport, Completion, LeaseToken, OutboxStore, Retention};
+pub use trace::{is_valid_traceparent, TRACEPARENT};
 pub use validate::{Limits, ValidationError};

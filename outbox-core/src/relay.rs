@@ -327,6 +327,7 @@ impl<S, P> fmt::Debug for Relay<S, P> {
 impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     /// A relay that moves messages from `store` to `publisher`.
     pub fn new(store: S, publisher: P, config: RelayConfig) -> Self {
+        crate::metrics::register(&config.owner);
         Self {
             store,
             publisher,
@@ -381,6 +382,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     /// A database failure while claiming (nothing claimed) or writing back (what was published
     /// is published again after the lease expires: at-least-once, never lost).
     pub fn run_once(&mut self) -> Result<RelayReport, S::Error> {
+        let round = Instant::now();
         let claimed = self.store.claim(
             self.config.batch_size,
             self.config.lease,
@@ -442,6 +444,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             );
         }
         log::debug!("relay round: {report:?}");
+        crate::metrics::record_round(&self.config.owner, &report, round.elapsed());
         self.totals.add(&report);
         Ok(report)
     }

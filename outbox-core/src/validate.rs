@@ -180,6 +180,9 @@ pub enum ValidationError {
     /// A header value that is too long or contains a control character.
     #[error("invalid value for header {0:?}")]
     InvalidHeaderValue(String),
+    /// A `traceparent` that is not in the W3C Trace Context format.
+    #[error("malformed W3C traceparent {0:?}")]
+    InvalidTraceparent(String),
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use crate::Error;
 /// let msg = IncomingMessage::new(waybill_outbox_core::MessageId::new(), "orders", "OrderPlaced", "{}");
 /// assert_eq!(handler.handle(&msg), Disposition::Ack);
 /// assert_eq!(handler.handle(&msg), Disposition::Ack); // the duplicate is skipped
+/// assert_eq!(handler.duplicates(), 1);
 /// # Ok(())
 /// # }
 /// ```
@@ -38,6 +39,7 @@ pub struct InboxHandler<C: R2D2Connection + 'static, F> {
     pool: Pool<ConnectionManager<C>>,
     inbox: Inbox,
     handler: F,
+    duplicates: u64,
 }
 
 impl<C: R2D2Connection + 'static, F> fmt::Debug for InboxHandler<C, F> {
@@ -55,7 +57,15 @@ impl<C: R2D2Connection + 'static, F> InboxHandler<C, F> {
             pool,
             inbox,
             handler,
+            duplicates: 0,
         }
+    }
+
+    /// Deliveries skipped so far as duplicates of messages the inbox already processed (also
+    /// counted in the `waybill_consumer_duplicates_skipped_total` metric, labelled with the
+    /// inbox's consumer name).
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
     }
 }
 
@@ -75,7 +85,17 @@ where
             .inbox
             .process_once(&mut conn, message, |conn| handler(conn, message))
         {
-            Ok(Processed::Handled(()) | Processed::Duplicate) => Disposition::Ack,
+            Ok(Processed::Handled(())) => Disposition::Ack,
+            Ok(Processed::Duplicate) => {
+                self.duplicates += 1;
+                waybill_inbox_core::metrics::record_duplicate(self.inbox.consumer());
+                log::debug!(
+                    "inbox {}: skipped duplicate {}",
+                    self.inbox.consumer(),
+                    message.id
+                );
+                Disposition::Ack
+            }
             Ok(Processed::Expired) => Disposition::DeadLetter(format!(
                 "sent at {}, older than the {:?} inbox retention window",
                 message.sent_at,

@@ -24,6 +24,8 @@ pub type TestPool<C> = Pool<ConnectionManager<C>>;
 /// A migrated, isolated database that is dropped with the value.
 pub struct TestDb<C: R2D2Connection + 'static> {
     pub pool: TestPool<C>,
+    /// The database URL the pool connects to (the binary's tests hand it to `waybill`).
+    pub url: String,
     cleanup: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -81,11 +83,12 @@ pub fn sqlite() -> Option<TestDb<SqliteConnection>> {
     let pool = Pool::builder()
         .max_size(POOL_SIZE)
         .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(url))
+        .build(ConnectionManager::<SqliteConnection>::new(&url))
         .expect("a SQLite pool");
     waybill_diesel::run_migrations(&mut pool.get().expect("conn")).expect("migrations");
     Some(TestDb {
         pool,
+        url,
         cleanup: Some(Box::new(move || {
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -116,11 +119,12 @@ pub fn postgres() -> Option<TestDb<PgConnection>> {
     let schema_url = format!("{url}{separator}options=-csearch_path%3D{schema}");
     let pool = Pool::builder()
         .max_size(POOL_SIZE)
-        .build(ConnectionManager::<PgConnection>::new(schema_url))
+        .build(ConnectionManager::<PgConnection>::new(&schema_url))
         .expect("a PostgreSQL pool");
     waybill_diesel::run_migrations(&mut pool.get().expect("conn")).expect("migrations");
     Some(TestDb {
         pool,
+        url: schema_url,
         cleanup: Some(Box::new(move || {
             let _ = admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
         })),
@@ -148,15 +152,15 @@ pub fn mysql() -> Option<TestDb<MysqlConnection>> {
         .batch_execute(&format!("CREATE DATABASE {database}"))
         .expect("create database");
     let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    let database_url = format!("{base}/{database}");
     let pool = Pool::builder()
         .max_size(POOL_SIZE)
-        .build(ConnectionManager::<MysqlConnection>::new(format!(
-            "{base}/{database}"
-        )))
+        .build(ConnectionManager::<MysqlConnection>::new(&database_url))
         .expect("a MySQL pool");
     waybill_diesel::run_migrations(&mut pool.get().expect("conn")).expect("migrations");
     Some(TestDb {
         pool,
+        url: database_url,
         cleanup: Some(Box::new(move || {
             let _ = admin.batch_execute(&format!("DROP DATABASE {database}"));
         })),

@@ -1,8 +1,9 @@
 //! Wires a service's inbox to a broker consumer, counting the duplicates it skips.
 //!
-//! waybill's `InboxHandler` acknowledges duplicates silently; this one does the same and also
-//! writes a row to `inbox_duplicates` (in its own short transaction), so the audit can show
-//! how many redeliveries the inbox absorbed, across processes and restarts.
+//! waybill's `InboxHandler` counts duplicates in the process (`duplicates()` and the
+//! `waybill_consumer_duplicates_skipped_total` metric); this one writes a row to
+//! `inbox_duplicates` (in its own short transaction), so the audit can show how many
+//! redeliveries the inbox absorbed across processes and restarts.
 
 use std::fmt;
 

@@ -175,32 +175,7 @@ impl ConsumerConfig {
     }
 }
 
-/// What a consumer run did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ConsumeReport {
-    /// Deliveries received.
-    pub delivered: usize,
-    /// Deliveries acknowledged after the handler returned [`Disposition::Ack`].
-    pub acked: usize,
-    /// Deliveries re-published for another try after [`Disposition::Retry`].
-    pub retried: usize,
-    /// Deliveries moved to the dead-letter queue, malformed ones included.
-    pub dead_lettered: usize,
-    /// Deliveries that did not decode (no or invalid message id, missing headers, a payload
-    /// that does not match its JSON content type); they are dead-lettered.
-    pub malformed: usize,
-}
-
-impl ConsumeReport {
-    fn add(&mut self, other: &Self) {
-        self.delivered += other.delivered;
-        self.acked += other.acked;
-        self.retried += other.retried;
-        self.dead_lettered += other.dead_lettered;
-        self.malformed += other.malformed;
-    }
-}
+pub use waybill_inbox_core::ConsumeReport;
 
 /// Consumes a RabbitMQ queue with manual acknowledgements and hands each decoded delivery to a
 /// [`DeliveryHandler`], e.g. waybill-diesel's `InboxHandler`.
@@ -311,8 +286,9 @@ impl AmqpConsumer {
         wait: Duration,
     ) -> Result<ConsumeReport> {
         let mut report = ConsumeReport::default();
-        self.step(handler, max, wait, &mut report)?;
-        Ok(report)
+        let outcome = self.step(handler, max, wait, &mut report);
+        report.record(&self.config.queue);
+        outcome.map(|()| report)
     }
 
     /// Consumes until `stop` is set, in steps of up to `prefetch` deliveries. After a
@@ -334,6 +310,7 @@ impl AmqpConsumer {
         while !stop.load(Ordering::Relaxed) {
             let mut report = ConsumeReport::default();
             let outcome = self.step(handler, max, self.config.poll_timeout, &mut report);
+            report.record(&self.config.queue);
             total.add(&report);
             match outcome {
                 Ok(()) => {

@@ -293,10 +293,13 @@ fn after_a_lost_connection_the_consumer_reconnects_and_gets_the_unacknowledged_b
     };
     let mut acked = 0;
     while acked < 3 {
-        acked += consumer
-            .run_once(&mut handler, 3 - acked, PATIENCE)
-            .expect("consume")
-            .acked;
+        acked += usize::try_from(
+            consumer
+                .run_once(&mut handler, 3 - acked, PATIENCE)
+                .expect("consume")
+                .acked,
+        )
+        .unwrap();
     }
 
     // The broker had already sent up to the prefetch; those unacknowledged go back.

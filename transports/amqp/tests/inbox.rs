@@ -106,7 +106,7 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
         },
     );
     let mut total = ConsumeReport::default();
-    while total.acked < 2 * messages.len() {
+    while total.acked < 2 * messages.len() as u64 {
         assert!(Instant::now() < deadline, "consumed only {total:?}");
         let report = consumer
             .run_once(&mut handler, 100, Duration::from_secs(5))

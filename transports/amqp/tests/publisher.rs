@@ -31,7 +31,7 @@ fn consume_all(consumer: &mut AmqpConsumer, count: usize) -> Vec<IncomingMessage
         let report = consumer
             .run_once(&mut handler, count - acked, Duration::from_secs(5))
             .expect("consume");
-        acked += report.acked;
+        acked += usize::try_from(report.acked).unwrap();
     }
     received
 }

@@ -122,31 +122,7 @@ pub struct BrokerStats {
     pub dead_lettered: u64,
 }
 
-/// Counts of one [`MemoryConsumer::run_once`] or [`MemoryConsumer::run`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ConsumeReport {
-    /// Deliveries handed to the handler or found malformed.
-    pub delivered: u64,
-    /// Deliveries acknowledged.
-    pub acked: u64,
-    /// Deliveries sent back for redelivery.
-    pub retried: u64,
-    /// Deliveries dead-lettered (handler's choice, redeliveries exhausted, or malformed).
-    pub dead_lettered: u64,
-    /// Deliveries that could not be decoded.
-    pub malformed: u64,
-}
-
-impl ConsumeReport {
-    fn add(&mut self, other: Self) {
-        self.delivered += other.delivered;
-        self.acked += other.acked;
-        self.retried += other.retried;
-        self.dead_lettered += other.dead_lettered;
-        self.malformed += other.malformed;
-    }
-}
+pub use waybill_inbox_core::ConsumeReport;
 
 #[derive(Clone)]
 struct Envelope {
@@ -356,8 +332,9 @@ impl MemoryConsumer {
             }) else {
                 break;
             };
-            report.add(self.deliver(envelope, handler));
+            report.add(&self.deliver(envelope, handler));
         }
+        report.record(&self.topic);
         report
     }
 
@@ -365,7 +342,7 @@ impl MemoryConsumer {
     pub fn run(&mut self, handler: &mut impl DeliveryHandler, stop: &AtomicBool) -> ConsumeReport {
         let mut report = ConsumeReport::default();
         while !stop.load(Ordering::SeqCst) {
-            report.add(self.run_once(handler, 100, Duration::from_millis(50)));
+            report.add(&self.run_once(handler, 100, Duration::from_millis(50)));
         }
         report
     }
@@ -396,10 +373,8 @@ impl MemoryConsumer {
     }
 
     fn deliver(&self, envelope: Envelope, handler: &mut impl DeliveryHandler) -> ConsumeReport {
-        let mut report = ConsumeReport {
-            delivered: 1,
-            ..ConsumeReport::default()
-        };
+        let mut report = ConsumeReport::default();
+        report.delivered = 1;
         let disposition = match wire::decode(envelope.headers.clone(), envelope.payload.clone()) {
             Ok(message) => handler.handle(&message),
             Err(error) => {

@@ -170,32 +170,7 @@ impl ConsumerConfig {
     }
 }
 
-/// The counts of one [`NatsConsumer::run_once`] (or of a whole [`NatsConsumer::run`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ConsumeReport {
-    /// Deliveries received (redeliveries count again).
-    pub delivered: u64,
-    /// Deliveries acknowledged after the handler returned [`Disposition::Ack`].
-    pub acked: u64,
-    /// Deliveries negatively acknowledged for a later redelivery.
-    pub retried: u64,
-    /// Decoded messages dead-lettered: by the handler's [`Disposition::DeadLetter`], or after
-    /// their last allowed delivery.
-    pub dead_lettered: u64,
-    /// Deliveries that could not be decoded (see [`wire::decode`]) and were dead-lettered.
-    pub malformed: u64,
-}
-
-impl ConsumeReport {
-    fn add(&mut self, other: &Self) {
-        self.delivered += other.delivered;
-        self.acked += other.acked;
-        self.retried += other.retried;
-        self.dead_lettered += other.dead_lettered;
-        self.malformed += other.malformed;
-    }
-}
+pub use waybill_inbox_core::ConsumeReport;
 
 /// A durable JetStream pull consumer: pulls messages, decodes them with
 /// [`wire::decode`], hands them to a [`DeliveryHandler`] and acknowledges each only after the
@@ -438,6 +413,7 @@ impl NatsConsumer {
             }
             log::debug!("consumer {}: {report:?}", self.config.durable_name);
         }
+        report.record(&self.config.durable_name);
         Ok(report)
     }
 

@@ -1,0 +1,153 @@
+//! The command line, parsed by clap.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
+
+/// The waybill relay and operator commands.
+#[derive(Debug, Parser)]
+#[command(name = "waybill", version, about)]
+pub(crate) struct Args {
+    /// postgres://..., mysql://..., sqlite://PATH or a plain SQLite file path.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
+    /// Machine-readable JSON on stdout instead of tables (status, parked, inbox status).
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run relays that publish committed outbox messages, until SIGTERM or SIGINT.
+    Relay(RelayArgs),
+    /// The operator commands.
+    #[command(flatten)]
+    Operation(Operation),
+}
+
+/// The commands that work on the database alone.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Operation {
+    /// Per topic: pending, parked, published in the retention window, oldest pending age and
+    /// the relays holding leases.
+    Status,
+    /// Parked messages: list them or show one.
+    Parked {
+        /// What to do with parked messages.
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
+    /// Put parked messages back to pending: one, all of a key, or all.
+    Requeue(RequeueArgs),
+    /// Give up on a parked message: move it to outbox_skipped with a reason.
+    Skip {
+        /// The parked message's id.
+        id: String,
+        /// Why it is skipped (kept with it).
+        #[arg(long)]
+        reason: String,
+        /// Who skips it. Defaults to $USER.
+        #[arg(long, env = "USER", hide_env_values = true)]
+        by: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete published and skipped messages older than a duration (e.g. 7d, 12h).
+    Purge {
+        /// Age: published_at for published messages, skipped_at for skipped ones.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Rows per DELETE statement.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Inbox commands.
+    Inbox {
+        /// What to show.
+        #[command(subcommand)]
+        command: InboxCommand,
+    },
+    /// Run the embedded migrations that have not run yet.
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ParkedCommand {
+    /// Parked messages in outbox order.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One message: payload preview, last error, attempts.
+    Show {
+        /// The message id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum InboxCommand {
+    /// What a consumer's inbox keeps.
+    Status {
+        /// The consumer name.
+        #[arg(long)]
+        consumer: String,
+    },
+}
+
+#[derive(Debug, ClapArgs)]
+#[command(group(ArgGroup::new("target").required(true).args(["id", "key", "all_parked"])))]
+pub(crate) struct RequeueArgs {
+    /// The parked message's id.
+    pub(crate) id: Option<String>,
+    /// Every parked message of this partition key.
+    #[arg(long)]
+    pub(crate) key: Option<String>,
+    /// Every parked message.
+    #[arg(long)]
+    pub(crate) all_parked: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub(crate) yes: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub(crate) struct RelayArgs {
+    /// amqp://... (RabbitMQ) or nats://... (NATS JetStream).
+    #[arg(long, env = "BROKER_URL", hide_env_values = true)]
+    pub(crate) broker_url: String,
+    /// Topics to ensure on the broker at start (NATS: a stream per topic capturing `<topic>`
+    /// and `<topic>.>`; RabbitMQ: a durable topic exchange per topic). Claims are not filtered.
+    #[arg(long, env = "WAYBILL_TOPICS", value_delimiter = ',')]
+    pub(crate) topics: Vec<String>,
+    /// Messages per claim.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) batch_size: usize,
+    /// Relay threads in this process, each its own relay over one pool.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) relays: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "WAYBILL_METRICS_ADDR")]
+    pub(crate) metrics_addr: Option<SocketAddr>,
+    /// How long a claim holds its messages (e.g. 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) lease: Option<Duration>,
+    /// Longest wait between polls when idle (e.g. 1s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) poll_interval: Option<Duration>,
+    /// How often the outbox gauges (pending, parked, oldest pending age) are sampled.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub(crate) stats_interval: Duration,
+    /// Relay owner name prefix; each relay appends `-<n>`. Defaults to `<host>-<pid>`.
+    #[arg(long)]
+    pub(crate) owner: Option<String>,
+}

@@ -1,0 +1,103 @@
+//! Errors of the binary.
+
+/// Everything a command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    /// No `--database-url` / `DATABASE_URL`.
+    #[error("no database: pass --database-url or set DATABASE_URL")]
+    NoDatabase,
+    /// The URL names a backend this binary was built without.
+    #[error("{url}: this waybill was built without the `{feature}` feature")]
+    BackendNotBuilt {
+        /// The redacted URL.
+        url: String,
+        /// The cargo feature that adds it.
+        feature: &'static str,
+    },
+    /// Connecting to the database failed.
+    #[error("connecting to {url} failed")]
+    Connect {
+        /// The redacted URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: diesel::ConnectionError,
+    },
+    /// A database operation failed.
+    #[error(transparent)]
+    Database(#[from] waybill_diesel::Error),
+    /// A pool could not be built.
+    #[error("connection pool")]
+    Pool(#[from] diesel::r2d2::PoolError),
+    /// Not a message id.
+    #[error("{0:?} is not a message id (a UUID)")]
+    InvalidId(String),
+    /// `requeue <id>` of a message that is not parked.
+    #[error("message {0} is not parked; nothing was requeued")]
+    NotParked(String),
+    /// The broker URL is neither amqp:// nor nats://, or its transport was not built in.
+    #[error("{0}: unsupported broker URL (amqp://... or nats://..., with the matching feature)")]
+    UnsupportedBroker(String),
+    /// Connecting to or preparing the broker failed.
+    #[error("broker {url}: {message}")]
+    Broker {
+        /// The redacted URL.
+        url: String,
+        /// What failed, with the transport's error chain.
+        message: String,
+    },
+    /// The metrics endpoint could not be started.
+    #[error("serving metrics failed: {0}")]
+    Metrics(String),
+    /// Reading the confirmation, writing output or installing signal handlers failed.
+    #[error("i/o")]
+    Io(#[from] std::io::Error),
+    /// Writing JSON failed.
+    #[error("json")]
+    Json(#[from] serde_json::Error),
+    /// A destructive command was not confirmed.
+    #[error("aborted")]
+    Aborted,
+}
+
+/// `error: cause: cause`, the whole source chain on one line.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `url` with the password replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let (Some(scheme), Some(at)) = (url.find("://"), url.rfind('@')) else {
+        return url.to_owned();
+    };
+    let user_start = scheme + 3;
+    match url.get(user_start..at).and_then(|user| user.find(':')) {
+        Some(colon) => format!("{}***{}", &url[..=user_start + colon], &url[at..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/orders"),
+            "postgres://app:***@db:5432/orders"
+        );
+        assert_eq!(
+            redact("postgres://app@db/orders"),
+            "postgres://app@db/orders"
+        );
+        assert_eq!(redact("/var/lib/app.db"), "/var/lib/app.db");
+    }
+}

@@ -1,0 +1,154 @@
+//! The operator commands, written once for every backend.
+
+use std::io::{BufRead, Write};
+use std::str::FromStr;
+use std::time::Duration;
+
+use diesel::Connection;
+use waybill_diesel::OpsConnection;
+use waybill_outbox_core::MessageId;
+
+use crate::cli::{InboxCommand, Operation, ParkedCommand, RequeueArgs};
+use crate::error::CliError;
+use crate::output;
+
+/// Runs one operator command (everything but `relay`) on `conn`.
+pub(crate) fn operate<C: OpsConnection + Connection>(
+    conn: &mut C,
+    command: Operation,
+    json: bool,
+) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        Operation::Status => output::status(&mut out, conn, json),
+        Operation::Parked {
+            command: ParkedCommand::List { limit },
+        } => output::parked_list(
+            &mut out,
+            &waybill_diesel::parked_messages(conn, limit)?,
+            json,
+        ),
+        Operation::Parked {
+            command: ParkedCommand::Show { id },
+        } => {
+            let id = parse_id(&id)?;
+            let message = waybill_diesel::find_message(conn, id)?
+                .ok_or(waybill_diesel::Error::MessageNotFound(id))?;
+            output::parked_show(&mut out, &message, json)
+        }
+        Operation::Requeue(args) => requeue(&mut out, conn, args),
+        Operation::Skip {
+            id,
+            reason,
+            by,
+            yes,
+        } => {
+            let id = parse_id(&id)?;
+            confirm(yes, &format!("Skip parked message {id} ({reason})?"))?;
+            let by = by.unwrap_or_else(|| "waybill".to_owned());
+            waybill_diesel::skip(conn, id, &reason, &by)?;
+            writeln!(out, "skipped {id}")?;
+            Ok(())
+        }
+        Operation::Purge {
+            older_than,
+            batch_size,
+            yes,
+        } => {
+            let age = humantime::format_duration(older_than);
+            confirm(
+                yes,
+                &format!("Delete published and skipped messages older than {age}?"),
+            )?;
+            let (published, skipped) = purge(conn, older_than, batch_size.max(1))?;
+            writeln!(
+                out,
+                "purged {published} published and {skipped} skipped messages older than {age}"
+            )?;
+            Ok(())
+        }
+        Operation::Inbox {
+            command: InboxCommand::Status { consumer },
+        } => output::inbox_status(
+            &mut out,
+            &waybill_diesel::inbox_stats(conn, &consumer)?,
+            json,
+        ),
+        Operation::Migrate => {
+            waybill_diesel::run_migrations(conn)?;
+            writeln!(out, "migrations are up to date")?;
+            Ok(())
+        }
+    }
+}
+
+fn requeue<C: OpsConnection>(
+    out: &mut impl Write,
+    conn: &mut C,
+    args: RequeueArgs,
+) -> Result<(), CliError> {
+    let requeued = if let Some(id) = args.id {
+        let id = parse_id(&id)?;
+        confirm(args.yes, &format!("Requeue parked message {id}?"))?;
+        if !waybill_diesel::requeue(conn, id)? {
+            return Err(CliError::NotParked(id.to_string()));
+        }
+        1
+    } else if let Some(key) = args.key {
+        confirm(
+            args.yes,
+            &format!("Requeue every parked message of key {key:?}?"),
+        )?;
+        waybill_diesel::requeue_key(conn, &key)?
+    } else {
+        confirm(args.yes, "Requeue EVERY parked message?")?;
+        waybill_diesel::requeue_all_parked(conn)?
+    };
+    writeln!(out, "requeued {requeued} messages")?;
+    Ok(())
+}
+
+/// Deletes in bounded batches until a batch comes back short.
+fn purge<C: OpsConnection>(
+    conn: &mut C,
+    older_than: Duration,
+    batch: usize,
+) -> Result<(u64, u64), CliError> {
+    let mut published = 0;
+    loop {
+        let deleted = conn.purge_published_messages(older_than, batch)?;
+        published += deleted;
+        if deleted < batch as u64 {
+            break;
+        }
+    }
+    let mut skipped = 0;
+    loop {
+        let deleted = waybill_diesel::purge_skipped(conn, older_than, batch)?;
+        skipped += deleted;
+        if deleted < batch as u64 {
+            break;
+        }
+    }
+    Ok((published, skipped))
+}
+
+fn parse_id(text: &str) -> Result<MessageId, CliError> {
+    MessageId::from_str(text.trim()).map_err(|_| CliError::InvalidId(text.to_owned()))
+}
+
+/// Asks `question [y/N]` on stderr and reads the answer from stdin, unless `yes`.
+fn confirm(yes: bool, question: &str) -> Result<(), CliError> {
+    if yes {
+        return Ok(());
+    }
+    let mut err = std::io::stderr().lock();
+    write!(err, "{question} [y/N] ")?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(CliError::Aborted),
+    }
+}

@@ -1,0 +1,204 @@
+//! `waybill relay`: relays on threads over one pool, Prometheus metrics, graceful shutdown.
+
+use std::collections::HashSet;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use diesel::r2d2::{ConnectionManager, Pool};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use waybill_diesel::DieselStore;
+use waybill_outbox_core::metrics::{
+    OUTBOX_OLDEST_PENDING_AGE, OUTBOX_PARKED, OUTBOX_PENDING, TOPIC_LABEL,
+};
+use waybill_outbox_core::{Publisher, Relay, RelayConfig};
+
+use crate::cli::RelayArgs;
+use crate::db::{Backend, Prepare};
+use crate::error::{chain, redact, CliError};
+
+type DbPool<C> = Pool<ConnectionManager<C>>;
+
+/// Runs the relays until SIGTERM or SIGINT, then stops them and returns.
+pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError> {
+    // Registered first, so a signal during start-up still stops the relays cleanly.
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    if let Some(addr) = args.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| CliError::Metrics(e.to_string()))?;
+        log::info!("serving Prometheus metrics at http://{addr}/metrics");
+    }
+    let relays = args.relays.max(1);
+    let pool: DbPool<C> = Pool::builder()
+        .max_size(u32::try_from(relays + 2).unwrap_or(u32::MAX))
+        .connection_customizer(Box::new(Prepare))
+        .build(ConnectionManager::new(url))?;
+    let broker = args.broker_url.clone();
+    if broker.starts_with("amqp://") || broker.starts_with("amqps://") {
+        #[cfg(feature = "amqp")]
+        {
+            let publishers = (0..relays)
+                .map(|_| {
+                    waybill_amqp::AmqpPublisher::connect(&broker, Default::default())
+                        .map_err(|e| broker_error(&broker, &e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // The publisher declares each topic's exchange (durable, topic) on first use.
+            log::info!(
+                "topics {:?}: exchanges are declared on first publish",
+                args.topics
+            );
+            return run_relays(pool, publishers, &args, &mut signals);
+        }
+    }
+    if broker.starts_with("nats://") || broker.starts_with("tls://") {
+        #[cfg(feature = "nats")]
+        {
+            let publishers = (0..relays)
+                .map(|_| {
+                    waybill_nats::NatsPublisher::connect(&broker, Default::default())
+                        .map_err(|e| broker_error(&broker, &e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(first) = publishers.first() {
+                for topic in &args.topics {
+                    let stream = waybill_nats::sanitize_token(topic);
+                    let wildcard = format!("{topic}.>");
+                    first
+                        .ensure_stream(&stream, &[topic, &wildcard])
+                        .map_err(|e| broker_error(&broker, &e))?;
+                    log::info!("stream {stream} captures {topic} and {wildcard}");
+                }
+            }
+            return run_relays(pool, publishers, &args, &mut signals);
+        }
+    }
+    // Without transports built in, nothing uses them.
+    #[cfg(not(all(feature = "amqp", feature = "nats")))]
+    let _ = (&pool, &mut signals);
+    Err(CliError::UnsupportedBroker(redact(&broker)))
+}
+
+#[allow(dead_code)] // unused when no transport is built in
+fn broker_error(url: &str, error: &dyn std::error::Error) -> CliError {
+    CliError::Broker {
+        url: redact(url),
+        message: chain(error),
+    }
+}
+
+#[allow(dead_code)] // unused when no transport is built in
+fn run_relays<C: Backend, P: Publisher + Send + 'static>(
+    pool: DbPool<C>,
+    publishers: Vec<P>,
+    args: &RelayArgs,
+    signals: &mut Signals,
+) -> Result<(), CliError> {
+    let prefix = args.owner.clone().unwrap_or_else(default_owner);
+    let mut handles = Vec::new();
+    let mut threads = Vec::new();
+    for (n, publisher) in publishers.into_iter().enumerate() {
+        let mut config = RelayConfig::default()
+            .batch_size(args.batch_size.max(1))
+            .owner(format!("{prefix}-{n}"));
+        if let Some(lease) = args.lease {
+            config = config.lease(lease);
+        }
+        if let Some(interval) = args.poll_interval {
+            config = config.poll_interval(interval);
+        }
+        let mut relay = Relay::new(DieselStore::new(pool.clone()), publisher, config);
+        handles.push(relay.handle());
+        threads.push(
+            thread::Builder::new()
+                .name(format!("relay-{n}"))
+                .spawn(move || relay.run())?,
+        );
+    }
+    let (stop_sampler, stopped) = mpsc::channel::<()>();
+    let sampler = {
+        let pool = pool.clone();
+        let interval = args.stats_interval;
+        thread::Builder::new()
+            .name("outbox-gauges".into())
+            .spawn(move || sample_gauges(&pool, interval, &stopped))?
+    };
+    log::info!("{} relays running as {prefix}-*", threads.len());
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal}: stopping the relays");
+    }
+    for handle in &handles {
+        handle.stop();
+    }
+    drop(stop_sampler);
+    for thread in threads {
+        match thread.join() {
+            Ok(totals) => log::info!("relay stopped: {totals:?}"),
+            Err(_) => log::error!("a relay thread panicked"),
+        }
+    }
+    if sampler.join().is_err() {
+        log::error!("the gauge sampler panicked");
+    }
+    Ok(())
+}
+
+/// Sets the per-topic outbox gauges every `interval` until `stop` disconnects.
+fn sample_gauges<C: Backend>(pool: &DbPool<C>, interval: Duration, stop: &mpsc::Receiver<()>) {
+    let mut topics = HashSet::new();
+    loop {
+        match sample_once(pool, &topics) {
+            Ok(seen) => topics = seen,
+            Err(error) => log::warn!("sampling the outbox gauges failed: {error}"),
+        }
+        if !matches!(
+            stop.recv_timeout(interval),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        ) {
+            return;
+        }
+    }
+}
+
+/// Sets the gauges of every topic in the outbox, and zeroes those of `before` that left it
+/// (all their messages were published and deleted). Returns the topics seen.
+fn sample_once<C: Backend>(
+    pool: &DbPool<C>,
+    before: &HashSet<String>,
+) -> Result<HashSet<String>, CliError> {
+    let mut conn = pool.get()?;
+    let now = waybill_diesel::outbox_clock(&mut *conn)?;
+    let stats = waybill_diesel::topic_stats(&mut *conn)?;
+    let seen: HashSet<String> = stats.iter().map(|s| s.topic.clone()).collect();
+    let gone = before
+        .difference(&seen)
+        .map(|topic| (topic.clone(), 0, 0, 0.0));
+    let current = stats.into_iter().map(|s| {
+        let age = s.oldest_pending.map_or(0.0, |at| {
+            (now - at).num_milliseconds().max(0) as f64 / 1000.0
+        });
+        (s.topic, s.pending, s.parked, age)
+    });
+    for (topic, pending, parked, age) in current.chain(gone.collect::<Vec<_>>()) {
+        metrics::gauge!(OUTBOX_PENDING, TOPIC_LABEL => topic.clone()).set(pending as f64);
+        metrics::gauge!(OUTBOX_PARKED, TOPIC_LABEL => topic.clone()).set(parked as f64);
+        metrics::gauge!(OUTBOX_OLDEST_PENDING_AGE, TOPIC_LABEL => topic).set(age);
+    }
+    Ok(seen)
+}
+
+fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "waybill".to_owned());
+    format!("{host}-{}", std::process::id())
+}

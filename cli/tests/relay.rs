@@ -1,0 +1,269 @@
+//! `waybill relay` as a process: it publishes a SQLite outbox to NATS JetStream and to RabbitMQ,
+//! serves Prometheus metrics whose counters add up to the workload, carries each message's
+//! `traceparent` to the consumer's handler, and exits 0 on SIGTERM or SIGINT.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "../../transports/amqp/tests/common/mod.rs"]
+mod amqp_common;
+#[path = "../../diesel-backend/tests/common/mod.rs"]
+mod common;
+#[path = "../../transports/nats/tests/common/mod.rs"]
+mod nats_common;
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use waybill_inbox_core::{Disposition, IncomingMessage};
+use waybill_outbox_core::{MessageId, NewOutboxMessage};
+
+/// Liveness bound for every wait: reaching it is a failure, not a measurement.
+const DEADLINE: Duration = Duration::from_secs(60);
+const MESSAGES: usize = 60;
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Enqueues the workload: `MESSAGES` messages over 6 keys, each with a traceparent.
+fn enqueue(db: &common::TestDb<diesel::SqliteConnection>, topic: &str) -> HashSet<MessageId> {
+    let messages: Vec<NewOutboxMessage> = (0..MESSAGES)
+        .map(|n| {
+            NewOutboxMessage::json(topic, format!("key:{}", n % 6), "Tick", &n)
+                .unwrap()
+                .with_traceparent(TRACEPARENT)
+                .unwrap()
+        })
+        .collect();
+    waybill_diesel::enqueue_all(&mut db.conn(), &messages).unwrap();
+    messages.iter().map(NewOutboxMessage::id).collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_relay(db_url: &str, broker_url: &str, topic: &str, metrics_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_waybill"))
+        .args([
+            "--database-url",
+            db_url,
+            "relay",
+            "--broker-url",
+            broker_url,
+        ])
+        .args(["--topics", topic, "--batch-size", "7", "--relays", "2"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--stats-interval", "50ms", "--poll-interval", "100ms"])
+        .env_remove("DATABASE_URL")
+        .env_remove("BROKER_URL")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("waybill relay starts")
+}
+
+/// `GET /metrics`, or `None` while the endpoint is not up yet.
+fn scrape(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(DEADLINE)).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+/// Sample values by their full series name (`name{labels}`).
+fn samples(body: &str) -> HashMap<String, f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum over every series of metric `name`, and how many series there are.
+fn total(samples: &HashMap<String, f64>, name: &str) -> (f64, usize) {
+    let series: Vec<f64> = samples
+        .iter()
+        .filter(|(series, _)| series.split('{').next() == Some(name))
+        .map(|(_, value)| *value)
+        .collect();
+    (series.iter().sum(), series.len())
+}
+
+/// Scrapes until `done` holds for the samples, or panics at the deadline.
+fn scrape_until(
+    port: u16,
+    what: &str,
+    done: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < DEADLINE {
+        if let Some(body) = scrape(port) {
+            let parsed = samples(&body);
+            if done(&parsed) {
+                return parsed;
+            }
+            last = body;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, not a synchronisation
+    }
+    panic!("metrics never showed {what}; last scrape:\n{last}");
+}
+
+/// Checks the metrics after the workload, consumes it with `consume`, then stops the relay.
+fn check_relay_run(
+    mut relay: Child,
+    port: u16,
+    topic: &str,
+    ids: &HashSet<MessageId>,
+    signal: &str,
+    mut consume: impl FnMut(&mut dyn FnMut(&IncomingMessage) -> Disposition),
+) {
+    let n = MESSAGES as f64;
+    let published = scrape_until(port, "every message published", |s| {
+        total(s, "waybill_relay_published_total").0 >= n
+    });
+    assert_eq!(total(&published, "waybill_relay_published_total"), (n, 2)); // one series per relay
+    assert_eq!(total(&published, "waybill_relay_parked_total").0, 0.0);
+    assert_eq!(total(&published, "waybill_relay_fenced_off_total").0, 0.0);
+    assert!(
+        published
+            .keys()
+            .any(|k| k.starts_with("waybill_relay_batch_duration_seconds")),
+        "{published:?}"
+    );
+    let pending = format!("waybill_outbox_pending{{topic=\"{topic}\"}}");
+    let age = format!("waybill_outbox_oldest_pending_age_seconds{{topic=\"{topic}\"}}");
+    scrape_until(port, "the outbox gauges at zero", |s| {
+        s.get(&pending) == Some(&0.0) && s.get(&age) == Some(&0.0)
+    });
+
+    let mut seen = HashSet::new();
+    let mut traces = HashSet::new();
+    let started = Instant::now();
+    while seen.len() < ids.len() && started.elapsed() < DEADLINE {
+        consume(&mut |msg: &IncomingMessage| {
+            seen.insert(msg.id);
+            traces.insert(msg.traceparent().map(str::to_owned));
+            Disposition::Ack
+        });
+    }
+    assert_eq!(&seen, ids, "the broker holds exactly the enqueued messages");
+    assert_eq!(traces, HashSet::from([Some(TRACEPARENT.to_owned())]));
+
+    let kill = Command::new("kill")
+        .args([signal, &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the relay did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling interval
+    };
+    let mut stderr = String::new();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+}
+
+#[test]
+fn relay_publishes_to_nats_exports_metrics_carries_traceparent_and_stops_on_sigterm() {
+    let Some(mut nats) = nats_common::nats() else {
+        return;
+    };
+    let db = common::sqlite().unwrap();
+    let topic = nats_common::unique("ops");
+    // `--topics` makes the relay create this stream; the harness deletes it afterwards.
+    nats.forget_later(&topic);
+    let ids = enqueue(&db, &topic);
+    let port = free_port();
+    let relay = start_relay(&db.url, &nats.url, &topic, port);
+    let mut consumer = None;
+    check_relay_run(relay, port, &topic, &ids, "-TERM", |mut handler| {
+        // The stream exists once the relay has started.
+        let consumer = consumer.get_or_insert_with(|| {
+            waybill_nats::NatsConsumer::connect(
+                &nats.url,
+                waybill_nats::ConsumerConfig::new(&topic, "ops-test"),
+            )
+            .expect("a NATS consumer")
+        });
+        consumer
+            .run_once(&mut handler, 100, Duration::from_millis(500))
+            .expect("a NATS pull");
+    });
+}
+
+#[test]
+fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_sigint() {
+    let Some(mut broker) = amqp_common::broker() else {
+        return;
+    };
+    let db = common::sqlite().unwrap();
+    let topic = amqp_common::unique("ops");
+    let queue = amqp_common::unique("ops-q");
+    broker.cleanup_queue(&queue);
+    broker.cleanup_exchange(&topic);
+    // Bound before the relay publishes: unroutable messages would be parked.
+    let mut consumer = waybill_amqp::AmqpConsumer::connect(
+        &broker.addr,
+        waybill_amqp::ConsumerConfig::new(&queue).bind(&topic, "#"),
+    )
+    .expect("an AMQP consumer");
+    let ids = enqueue(&db, &topic);
+    let port = free_port();
+    let relay = start_relay(&db.url, &broker.addr, &topic, port);
+    check_relay_run(relay, port, &topic, &ids, "-INT", |mut handler| {
+        consumer
+            .run_once(&mut handler, 100, Duration::from_millis(500))
+            .expect("an AMQP consume");
+    });
+}
+
+#[test]
+fn relay_exits_1_on_a_broker_it_cannot_use_and_redacts_the_password() {
+    let db = common::sqlite().unwrap();
+    let unsupported = support::waybill(&db.url, &["relay", "--broker-url", "kafka://k:9092"], "");
+    unsupported.assert_code(1);
+    assert!(
+        unsupported.stderr.contains("unsupported broker URL"),
+        "{unsupported:?}"
+    );
+    let url = "amqp://guest:s3cret@127.0.0.1:1/%2f";
+    let refused = support::waybill(&db.url, &["relay", "--broker-url", url], "");
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains("guest:***@127.0.0.1:1"),
+        "{refused:?}"
+    );
+    assert!(!refused.stderr.contains("s3cret"), "{refused:?}");
+    support::waybill(&db.url, &["relay"], "").assert_code(2); // --broker-url is required
+}

@@ -1,0 +1,251 @@
+//! Operator functions behind the `waybill` binary: list and skip parked messages, purge skipped
+//! ones, see which relays hold leases and what an inbox has processed.
+//!
+//! Each function runs on the connection it is given. [`skip`] runs its own transaction (a
+//! savepoint when the caller already has one); the others are single statements.
+
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod pg;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use waybill_outbox_core::{MessageId, Status};
+
+use crate::{Error, OutboxConnection, Result};
+
+/// A parked message as [`parked_messages`] lists it (no payload; see
+/// [`find_message`](crate::find_message) for the whole message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedMessage {
+    /// The message's id.
+    pub id: MessageId,
+    /// Its topic.
+    pub topic: String,
+    /// Its partition key, which is blocked behind it.
+    pub partition_key: String,
+    /// Its message type.
+    pub message_type: String,
+    /// Failed publish attempts.
+    pub attempts: i32,
+    /// Why it was parked.
+    pub last_error: Option<String>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Messages of one topic leased by one relay right now, from [`relay_leases`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayLease {
+    /// The topic.
+    pub topic: String,
+    /// The relay's owner name (`RelayConfig::owner`).
+    pub owner: String,
+    /// How many messages of the topic it holds.
+    pub messages: i64,
+    /// When its last lease on them expires.
+    pub until: DateTime<Utc>,
+}
+
+/// What one inbox consumer has recorded, from [`inbox_stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InboxStats {
+    /// The consumer name.
+    pub consumer: String,
+    /// Processed messages still kept for deduplication.
+    pub processed: i64,
+    /// When the oldest kept one was processed.
+    pub oldest: Option<DateTime<Utc>>,
+    /// When the newest one was processed.
+    pub newest: Option<DateTime<Utc>>,
+}
+
+/// The per-backend statements behind the operator functions; implemented for
+/// `PgConnection`, `SqliteConnection` and `MysqlConnection` (each behind its feature).
+pub trait OpsConnection: OutboxConnection {
+    /// Parked messages in outbox order, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// Database failures or a malformed id.
+    fn parked_outbox_messages(&mut self, limit: usize) -> Result<Vec<ParkedMessage>>;
+
+    /// Moves the parked message `id` to `outbox_skipped` in one transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`skip`].
+    fn skip_parked_message(&mut self, id: MessageId, reason: &str, by: &str) -> Result<()>;
+
+    /// Deletes up to `limit` skipped messages skipped more than `older_than` ago.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn purge_skipped_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64>;
+
+    /// Leases held right now, per topic and relay.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn outbox_relay_leases(&mut self) -> Result<Vec<RelayLease>>;
+
+    /// Counts of the inbox records of `consumer`.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn inbox_consumer_stats(&mut self, consumer: &str) -> Result<InboxStats>;
+
+    /// The clock message times are written with: the database's, or the process's on SQLite.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn outbox_clock(&mut self) -> Result<DateTime<Utc>>;
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+mod pooled {
+    use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
+
+    use super::*;
+
+    impl<C> OpsConnection for PooledConnection<ConnectionManager<C>>
+    where
+        C: OpsConnection + R2D2Connection + 'static,
+    {
+        fn parked_outbox_messages(&mut self, limit: usize) -> Result<Vec<ParkedMessage>> {
+            (**self).parked_outbox_messages(limit)
+        }
+        fn skip_parked_message(&mut self, id: MessageId, reason: &str, by: &str) -> Result<()> {
+            (**self).skip_parked_message(id, reason, by)
+        }
+        fn purge_skipped_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64> {
+            (**self).purge_skipped_messages(older_than, limit)
+        }
+        fn outbox_relay_leases(&mut self) -> Result<Vec<RelayLease>> {
+            (**self).outbox_relay_leases()
+        }
+        fn inbox_consumer_stats(&mut self, consumer: &str) -> Result<InboxStats> {
+            (**self).inbox_consumer_stats(consumer)
+        }
+        fn outbox_clock(&mut self) -> Result<DateTime<Utc>> {
+            (**self).outbox_clock()
+        }
+    }
+}
+
+/// Parked messages in outbox order, at most `limit`.
+///
+/// # Errors
+///
+/// [`Error::Database`], [`Error::MalformedRow`].
+pub fn parked_messages<C: OpsConnection + ?Sized>(
+    conn: &mut C,
+    limit: usize,
+) -> Result<Vec<ParkedMessage>> {
+    conn.parked_outbox_messages(limit)
+}
+
+/// Gives up on the parked message `id`: moves its row to `outbox_skipped` with `reason` and
+/// `by` (who skipped it), in one transaction (a savepoint inside the caller's). Later messages
+/// of its key flow again; the skipped row stays for the audit trail until
+/// [`purge_skipped`] deletes it.
+///
+/// # Errors
+///
+/// [`Error::MessageNotFound`], [`Error::NotParked`] (nothing is written then),
+/// [`Error::Database`].
+pub fn skip<C: OpsConnection + ?Sized>(
+    conn: &mut C,
+    id: MessageId,
+    reason: &str,
+    by: &str,
+) -> Result<()> {
+    conn.skip_parked_message(id, reason, by)
+}
+
+/// Deletes up to `limit` skipped messages skipped more than `older_than` ago; returns how many.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn purge_skipped<C: OpsConnection + ?Sized>(
+    conn: &mut C,
+    older_than: Duration,
+    limit: usize,
+) -> Result<u64> {
+    conn.purge_skipped_messages(older_than, limit)
+}
+
+/// Puts every parked message back to pending; returns how many.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn requeue_all_parked<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<u64> {
+    conn.requeue_parked_messages(None, None)
+}
+
+/// Which relays hold leases on pending messages right now, per topic.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn relay_leases<C: OpsConnection + ?Sized>(conn: &mut C) -> Result<Vec<RelayLease>> {
+    conn.outbox_relay_leases()
+}
+
+/// How many messages the inbox of `consumer` keeps, and the oldest and newest.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn inbox_stats<C: OpsConnection + ?Sized>(conn: &mut C, consumer: &str) -> Result<InboxStats> {
+    conn.inbox_consumer_stats(consumer)
+}
+
+/// The time by the clock message times are written with, to compute ages such as the oldest
+/// pending message's.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn outbox_clock<C: OpsConnection + ?Sized>(conn: &mut C) -> Result<DateTime<Utc>> {
+    conn.outbox_clock()
+}
+
+/// A message's `status`, read before skipping it.
+#[derive(diesel::QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = diesel::sql_types::SmallInt)]
+    status: i16,
+}
+
+/// The skip precondition, shared by the backends: the row exists and is parked.
+fn check_parked(id: MessageId, status: Option<i16>) -> Result<()> {
+    match status {
+        None => Err(Error::MessageNotFound(id)),
+        Some(code) if code == Status::Parked.code() => Ok(()),
+        Some(code) => Err(Error::NotParked {
+            id,
+            status: Status::from_code(code).map_err(|e| Error::MalformedRow {
+                seq: 0,
+                reason: e.to_string(),
+            })?,
+        }),
+    }
+}
+
+/// Columns copied from `outbox_messages` to `outbox_skipped`.
+const SKIPPED_COLUMNS: &str = "seq, id, topic, partition_key, message_type, content_type, \
+                               payload, headers, attempts, last_error, created_at";
