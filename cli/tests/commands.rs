@@ -131,7 +131,12 @@ fn status_counts_every_topic_in_a_table_and_as_json<C: Backend + Ops>(db: TestDb
         .as_f64()
         .expect("an age in seconds");
     assert!(age >= 0.0, "{age}");
-    assert_eq!(orders["relays"], serde_json::json!([]));
+    if C::NAME == "sqlite" {
+        // One writer, one lease: on SQLite a relay's lease covers every key.
+        assert_eq!(orders["relays"][0]["owner"], "relay-test");
+    } else {
+        assert_eq!(orders["relays"], serde_json::json!([]), "another key");
+    }
     let billing = topic(&status, "billing");
     assert_eq!(billing["pending"].as_i64(), Some(1));
     assert_eq!(billing["relays"][0]["owner"], "relay-test");

@@ -43,6 +43,7 @@ pub(crate) fn register(owner: &str) {
         RELAY_PARKED,
         RELAY_RELEASED,
         RELAY_FENCED_OFF,
+        RELAY_LEASE_TAKEOVERS,
     ] {
         metrics::counter!(name, OWNER_LABEL => owner.to_owned()).increment(0);
     }
@@ -56,6 +57,7 @@ pub(crate) fn record_round(owner: &str, report: &RelayReport, elapsed: Duration)
         (RELAY_PARKED, report.parked),
         (RELAY_RELEASED, report.released),
         (RELAY_FENCED_OFF, report.fenced_off),
+        (RELAY_LEASE_TAKEOVERS, report.lease_takeovers),
     ];
     for (name, count) in counts {
         if count > 0 {

@@ -39,7 +39,8 @@ pub struct ParkedMessage {
     pub created_at: DateTime<Utc>,
 }
 
-/// Messages of one topic leased by one relay right now, from [`relay_leases`].
+/// What one relay holds of one topic right now, from [`relay_leases`]: relays lease partition
+/// keys in buckets, so this counts the topic's pending messages whose keys it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RelayLease {
@@ -47,9 +48,9 @@ pub struct RelayLease {
     pub topic: String,
     /// The relay's owner name (`RelayConfig::owner`).
     pub owner: String,
-    /// How many messages of the topic it holds.
+    /// How many pending messages of the topic are in the key buckets it holds.
     pub messages: i64,
-    /// When its last lease on them expires.
+    /// When its latest lease expires.
     pub until: DateTime<Utc>,
 }
 

@@ -126,13 +126,13 @@ impl OpsConnection for MysqlConnection {
         Ok(deleted as u64)
     }
 
-    // Reads the per-row lease columns; rewritten once leases live in their own table.
     fn outbox_relay_leases(&mut self) -> Result<Vec<RelayLease>> {
         let rows: Vec<LeaseRow> = diesel::sql_query(
-            "SELECT topic, lease_owner AS owner, CAST(COUNT(*) AS SIGNED) AS messages, \
-               MAX(available_at) AS until FROM outbox_messages \
-             WHERE status = 0 AND lease_owner IS NOT NULL AND available_at > UTC_TIMESTAMP(6) \
-             GROUP BY topic, lease_owner ORDER BY topic, lease_owner",
+            "SELECT m.topic, l.owner, CAST(COUNT(*) AS SIGNED) AS messages, \
+               MAX(l.expires_at) AS until \
+             FROM outbox_messages m JOIN outbox_relay_leases l ON l.bucket = m.bucket \
+             WHERE m.status = 0 AND l.owner IS NOT NULL AND l.expires_at > UTC_TIMESTAMP(6) \
+             GROUP BY m.topic, l.owner ORDER BY m.topic, l.owner",
         )
         .load(self)?;
         Ok(rows

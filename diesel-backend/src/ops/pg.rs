@@ -123,13 +123,12 @@ impl OpsConnection for PgConnection {
         Ok(deleted as u64)
     }
 
-    // Reads the per-row lease columns; rewritten once leases live in their own table.
     fn outbox_relay_leases(&mut self) -> Result<Vec<RelayLease>> {
         let rows: Vec<LeaseRow> = diesel::sql_query(
-            "SELECT topic, lease_owner AS owner, count(*) AS messages, max(available_at) AS until \
-             FROM outbox_messages \
-             WHERE status = 0 AND lease_owner IS NOT NULL AND available_at > statement_timestamp() \
-             GROUP BY topic, lease_owner ORDER BY topic, lease_owner",
+            "SELECT m.topic, l.owner, count(*) AS messages, max(l.expires_at) AS until \
+             FROM outbox_messages m JOIN outbox_relay_leases l ON l.bucket = m.bucket \
+             WHERE m.status = 0 AND l.owner IS NOT NULL AND l.expires_at > statement_timestamp() \
+             GROUP BY m.topic, l.owner ORDER BY m.topic, l.owner",
         )
         .load(self)?;
         Ok(rows
