@@ -1,8 +1,10 @@
 //! The one-command demo: both services, both relays and both consumers on threads of one
 //! process, on two SQLite files and the in-process broker that delivers some messages twice.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -32,6 +34,8 @@ pub(crate) struct EmbeddedOptions {
     pub(crate) redeliver_fraction: f64,
     /// How long to wait for every order to be charged and paid.
     pub(crate) timeout: Duration,
+    /// Test hook: the writer fails at this order number (see [`place::place_orders`]).
+    pub(crate) fail_at_order: Option<u64>,
 }
 
 /// Runs the demo, prints the audit table, and returns whether every order was charged exactly
@@ -39,7 +43,8 @@ pub(crate) struct EmbeddedOptions {
 ///
 /// # Errors
 ///
-/// Setting up the databases failed, or a worker thread failed.
+/// Setting up the databases failed, an order writer failed (returned as soon as it fails), or
+/// the orders did not settle before the deadline.
 pub(crate) fn run(options: &EmbeddedOptions) -> Result<bool, Error> {
     if options.data_dir.exists() {
         std::fs::remove_dir_all(&options.data_dir)?;
@@ -67,24 +72,39 @@ pub(crate) fn run(options: &EmbeddedOptions) -> Result<bool, Error> {
         let db = orders_db.clone();
         move || CountingInbox::new(db, ORDERS_CONSUMER, orders::mark_paid)
     })?;
+    eprintln!(
+        "placing {} orders on {} threads; the broker repeats {:.0}% of its deliveries; \
+         data in {}",
+        options.orders,
+        options.concurrency,
+        options.redeliver_fraction * 100.0,
+        options.data_dir.display()
+    );
+    let (placed_tx, placed_rx) = mpsc::channel();
     let writers = {
         let db = orders_db.clone();
-        let (count, concurrency) = (options.orders, options.concurrency);
+        let (count, concurrency, fail_at) =
+            (options.orders, options.concurrency, options.fail_at_order);
         thread::Builder::new()
             .name("order writers".into())
-            .spawn(move || place::place_orders(&db, count, concurrency))?
+            .spawn(move || {
+                let placed = panic::catch_unwind(AssertUnwindSafe(|| {
+                    place::place_orders(&db, count, concurrency, fail_at)
+                }))
+                .unwrap_or_else(|_| Err("an order writer panicked".into()));
+                // The receiver is gone only once the run is over and no longer listens.
+                let _ = placed_tx.send(placed);
+            })?
     };
 
-    let outcome = wait_until_settled(&orders_db, &billing_db, options, started);
+    let outcome = wait_until_settled(&orders_db, &billing_db, &placed_rx, options, started);
     let elapsed = started.elapsed();
-    let placed = match writers.join() {
-        Ok(placed) => placed,
-        Err(_) => Err("an order writer panicked".into()),
-    };
     workers.stop(&stop);
+    if writers.join().is_err() {
+        log::error!("the order writers' thread panicked");
+    }
     let report = audit(&orders_db, &billing_db)?;
     print_audit(&report, &broker.stats(), elapsed);
-    placed?;
     outcome?;
     Ok(report.is_settled() && report.orders == i64::try_from(options.orders)?)
 }
@@ -141,34 +161,70 @@ pub(crate) fn open<C: AppConnection>(
 /// How often [`open`] tries to bring a schema up to date.
 const MIGRATION_ATTEMPTS: u32 = 5;
 
-/// Polls both databases until every order is charged and paid (or the deadline passes),
-/// printing progress on stderr about once a second.
+/// How often the run checks whether everything settled.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often it shows progress on stderr.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Polls both databases until every order is placed, charged and paid, showing progress on
+/// stderr at a fixed cadence. Returns at once when the writers fail.
 fn wait_until_settled(
     orders_db: &DbPool<SqliteConnection>,
     billing_db: &DbPool<SqliteConnection>,
+    placed: &Receiver<Result<u64, Error>>,
     options: &EmbeddedOptions,
     started: Instant,
 ) -> Result<(), Error> {
     let expected = i64::try_from(options.orders)?;
     let deadline = started + options.timeout;
-    let mut last_progress = Instant::now();
+    let mut next_progress = started + PROGRESS_INTERVAL;
+    let mut writing = true;
     loop {
         let report = audit(orders_db, billing_db)?;
         if report.orders == expected && report.is_settled() {
+            eprintln!("{} - settled", progress(&report, expected, started));
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(format!("not settled after {:?}: {report:?}", options.timeout).into());
         }
-        if last_progress.elapsed() >= Duration::from_secs(1) {
-            eprintln!(
-                "placed {}/{expected}, charged {}, paid {}, outbox pending {}",
-                report.orders, report.charges, report.orders_paid, report.outbox_pending
-            );
-            last_progress = Instant::now();
+        if now >= next_progress {
+            eprintln!("{}", progress(&report, expected, started));
+            next_progress += PROGRESS_INTERVAL;
         }
-        thread::sleep(Duration::from_millis(100));
+        // Waiting on the writers' outcome doubles as the poll's pause: a failure wakes us now.
+        let pause = POLL_INTERVAL.min(deadline.saturating_duration_since(now));
+        if writing {
+            match placed.recv_timeout(pause) {
+                Ok(Ok(_)) | Err(RecvTimeoutError::Disconnected) => writing = false,
+                Ok(Err(error)) => {
+                    eprintln!(
+                        "{} - an order writer failed",
+                        progress(&report, expected, started)
+                    );
+                    return Err(error);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        } else {
+            thread::sleep(pause);
+        }
     }
+}
+
+/// One progress line: where the run stands.
+fn progress(report: &Report, expected: i64, started: Instant) -> String {
+    format!(
+        "{:>6.2} s: placed {}/{expected}, charged {}, paid {}, outbox pending {}, \
+         duplicates skipped {}",
+        started.elapsed().as_secs_f64(),
+        report.orders,
+        report.charges,
+        report.orders_paid,
+        report.outbox_pending,
+        report.inbox_duplicates
+    )
 }
 
 fn print_audit(report: &Report, broker: &BrokerStats, elapsed: Duration) {

@@ -39,9 +39,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use diesel::{PgConnection, SqliteConnection};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Timing};
 use crate::db::{parse_url, AppConnection, Backend};
 use crate::embedded::{open, EmbeddedOptions, Service};
 
@@ -55,8 +54,8 @@ struct Args {
     /// database URLs point by default.
     #[arg(long, global = true, default_value = "data/order-service")]
     data_dir: PathBuf,
-    /// The orders database: `postgres://...` or a SQLite path (`sqlite://PATH` or `PATH`).
-    /// Defaults to `DATA_DIR/orders.db`.
+    /// The orders database: `postgres://...`, `mysql://...` (built with the `mysql` feature)
+    /// or a SQLite path (`sqlite://PATH` or `PATH`). Defaults to `DATA_DIR/orders.db`.
     #[arg(long, global = true, env = "ORDERS_DATABASE_URL")]
     orders_db: Option<String>,
     /// The billing database, like `--orders-db`. Defaults to `DATA_DIR/billing.db`.
@@ -70,6 +69,15 @@ struct Args {
     /// tests) can share one broker.
     #[arg(long, global = true, env = "BROKER_NAMESPACE")]
     namespace: Option<String>,
+    /// Seconds a relay's claim on a batch lasts: a killed relay's claimed messages wait this
+    /// long before another relay publishes them. Must exceed the time to publish one batch.
+    #[arg(long, global = true, default_value_t = 30)]
+    relay_lease_secs: u64,
+    /// Seconds NATS waits for a delivery's ack before redelivering it, as after a killed
+    /// consumer (RabbitMQ redelivers as soon as the consumer's connection drops). Must exceed
+    /// the time a consumer takes for one batch.
+    #[arg(long, global = true, default_value_t = 30)]
+    ack_wait_secs: u64,
     /// Orders to place in the embedded mode.
     #[arg(long, default_value_t = 1000)]
     orders: u64,
@@ -82,6 +90,10 @@ struct Args {
     /// Seconds the embedded mode waits for every order to be charged and paid.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Test hook: the embedded run's writer fails at this order number, to show that a failing
+    /// writer ends the run at once with its error.
+    #[arg(long, hide = true)]
+    fail_at_order: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -121,12 +133,24 @@ enum ServiceName {
     Billing,
 }
 
-/// Calls `$role::<C>(url, args..)` with `C` the connection type that `$url`'s scheme names.
+/// Runs `$body` with `$conn` the connection type that `$url`'s scheme names and `$parsed` the
+/// URL as diesel wants it.
 macro_rules! on_backend {
-    ($url:expr, $($role:ident)::+, $($arg:expr),*) => {
+    ($url:expr, |$conn:ident, $parsed:ident| $body:expr) => {
         match parse_url(&$url)? {
-            (Backend::Postgres, url) => $($role)::+::<PgConnection>(&url, $($arg),*),
-            (Backend::Sqlite, url) => $($role)::+::<SqliteConnection>(&url, $($arg),*),
+            (Backend::Postgres, $parsed) => {
+                type $conn = diesel::PgConnection;
+                $body
+            }
+            (Backend::Sqlite, $parsed) => {
+                type $conn = diesel::SqliteConnection;
+                $body
+            }
+            #[cfg(feature = "mysql")]
+            (Backend::Mysql, $parsed) => {
+                type $conn = diesel::MysqlConnection;
+                $body
+            }
         }
     };
 }
@@ -147,7 +171,13 @@ impl Args {
     fn broker(&self) -> Result<Option<Broker>, Error> {
         self.broker
             .as_deref()
-            .map(|url| Broker::parse(url, self.namespace.clone()))
+            .map(|url| {
+                let timing = Timing {
+                    relay_lease: Duration::from_secs(self.relay_lease_secs),
+                    ack_wait: Duration::from_secs(self.ack_wait_secs),
+                };
+                Broker::parse(url, self.namespace.clone(), timing)
+            })
             .transpose()
     }
 
@@ -195,55 +225,57 @@ fn run(args: &Args) -> Result<bool, Error> {
                 concurrency: args.concurrency,
                 redeliver_fraction: args.redeliver_fraction,
                 timeout: Duration::from_secs(args.timeout_secs),
+                fail_at_order: args.fail_at_order,
             })
         }
         Some(Command::Relay { service }) => {
             let broker = args.required_broker()?;
             match service {
                 ServiceName::Orders => {
-                    on_backend!(args.orders_url(), roles::relay, Service::Orders, &broker)?;
+                    on_backend!(args.orders_url(), |C, url| roles::relay::<C>(
+                        &url,
+                        Service::Orders,
+                        &broker
+                    ))?;
                 }
                 ServiceName::Billing => {
-                    on_backend!(args.billing_url(), roles::relay, Service::Billing, &broker)?;
+                    on_backend!(args.billing_url(), |C, url| roles::relay::<C>(
+                        &url,
+                        Service::Billing,
+                        &broker
+                    ))?;
                 }
             }
             Ok(true)
         }
         Some(Command::Billing) => {
-            on_backend!(args.billing_url(), roles::billing, &args.required_broker()?)?;
+            let broker = args.required_broker()?;
+            on_backend!(args.billing_url(), |C, url| roles::billing::<C>(
+                &url, &broker
+            ))?;
             Ok(true)
         }
         Some(Command::Place { count, concurrency }) => {
-            on_backend!(args.orders_url(), roles::place, *count, *concurrency)?;
+            on_backend!(args.orders_url(), |C, url| roles::place::<C>(
+                &url,
+                *count,
+                *concurrency
+            ))?;
             Ok(true)
         }
         Some(Command::ServeOrders { listen }) => {
-            on_backend!(
-                args.orders_url(),
-                roles::serve_orders,
-                listen,
-                args.broker()?
-            )?;
+            let broker = args.broker()?;
+            on_backend!(args.orders_url(), |C, url| roles::serve_orders::<C>(
+                &url, listen, broker
+            ))?;
             Ok(true)
         }
-        Some(Command::Report) => {
-            let (orders_backend, orders_url) = parse_url(&args.orders_url())?;
-            let (billing_backend, billing_url) = parse_url(&args.billing_url())?;
-            match (orders_backend, billing_backend) {
-                (Backend::Postgres, Backend::Postgres) => {
-                    print_report::<PgConnection, PgConnection>(&orders_url, &billing_url)
-                }
-                (Backend::Postgres, Backend::Sqlite) => {
-                    print_report::<PgConnection, SqliteConnection>(&orders_url, &billing_url)
-                }
-                (Backend::Sqlite, Backend::Postgres) => {
-                    print_report::<SqliteConnection, PgConnection>(&orders_url, &billing_url)
-                }
-                (Backend::Sqlite, Backend::Sqlite) => {
-                    print_report::<SqliteConnection, SqliteConnection>(&orders_url, &billing_url)
-                }
-            }
-        }
+        Some(Command::Report) => on_backend!(args.orders_url(), |O, orders_url| {
+            on_backend!(args.billing_url(), |B, billing_url| print_report::<O, B>(
+                &orders_url,
+                &billing_url
+            ))
+        }),
     }
 }
 

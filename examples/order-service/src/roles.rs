@@ -56,7 +56,12 @@ pub(crate) fn place<C: AppConnection>(
     let size = u32::try_from(concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
-    let placed = place_orders(&open::<C>(url, size, Service::Orders)?, count, concurrency)?;
+    let placed = place_orders(
+        &open::<C>(url, size, Service::Orders)?,
+        count,
+        concurrency,
+        None,
+    )?;
     println!("placed {placed} orders");
     Ok(())
 }
