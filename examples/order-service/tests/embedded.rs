@@ -3,6 +3,10 @@
 
 mod common;
 
+use std::process::Stdio;
+use std::thread;
+use std::time::{Duration, Instant};
+
 use common::order_service;
 
 #[test]
@@ -48,6 +52,20 @@ fn embedded_run_charges_every_order_exactly_once_and_pays_it() {
     assert_eq!(line("orders paid:"), 50);
     assert!(line("duplicates skipped by inboxes:") > 0, "{stdout}");
     assert!(stdout.contains("throughput:"), "{stdout}");
+    // Progress on stderr however short the run: a first line, then a last one when settled.
+    let progress: Vec<&str> = stderr.lines().collect();
+    assert!(
+        progress
+            .first()
+            .is_some_and(|l| l.starts_with("placing 50 orders")),
+        "{stderr}"
+    );
+    assert!(
+        progress
+            .last()
+            .is_some_and(|l| l.contains("placed 50/50") && l.ends_with("settled")),
+        "{stderr}"
+    );
 
     // The report subcommand reads the same databases and agrees.
     let output = order_service()
@@ -71,4 +89,41 @@ fn embedded_run_charges_every_order_exactly_once_and_pays_it() {
         report["inbox_duplicates"].as_i64().unwrap(),
         line("duplicates skipped by inboxes:")
     );
+}
+
+#[test]
+fn a_failing_writer_ends_the_run_at_once_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough orders and time that waiting for the other writers or the deadline would not end
+    // before the test's own deadline below.
+    let mut run = order_service()
+        .args(["--orders", "10000000", "--timeout-secs", "3600"])
+        .args(["--fail-at-order", "20"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            run.kill().unwrap();
+            panic!("the run went on after its writer failed");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("error: placing order 20 failed: injected by --fail-at-order"),
+        "{stderr}"
+    );
+    // The audit still shows where the run stood.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("orders placed:"), "{stdout}");
 }
