@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
-use waybill_outbox_core::{Publisher, Relay, RelayConfig};
+use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport};
 
 use crate::db::{AppConnection, DbPool};
 use crate::Error;
@@ -78,12 +78,17 @@ impl Broker {
         })
     }
 
-    /// Runs a relay from `db`'s outbox to this broker until the process ends.
+    /// Runs a relay from `db`'s outbox to this broker until it is stopped through the handle
+    /// given to `started` (or the process ends); returns the relay's totals.
     ///
     /// # Errors
     ///
     /// The broker could not be reached at start.
-    pub(crate) fn run_relay<C: AppConnection>(&self, db: DbPool<C>) -> Result<(), Error> {
+    pub(crate) fn run_relay<C: AppConnection>(
+        &self,
+        db: DbPool<C>,
+        started: impl FnOnce(RelayHandle),
+    ) -> Result<RelayReport, Error> {
         let (url, namespace) = (&self.url, &self.namespace);
         match self.transport {
             Transport::Amqp => {
@@ -100,7 +105,7 @@ impl Broker {
                         amqp_queue(namespace.as_deref(), topic, consumer),
                     )?);
                 }
-                self.relay_forever(db, publisher);
+                Ok(self.relay(db, publisher, started))
             }
             Transport::Nats => {
                 let mut config = waybill_nats::PublisherConfig::default();
@@ -111,10 +116,9 @@ impl Broker {
                 }
                 let publisher = waybill_nats::NatsPublisher::connect(url, config)?;
                 ensure_streams(&publisher, namespace.as_deref())?;
-                self.relay_forever(db, publisher);
+                Ok(self.relay(db, publisher, started))
             }
         }
-        Ok(())
     }
 
     /// Consumes `topic` as `consumer` (a queue or durable consumer of that name) with
@@ -154,14 +158,41 @@ impl Broker {
         Ok(())
     }
 
-    /// Relays from `db`'s outbox with `publisher` until the process ends.
-    fn relay_forever<C: AppConnection, P: Publisher>(&self, db: DbPool<C>, publisher: P) {
+    /// Relays from `db`'s outbox with `publisher` until stopped.
+    fn relay<C: AppConnection, P: Publisher>(
+        &self,
+        db: DbPool<C>,
+        publisher: P,
+        started: impl FnOnce(RelayHandle),
+    ) -> RelayReport {
         let config = RelayConfig::default()
             .poll_interval(Duration::from_millis(200))
             .lease(self.timing.relay_lease);
         let mut relay = Relay::new(waybill_diesel::DieselStore::new(db), publisher, config);
+        started(relay.handle());
         let totals = relay.run();
         log::info!("relay stopped: {totals:?}");
+        totals
+    }
+}
+
+impl std::fmt::Display for Broker {
+    /// The URL without its password, and the namespace.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((user, host)) => {
+                    let user = user.split_once(':').map_or(user, |(user, _)| user);
+                    format!("{scheme}://{user}:***@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        };
+        match &self.namespace {
+            Some(namespace) => write!(f, "{url}, namespace {namespace}"),
+            None => f.write_str(&url),
+        }
     }
 }
 

@@ -42,7 +42,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::broker::{Broker, Timing};
 use crate::db::{parse_url, AppConnection, Backend};
-use crate::embedded::{open, EmbeddedOptions, Service};
+use crate::embedded::{open, EmbeddedOptions, Messaging, Service};
 
 /// The example's error type: anything, with its message, across threads.
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -190,6 +190,20 @@ impl Args {
     fn data_file(&self, name: &str) -> String {
         self.data_dir.join(name).to_string_lossy().into_owned()
     }
+
+    /// `data_file(name)`, with any earlier run's database (and its WAL files) removed.
+    fn fresh_data_file(&self, name: &str) -> Result<String, Error> {
+        let path = self.data_file(name);
+        for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+            match std::fs::remove_file(&file) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("removing {file}: {error}").into())
+                }
+                _ => {}
+            }
+        }
+        Ok(path)
+    }
 }
 
 fn main() -> ExitCode {
@@ -212,20 +226,34 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool, Error> {
     match &args.command {
         None => {
-            if let Some(url) = args.broker.as_deref().filter(|url| *url != "memory") {
-                return Err(format!(
-                    "the embedded mode runs on the in-process broker, not {url}: \
-                     run the subcommands (relay, billing, serve-orders) for a real broker"
-                )
-                .into());
-            }
-            embedded::run(&EmbeddedOptions {
-                data_dir: args.data_dir.clone(),
+            let messaging = match args.broker.as_deref() {
+                None | Some("memory") => Messaging::InProcess {
+                    redeliver_fraction: args.redeliver_fraction,
+                },
+                Some(_) => Messaging::Server(args.required_broker()?),
+            };
+            // The default SQLite files start afresh on every run; a database named is kept.
+            let orders_url = match &args.orders_db {
+                Some(url) => url.clone(),
+                None => args.fresh_data_file("orders.db")?,
+            };
+            let billing_url = match &args.billing_db {
+                Some(url) => url.clone(),
+                None => args.fresh_data_file("billing.db")?,
+            };
+            let options = EmbeddedOptions {
                 orders: args.orders,
                 concurrency: args.concurrency,
-                redeliver_fraction: args.redeliver_fraction,
                 timeout: Duration::from_secs(args.timeout_secs),
                 fail_at_order: args.fail_at_order,
+            };
+            on_backend!(orders_url, |O, orders_url| {
+                on_backend!(billing_url, |B, billing_url| embedded::run::<O, B>(
+                    &orders_url,
+                    &billing_url,
+                    &messaging,
+                    &options
+                ))
             })
         }
         Some(Command::Relay { service }) => {

@@ -24,7 +24,8 @@ pub(crate) fn relay<C: AppConnection>(
     service: Service,
     broker: &Broker,
 ) -> Result<(), Error> {
-    broker.run_relay(open::<C>(url, 4, service)?)
+    broker.run_relay(open::<C>(url, 4, service)?, drop)?;
+    Ok(())
 }
 
 /// Billing's consumer: charges each `OrderPlaced` once, until the process ends.
