@@ -49,7 +49,7 @@ impl Broker {
     ///
     /// # Errors
     ///
-    /// `memory` (only the embedded mode has an in-process broker) and unknown schemes.
+    /// `memory` (only the one-command run has an in-process broker) and unknown schemes.
     pub(crate) fn parse(
         url: &str,
         namespace: Option<String>,
@@ -61,7 +61,7 @@ impl Broker {
             Transport::Nats
         } else if url == "memory" {
             return Err(
-                "--broker memory works only in the embedded mode (no subcommand): \
+                "--broker memory works only in the one-command run (no subcommand): \
                  separate processes need amqp://... or nats://..."
                     .into(),
             );

@@ -76,16 +76,14 @@ pub(crate) fn run<O: AppConnection, B: AppConnection>(
     let billing_db = open::<B>(billing_url, 4, Service::Billing)?;
     let before = audit(&orders_db, &billing_db)?;
 
-    let memory = match messaging {
-        Messaging::InProcess { redeliver_fraction } => Some(MemoryBroker::new(
-            MemoryConfig::default().redeliver_fraction(*redeliver_fraction),
-        )),
-        Messaging::Server(_) => None,
-    };
-    let transport = match (&memory, messaging) {
-        (Some(memory), _) => Transport::Memory(memory),
-        (None, Messaging::Server(broker)) => Transport::Server(broker),
-        (None, Messaging::InProcess { .. }) => unreachable!("an in-process broker was made"),
+    let in_process;
+    let transport = match messaging {
+        Messaging::InProcess { redeliver_fraction } => {
+            in_process =
+                MemoryBroker::new(MemoryConfig::default().redeliver_fraction(*redeliver_fraction));
+            Transport::Memory(&in_process)
+        }
+        Messaging::Server(broker) => Transport::Server(broker),
     };
     eprintln!(
         "placing {} orders on {} threads; broker: {}",
@@ -148,16 +146,16 @@ pub(crate) fn run<O: AppConnection, B: AppConnection>(
         log::error!("the order writers' thread panicked");
     }
     let now = audit(&orders_db, &billing_db)?;
-    let traffic = match &memory {
-        Some(memory) => {
-            let stats = memory.stats();
+    let traffic = match transport {
+        Transport::Memory(broker) => {
+            let stats = broker.stats();
             Traffic {
                 published: stats.published,
                 delivered: stats.delivered,
                 duplicated: stats.duplicated,
             }
         }
-        None => Traffic {
+        Transport::Server(_) => Traffic {
             published: totals.published,
             delivered: totals.delivered,
             duplicated: u64::try_from(now.inbox_duplicates - before.inbox_duplicates)?,

@@ -5,11 +5,16 @@
 //!
 //! Run with: `cargo run --release -p waybill-order-service`
 //!
-//! That is the embedded mode: two SQLite files under `--data-dir`, the in-process broker
-//! repeating 20% of its deliveries, and every role on a thread of one process. `report`
-//! prints the audit as JSON.
+//! That is the embedded mode: two fresh SQLite files under `--data-dir`, the in-process
+//! broker repeating 20% of its deliveries, and every role on a thread of one process, with
+//! progress on stderr and the audit table on stdout. `report` prints the audit as JSON.
 //!
-//! One process per role, on real servers (flags win over the environment):
+//! The same one command on real servers: `--orders-db`, `--billing-db` (`postgres://...`,
+//! `mysql://...` with the `mysql` feature, or a SQLite path) and `--broker` (`amqp://...` or
+//! `nats://...`), or `ORDERS_DATABASE_URL`, `BILLING_DATABASE_URL`, `BROKER_URL`; flags win.
+//! Databases are kept between runs; the table counts each run's own orders.
+//!
+//! One process per role, as deployed (each creates its schema on start):
 //!
 //! ```text
 //! export ORDERS_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orders
@@ -22,6 +27,9 @@
 //! order-service place --count 1000 --concurrency 4   # or: curl -d '{"customer":"ada","amount_cents":1234}' localhost:8080/orders
 //! order-service report
 //! ```
+//!
+//! A killed relay's claimed messages wait `--relay-lease-secs` (30) before another relay
+//! sends them; NATS redelivers a killed consumer's deliveries after `--ack-wait-secs` (30).
 
 mod billing;
 mod broker;
@@ -50,8 +58,8 @@ pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Parser)]
 #[command(name = "order-service", about = "waybill's order service example")]
 struct Args {
-    /// Where the embedded mode keeps its SQLite files (recreated on every run), and where the
-    /// database URLs point by default.
+    /// Where the SQLite files go when no database URL is given (the one-command run starts
+    /// them afresh).
     #[arg(long, global = true, default_value = "data/order-service")]
     data_dir: PathBuf,
     /// The orders database: `postgres://...`, `mysql://...` (built with the `mysql` feature)
@@ -61,8 +69,8 @@ struct Args {
     /// The billing database, like `--orders-db`. Defaults to `DATA_DIR/billing.db`.
     #[arg(long, global = true, env = "BILLING_DATABASE_URL")]
     billing_db: Option<String>,
-    /// The broker: `amqp://...`, `nats://...`, or `memory` (the embedded mode's default and
-    /// only choice).
+    /// The broker: `amqp://...`, `nats://...`, or `memory` (the in-process broker; the
+    /// one-command run's default, and only there).
     #[arg(long, global = true, env = "BROKER_URL")]
     broker: Option<String>,
     /// A prefix for every exchange, queue, stream and subject, so several deployments (or
@@ -78,19 +86,19 @@ struct Args {
     /// the time a consumer takes for one batch.
     #[arg(long, global = true, default_value_t = 30)]
     ack_wait_secs: u64,
-    /// Orders to place in the embedded mode.
+    /// Orders the one-command run places.
     #[arg(long, default_value_t = 1000)]
     orders: u64,
-    /// Threads placing orders in the embedded mode.
+    /// Threads placing them.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// The fraction of deliveries the in-process broker repeats (0.0 to 1.0).
     #[arg(long, default_value_t = 0.2)]
     redeliver_fraction: f64,
-    /// Seconds the embedded mode waits for every order to be charged and paid.
+    /// Seconds the one-command run waits for every order to be charged and paid.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
-    /// Test hook: the embedded run's writer fails at this order number, to show that a failing
+    /// Test hook: the one-command run's writer fails at this order number, to show that a failing
     /// writer ends the run at once with its error.
     #[arg(long, hide = true)]
     fail_at_order: Option<u64>,

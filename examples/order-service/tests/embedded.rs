@@ -133,7 +133,8 @@ fn a_failing_writer_ends_the_run_at_once_with_its_error() {
 }
 
 /// The one-command run on real servers, twice on the same databases: each run's table counts
-/// its own orders, and `report` then sees both runs' orders charged once and paid.
+/// its own orders, and `report` then sees both runs' orders charged once and paid. The first
+/// run is configured by flags, the second by the environment, where a flag still wins.
 fn one_command_run_on_servers(orders_db: &str, billing_db: &str, broker: &str) {
     let namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let args = [
@@ -146,12 +147,19 @@ fn one_command_run_on_servers(orders_db: &str, billing_db: &str, broker: &str) {
         "--namespace",
         &namespace,
     ];
-    for _ in 0..2 {
-        let output = order_service()
-            .args(args)
-            .args(["--orders", "40", "--concurrency", "2"])
-            .output()
-            .unwrap();
+    for by_env in [false, true] {
+        let mut run = order_service();
+        run.args(["--orders", "40", "--concurrency", "2"]);
+        if by_env {
+            run.env("ORDERS_DATABASE_URL", orders_db)
+                .env("BILLING_DATABASE_URL", billing_db)
+                .env("BROKER_NAMESPACE", &namespace)
+                .env("BROKER_URL", "nats://127.0.0.1:1")
+                .args(["--broker", broker]);
+        } else {
+            run.args(args);
+        }
+        let output = run.output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
