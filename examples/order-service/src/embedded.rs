@@ -75,16 +75,6 @@ pub(crate) fn run<O: AppConnection, B: AppConnection>(
     let orders_db = open::<O>(orders_url, pool_size, Service::Orders)?;
     let billing_db = open::<B>(billing_url, 4, Service::Billing)?;
     let before = audit(&orders_db, &billing_db)?;
-
-    let in_process;
-    let transport = match messaging {
-        Messaging::InProcess { redeliver_fraction } => {
-            in_process =
-                MemoryBroker::new(MemoryConfig::default().redeliver_fraction(*redeliver_fraction));
-            Transport::Memory(&in_process)
-        }
-        Messaging::Server(broker) => Transport::Server(broker),
-    };
     eprintln!(
         "placing {} orders on {} threads; broker: {}",
         options.orders,
@@ -97,6 +87,16 @@ pub(crate) fn run<O: AppConnection, B: AppConnection>(
             Messaging::Server(broker) => broker.to_string(),
         }
     );
+
+    let in_process;
+    let transport = match messaging {
+        Messaging::InProcess { redeliver_fraction } => {
+            in_process =
+                MemoryBroker::new(MemoryConfig::default().redeliver_fraction(*redeliver_fraction));
+            Transport::Memory(&in_process)
+        }
+        Messaging::Server(broker) => Transport::Server(broker),
+    };
     let (events, heard) = mpsc::channel();
     let started = Instant::now();
     let mut workers = Workers::new(events.clone());
