@@ -364,7 +364,7 @@ impl Workers {
         let db = db.clone();
         let work: Box<dyn FnOnce() -> Result<RelayReport, Error> + Send> = match transport {
             Transport::Memory(broker) => {
-                // SQLite has no NOTIFY, so an idle relay polls; a short interval keeps it brisk.
+                // An idle relay polls (SQLite has no NOTIFY); a short interval keeps it brisk.
                 let config = RelayConfig::default().poll_interval(Duration::from_millis(50));
                 let mut relay = Relay::new(DieselStore::new(db), broker.publisher(), config);
                 let _ = started.send(relay.handle());
