@@ -6,30 +6,42 @@
 //! namespace prefixes every name, so several deployments (or tests) share one server.
 
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
-use waybill_outbox_core::{Publisher, Relay, RelayConfig};
+use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport};
 
 use crate::db::{AppConnection, DbPool};
 use crate::Error;
 
-/// A broker URL and the namespace its names are prefixed with.
+/// A broker URL, the namespace its names are prefixed with, and how soon work a killed
+/// process left behind is taken up again.
 #[derive(Clone, Debug)]
-pub(crate) enum Broker {
+pub(crate) struct Broker {
+    transport: Transport,
+    url: String,
+    namespace: Option<String>,
+    timing: Timing,
+}
+
+/// Which kind of broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
     /// RabbitMQ, `amqp://...`.
-    Amqp {
-        /// The address.
-        url: String,
-        /// The name prefix, if any.
-        namespace: Option<String>,
-    },
+    Amqp,
     /// NATS JetStream, `nats://...`.
-    Nats {
-        /// The server URL.
-        url: String,
-        /// The name prefix, if any.
-        namespace: Option<String>,
-    },
+    Nats,
+}
+
+/// How long a dead process's unfinished work stays reserved for it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    /// How long a relay's claim on a batch lasts: a killed relay's claimed messages wait this
+    /// long before another relay publishes them.
+    pub(crate) relay_lease: Duration,
+    /// How long NATS waits for a delivery's ack before redelivering it (RabbitMQ redelivers
+    /// as soon as the consumer's connection drops).
+    pub(crate) ack_wait: Duration,
 }
 
 impl Broker {
@@ -37,37 +49,49 @@ impl Broker {
     ///
     /// # Errors
     ///
-    /// `memory` (only the embedded mode has an in-process broker) and unknown schemes.
-    pub(crate) fn parse(url: &str, namespace: Option<String>) -> Result<Self, Error> {
-        if url.starts_with("amqp://") || url.starts_with("amqps://") {
-            Ok(Self::Amqp {
-                url: url.to_owned(),
-                namespace,
-            })
+    /// `memory` (only the one-command run has an in-process broker) and unknown schemes.
+    pub(crate) fn parse(
+        url: &str,
+        namespace: Option<String>,
+        timing: Timing,
+    ) -> Result<Self, Error> {
+        let transport = if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            Transport::Amqp
         } else if url.starts_with("nats://") {
-            Ok(Self::Nats {
-                url: url.to_owned(),
-                namespace,
-            })
+            Transport::Nats
         } else if url == "memory" {
-            Err(
-                "--broker memory works only in the embedded mode (no subcommand): \
+            return Err(
+                "--broker memory works only in the one-command run (no subcommand): \
                  separate processes need amqp://... or nats://..."
                     .into(),
-            )
+            );
         } else {
-            Err(format!("unknown broker {url:?}: use amqp://..., nats://... or memory").into())
-        }
+            return Err(
+                format!("unknown broker {url:?}: use amqp://..., nats://... or memory").into(),
+            );
+        };
+        Ok(Self {
+            transport,
+            url: url.to_owned(),
+            namespace,
+            timing,
+        })
     }
 
-    /// Runs a relay from `db`'s outbox to this broker until the process ends.
+    /// Runs a relay from `db`'s outbox to this broker until it is stopped through the handle
+    /// given to `started` (or the process ends); returns the relay's totals.
     ///
     /// # Errors
     ///
     /// The broker could not be reached at start.
-    pub(crate) fn run_relay<C: AppConnection>(&self, db: DbPool<C>) -> Result<(), Error> {
-        match self {
-            Self::Amqp { url, namespace } => {
+    pub(crate) fn run_relay<C: AppConnection>(
+        &self,
+        db: DbPool<C>,
+        started: impl FnOnce(RelayHandle),
+    ) -> Result<RelayReport, Error> {
+        let (url, namespace) = (&self.url, &self.namespace);
+        match self.transport {
+            Transport::Amqp => {
                 let mut config = waybill_amqp::PublisherConfig::default();
                 if let Some(namespace) = namespace {
                     config = config.routing(waybill_amqp::Routing::Exchange(exchange(namespace)));
@@ -81,9 +105,9 @@ impl Broker {
                         amqp_queue(namespace.as_deref(), topic, consumer),
                     )?);
                 }
-                relay_forever(db, publisher);
+                Ok(self.relay(db, publisher, started))
             }
-            Self::Nats { url, namespace } => {
+            Transport::Nats => {
                 let mut config = waybill_nats::PublisherConfig::default();
                 if let Some(namespace) = namespace.clone() {
                     config = config.subject_mapping(waybill_nats::SubjectMapping::custom(
@@ -92,10 +116,9 @@ impl Broker {
                 }
                 let publisher = waybill_nats::NatsPublisher::connect(url, config)?;
                 ensure_streams(&publisher, namespace.as_deref())?;
-                relay_forever(db, publisher);
+                Ok(self.relay(db, publisher, started))
             }
         }
-        Ok(())
     }
 
     /// Consumes `topic` as `consumer` (a queue or durable consumer of that name) with
@@ -111,19 +134,13 @@ impl Broker {
         handler: &mut impl DeliveryHandler,
         stop: &AtomicBool,
     ) -> Result<(), Error> {
-        match self {
-            Self::Amqp { url, namespace } => {
-                let config = match namespace {
-                    None => waybill_amqp::ConsumerConfig::new(format!("{consumer}.{topic}"))
-                        .bind(topic, "#"),
-                    Some(ns) => {
-                        waybill_amqp::ConsumerConfig::new(format!("{ns}.{consumer}.{topic}"))
-                            .bind(exchange(ns), topic)
-                    }
-                };
+        let (url, namespace) = (&self.url, &self.namespace);
+        match self.transport {
+            Transport::Amqp => {
+                let config = amqp_queue(namespace.as_deref(), topic, consumer);
                 waybill_amqp::AmqpConsumer::connect(url, config)?.run(handler, stop)?;
             }
-            Self::Nats { url, namespace } => {
+            Transport::Nats => {
                 // The stream must exist before a durable consumer can be created on it.
                 let publisher = waybill_nats::NatsPublisher::connect(
                     url,
@@ -133,11 +150,49 @@ impl Broker {
                 let config = waybill_nats::ConsumerConfig::new(
                     stream(namespace.as_deref(), topic),
                     consumer,
-                );
+                )
+                .ack_wait(self.timing.ack_wait);
                 waybill_nats::NatsConsumer::connect(url, config)?.run(handler, stop)?;
             }
         }
         Ok(())
+    }
+
+    /// Relays from `db`'s outbox with `publisher` until stopped.
+    fn relay<C: AppConnection, P: Publisher>(
+        &self,
+        db: DbPool<C>,
+        publisher: P,
+        started: impl FnOnce(RelayHandle),
+    ) -> RelayReport {
+        let config = RelayConfig::default()
+            .poll_interval(Duration::from_millis(200))
+            .lease(self.timing.relay_lease);
+        let mut relay = Relay::new(waybill_diesel::DieselStore::new(db), publisher, config);
+        started(relay.handle());
+        let totals = relay.run();
+        log::info!("relay stopped: {totals:?}");
+        totals
+    }
+}
+
+impl std::fmt::Display for Broker {
+    /// The URL without its password, and the namespace.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((user, host)) => {
+                    let user = user.split_once(':').map_or(user, |(user, _)| user);
+                    format!("{scheme}://{user}:***@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        };
+        match &self.namespace {
+            Some(namespace) => write!(f, "{url}, namespace {namespace}"),
+            None => f.write_str(&url),
+        }
     }
 }
 
@@ -193,14 +248,4 @@ fn ensure_streams(
         publisher.ensure_stream(&stream(namespace, topic), &[&subject(namespace, topic)])?;
     }
     Ok(())
-}
-
-fn relay_forever<C: AppConnection, P: Publisher>(db: DbPool<C>, publisher: P) {
-    let mut relay = Relay::new(
-        waybill_diesel::DieselStore::new(db),
-        publisher,
-        RelayConfig::default().poll_interval(std::time::Duration::from_millis(200)),
-    );
-    let totals = relay.run();
-    log::info!("relay stopped: {totals:?}");
 }

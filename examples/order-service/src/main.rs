@@ -5,11 +5,16 @@
 //!
 //! Run with: `cargo run --release -p waybill-order-service`
 //!
-//! That is the embedded mode: two SQLite files under `--data-dir`, the in-process broker
-//! repeating 20% of its deliveries, and every role on a thread of one process. `report`
-//! prints the audit as JSON.
+//! That is the embedded mode: two fresh SQLite files under `--data-dir`, the in-process
+//! broker repeating 20% of its deliveries, and every role on a thread of one process, with
+//! progress on stderr and the audit table on stdout. `report` prints the audit as JSON.
 //!
-//! One process per role, on real servers (flags win over the environment):
+//! The same one command on real servers: `--orders-db`, `--billing-db` (`postgres://...`,
+//! `mysql://...` with the `mysql` feature, or a SQLite path) and `--broker` (`amqp://...` or
+//! `nats://...`), or `ORDERS_DATABASE_URL`, `BILLING_DATABASE_URL`, `BROKER_URL`; flags win.
+//! Databases are kept between runs; the table counts each run's own orders.
+//!
+//! One process per role, as deployed (each creates its schema on start):
 //!
 //! ```text
 //! export ORDERS_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orders
@@ -22,6 +27,9 @@
 //! order-service place --count 1000 --concurrency 4   # or: curl -d '{"customer":"ada","amount_cents":1234}' localhost:8080/orders
 //! order-service report
 //! ```
+//!
+//! A killed relay's claimed messages wait `--relay-lease-secs` (30) before another relay
+//! sends them; NATS redelivers a killed consumer's deliveries after `--ack-wait-secs` (30).
 
 mod billing;
 mod broker;
@@ -39,11 +47,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use diesel::{PgConnection, SqliteConnection};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Timing};
 use crate::db::{parse_url, AppConnection, Backend};
-use crate::embedded::{open, EmbeddedOptions, Service};
+use crate::embedded::{open, EmbeddedOptions, Messaging, Service};
 
 /// The example's error type: anything, with its message, across threads.
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -51,37 +58,50 @@ pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Parser)]
 #[command(name = "order-service", about = "waybill's order service example")]
 struct Args {
-    /// Where the embedded mode keeps its SQLite files (recreated on every run), and where the
-    /// database URLs point by default.
+    /// Where the SQLite files go when no database URL is given (the one-command run starts
+    /// them afresh).
     #[arg(long, global = true, default_value = "data/order-service")]
     data_dir: PathBuf,
-    /// The orders database: `postgres://...` or a SQLite path (`sqlite://PATH` or `PATH`).
-    /// Defaults to `DATA_DIR/orders.db`.
+    /// The orders database: `postgres://...`, `mysql://...` (built with the `mysql` feature)
+    /// or a SQLite path (`sqlite://PATH` or `PATH`). Defaults to `DATA_DIR/orders.db`.
     #[arg(long, global = true, env = "ORDERS_DATABASE_URL")]
     orders_db: Option<String>,
     /// The billing database, like `--orders-db`. Defaults to `DATA_DIR/billing.db`.
     #[arg(long, global = true, env = "BILLING_DATABASE_URL")]
     billing_db: Option<String>,
-    /// The broker: `amqp://...`, `nats://...`, or `memory` (the embedded mode's default and
-    /// only choice).
+    /// The broker: `amqp://...`, `nats://...`, or `memory` (the in-process broker; the
+    /// one-command run's default, and only there).
     #[arg(long, global = true, env = "BROKER_URL")]
     broker: Option<String>,
     /// A prefix for every exchange, queue, stream and subject, so several deployments (or
     /// tests) can share one broker.
     #[arg(long, global = true, env = "BROKER_NAMESPACE")]
     namespace: Option<String>,
-    /// Orders to place in the embedded mode.
+    /// Seconds a relay's claim on a batch lasts: a killed relay's claimed messages wait this
+    /// long before another relay publishes them. Must exceed the time to publish one batch.
+    #[arg(long, global = true, default_value_t = 30)]
+    relay_lease_secs: u64,
+    /// Seconds NATS waits for a delivery's ack before redelivering it, as after a killed
+    /// consumer (RabbitMQ redelivers as soon as the consumer's connection drops). Must exceed
+    /// the time a consumer takes for one batch.
+    #[arg(long, global = true, default_value_t = 30)]
+    ack_wait_secs: u64,
+    /// Orders the one-command run places.
     #[arg(long, default_value_t = 1000)]
     orders: u64,
-    /// Threads placing orders in the embedded mode.
+    /// Threads placing them.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// The fraction of deliveries the in-process broker repeats (0.0 to 1.0).
     #[arg(long, default_value_t = 0.2)]
     redeliver_fraction: f64,
-    /// Seconds the embedded mode waits for every order to be charged and paid.
+    /// Seconds the one-command run waits for every order to be charged and paid.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Test hook: the one-command run's writer fails at this order number, to show that a failing
+    /// writer ends the run at once with its error.
+    #[arg(long, hide = true)]
+    fail_at_order: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -121,12 +141,24 @@ enum ServiceName {
     Billing,
 }
 
-/// Calls `$role::<C>(url, args..)` with `C` the connection type that `$url`'s scheme names.
+/// Runs `$body` with `$conn` the connection type that `$url`'s scheme names and `$parsed` the
+/// URL as diesel wants it.
 macro_rules! on_backend {
-    ($url:expr, $($role:ident)::+, $($arg:expr),*) => {
+    ($url:expr, |$conn:ident, $parsed:ident| $body:expr) => {
         match parse_url(&$url)? {
-            (Backend::Postgres, url) => $($role)::+::<PgConnection>(&url, $($arg),*),
-            (Backend::Sqlite, url) => $($role)::+::<SqliteConnection>(&url, $($arg),*),
+            (Backend::Postgres, $parsed) => {
+                type $conn = diesel::PgConnection;
+                $body
+            }
+            (Backend::Sqlite, $parsed) => {
+                type $conn = diesel::SqliteConnection;
+                $body
+            }
+            #[cfg(feature = "mysql")]
+            (Backend::Mysql, $parsed) => {
+                type $conn = diesel::MysqlConnection;
+                $body
+            }
         }
     };
 }
@@ -147,7 +179,13 @@ impl Args {
     fn broker(&self) -> Result<Option<Broker>, Error> {
         self.broker
             .as_deref()
-            .map(|url| Broker::parse(url, self.namespace.clone()))
+            .map(|url| {
+                let timing = Timing {
+                    relay_lease: Duration::from_secs(self.relay_lease_secs),
+                    ack_wait: Duration::from_secs(self.ack_wait_secs),
+                };
+                Broker::parse(url, self.namespace.clone(), timing)
+            })
             .transpose()
     }
 
@@ -159,6 +197,20 @@ impl Args {
 
     fn data_file(&self, name: &str) -> String {
         self.data_dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// `data_file(name)`, with any earlier run's database (and its WAL files) removed.
+    fn fresh_data_file(&self, name: &str) -> Result<String, Error> {
+        let path = self.data_file(name);
+        for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+            match std::fs::remove_file(&file) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("removing {file}: {error}").into())
+                }
+                _ => {}
+            }
+        }
+        Ok(path)
     }
 }
 
@@ -182,68 +234,84 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool, Error> {
     match &args.command {
         None => {
-            if let Some(url) = args.broker.as_deref().filter(|url| *url != "memory") {
-                return Err(format!(
-                    "the embedded mode runs on the in-process broker, not {url}: \
-                     run the subcommands (relay, billing, serve-orders) for a real broker"
-                )
-                .into());
-            }
-            embedded::run(&EmbeddedOptions {
-                data_dir: args.data_dir.clone(),
+            let messaging = match args.broker.as_deref() {
+                None | Some("memory") => Messaging::InProcess {
+                    redeliver_fraction: args.redeliver_fraction,
+                },
+                Some(_) => Messaging::Server(args.required_broker()?),
+            };
+            // The default SQLite files start afresh on every run; a database named is kept.
+            let orders_url = match &args.orders_db {
+                Some(url) => url.clone(),
+                None => args.fresh_data_file("orders.db")?,
+            };
+            let billing_url = match &args.billing_db {
+                Some(url) => url.clone(),
+                None => args.fresh_data_file("billing.db")?,
+            };
+            let options = EmbeddedOptions {
                 orders: args.orders,
                 concurrency: args.concurrency,
-                redeliver_fraction: args.redeliver_fraction,
                 timeout: Duration::from_secs(args.timeout_secs),
+                fail_at_order: args.fail_at_order,
+            };
+            on_backend!(orders_url, |O, orders_url| {
+                on_backend!(billing_url, |B, billing_url| embedded::run::<O, B>(
+                    &orders_url,
+                    &billing_url,
+                    &messaging,
+                    &options
+                ))
             })
         }
         Some(Command::Relay { service }) => {
             let broker = args.required_broker()?;
             match service {
                 ServiceName::Orders => {
-                    on_backend!(args.orders_url(), roles::relay, Service::Orders, &broker)?;
+                    on_backend!(args.orders_url(), |C, url| roles::relay::<C>(
+                        &url,
+                        Service::Orders,
+                        &broker
+                    ))?;
                 }
                 ServiceName::Billing => {
-                    on_backend!(args.billing_url(), roles::relay, Service::Billing, &broker)?;
+                    on_backend!(args.billing_url(), |C, url| roles::relay::<C>(
+                        &url,
+                        Service::Billing,
+                        &broker
+                    ))?;
                 }
             }
             Ok(true)
         }
         Some(Command::Billing) => {
-            on_backend!(args.billing_url(), roles::billing, &args.required_broker()?)?;
+            let broker = args.required_broker()?;
+            on_backend!(args.billing_url(), |C, url| roles::billing::<C>(
+                &url, &broker
+            ))?;
             Ok(true)
         }
         Some(Command::Place { count, concurrency }) => {
-            on_backend!(args.orders_url(), roles::place, *count, *concurrency)?;
+            on_backend!(args.orders_url(), |C, url| roles::place::<C>(
+                &url,
+                *count,
+                *concurrency
+            ))?;
             Ok(true)
         }
         Some(Command::ServeOrders { listen }) => {
-            on_backend!(
-                args.orders_url(),
-                roles::serve_orders,
-                listen,
-                args.broker()?
-            )?;
+            let broker = args.broker()?;
+            on_backend!(args.orders_url(), |C, url| roles::serve_orders::<C>(
+                &url, listen, broker
+            ))?;
             Ok(true)
         }
-        Some(Command::Report) => {
-            let (orders_backend, orders_url) = parse_url(&args.orders_url())?;
-            let (billing_backend, billing_url) = parse_url(&args.billing_url())?;
-            match (orders_backend, billing_backend) {
-                (Backend::Postgres, Backend::Postgres) => {
-                    print_report::<PgConnection, PgConnection>(&orders_url, &billing_url)
-                }
-                (Backend::Postgres, Backend::Sqlite) => {
-                    print_report::<PgConnection, SqliteConnection>(&orders_url, &billing_url)
-                }
-                (Backend::Sqlite, Backend::Postgres) => {
-                    print_report::<SqliteConnection, PgConnection>(&orders_url, &billing_url)
-                }
-                (Backend::Sqlite, Backend::Sqlite) => {
-                    print_report::<SqliteConnection, SqliteConnection>(&orders_url, &billing_url)
-                }
-            }
-        }
+        Some(Command::Report) => on_backend!(args.orders_url(), |O, orders_url| {
+            on_backend!(args.billing_url(), |B, billing_url| print_report::<O, B>(
+                &orders_url,
+                &billing_url
+            ))
+        }),
     }
 }
 

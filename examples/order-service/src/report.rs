@@ -38,6 +38,23 @@ impl Report {
     }
 }
 
+impl Report {
+    /// What changed since `before`; what is pending or parked stays as it is now.
+    pub(crate) fn since(&self, before: &Self) -> Self {
+        Self {
+            orders: self.orders - before.orders,
+            orders_paid: self.orders_paid - before.orders_paid,
+            charges: self.charges - before.charges,
+            orders_charged_once: self.orders_charged_once - before.orders_charged_once,
+            orders_charged_more_than_once: self.orders_charged_more_than_once
+                - before.orders_charged_more_than_once,
+            orders_not_charged: self.orders_not_charged - before.orders_not_charged,
+            inbox_duplicates: self.inbox_duplicates - before.inbox_duplicates,
+            ..*self
+        }
+    }
+}
+
 /// Reads the report from the orders and the billing database.
 ///
 /// # Errors

@@ -24,7 +24,8 @@ pub(crate) fn relay<C: AppConnection>(
     service: Service,
     broker: &Broker,
 ) -> Result<(), Error> {
-    broker.run_relay(open::<C>(url, 4, service)?)
+    broker.run_relay(open::<C>(url, 4, service)?, drop)?;
+    Ok(())
 }
 
 /// Billing's consumer: charges each `OrderPlaced` once, until the process ends.
@@ -56,7 +57,12 @@ pub(crate) fn place<C: AppConnection>(
     let size = u32::try_from(concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
-    let placed = place_orders(&open::<C>(url, size, Service::Orders)?, count, concurrency)?;
+    let placed = place_orders(
+        &open::<C>(url, size, Service::Orders)?,
+        count,
+        concurrency,
+        None,
+    )?;
     println!("placed {placed} orders");
     Ok(())
 }

@@ -35,22 +35,57 @@ pub fn require<T>(what: &str, found: Result<T, String>) -> Option<T> {
     }
 }
 
-/// A fresh PostgreSQL database on `PG_DATABASE_URL`'s server; returns its URL.
-pub fn fresh_pg_database(name: &str) -> Result<String, String> {
-    use diesel::{Connection, RunQueryDsl};
+/// A database made for one test, dropped again when the value is.
+pub struct TestDatabase {
+    /// Its URL, for `--orders-db` / `--billing-db`.
+    pub url: String,
+    drop: Option<Box<dyn FnOnce()>>,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some(drop) = self.drop.take() {
+            drop();
+        }
+    }
+}
+
+/// A fresh PostgreSQL database on `PG_DATABASE_URL`'s server.
+pub fn pg_database(name: &str) -> Result<TestDatabase, String> {
     let base = std::env::var("PG_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let mut conn = diesel::PgConnection::establish(&base).map_err(|e| e.to_string())?;
-    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name}"))
-        .execute(&mut conn)
+    server_database::<diesel::PgConnection>(&base, name, "WITH (FORCE)")
+}
+
+/// A fresh MySQL/MariaDB database on `MYSQL_DATABASE_URL`'s server.
+#[cfg(feature = "mysql")]
+pub fn mysql_database(name: &str) -> Result<TestDatabase, String> {
+    let base = std::env::var("MYSQL_DATABASE_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+    server_database::<diesel::MysqlConnection>(&base, name, "")
+}
+
+/// Creates database `name` next to `base`'s; `force` ends what still uses it when it is dropped.
+fn server_database<C: diesel::Connection + 'static>(
+    base: &str,
+    name: &str,
+    force: &'static str,
+) -> Result<TestDatabase, String> {
+    let mut admin = C::establish(base).map_err(|e| format!("{base}: {e}"))?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
         .map_err(|e| e.to_string())?;
-    diesel::sql_query(format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .map_err(|e| e.to_string())?;
-    let server = base
-        .rsplit_once('/')
-        .map_or(base.as_str(), |(server, _)| server);
-    Ok(format!("{server}/{name}"))
+    let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+    let name = name.to_owned();
+    Ok(TestDatabase {
+        url: format!("{server}/{name}"),
+        drop: Some(Box::new(move || {
+            let dropped = admin.batch_execute(&format!("DROP DATABASE {name} {force}"));
+            if let Err(error) = dropped {
+                let _ = writeln!(std::io::stderr(), "dropping test database {name}: {error}");
+            }
+        })),
+    })
 }
 
 /// Whether something listens on `addr` (`host:port`).
