@@ -14,6 +14,9 @@ use crate::Error;
 ///
 /// - handled or duplicate -> [`Disposition::Ack`]
 /// - older than the inbox's retention window -> [`Disposition::DeadLetter`]
+/// - an id already processed with a different payload
+///   ([`Error::ConflictingDuplicate`](crate::Error::ConflictingDuplicate)) ->
+///   [`Disposition::DeadLetter`] with the reason
 /// - handler or database error (rolled back, nothing recorded) -> [`Disposition::Retry`]
 ///
 /// ```
@@ -81,6 +84,14 @@ where
                 message.sent_at,
                 self.inbox.retention_window()
             )),
+            Err(error)
+                if self
+                    .inbox
+                    .is_conflicting_duplicate(&mut conn, message)
+                    .unwrap_or(false) =>
+            {
+                Disposition::DeadLetter(format!("refused: {error}"))
+            }
             Err(error) => {
                 log::warn!(
                     "inbox {}: message {} failed, will be redelivered: {error}",
