@@ -67,6 +67,58 @@ fn header_injection_is_refused_before_the_database<C: Backend>(db: TestDb<C>) {
     }
 }
 
+fn oversized_payloads_are_refused_with_a_typed_error<C: Backend>(db: TestDb<C>) {
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let limit = waybill_outbox_core::Limits::default().payload_limit();
+    let message = NewOutboxMessage::bytes(
+        "orders",
+        "k",
+        "T",
+        "application/octet-stream",
+        vec![0; limit + 1],
+    );
+    let refused = enqueue(conn, &message);
+    assert!(
+        matches!(
+            &refused,
+            Err(Error::Invalid {
+                source: waybill_outbox_core::ValidationError::PayloadTooLarge { .. },
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(find_message(conn, message.id()).unwrap().is_none());
+}
+
+fn messages_of_topics_not_subscribed_to_are_dead_lettered<C: Backend + Send>(db: TestDb<C>) {
+    let inbox = Inbox::new("billing");
+    let mut handled = Vec::new();
+    let mut handler = InboxHandler::new(
+        db.pool.clone(),
+        inbox.clone(),
+        |_: &mut Pooled<C>, msg: &IncomingMessage| {
+            handled.push(msg.topic.clone());
+            Ok::<_, Error>(())
+        },
+    )
+    .only_topics(["orders"]);
+    let foreign = IncomingMessage::new(MessageId::new(), "payments", "PaymentCaptured", "{}");
+    let disposition = handler.handle(&foreign);
+    assert!(
+        matches!(&disposition, Disposition::DeadLetter(reason) if reason.contains("\"payments\"")),
+        "{disposition:?}"
+    );
+    let own = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}");
+    assert_eq!(handler.handle(&own), Disposition::Ack);
+    drop(handler);
+    assert_eq!(handled, ["orders"]);
+    assert!(!inbox
+        .is_processed(&mut *db.conn(), &DedupKey::from(foreign.id))
+        .unwrap());
+}
+
 type Pooled<C> = PooledConnection<ConnectionManager<C>>;
 
 fn a_processed_id_with_another_payload_is_refused_and_dead_lettered<C: Backend + Send>(
@@ -120,4 +172,6 @@ backend_tests!(
     sql_metacharacters_in_every_string_field_round_trip_exactly,
     header_injection_is_refused_before_the_database,
     a_processed_id_with_another_payload_is_refused_and_dead_lettered,
+    oversized_payloads_are_refused_with_a_typed_error,
+    messages_of_topics_not_subscribed_to_are_dead_lettered,
 );

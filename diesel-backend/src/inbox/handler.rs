@@ -1,5 +1,6 @@
 //! A [`DeliveryHandler`] that runs every delivery through the inbox on a pooled connection.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection, R2D2Connection};
@@ -12,6 +13,7 @@ use crate::Error;
 /// and `handler` runs inside [`Inbox::process_once`], so the delivery is acknowledged only after
 /// the handler's writes and the dedup record committed together.
 ///
+/// - a topic outside [`only_topics`](Self::only_topics) -> [`Disposition::DeadLetter`]
 /// - handled or duplicate -> [`Disposition::Ack`]
 /// - older than the inbox's retention window -> [`Disposition::DeadLetter`]
 /// - an id already processed with a different payload
@@ -41,12 +43,14 @@ pub struct InboxHandler<C: R2D2Connection + 'static, F> {
     pool: Pool<ConnectionManager<C>>,
     inbox: Inbox,
     handler: F,
+    topics: Option<BTreeSet<String>>,
 }
 
 impl<C: R2D2Connection + 'static, F> fmt::Debug for InboxHandler<C, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InboxHandler")
             .field("inbox", &self.inbox)
+            .field("topics", &self.topics)
             .finish_non_exhaustive()
     }
 }
@@ -58,7 +62,21 @@ impl<C: R2D2Connection + 'static, F> InboxHandler<C, F> {
             pool,
             inbox,
             handler,
+            topics: None,
         }
+    }
+
+    /// Acts only on messages of these topics, the ones this consumer subscribed to; any other
+    /// (a misrouted binding, a forged `waybill-topic`) is dead-lettered with the reason and
+    /// never reaches the handler or the inbox. Defaults to every topic.
+    #[must_use]
+    pub fn only_topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.topics = Some(topics.into_iter().map(Into::into).collect());
+        self
     }
 }
 
@@ -69,6 +87,12 @@ where
     E: From<Error> + From<diesel::result::Error> + fmt::Display,
 {
     fn handle(&mut self, message: &IncomingMessage) -> Disposition {
+        if let Some(topics) = self.topics.as_ref().filter(|t| !t.contains(&message.topic)) {
+            return Disposition::DeadLetter(format!(
+                "topic {:?} is not one this consumer subscribed to ({topics:?})",
+                message.topic
+            ));
+        }
         let mut conn = match self.pool.get() {
             Ok(conn) => conn,
             Err(error) => return Disposition::Retry(format!("no database connection: {error}")),
