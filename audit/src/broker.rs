@@ -133,7 +133,7 @@ impl Broker {
                 // One unacknowledged delivery at a time: a crashed consumer's delivery is then
                 // redelivered before any later one, which keeps per-key order.
                 let config = waybill_nats::ConsumerConfig::new(self.stream(), CONSUMER_NAME)
-                    .ack_wait(Duration::from_secs(3))
+                    .ack_wait(Duration::from_secs(2))
                     .max_ack_pending(1)
                     .batch_size(1);
                 waybill_nats::NatsConsumer::connect(&self.url, config)?.run(handler, stop)?;

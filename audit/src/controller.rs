@@ -45,7 +45,8 @@ pub(crate) struct Plan {
 impl Plan {
     /// How long the drain may take once the faults stopped.
     pub(crate) fn drain_timeout(&self) -> Duration {
-        Duration::from_secs(60 + self.messages / 100)
+        // A deadline, not a wait: generous, since a killed consumer stalls a NATS run.
+        Duration::from_secs(60 + self.messages / 20)
     }
 }
 
