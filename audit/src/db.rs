@@ -49,7 +49,7 @@ pub(crate) trait AuditConnection:
     Connection + R2D2Connection + OutboxConnection + InboxConnection + Send + Sized + 'static
 {
     /// The `CREATE TABLE` statements of the audit tables.
-    const TABLES: [&'static str; 2];
+    const TABLES: [&'static str; 3];
 
     /// Opens a pool of at most `size` connections to `url`.
     ///
@@ -138,12 +138,14 @@ macro_rules! impl_queries {
 }
 
 impl AuditConnection for PgConnection {
-    const TABLES: [&'static str; 2] = [
+    const TABLES: [&'static str; 3] = [
         "CREATE TABLE IF NOT EXISTS audit_messages (idx BIGINT PRIMARY KEY, \
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq BIGINT NOT NULL)",
         // No unique constraint on message_id: only the inbox may prevent a double effect.
         "CREATE TABLE IF NOT EXISTS audit_effects (serial BIGSERIAL PRIMARY KEY, \
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq BIGINT NOT NULL)",
+        // Not unique: the counts join and group on it.
+        "CREATE INDEX IF NOT EXISTS audit_effects_message_id ON audit_effects (message_id)",
     ];
 
     fn pool(url: &str, size: u32) -> Result<DbPool<Self>, Error> {
@@ -156,12 +158,14 @@ impl AuditConnection for PgConnection {
 }
 
 impl AuditConnection for SqliteConnection {
-    const TABLES: [&'static str; 2] = [
+    const TABLES: [&'static str; 3] = [
         "CREATE TABLE IF NOT EXISTS audit_messages (idx INTEGER PRIMARY KEY, \
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq INTEGER NOT NULL)",
         // No unique constraint on message_id: only the inbox may prevent a double effect.
         "CREATE TABLE IF NOT EXISTS audit_effects (serial INTEGER PRIMARY KEY AUTOINCREMENT, \
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq INTEGER NOT NULL)",
+        // Not unique: the counts join and group on it.
+        "CREATE INDEX IF NOT EXISTS audit_effects_message_id ON audit_effects (message_id)",
     ];
 
     fn pool(path: &str, size: u32) -> Result<DbPool<Self>, Error> {
