@@ -14,7 +14,7 @@
 //! its lease (SIGSTOP/SIGCONT), cuts and blocks the broker through a TCP proxy, and terminates
 //! the workers' PostgreSQL backends; the workers also crash themselves at the pipeline's
 //! critical points. The in-process broker cannot span processes, so `memory` runs every role on
-//! threads of this process (see [`embedded`]). The last stdout line is the result as JSON; the
+//! threads of this process (see `embedded.rs`). The last stdout line is the result as JSON; the
 //! exit code is 1 when anything was lost, doubled or reordered.
 
 mod broker;
