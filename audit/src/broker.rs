@@ -93,6 +93,54 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes the run's queues, exchanges or streams (dead-letter ones included), so runs
+    /// leave nothing behind on a shared broker.
+    ///
+    /// # Errors
+    ///
+    /// The broker is unreachable or refused.
+    pub(crate) fn teardown(&self) -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        match self.kind {
+            Kind::Amqp => runtime.block_on(async {
+                use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+                let config = self.amqp_queue();
+                let connection =
+                    lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+                        .await?;
+                let channel = connection.create_channel().await?;
+                for queue in [
+                    config.queue_name().to_owned(),
+                    config.dead_letter_queue_name(),
+                ] {
+                    let queue = lapin::types::ShortString::try_new(queue)?;
+                    channel
+                        .queue_delete(queue, QueueDeleteOptions::default())
+                        .await?;
+                }
+                for exchange in [self.exchange(), config.dead_letter_exchange_name()] {
+                    let exchange = lapin::types::ShortString::try_new(exchange)?;
+                    channel
+                        .exchange_delete(exchange, ExchangeDeleteOptions::default())
+                        .await?;
+                }
+                connection.close(0, "audit done".into()).await?;
+                Ok::<_, Error>(())
+            }),
+            Kind::Nats => runtime.block_on(async {
+                let jetstream = async_nats::jetstream::new(async_nats::connect(&self.url).await?);
+                let dead = self.nats_consumer().dead_letter_stream_name();
+                for stream in std::iter::once(self.stream()).chain(dead) {
+                    jetstream.delete_stream(&stream).await?;
+                }
+                Ok(())
+            }),
+            Kind::Memory => Ok(()),
+        }
+    }
+
     /// A publisher for a relay.
     ///
     /// # Errors
@@ -130,16 +178,20 @@ impl Broker {
                 waybill_amqp::AmqpConsumer::connect(&self.url, config)?.run(handler, stop)?;
             }
             Kind::Nats | Kind::Memory => {
-                // One unacknowledged delivery at a time: a crashed consumer's delivery is then
-                // redelivered before any later one, which keeps per-key order.
-                let config = waybill_nats::ConsumerConfig::new(self.stream(), CONSUMER_NAME)
-                    .ack_wait(Duration::from_secs(2))
-                    .max_ack_pending(1)
-                    .batch_size(1);
-                waybill_nats::NatsConsumer::connect(&self.url, config)?.run(handler, stop)?;
+                waybill_nats::NatsConsumer::connect(&self.url, self.nats_consumer())?
+                    .run(handler, stop)?;
             }
         }
         Ok(())
+    }
+
+    fn nats_consumer(&self) -> waybill_nats::ConsumerConfig {
+        // One unacknowledged delivery at a time: a crashed consumer's delivery is then
+        // redelivered before any later one, which keeps per-key order.
+        waybill_nats::ConsumerConfig::new(self.stream(), CONSUMER_NAME)
+            .ack_wait(Duration::from_secs(2))
+            .max_ack_pending(1)
+            .batch_size(1)
     }
 
     fn nats_publisher(&self) -> Result<waybill_nats::NatsPublisher, Error> {

@@ -168,6 +168,9 @@ pub(crate) fn run(database: &Database, broker_url: &str, plan: &Plan) -> Result<
     };
     if !plan.keep {
         target.remove();
+        if let Err(error) = broker.teardown() {
+            log::warn!("removing the run's queues or streams failed: {error}");
+        }
     }
     result
 }
