@@ -18,6 +18,7 @@ use crate::db::{self, AuditConnection, DbPool};
 use crate::pipeline::{EXIT_REDELIVER, LEASE};
 use crate::proxy::{self, Proxy};
 use crate::report::{Faults, Report};
+use crate::worker::{BROKER_URL_ENV, DATABASE_URL_ENV};
 use crate::{Database, Error, Role};
 
 /// The signal `std::process::abort` ends a process with.
@@ -317,8 +318,8 @@ impl Spawner {
         command
             .arg("worker")
             .arg(slot.role.name())
-            .args(["--database-url", &target.url(Some(slot.role))])
-            .args(["--broker-url", &self.broker_url])
+            .env(DATABASE_URL_ENV, target.url(Some(slot.role)))
+            .env(BROKER_URL_ENV, &self.broker_url)
             .args(["--namespace", &plan.namespace])
             .arg("--events-dir")
             .arg(&self.events)

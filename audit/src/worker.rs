@@ -17,17 +17,23 @@ use crate::pipeline::{
 };
 use crate::{Database, Error, Role};
 
+/// The variable that hands a worker its database URL.
+pub(crate) const DATABASE_URL_ENV: &str = "WAYBILL_AUDIT_WORKER_DATABASE_URL";
+/// The variable that hands a worker its broker URL.
+pub(crate) const BROKER_URL_ENV: &str = "WAYBILL_AUDIT_WORKER_BROKER_URL";
+
 /// A worker's command line, written by the controller.
 #[derive(Debug, clap::Args)]
 pub(crate) struct WorkerArgs {
     /// The role.
     #[arg(value_enum)]
     role: Role,
-    /// The database, as the controller prepared it (schema and `application_name` set).
-    #[arg(long)]
+    /// The database, as the controller prepared it (schema and `application_name` set). In
+    /// the environment, not on the command line, so `ps` shows no password.
+    #[arg(long, env = DATABASE_URL_ENV)]
     database_url: String,
-    /// The broker, usually through the controller's fault proxy.
-    #[arg(long)]
+    /// The broker, usually through the controller's fault proxy; in the environment too.
+    #[arg(long, env = BROKER_URL_ENV)]
     broker_url: String,
     /// The run's namespace.
     #[arg(long)]
