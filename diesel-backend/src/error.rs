@@ -54,6 +54,18 @@ pub enum Error {
         /// Its status.
         status: Status,
     },
+    /// The inbox already processed a message with this id but another payload: a sender that
+    /// reuses ids, or a forged message. Nothing was recorded and the handler did not run; the
+    /// delivery should be dead-lettered, not retried.
+    #[error(
+        "inbox {consumer}: message {message_id} was already processed with a different payload"
+    )]
+    ConflictingDuplicate {
+        /// The consumer.
+        consumer: String,
+        /// The reused id.
+        message_id: MessageId,
+    },
     /// The database refused or failed a statement.
     #[error("database error")]
     Database(#[from] DieselError),

@@ -324,5 +324,32 @@ mod tests {
         ) {
             let _ = decode(headers, payload);
         }
+
+        /// Hostile values in every reserved header: control characters, CR/LF, NUL, huge
+        /// strings, JSON-ish content types over arbitrary bytes. A decode either fails with a
+        /// typed error or yields a message whose JSON payload really is JSON.
+        #[test]
+        fn decode_of_hostile_reserved_headers_is_typed_or_sound(
+            values in proptest::collection::vec(any::<String>(), 6),
+            content_type in prop_oneof![
+                Just("application/json".to_owned()), Just("APPLICATION/JSON; charset=x".to_owned()),
+                Just("application/x+json".to_owned()), any::<String>(),
+            ],
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+            keep_valid_id in any::<bool>(),
+        ) {
+            let mut headers: Headers = RESERVED.iter().map(|n| (*n).to_owned()).zip(values).collect();
+            if keep_valid_id {
+                headers.insert(MESSAGE_ID.into(), MessageId::new().to_string());
+                headers.insert(SENT_AT.into(), "2026-11-27T10:00:00Z".into());
+            }
+            headers.insert(CONTENT_TYPE.into(), content_type);
+            if let Ok(message) = decode(headers, payload) {
+                if is_json(&message.content_type) {
+                    prop_assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&message.payload).is_ok());
+                }
+                prop_assert!(message.headers.keys().all(|k| !RESERVED.contains(&k.as_str())));
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! A [`DeliveryHandler`] that runs every delivery through the inbox on a pooled connection.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection, R2D2Connection};
@@ -12,8 +13,12 @@ use crate::Error;
 /// and `handler` runs inside [`Inbox::process_once`], so the delivery is acknowledged only after
 /// the handler's writes and the dedup record committed together.
 ///
+/// - a topic outside [`only_topics`](Self::only_topics) -> [`Disposition::DeadLetter`]
 /// - handled or duplicate -> [`Disposition::Ack`]
 /// - older than the inbox's retention window -> [`Disposition::DeadLetter`]
+/// - an id already processed with a different payload
+///   ([`Error::ConflictingDuplicate`](crate::Error::ConflictingDuplicate)) ->
+///   [`Disposition::DeadLetter`] with the reason
 /// - handler or database error (rolled back, nothing recorded) -> [`Disposition::Retry`]
 ///
 /// ```
@@ -40,12 +45,14 @@ pub struct InboxHandler<C: R2D2Connection + 'static, F> {
     inbox: Inbox,
     handler: F,
     duplicates: u64,
+    topics: Option<BTreeSet<String>>,
 }
 
 impl<C: R2D2Connection + 'static, F> fmt::Debug for InboxHandler<C, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InboxHandler")
             .field("inbox", &self.inbox)
+            .field("topics", &self.topics)
             .finish_non_exhaustive()
     }
 }
@@ -58,7 +65,21 @@ impl<C: R2D2Connection + 'static, F> InboxHandler<C, F> {
             inbox,
             handler,
             duplicates: 0,
+            topics: None,
         }
+    }
+
+    /// Acts only on messages of these topics, the ones this consumer subscribed to; any other
+    /// (a misrouted binding, a forged `waybill-topic`) is dead-lettered with the reason and
+    /// never reaches the handler or the inbox. Defaults to every topic.
+    #[must_use]
+    pub fn only_topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.topics = Some(topics.into_iter().map(Into::into).collect());
+        self
     }
 
     /// Deliveries skipped so far as duplicates of messages the inbox already processed (also
@@ -76,6 +97,12 @@ where
     E: From<Error> + From<diesel::result::Error> + fmt::Display,
 {
     fn handle(&mut self, message: &IncomingMessage) -> Disposition {
+        if let Some(topics) = self.topics.as_ref().filter(|t| !t.contains(&message.topic)) {
+            return Disposition::DeadLetter(format!(
+                "topic {:?} is not one this consumer subscribed to ({topics:?})",
+                message.topic
+            ));
+        }
         let mut conn = match self.pool.get() {
             Ok(conn) => conn,
             Err(error) => return Disposition::Retry(format!("no database connection: {error}")),
@@ -101,6 +128,14 @@ where
                 message.sent_at,
                 self.inbox.retention_window()
             )),
+            Err(error)
+                if self
+                    .inbox
+                    .is_conflicting_duplicate(&mut conn, message)
+                    .unwrap_or(false) =>
+            {
+                Disposition::DeadLetter(format!("refused: {error}"))
+            }
             Err(error) => {
                 log::warn!(
                     "inbox {}: message {} failed, will be redelivered: {error}",

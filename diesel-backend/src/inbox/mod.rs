@@ -41,9 +41,10 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// it is given, joins the caller's transaction if there is one and never checks out another
 /// connection.
 pub trait InboxConnection: Connection {
-    /// Inserts the record of `key` for `consumer`; `true` when inserted, `false` when the
-    /// consumer already has it. Waits for a concurrent uncommitted insert of the same key, and
-    /// never leaves the caller's transaction aborted on a duplicate.
+    /// Inserts the record of `key` for `consumer` with the payload's SHA-256 digest; `true`
+    /// when inserted, `false` when the consumer already has it. Waits for a concurrent
+    /// uncommitted insert of the same key, and never leaves the caller's transaction aborted on
+    /// a duplicate.
     ///
     /// # Errors
     ///
@@ -53,7 +54,16 @@ pub trait InboxConnection: Connection {
         consumer: &str,
         key: &str,
         message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
     ) -> Result<bool>;
+
+    /// The payload digest recorded with `key` for `consumer`: `None` when there is no record,
+    /// or it was written before digests were kept.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>>;
 
     /// Whether `consumer` has a record of `key`.
     ///
@@ -181,10 +191,15 @@ impl Inbox {
     /// committed concurrently surfaces as a serialization failure instead of
     /// [`Processed::Duplicate`]: a retryable error, so leave the delivery unacknowledged.
     ///
+    /// A redelivery must carry the same payload: the record keeps the payload's SHA-256
+    /// digest, and a message whose id was processed with a different payload is refused with
+    /// [`Error::ConflictingDuplicate`] instead of being skipped silently.
+    ///
     /// # Errors
     ///
     /// The handler's error; [`Error::InvalidInboxKey`] for an empty or over-long consumer
-    /// name; [`Error::Database`] (converted into `E`) when recording fails.
+    /// name; [`Error::ConflictingDuplicate`] for a known id with another payload;
+    /// [`Error::Database`] (converted into `E`) when recording fails.
     pub fn process_once<C, T, E, F>(
         &self,
         conn: &mut C,
@@ -219,6 +234,9 @@ impl Inbox {
         E: From<Error> + From<diesel::result::Error>,
     {
         check_name("consumer name", &self.consumer)?;
+        // Only a message id promises the same content every time; a business key may be
+        // shared by messages that differ.
+        let by_id = matches!(key, DedupKey::MessageId(_));
         let key = key.to_string();
         check_name("dedup key", &key)?;
         if !self.accept_expired && self.is_expired(message.sent_at, Utc::now()) {
@@ -230,8 +248,25 @@ impl Inbox {
             );
             return Ok(Processed::Expired);
         }
+        let digest = payload_digest(&message.payload);
         conn.transaction(|conn| {
-            if !conn.insert_inbox_record(&self.consumer, &key, Some(message.id))? {
+            if !conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))? {
+                if by_id
+                    && conn
+                        .inbox_record_digest(&self.consumer, &key)?
+                        .is_some_and(|d| d != digest)
+                {
+                    log::warn!(
+                        "inbox {}: message {} arrived again with a different payload; refused",
+                        self.consumer,
+                        message.id
+                    );
+                    return Err(Error::ConflictingDuplicate {
+                        consumer: self.consumer.clone(),
+                        message_id: message.id,
+                    }
+                    .into());
+                }
                 log::debug!(
                     "inbox {}: message {} (key {key}) already processed",
                     self.consumer,
@@ -241,6 +276,25 @@ impl Inbox {
             }
             handler(conn).map(Processed::Handled)
         })
+    }
+
+    /// Whether this consumer already processed a message with `message`'s id but a different
+    /// payload: a sender bug or a forgery, which [`process_once`](Self::process_once) refuses
+    /// with [`Error::ConflictingDuplicate`]. Lets a caller whose error type hides that variant
+    /// tell it from a failure worth retrying.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    pub fn is_conflicting_duplicate<C: InboxConnection>(
+        &self,
+        conn: &mut C,
+        message: &IncomingMessage,
+    ) -> Result<bool> {
+        let key = DedupKey::MessageId(message.id).to_string();
+        Ok(conn
+            .inbox_record_digest(&self.consumer, &key)?
+            .is_some_and(|digest| digest != payload_digest(&message.payload)))
     }
 
     /// Whether this consumer has processed (and committed) `key`.
@@ -347,6 +401,12 @@ fn cutoff(now: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// The SHA-256 digest of a payload, as the inbox records it.
+fn payload_digest(payload: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(payload).to_vec()
+}
+
 fn check_name(what: &'static str, value: &str) -> Result<()> {
     let chars = value.chars().count();
     if chars == 0 || chars > MAX_KEY_CHARS {
@@ -370,8 +430,12 @@ mod pooled {
             consumer: &str,
             key: &str,
             message_id: Option<MessageId>,
+            payload_digest: Option<&[u8]>,
         ) -> Result<bool> {
-            (**self).insert_inbox_record(consumer, key, message_id)
+            (**self).insert_inbox_record(consumer, key, message_id, payload_digest)
+        }
+        fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
+            (**self).inbox_record_digest(consumer, key)
         }
         fn inbox_record_exists(&mut self, consumer: &str, key: &str) -> Result<bool> {
             (**self).inbox_record_exists(consumer, key)

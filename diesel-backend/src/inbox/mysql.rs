@@ -18,6 +18,7 @@ mod schema {
         inbox_processed (consumer, dedup_key) {
             consumer -> Varchar,
             dedup_key -> Varchar,
+            payload_digest -> Nullable<Binary>,
             message_id -> Nullable<Binary>,
             processed_at -> Datetime,
         }
@@ -32,6 +33,7 @@ impl InboxConnection for MysqlConnection {
         consumer: &str,
         key: &str,
         message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
     ) -> Result<bool> {
         // Waits for a concurrent uncommitted insert of the key, then inserts (it rolled back)
         // or fails with a duplicate key (it committed). `processed_at` takes the column
@@ -41,6 +43,7 @@ impl InboxConnection for MysqlConnection {
                 p::consumer.eq(consumer),
                 p::dedup_key.eq(key),
                 p::message_id.eq(message_id.map(|id| id.as_bytes().to_vec())),
+                p::payload_digest.eq(payload_digest),
             ))
             .execute(self);
         match inserted {
@@ -48,6 +51,16 @@ impl InboxConnection for MysqlConnection {
             Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
             Err(error) => Err(error.into()),
         }
+    }
+
+    fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(p::table
+            .filter(p::consumer.eq(consumer))
+            .filter(p::dedup_key.eq(key))
+            .select(p::payload_digest)
+            .first::<Option<Vec<u8>>>(self)
+            .optional()?
+            .flatten())
     }
 
     fn inbox_record_exists(&mut self, consumer: &str, key: &str) -> Result<bool> {

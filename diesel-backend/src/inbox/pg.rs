@@ -15,6 +15,7 @@ mod schema {
         inbox_processed (consumer, dedup_key) {
             consumer -> Text,
             dedup_key -> Text,
+            payload_digest -> Nullable<Binary>,
             message_id -> Nullable<Uuid>,
             processed_at -> Timestamptz,
         }
@@ -29,6 +30,7 @@ impl InboxConnection for PgConnection {
         consumer: &str,
         key: &str,
         message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
     ) -> Result<bool> {
         // Waits for a concurrent uncommitted insert of the key, then inserts (it rolled back)
         // or skips (it committed).
@@ -37,10 +39,21 @@ impl InboxConnection for PgConnection {
                 p::consumer.eq(consumer),
                 p::dedup_key.eq(key),
                 p::message_id.eq(message_id.map(|id| *id.as_uuid())),
+                p::payload_digest.eq(payload_digest),
             ))
             .on_conflict_do_nothing()
             .execute(self)?;
         Ok(inserted == 1)
+    }
+
+    fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(p::table
+            .filter(p::consumer.eq(consumer))
+            .filter(p::dedup_key.eq(key))
+            .select(p::payload_digest)
+            .first::<Option<Vec<u8>>>(self)
+            .optional()?
+            .flatten())
     }
 
     fn inbox_record_exists(&mut self, consumer: &str, key: &str) -> Result<bool> {

@@ -15,6 +15,7 @@ mod schema {
         inbox_processed (consumer, dedup_key) {
             consumer -> Text,
             dedup_key -> Text,
+            payload_digest -> Nullable<Binary>,
             message_id -> Nullable<Binary>,
             processed_at -> BigInt,
         }
@@ -29,17 +30,29 @@ impl InboxConnection for SqliteConnection {
         consumer: &str,
         key: &str,
         message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
     ) -> Result<bool> {
         let inserted = diesel::insert_into(p::table)
             .values((
                 p::consumer.eq(consumer),
                 p::dedup_key.eq(key),
                 p::message_id.eq(message_id.map(|id| id.as_bytes().to_vec())),
+                p::payload_digest.eq(payload_digest),
                 p::processed_at.eq(Utc::now().timestamp_micros()),
             ))
             .on_conflict_do_nothing()
             .execute(self)?;
         Ok(inserted == 1)
+    }
+
+    fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(p::table
+            .filter(p::consumer.eq(consumer))
+            .filter(p::dedup_key.eq(key))
+            .select(p::payload_digest)
+            .first::<Option<Vec<u8>>>(self)
+            .optional()?
+            .flatten())
     }
 
     fn inbox_record_exists(&mut self, consumer: &str, key: &str) -> Result<bool> {

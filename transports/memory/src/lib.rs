@@ -376,6 +376,11 @@ impl MemoryConsumer {
         let mut report = ConsumeReport::default();
         report.delivered = 1;
         let disposition = match wire::decode(envelope.headers.clone(), envelope.payload.clone()) {
+            // Only raw publishes can put a message of another topic on this queue.
+            Ok(message) if message.topic != self.topic => Disposition::DeadLetter(format!(
+                "topic {:?} is not {:?}, the topic this consumer subscribed to",
+                message.topic, self.topic
+            )),
             Ok(message) => handler.handle(&message),
             Err(error) => {
                 report.malformed = 1;

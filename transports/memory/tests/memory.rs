@@ -229,3 +229,52 @@ fn redelivered_duplicates_take_effect_once_through_the_inbox() {
 fn uuid_like() -> String {
     MessageId::new().to_string()
 }
+
+#[test]
+fn hostile_deliveries_are_dead_lettered_with_their_reason_and_good_ones_flow_on() {
+    let broker = MemoryBroker::new(MemoryConfig::default());
+    let (headers, _) = wire::encode(&stored(1, "a"));
+    let with = |name: &str, value: &str| {
+        let mut h = headers.clone();
+        h.insert(name.into(), value.into());
+        h
+    };
+    broker.publisher().publish(&[stored(1, "a")]);
+    let hostile: Vec<(Headers, Vec<u8>)> = vec![
+        (headers.clone(), b"{\"seq\":".to_vec()), // truncated JSON
+        (headers.clone(), vec![b'"', 0xff, 0xfe, b'"']), // invalid UTF-8 in JSON
+        (
+            with(wire::CONTENT_TYPE, "application/vnd+json"),
+            b"plain".to_vec(),
+        ), // wrong type
+        (with(wire::MESSAGE_ID, ""), b"{}".to_vec()), // empty id
+        (with(wire::MESSAGE_ID, "1; DROP TABLE x"), b"{}".to_vec()), // not a UUID
+        (with(wire::SENT_AT, "\r\nwaybill-topic: x"), b"{}".to_vec()), // header injection
+        (with(wire::TOPIC, "payments"), b"{}".to_vec()), // not the subscribed topic
+    ];
+    for (h, body) in hostile {
+        broker.publish_raw("orders", h, body);
+    }
+    broker.publisher().publish(&[stored(2, "a")]);
+    let mut handled = Vec::new();
+    let mut handler = |m: &IncomingMessage| {
+        handled.push(m.payload.clone());
+        Disposition::Ack
+    };
+    let report = broker
+        .consumer("orders")
+        .run_once(&mut handler, 100, Duration::ZERO);
+    assert_eq!(
+        (report.delivered, report.acked, report.dead_lettered),
+        (9, 2, 7)
+    );
+    assert_eq!(handled, [b"{\"seq\":1}".to_vec(), b"{\"seq\":2}".to_vec()]);
+    let reasons: Vec<_> = broker
+        .dead_letters()
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert_eq!(reasons.len(), 7);
+    assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
+    assert!(reasons[6].contains("\"payments\""), "{reasons:?}");
+}

@@ -56,6 +56,7 @@ pub struct ConsumerConfig {
     max_deliver: u32,
     nak_delay: Duration,
     ack_wait: Duration,
+    max_ack_pending: Option<i64>,
     dead_letter_subject: Option<String>,
     dead_letter_stream: Option<Option<String>>,
     batch_size: usize,
@@ -73,6 +74,7 @@ impl ConsumerConfig {
             max_deliver: 5,
             nak_delay: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
+            max_ack_pending: None,
             dead_letter_subject: None,
             dead_letter_stream: None,
             batch_size: 100,
@@ -110,6 +112,16 @@ impl ConsumerConfig {
     #[must_use]
     pub fn ack_wait(mut self, wait: Duration) -> Self {
         self.ack_wait = wait;
+        self
+    }
+
+    /// How many deliveries the server hands out before it waits for acks (the durable
+    /// consumer's `max_ack_pending`). With 1, a delivery that a crashed consumer never
+    /// acknowledged is redelivered before any later message, so per-key order survives consumer
+    /// crashes, at one round trip per message. Defaults to the server's default.
+    #[must_use]
+    pub fn max_ack_pending(mut self, max: u32) -> Self {
+        self.max_ack_pending = Some(i64::from(max.max(1)));
         self
     }
 
@@ -256,6 +268,7 @@ impl NatsConsumer {
                         ack_wait: config.ack_wait,
                         max_deliver: i64::from(config.max_deliver) + SPARE_DELIVERIES,
                         filter_subject: config.filter_subject.clone().unwrap_or_default(),
+                        max_ack_pending: config.max_ack_pending.unwrap_or(0),
                         ..Default::default()
                     },
                 )

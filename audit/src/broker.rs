@@ -1,0 +1,229 @@
+//! The real brokers, with every name prefixed by the run's namespace so runs never collide.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use waybill_inbox_core::DeliveryHandler;
+use waybill_outbox_core::Publisher;
+
+use crate::pipeline::TOPIC;
+use crate::Error;
+
+/// Which broker a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// RabbitMQ, `amqp://...`.
+    Amqp,
+    /// NATS JetStream, `nats://...`.
+    Nats,
+    /// The in-process broker, `memory`.
+    Memory,
+}
+
+impl Kind {
+    /// The broker `url` names.
+    ///
+    /// # Errors
+    ///
+    /// Unknown schemes.
+    pub(crate) fn of(url: &str) -> Result<Self, Error> {
+        if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            Ok(Self::Amqp)
+        } else if url.starts_with("nats://") {
+            Ok(Self::Nats)
+        } else if url == "memory" {
+            Ok(Self::Memory)
+        } else {
+            Err(format!(
+                "unknown broker {}: use amqp://..., nats://... or memory",
+                waybill_amqp::redact(url)
+            )
+            .into())
+        }
+    }
+}
+
+/// A real broker at `url`, its names prefixed by `namespace`.
+#[derive(Clone, Debug)]
+pub(crate) struct Broker {
+    kind: Kind,
+    url: String,
+    namespace: String,
+}
+
+impl Broker {
+    /// The broker at `url` (AMQP or NATS).
+    ///
+    /// # Errors
+    ///
+    /// `memory` and unknown schemes.
+    pub(crate) fn new(url: &str, namespace: &str) -> Result<Self, Error> {
+        let kind = Kind::of(url)?;
+        if kind == Kind::Memory {
+            return Err("the in-process broker cannot span processes".into());
+        }
+        Ok(Self {
+            kind,
+            url: url.to_owned(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    /// The broker's URL.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Declares the queue or stream, so nothing published before the consumer starts is lost.
+    ///
+    /// # Errors
+    ///
+    /// The broker is unreachable or refused.
+    pub(crate) fn setup(&self) -> Result<(), Error> {
+        match self.kind {
+            Kind::Amqp => drop(waybill_amqp::AmqpConsumer::connect(
+                &self.url,
+                self.amqp_queue(),
+            )?),
+            Kind::Nats => self
+                .nats_publisher()?
+                .ensure_stream(&self.stream(), &[&self.subject()])?,
+            Kind::Memory => {}
+        }
+        Ok(())
+    }
+
+    /// Deletes the run's queues, exchanges or streams (dead-letter ones included), so runs
+    /// leave nothing behind on a shared broker.
+    ///
+    /// # Errors
+    ///
+    /// The broker is unreachable or refused.
+    pub(crate) fn teardown(&self) -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        match self.kind {
+            Kind::Amqp => runtime.block_on(async {
+                use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+                let config = self.amqp_queue();
+                let connection =
+                    lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+                        .await?;
+                let channel = connection.create_channel().await?;
+                for queue in [
+                    config.queue_name().to_owned(),
+                    config.dead_letter_queue_name(),
+                ] {
+                    let queue = lapin::types::ShortString::try_new(queue)?;
+                    channel
+                        .queue_delete(queue, QueueDeleteOptions::default())
+                        .await?;
+                }
+                for exchange in [self.exchange(), config.dead_letter_exchange_name()] {
+                    let exchange = lapin::types::ShortString::try_new(exchange)?;
+                    channel
+                        .exchange_delete(exchange, ExchangeDeleteOptions::default())
+                        .await?;
+                }
+                connection.close(0, "audit done".into()).await?;
+                Ok::<_, Error>(())
+            }),
+            Kind::Nats => runtime.block_on(async {
+                let jetstream = async_nats::jetstream::new(async_nats::connect(&self.url).await?);
+                let dead = self.nats_consumer().dead_letter_stream_name();
+                for stream in std::iter::once(self.stream()).chain(dead) {
+                    jetstream.delete_stream(&stream).await?;
+                }
+                Ok(())
+            }),
+            Kind::Memory => Ok(()),
+        }
+    }
+
+    /// A publisher for a relay.
+    ///
+    /// # Errors
+    ///
+    /// The broker is unreachable.
+    pub(crate) fn publisher(&self) -> Result<Box<dyn Publisher>, Error> {
+        Ok(match self.kind {
+            Kind::Amqp => Box::new(waybill_amqp::AmqpPublisher::connect(
+                &self.url,
+                waybill_amqp::PublisherConfig::default()
+                    .routing(waybill_amqp::Routing::Exchange(self.exchange()))
+                    .connect_timeout(Duration::from_secs(5))
+                    .confirm_timeout(Duration::from_secs(5)),
+            )?),
+            Kind::Nats | Kind::Memory => Box::new(self.nats_publisher()?),
+        })
+    }
+
+    /// Consumes the audit topic with `handler` until `stop` is set.
+    ///
+    /// # Errors
+    ///
+    /// The broker could not be reached at start, or failed in a way retrying cannot fix.
+    pub(crate) fn consume(
+        &self,
+        handler: &mut impl DeliveryHandler,
+        stop: &AtomicBool,
+    ) -> Result<(), Error> {
+        match self.kind {
+            Kind::Amqp => {
+                let config = self
+                    .amqp_queue()
+                    .max_reconnect_delay(Duration::from_secs(1))
+                    .connect_timeout(Duration::from_secs(5));
+                waybill_amqp::AmqpConsumer::connect(&self.url, config)?.run(handler, stop)?;
+            }
+            Kind::Nats | Kind::Memory => {
+                waybill_nats::NatsConsumer::connect(&self.url, self.nats_consumer())?
+                    .run(handler, stop)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn nats_consumer(&self) -> waybill_nats::ConsumerConfig {
+        // One unacknowledged delivery at a time: a crashed consumer's delivery is then
+        // redelivered before any later one, which keeps per-key order.
+        waybill_nats::ConsumerConfig::new(self.stream(), CONSUMER_NAME)
+            .ack_wait(Duration::from_secs(2))
+            .max_ack_pending(1)
+            .batch_size(1)
+    }
+
+    fn nats_publisher(&self) -> Result<waybill_nats::NatsPublisher, Error> {
+        let namespace = self.namespace.clone();
+        // One message in flight: a message whose ack is lost (a cut connection) stops its key
+        // before a later one is sent, which the client would otherwise store first after
+        // reconnecting; the default pipelining reorders keys under connection cuts.
+        let config = waybill_nats::PublisherConfig::default()
+            .max_in_flight(1)
+            .ack_timeout(Duration::from_secs(5))
+            .subject_mapping(waybill_nats::SubjectMapping::custom(move |topic, _key| {
+                format!("{namespace}.{topic}")
+            }));
+        Ok(waybill_nats::NatsPublisher::connect(&self.url, config)?)
+    }
+
+    fn amqp_queue(&self) -> waybill_amqp::ConsumerConfig {
+        waybill_amqp::ConsumerConfig::new(format!("{}.{TOPIC}", self.namespace))
+            .bind(self.exchange(), TOPIC)
+    }
+
+    fn exchange(&self) -> String {
+        format!("{}.waybill", self.namespace)
+    }
+
+    fn stream(&self) -> String {
+        format!("{}_{}", self.namespace, TOPIC).to_uppercase()
+    }
+
+    fn subject(&self) -> String {
+        format!("{}.{TOPIC}", self.namespace)
+    }
+}
+
+const CONSUMER_NAME: &str = "audit";

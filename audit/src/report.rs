@@ -1,0 +1,153 @@
+//! The audit's result: a table for people, and the same as one JSON line for machines.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::counter::Event;
+use crate::db::Outcome;
+
+/// Faults the run injected.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct Faults {
+    /// Relay processes SIGKILLed by the schedule.
+    pub(crate) relay_kills: u64,
+    /// Consumer processes SIGKILLed by the schedule.
+    pub(crate) consumer_kills: u64,
+    /// Workers that crashed at an injected crash point (after-claim, after-confirm,
+    /// after-handler-commit), or relay threads that did so in-process.
+    pub(crate) worker_crashes: u64,
+    /// Consumers that exited after a database error so the broker redelivers in place.
+    pub(crate) consumer_redelivery_exits: u64,
+    /// Workers that exited on an error, e.g. a broker unreachable at start.
+    pub(crate) worker_errors: u64,
+    /// Relays paused past their lease (SIGSTOP, then SIGCONT), or stalled in-process.
+    pub(crate) relay_pauses: u64,
+    /// Every broker connection cut at once.
+    pub(crate) broker_cuts: u64,
+    /// Stretches with the broker unreachable.
+    pub(crate) broker_outages: u64,
+    /// `pg_terminate_backend` rounds on the workers' backends.
+    pub(crate) backend_terminations: u64,
+}
+
+/// Everything the run measured.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Report {
+    /// The database and broker, e.g. `postgres + amqp`.
+    pub(crate) setup: String,
+    /// Messages the writer committed.
+    pub(crate) messages: u64,
+    /// Publishes the broker confirmed, duplicates included.
+    pub(crate) published: u64,
+    /// Handler invocations, duplicates included.
+    pub(crate) deliveries: u64,
+    /// Deliveries the inbox dropped as duplicates.
+    pub(crate) duplicates_dropped: u64,
+    /// Effect rows.
+    pub(crate) effects: u64,
+    /// Committed messages without an effect.
+    pub(crate) lost: u64,
+    /// Messages with more than one effect.
+    pub(crate) double_effects: u64,
+    /// Effects applied after an effect of a later message of the same key.
+    pub(crate) order_violations: u64,
+    /// Effects of messages never committed.
+    pub(crate) phantom_effects: u64,
+    /// The fault schedule's seed.
+    pub(crate) seed: u64,
+    /// The faults injected.
+    pub(crate) faults: Faults,
+    /// Wall time of the whole run.
+    pub(crate) elapsed_secs: f64,
+}
+
+impl Report {
+    /// Puts the database's outcome and the workers' counts together.
+    pub(crate) fn new(
+        setup: String,
+        outcome: Outcome,
+        counts: &HashMap<Event, u64>,
+        seed: u64,
+        faults: Faults,
+        elapsed: Duration,
+    ) -> Self {
+        let count = |event| counts.get(&event).copied().unwrap_or(0);
+        Self {
+            setup,
+            messages: outcome.messages,
+            published: count(Event::Published),
+            deliveries: count(Event::Delivery),
+            duplicates_dropped: count(Event::DuplicateDropped),
+            effects: outcome.effects,
+            lost: outcome.lost,
+            double_effects: outcome.double_effects,
+            order_violations: outcome.order_violations,
+            phantom_effects: outcome.phantom,
+            seed,
+            faults,
+            elapsed_secs: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        }
+    }
+
+    /// Nothing lost, doubled, reordered or invented.
+    pub(crate) fn passed(&self) -> bool {
+        self.lost == 0
+            && self.double_effects == 0
+            && self.order_violations == 0
+            && self.phantom_effects == 0
+    }
+
+    /// Prints the table, then the JSON line last.
+    pub(crate) fn print(&self) {
+        let f = &self.faults;
+        let rows = [
+            ("setup", self.setup.clone()),
+            ("messages committed", self.messages.to_string()),
+            (
+                "messages published (with duplicates)",
+                self.published.to_string(),
+            ),
+            ("deliveries", self.deliveries.to_string()),
+            (
+                "duplicates dropped by the inbox",
+                self.duplicates_dropped.to_string(),
+            ),
+            ("effects applied", self.effects.to_string()),
+            ("**lost**", self.lost.to_string()),
+            ("**double effects**", self.double_effects.to_string()),
+            ("**per-key order violations**", self.order_violations.to_string()),
+            ("effects of uncommitted messages", self.phantom_effects.to_string()),
+            (
+                "faults",
+                format!(
+                    "{} relay kills, {} consumer kills, {} crash points hit, {} relay pauses past the lease, \
+                     {} broker cuts, {} broker outages, {} pg_terminate_backend rounds \
+                     ({} consumer exits for redelivery, {} worker exits on errors)",
+                    f.relay_kills,
+                    f.consumer_kills,
+                    f.worker_crashes,
+                    f.relay_pauses,
+                    f.broker_cuts,
+                    f.broker_outages,
+                    f.backend_terminations,
+                    f.consumer_redelivery_exits,
+                    f.worker_errors
+                ),
+            ),
+            ("seed", self.seed.to_string()),
+            ("elapsed", format!("{:.1} s", self.elapsed_secs)),
+        ];
+        println!("| | |");
+        println!("|---|---|");
+        for (name, value) in rows {
+            println!("| {name} | {value} |");
+        }
+        println!(
+            "{}",
+            serde_json::to_string(self)
+                .unwrap_or_else(|error| format!("{{\"error\":\"{error}\"}}"))
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! `waybill-audit worker ROLE ...`: one role of the pipeline in its own process, so the
+//! controller's SIGKILL, SIGSTOP and SIGCONT hit a real process.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use diesel::{PgConnection, SqliteConnection};
+use waybill_diesel::DieselStore;
+use waybill_outbox_core::Relay;
+
+use crate::broker::Broker;
+use crate::counter::Counter;
+use crate::db::AuditConnection;
+use crate::pipeline::{
+    relay_config, AuditHandler, CountingPublisher, CrashMode, CrashPoints, OnFailure, WritePlan,
+};
+use crate::{Database, Error, Role};
+
+/// The variable that hands a worker its database URL.
+pub(crate) const DATABASE_URL_ENV: &str = "WAYBILL_AUDIT_WORKER_DATABASE_URL";
+/// The variable that hands a worker its broker URL.
+pub(crate) const BROKER_URL_ENV: &str = "WAYBILL_AUDIT_WORKER_BROKER_URL";
+
+/// A worker's command line, written by the controller.
+#[derive(Debug, clap::Args)]
+pub(crate) struct WorkerArgs {
+    /// The role.
+    #[arg(value_enum)]
+    role: Role,
+    /// The database, as the controller prepared it (schema and `application_name` set). In
+    /// the environment, not on the command line, so `ps` shows no password.
+    #[arg(long, env = DATABASE_URL_ENV)]
+    database_url: String,
+    /// The broker, usually through the controller's fault proxy; in the environment too.
+    #[arg(long, env = BROKER_URL_ENV)]
+    broker_url: String,
+    /// The run's namespace.
+    #[arg(long)]
+    namespace: String,
+    /// Where the worker appends its event counts.
+    #[arg(long)]
+    events_dir: PathBuf,
+    /// Seeds this incarnation's crash points.
+    #[arg(long)]
+    seed: u64,
+    /// How likely each crash point fires.
+    #[arg(long, default_value_t = 0.0)]
+    crash_probability: f64,
+    /// The consumer skips the inbox (the audit's self-test).
+    #[arg(long = "break")]
+    break_inbox: bool,
+    /// The writer's total.
+    #[arg(long, default_value_t = 0)]
+    messages: u64,
+    /// The writer's keys.
+    #[arg(long, default_value_t = 1)]
+    keys: u64,
+    /// The writer's pace, messages per second.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+impl WorkerArgs {
+    /// The worker's role.
+    pub(crate) fn role(&self) -> Role {
+        self.role
+    }
+}
+
+/// Runs the role until the controller ends the process (the writer ends when done).
+///
+/// # Errors
+///
+/// A database or broker that cannot be reached at start; the controller restarts the worker.
+pub(crate) fn run(args: &WorkerArgs) -> Result<(), Error> {
+    match Database::parse(&args.database_url)? {
+        Database::Postgres(url) => run_on::<PgConnection>(&url, args),
+        Database::Sqlite(Some(path)) => run_on::<SqliteConnection>(&path.to_string_lossy(), args),
+        Database::Sqlite(None) => Err("a worker needs the controller's SQLite path".into()),
+    }
+}
+
+fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error> {
+    let pool = C::pool(url, 2)?;
+    let counter = Counter::create(&args.events_dir, args.role.name())?;
+    let crashes = Arc::new(CrashPoints::new(
+        args.seed,
+        args.crash_probability,
+        CrashMode::Abort,
+    ));
+    let broker = Broker::new(&args.broker_url, &args.namespace)?;
+    let stop = AtomicBool::new(false);
+    match args.role {
+        Role::Writer => {
+            let plan = WritePlan {
+                messages: args.messages,
+                keys: args.keys,
+                rate: args.rate,
+            };
+            crate::pipeline::write(&pool, plan, &stop)?;
+        }
+        Role::Relay => {
+            let publisher = CountingPublisher::new(
+                broker.publisher()?,
+                counter,
+                crashes,
+                Arc::new(AtomicBool::new(false)),
+            );
+            let owner = format!("{}-relay-{}", args.namespace, std::process::id());
+            Relay::new(DieselStore::new(pool), publisher, relay_config(&owner)).run();
+        }
+        Role::Consumer => {
+            let mut handler =
+                AuditHandler::new(pool, counter, crashes, OnFailure::Exit, args.break_inbox);
+            broker.consume(&mut handler, &stop)?;
+        }
+    }
+    Ok(())
+}

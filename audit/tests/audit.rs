@@ -1,0 +1,166 @@
+//! Runs the audit binary at its `--quick` size on every combination CI has, and checks that it
+//! can fail: with the inbox switched off, duplicates must show as double effects.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn pg_url() -> String {
+    std::env::var("PG_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// `host:port` of a URL, with `default_port` when it names none.
+fn host_port(url: &str, default_port: u16) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:{default_port}")
+    }
+}
+
+/// Whether every server answers on its port; otherwise skips (or fails under
+/// `WAYBILL_REQUIRE_SERVERS=1`).
+fn servers_up(servers: &[(&str, String)]) -> bool {
+    for (name, addr) in servers {
+        let reachable = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+        if !reachable {
+            let message = format!("{name} not reachable at {addr}; start it or set its URL");
+            if std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
+                panic!("WAYBILL_REQUIRE_SERVERS=1 but {message}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+            return false;
+        }
+    }
+    true
+}
+
+fn audit(args: &[&str]) -> (Output, Value) {
+    let output = Command::new(env!("CARGO_BIN_EXE_waybill-audit"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("BROKER_URL")
+        .output()
+        .expect("the audit runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stdout.lines().last().unwrap_or_default();
+    let json: Value = serde_json::from_str(last).unwrap_or_else(|error| {
+        panic!("the last line is not JSON ({error}):\n{stdout}\nstderr:\n{stderr}")
+    });
+    for field in [
+        "messages",
+        "published",
+        "deliveries",
+        "duplicates_dropped",
+        "effects",
+        "lost",
+        "double_effects",
+        "order_violations",
+        "seed",
+    ] {
+        assert!(json[field].is_u64(), "{field} missing in {json}");
+    }
+    println!("{stdout}");
+    (output, json)
+}
+
+fn assert_clean_run(database: &str, broker: &str) {
+    let (output, json) = audit(&[
+        "--quick",
+        "--database-url",
+        database,
+        "--broker-url",
+        broker,
+    ]);
+    assert!(output.status.success(), "the audit failed: {json}");
+    assert_eq!(json["lost"], 0, "{json}");
+    assert_eq!(json["double_effects"], 0, "{json}");
+    assert_eq!(json["order_violations"], 0, "{json}");
+    assert_eq!(json["messages"], 1000, "{json}");
+    assert_eq!(json["messages"], json["effects"], "{json}");
+    assert!(
+        json["deliveries"].as_u64() >= json["effects"].as_u64(),
+        "{json}"
+    );
+}
+
+#[test]
+fn sqlite_with_the_in_process_broker_loses_doubles_and_reorders_nothing() {
+    assert_clean_run("sqlite", "memory");
+}
+
+#[test]
+fn postgres_with_rabbitmq_loses_doubles_and_reorders_nothing() {
+    if servers_up(&[
+        ("PostgreSQL", host_port(&pg_url(), 5432)),
+        ("RabbitMQ", host_port(&amqp_url(), 5672)),
+    ]) {
+        assert_clean_run(&pg_url(), &amqp_url());
+    }
+}
+
+#[test]
+fn postgres_with_nats_loses_doubles_and_reorders_nothing() {
+    if servers_up(&[
+        ("PostgreSQL", host_port(&pg_url(), 5432)),
+        ("NATS", host_port(&nats_url(), 4222)),
+    ]) {
+        assert_clean_run(&pg_url(), &nats_url());
+    }
+}
+
+/// The audit is only evidence if it can fail: without the inbox, the broker's redeliveries
+/// must take effect twice, and the run must say so and exit non-zero.
+#[test]
+fn without_the_inbox_the_audit_reports_double_effects_and_fails() {
+    let (output, json) = audit(&[
+        "--database-url",
+        "sqlite",
+        "--broker-url",
+        "memory",
+        "--messages",
+        "300",
+        "--seed",
+        "11",
+        "--break",
+    ]);
+    assert!(json["double_effects"].as_u64() > Some(0), "{json}");
+    assert_eq!(json["duplicates_dropped"], 0, "{json}");
+    assert_eq!(output.status.code(), Some(1), "{json}");
+    assert_eq!(json["seed"], 11);
+}
+
+#[test]
+fn urls_are_parsed_for_the_reachability_check() {
+    assert_eq!(
+        host_port("postgres://postgres@127.0.0.1:5432/test", 1),
+        "127.0.0.1:5432"
+    );
+    assert_eq!(
+        host_port("amqp://guest:guest@localhost/%2f", 5672),
+        "localhost:5672"
+    );
+}

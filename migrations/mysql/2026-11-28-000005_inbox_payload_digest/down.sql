@@ -1,0 +1,1 @@
+ALTER TABLE inbox_processed DROP COLUMN payload_digest;
