@@ -196,11 +196,9 @@ impl Broker {
 
     fn nats_publisher(&self) -> Result<waybill_nats::NatsPublisher, Error> {
         let namespace = self.namespace.clone();
-        // One message in flight: a message whose ack is lost (a cut connection) stops its key
-        // before a later one is sent, which the client would otherwise store first after
-        // reconnecting; the default pipelining reorders keys under connection cuts.
+        // The publisher keeps one message per key in flight, so a message whose ack is lost (a
+        // cut connection) stops its key before a later one is sent.
         let config = waybill_nats::PublisherConfig::default()
-            .max_in_flight(1)
             .ack_timeout(Duration::from_secs(5))
             .subject_mapping(waybill_nats::SubjectMapping::custom(move |topic, _key| {
                 format!("{namespace}.{topic}")

@@ -1,6 +1,6 @@
 //! [`NatsPublisher`]: the outbox relay's [`Publisher`] for NATS JetStream.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
@@ -69,9 +69,10 @@ impl PublisherConfig {
         self
     }
 
-    /// How many messages may await their ack at once. A larger batch is sent in windows of
-    /// this size, each window's acks awaited before the next is sent. Defaults to 1024.
-    /// Values below 1 count as 1.
+    /// How many messages may await their ack at once. A batch is sent in waves of at most this
+    /// many messages, at most one per partition key, each wave's acks awaited before the next is
+    /// sent: per-key order survives lost acks and reconnects, and a batch of many keys still
+    /// travels pipelined. Defaults to 1024. Values below 1 count as 1.
     #[must_use]
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
@@ -249,14 +250,40 @@ impl NatsPublisher {
             );
             return outcomes;
         }
-        for window in batch.chunks(self.config.max_in_flight) {
-            let offset = outcomes.len();
-            outcomes.extend(window.iter().map(|_| Err(PublishError::NotAttempted)));
-            let mut pending: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(window.len());
-            for (i, msg) in window.iter().enumerate() {
-                if failed_keys.contains(msg.partition_key.as_str()) {
-                    continue;
-                }
+        outcomes.extend(batch.iter().map(|_| Err(PublishError::NotAttempted)));
+        // Per key, the positions of its messages, in batch order. Each wave sends the next
+        // message of every key that has not failed, pipelined across keys, and waits for their
+        // acks: a key never has two messages in flight, so a lost ack or a refusal can never
+        // leave a later message of its key stored ahead of an earlier one (after a reconnect
+        // the client would resend what it had buffered).
+        let mut keys: Vec<VecDeque<usize>> = Vec::new();
+        let mut key_index: HashMap<&str, usize> = HashMap::new();
+        for (i, msg) in batch.iter().enumerate() {
+            let k = *key_index
+                .entry(msg.partition_key.as_str())
+                .or_insert_with(|| {
+                    keys.push(VecDeque::new());
+                    keys.len() - 1
+                });
+            keys[k].push_back(i);
+        }
+        loop {
+            let wave: Vec<usize> = keys
+                .iter_mut()
+                .filter(|queue| {
+                    queue
+                        .front()
+                        .is_some_and(|&i| !failed_keys.contains(batch[i].partition_key.as_str()))
+                })
+                .filter_map(VecDeque::pop_front)
+                .take(self.config.max_in_flight)
+                .collect();
+            if wave.is_empty() {
+                break;
+            }
+            let mut pending: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(wave.len());
+            for i in wave {
+                let msg = &batch[i];
                 let sent = match self.prepare(msg) {
                     Err(why) => Err(PublishError::Fatal(why)),
                     Ok((subject, headers, body)) => self
@@ -266,10 +293,10 @@ impl NatsPublisher {
                         .map_err(|error| classify(&error)),
                 };
                 match sent {
-                    Ok(ack) => pending.push((offset + i, ack)),
+                    Ok(ack) => pending.push((i, ack)),
                     Err(error) => {
                         failed_keys.insert(msg.partition_key.as_str());
-                        outcomes[offset + i] = Err(error);
+                        outcomes[i] = Err(error);
                     }
                 }
             }

@@ -140,7 +140,7 @@ fn unpublishable_messages_are_fatal_and_stop_only_their_key() {
 }
 
 #[test]
-fn a_message_the_stream_refuses_as_too_large_is_fatal_and_later_ones_of_its_key_already_sent() {
+fn a_message_the_stream_refuses_is_fatal_and_holds_back_the_rest_of_its_key() {
     let Some(mut nats) = nats() else { return };
     let name = unique("WB");
     let topic = unique("t");
@@ -165,11 +165,11 @@ fn a_message_the_stream_refuses_as_too_large_is_fatal_and_later_ones_of_its_key_
         matches!(outcomes[0], Err(PublishError::Fatal(_))),
         "{outcomes:?}"
     );
-    // The documented ordering caveat: the stream refused A only after B of the same key had
-    // been sent (pipelining), so B is stored and reported as such.
-    assert_eq!(outcomes[1], Ok(()));
+    // One message per key in flight: B of the same key waits for A's ack, so the refusal keeps
+    // it back (the relay releases it) instead of letting it overtake A; key b goes on.
+    assert_eq!(outcomes[1], Err(PublishError::NotAttempted));
     assert_eq!(outcomes[2], Ok(()));
-    assert_eq!(nats.count(&name), 2);
+    assert_eq!(nats.count(&name), 1);
 }
 
 #[test]
