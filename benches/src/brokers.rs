@@ -19,7 +19,7 @@ use waybill_nats::NatsPublisher;
 use waybill_outbox_core::{MessageId, OutboxMessage, RelayConfig, Status};
 
 use crate::common::{
-    alternate, drain, empty_outbox, fill_pg, payload, rate, row, Error, Figures, PgPool, Settings,
+    alternate, drain, empty_outbox, fill_pg, payload, record_pair, Error, Figures, PgPool, Settings,
 };
 
 const BATCH: usize = 1000;
@@ -63,42 +63,74 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
         .build()?;
     let count = settings.pick(10_000, 50_000);
     let name = format!("{}_broker", settings.schema);
-    match amqp(settings, pool, &runtime, &name, count) {
-        Ok((relay, raw)) => {
-            row(
-                &format!("relay -> RabbitMQ (confirms), {count} messages, batch {BATCH}"),
-                &rate(relay, "msg/s"),
-                &format!(
-                    "raw lapin, confirms pipelined per batch: {}",
-                    rate(raw, "msg/s")
-                ),
-                &format!("{:.2} (`amqp_vs_raw`)", relay / raw),
-            );
-            figures.set("amqp_relay_msgs_per_s", relay);
-            figures.set("amqp_raw_msgs_per_s", raw);
-            figures.set("amqp_vs_raw", relay / raw);
-        }
-        Err(error) => eprintln!("SKIPPED: RabbitMQ at {}: {error}", settings.amqp_addr),
-    }
-    match nats(settings, pool, &runtime, &name, count) {
-        Ok((relay, raw)) => {
-            row(
-                &format!("relay -> NATS JetStream (acks), {count} messages, batch {BATCH}"),
-                &rate(relay, "msg/s"),
-                &format!(
-                    "raw async-nats, acks pipelined per batch: {}",
-                    rate(raw, "msg/s")
-                ),
-                &format!("{:.2} (`nats_vs_raw`)", relay / raw),
-            );
-            figures.set("nats_relay_msgs_per_s", relay);
-            figures.set("nats_raw_msgs_per_s", raw);
-            figures.set("nats_vs_raw", relay / raw);
-        }
-        Err(error) => eprintln!("SKIPPED: NATS at {}: {error}", settings.nats_url),
-    }
+    let amqp = amqp(settings, pool, &runtime, &name, count);
+    report(
+        figures,
+        "amqp",
+        "RabbitMQ (confirms) vs raw lapin",
+        count,
+        amqp,
+        &settings.amqp_addr,
+    );
+    let nats = nats(settings, pool, &runtime, &name, count);
+    report(
+        figures,
+        "nats",
+        "NATS JetStream (acks) vs raw async-nats",
+        count,
+        nats,
+        &settings.nats_url,
+    );
     empty_outbox(&mut *pool.get()?)?;
     Ok(())
+}
+
+/// Alternates the relay (publishers from `publisher`) and `raw` over `count` messages of the
+/// topic `name`, emptying the broker's queue or stream with `purge` before each round.
+fn compare<P: waybill_outbox_core::Publisher + Send + 'static>(
+    rounds: usize,
+    (pool, name, count): (&PgPool, &str, usize),
+    purge: impl Fn() -> Result<(), Error>,
+    mut publisher: impl FnMut() -> Result<P, Error>,
+    mut raw: impl FnMut(&[OutboxMessage]) -> Result<f64, Error>,
+) -> Result<(f64, f64), Error> {
+    alternate(
+        rounds,
+        || {
+            purge()?;
+            relay_round(pool, name, count, &mut publisher)
+        },
+        || {
+            purge()?;
+            raw(&messages(name, count))
+        },
+    )
+}
+
+fn report(
+    figures: &mut Figures,
+    broker: &str,
+    what: &str,
+    count: usize,
+    result: Result<(f64, f64), Error>,
+    at: &str,
+) {
+    match result {
+        Ok(pair) => record_pair(
+            figures,
+            &format!(
+                "relay -> {what} publishing pipelined per batch, {count} messages, batch {BATCH}"
+            ),
+            pair,
+            [
+                format!("{broker}_relay_msgs_per_s"),
+                format!("{broker}_raw_msgs_per_s"),
+                format!("{broker}_vs_raw"),
+            ],
+            "msg/s",
+        ),
+        Err(error) => eprintln!("SKIPPED: {broker} at {at}: {error}"),
+    }
 }
 
 fn amqp(
@@ -150,23 +182,19 @@ fn amqp(
         runtime
             .block_on(channel.queue_purge(name.into(), QueuePurgeOptions::default()))
             .map(drop)
+            .map_err(Error::from)
     };
-    let result = alternate(
+    let result = compare(
         settings.rounds(),
+        (pool, name, count),
+        purge,
         || {
-            purge()?;
-            relay_round(pool, name, count, || {
-                Ok(AmqpPublisher::connect(
-                    &settings.amqp_addr,
-                    waybill_amqp::PublisherConfig::default(),
-                )?)
-            })
+            Ok(AmqpPublisher::connect(
+                &settings.amqp_addr,
+                waybill_amqp::PublisherConfig::default(),
+            )?)
         },
-        || {
-            purge()?;
-            let batch = messages(name, count);
-            runtime.block_on(raw_amqp(&channel, &batch))
-        },
+        |batch| runtime.block_on(raw_amqp(&channel, batch)),
     );
     runtime.block_on(async {
         channel
@@ -248,22 +276,17 @@ fn nats(
         runtime.block_on(async { stream.purge().await })?;
         Ok(())
     };
-    let result = alternate(
+    let result = compare(
         settings.rounds(),
+        (pool, name, count),
+        purge,
         || {
-            purge()?;
-            relay_round(pool, name, count, || {
-                Ok(NatsPublisher::connect(
-                    &settings.nats_url,
-                    waybill_nats::PublisherConfig::default(),
-                )?)
-            })
+            Ok(NatsPublisher::connect(
+                &settings.nats_url,
+                waybill_nats::PublisherConfig::default(),
+            )?)
         },
-        || {
-            purge()?;
-            let batch = messages(name, count);
-            runtime.block_on(raw_nats(&jetstream, &batch))
-        },
+        |batch| runtime.block_on(raw_nats(&jetstream, batch)),
     );
     runtime.block_on(jetstream.delete_stream(name))?;
     result

@@ -99,6 +99,26 @@ pub fn row(scenario: &str, a: &str, b: &str, ratio: &str) {
     println!("| {scenario} | {a} | {b} | {ratio} |");
 }
 
+/// Prints the row of an A/B comparison and records A, B and their ratio under `keys`.
+pub fn record_pair(
+    figures: &mut Figures,
+    scenario: &str,
+    (a, b): (f64, f64),
+    keys: [String; 3],
+    unit: &str,
+) {
+    let [a_key, b_key, ratio_key] = keys;
+    row(
+        scenario,
+        &rate(a, unit),
+        &rate(b, unit),
+        &format!("{:.2} (`{ratio_key}`)", a / b),
+    );
+    figures.set(a_key, a);
+    figures.set(b_key, b);
+    figures.set(ratio_key, a / b);
+}
+
 pub fn rate(x: f64, unit: &str) -> String {
     format!("{} {unit}", thousands(x))
 }

@@ -9,7 +9,7 @@ use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use waybill_diesel::enqueue;
 use waybill_outbox_core::NewOutboxMessage;
 
-use crate::common::{alternate, payload, rate, row, tps, Error, Figures, PgPool, Settings};
+use crate::common::{alternate, payload, record_pair, tps, Error, Figures, PgPool, Settings};
 
 fn business_insert(conn: &mut PgConnection, i: usize) -> QueryResult<usize> {
     diesel::sql_query("INSERT INTO orders (id, customer, amount, created_at) VALUES ($1, 'customer-0042', $2, now())")
@@ -48,15 +48,17 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
                 })
             },
         )?;
-        row(
+        record_pair(
+            figures,
             &format!("business insert vs + `enqueue`, {clients} client(s)"),
-            &rate(a, "txn/s"),
-            &rate(b, "txn/s"),
-            &format!("{:.2}", a / b),
+            (a, b),
+            [
+                format!("pg_business_tps_{clients}"),
+                format!("pg_business_enqueue_tps_{clients}"),
+                format!("enqueue_overhead_ratio_{clients}"),
+            ],
+            "txn/s",
         );
-        figures.set(format!("pg_business_tps_{clients}"), a);
-        figures.set(format!("pg_business_enqueue_tps_{clients}"), b);
-        figures.set(format!("enqueue_overhead_ratio_{clients}"), a / b);
     }
     if let Some(ratio) = figures.get("enqueue_overhead_ratio_1") {
         figures.set("enqueue_overhead_ratio", ratio);

@@ -9,7 +9,7 @@ use diesel::sql_types::BigInt;
 use waybill_diesel::{Inbox, IncomingMessage, Processed};
 use waybill_outbox_core::MessageId;
 
-use crate::common::{alternate, rate, row, tps, Error, Figures, PgPool, Settings};
+use crate::common::{alternate, record_pair, tps, Error, Figures, PgPool, Settings};
 
 fn credit(conn: &mut PgConnection, client: usize) -> QueryResult<usize> {
     diesel::sql_query("UPDATE balances SET cents = cents + 1 WHERE id = $1")
@@ -63,15 +63,17 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
                 )
             },
         )?;
-        row(
+        record_pair(
+            figures,
             &format!("handler transaction vs inside `process_once`, {clients} client(s)"),
-            &rate(a, "txn/s"),
-            &rate(b, "txn/s"),
-            &format!("{:.2}", a / b),
+            (a, b),
+            [
+                format!("pg_handler_tps_{clients}"),
+                format!("pg_handler_inbox_tps_{clients}"),
+                format!("inbox_overhead_ratio_{clients}"),
+            ],
+            "txn/s",
         );
-        figures.set(format!("pg_handler_tps_{clients}"), a);
-        figures.set(format!("pg_handler_inbox_tps_{clients}"), b);
-        figures.set(format!("inbox_overhead_ratio_{clients}"), a / b);
     }
     if let Some(ratio) = figures.get("inbox_overhead_ratio_1") {
         figures.set("inbox_overhead_ratio", ratio);
