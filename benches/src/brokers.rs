@@ -61,7 +61,7 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let count = settings.pick(10_000, 50_000);
+    let count = settings.pick(5_000, 50_000);
     let name = format!("{}_broker", settings.schema);
     let amqp = amqp(settings, pool, &runtime, &name, count);
     report(

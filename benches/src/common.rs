@@ -39,7 +39,7 @@ impl Settings {
 
     /// The backlog the drain scenarios use.
     pub fn backlog(&self) -> usize {
-        self.pick(20_000, 100_000)
+        self.pick(10_000, 100_000)
     }
 
     /// A/B rounds per comparison.

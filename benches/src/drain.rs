@@ -93,7 +93,7 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
     }
 
     // The headline shape (batch 1000, one relay) against its baselines, alternating.
-    let naive_backlog = settings.pick(1_000, 5_000);
+    let naive_backlog = settings.pick(500, 5_000);
     let (mut relay, mut naive, mut delete, mut update) = (vec![], vec![], vec![], vec![]);
     for _ in 0..settings.rounds() {
         relay.push(relay_round(pool, backlog, 1000, 1)?);

@@ -22,7 +22,7 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
     pool.get()?.batch_execute(
         "CREATE TABLE IF NOT EXISTS orders (id uuid PRIMARY KEY, customer text NOT NULL, amount bigint NOT NULL, created_at timestamptz NOT NULL)",
     )?;
-    let period = Duration::from_secs(settings.pick(2, 5));
+    let period = Duration::from_secs(settings.pick(1, 5));
     for clients in [1, 8] {
         let (a, b) = alternate(
             settings.rounds(),

@@ -48,7 +48,7 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
     let result = (|| -> Result<(), Error> {
         let empty = create_schema(&settings.pg_url, &empty_schema)?;
         let history = create_schema(&settings.pg_url, &history_schema)?;
-        let rows = settings.pick(200_000, 1_000_000);
+        let rows = settings.pick(100_000, 1_000_000);
         let backlog = settings.backlog();
         {
             let mut conn = history.get()?;

@@ -22,7 +22,7 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
         "CREATE TABLE IF NOT EXISTS balances (id bigint PRIMARY KEY, cents bigint NOT NULL);
          INSERT INTO balances SELECT i, 0 FROM generate_series(0, 7) AS i ON CONFLICT DO NOTHING",
     )?;
-    let period = Duration::from_secs(settings.pick(2, 5));
+    let period = Duration::from_secs(settings.pick(1, 5));
     let body = crate::common::payload(0).to_string().into_bytes();
     for clients in [1, 8] {
         let (a, b) = alternate(

@@ -138,7 +138,7 @@ pub fn run(
     pool: &PgPool,
     figures: &mut Figures,
 ) -> Result<(Measured, Measured), Error> {
-    let period = Duration::from_secs(settings.pick(10, 30));
+    let period = Duration::from_secs(settings.pick(5, 30));
     empty_outbox(&mut *pool.get()?)?;
     // The writers get their own connections: the relay must never wait for one.
     let writers = pg_pool(&settings.pg_url, &settings.schema, WRITERS as u32)?;
