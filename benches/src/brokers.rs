@@ -1,0 +1,321 @@
+//! The relay to real brokers against the broker's raw confirmed-publish rate with the same
+//! client, batch size and messages, alternating: RabbitMQ with publisher confirms (lapin) and
+//! NATS JetStream with publish acks (async-nats), confirms pipelined per batch on both sides.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::runtime::Runtime;
+use waybill_amqp::AmqpPublisher;
+use waybill_inbox_core::wire;
+use waybill_nats::NatsPublisher;
+use waybill_outbox_core::{MessageId, OutboxMessage, RelayConfig, Status};
+
+use crate::common::{
+    alternate, drain, empty_outbox, fill_pg, payload, record_pair, Error, Figures, PgPool, Settings,
+};
+
+const BATCH: usize = 1000;
+
+/// The messages the raw publishers send: what the relay would hand its publisher.
+fn messages(topic: &str, count: usize) -> Vec<OutboxMessage> {
+    (0..count)
+        .map(|i| {
+            let mut msg = OutboxMessage::new(i as i64 + 1, MessageId::new(), Status::Pending);
+            msg.topic = topic.to_owned();
+            msg.partition_key = format!("order:{}", i % 1000);
+            msg.message_type = "OrderPlaced".into();
+            msg.content_type = "application/json".into();
+            msg.payload = payload(i).to_string().into_bytes();
+            msg.created_at = chrono::Utc::now();
+            msg
+        })
+        .collect()
+}
+
+fn relay_round<P: waybill_outbox_core::Publisher + Send + 'static>(
+    pool: &PgPool,
+    topic: &str,
+    count: usize,
+    publisher: impl FnMut() -> Result<P, Error>,
+) -> Result<f64, Error> {
+    empty_outbox(&mut *pool.get()?)?;
+    fill_pg(&mut *pool.get()?, topic, count, 0)?;
+    drain(
+        pool,
+        count,
+        1,
+        RelayConfig::default().batch_size(BATCH),
+        publisher,
+    )
+}
+
+pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let count = settings.pick(5_000, 50_000);
+    let name = format!("{}_broker", settings.schema);
+    let amqp = amqp(settings, pool, &runtime, &name, count);
+    report(
+        figures,
+        "amqp",
+        "RabbitMQ (confirms) vs raw lapin",
+        count,
+        amqp,
+        &settings.amqp_addr,
+    );
+    let nats = nats(settings, pool, &runtime, &name, count);
+    report(
+        figures,
+        "nats",
+        "NATS JetStream (acks) vs raw async-nats",
+        count,
+        nats,
+        &settings.nats_url,
+    );
+    empty_outbox(&mut *pool.get()?)?;
+    Ok(())
+}
+
+/// Alternates the relay (publishers from `publisher`) and `raw` over `count` messages of the
+/// topic `name`, emptying the broker's queue or stream with `purge` before each round.
+fn compare<P: waybill_outbox_core::Publisher + Send + 'static>(
+    rounds: usize,
+    (pool, name, count): (&PgPool, &str, usize),
+    purge: impl Fn() -> Result<(), Error>,
+    mut publisher: impl FnMut() -> Result<P, Error>,
+    mut raw: impl FnMut(&[OutboxMessage]) -> Result<f64, Error>,
+) -> Result<(f64, f64), Error> {
+    alternate(
+        rounds,
+        || {
+            purge()?;
+            relay_round(pool, name, count, &mut publisher)
+        },
+        || {
+            purge()?;
+            raw(&messages(name, count))
+        },
+    )
+}
+
+fn report(
+    figures: &mut Figures,
+    broker: &str,
+    what: &str,
+    count: usize,
+    result: Result<(f64, f64), Error>,
+    at: &str,
+) {
+    match result {
+        Ok(pair) => record_pair(
+            figures,
+            &format!(
+                "relay -> {what} publishing pipelined per batch, {count} messages, batch {BATCH}"
+            ),
+            pair,
+            [
+                format!("{broker}_relay_msgs_per_s"),
+                format!("{broker}_raw_msgs_per_s"),
+                format!("{broker}_vs_raw"),
+            ],
+            "msg/s",
+        ),
+        Err(error) => eprintln!("SKIPPED: {broker} at {at}: {error}"),
+    }
+}
+
+fn amqp(
+    settings: &Settings,
+    pool: &PgPool,
+    runtime: &Runtime,
+    name: &str,
+    count: usize,
+) -> Result<(f64, f64), Error> {
+    let connection = runtime.block_on(Connection::connect(
+        &settings.amqp_addr,
+        ConnectionProperties::default(),
+    ))?;
+    let channel = runtime.block_on(connection.create_channel())?;
+    runtime.block_on(async {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(name.into(), durable, FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                name.into(),
+                name.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+    })?;
+    let purge = || {
+        runtime
+            .block_on(channel.queue_purge(name.into(), QueuePurgeOptions::default()))
+            .map(drop)
+            .map_err(Error::from)
+    };
+    let result = compare(
+        settings.rounds(),
+        (pool, name, count),
+        purge,
+        || {
+            Ok(AmqpPublisher::connect(
+                &settings.amqp_addr,
+                waybill_amqp::PublisherConfig::default(),
+            )?)
+        },
+        |batch| runtime.block_on(raw_amqp(&channel, batch)),
+    );
+    runtime.block_on(async {
+        channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await?;
+        channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await?;
+        connection.close(200, "bench done".into()).await
+    })?;
+    result
+}
+
+/// Publishes `messages` in batches of [`BATCH`], each pipelined and then confirmed.
+async fn raw_amqp(channel: &lapin::Channel, messages: &[OutboxMessage]) -> Result<f64, Error> {
+    let began = Instant::now();
+    for batch in messages.chunks(BATCH) {
+        let mut confirms = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let (headers, body) = wire::encode(msg);
+            let mut table = FieldTable::default();
+            for (name, value) in &headers {
+                table.insert(
+                    ShortString::from(name.as_str()),
+                    AMQPValue::LongString(LongString::from(value.as_bytes())),
+                );
+            }
+            let properties = BasicProperties::default()
+                .with_message_id(msg.id.to_string().as_str().into())
+                .with_type(msg.message_type.as_str().into())
+                .with_content_type(msg.content_type.as_str().into())
+                .with_delivery_mode(2)
+                .with_headers(table);
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            confirms.push(
+                channel
+                    .basic_publish(
+                        msg.topic.as_str().into(),
+                        msg.partition_key.as_str().into(),
+                        options,
+                        &body,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            match confirm.await? {
+                Confirmation::Ack(None) => {}
+                other => return Err(format!("raw publish not confirmed: {other:?}").into()),
+            }
+        }
+    }
+    Ok(messages.len() as f64 / began.elapsed().as_secs_f64())
+}
+
+fn nats(
+    settings: &Settings,
+    pool: &PgPool,
+    runtime: &Runtime,
+    name: &str,
+    count: usize,
+) -> Result<(f64, f64), Error> {
+    // The client spawns its tasks on the runtime it is made in.
+    let _entered = runtime.enter();
+    let client = runtime.block_on(async_nats::connect(&settings.nats_url))?;
+    let jetstream = async_nats::jetstream::new(client);
+    let config = async_nats::jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: vec![name.to_owned()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let stream = runtime.block_on(jetstream.get_or_create_stream(config))?;
+    let purge = || -> Result<(), Error> {
+        runtime.block_on(async { stream.purge().await })?;
+        Ok(())
+    };
+    let result = compare(
+        settings.rounds(),
+        (pool, name, count),
+        purge,
+        || {
+            Ok(NatsPublisher::connect(
+                &settings.nats_url,
+                waybill_nats::PublisherConfig::default(),
+            )?)
+        },
+        |batch| runtime.block_on(raw_nats(&jetstream, batch)),
+    );
+    runtime.block_on(jetstream.delete_stream(name))?;
+    result
+}
+
+/// Publishes `messages` in batches of [`BATCH`], each pipelined and then acknowledged.
+async fn raw_nats(
+    jetstream: &async_nats::jetstream::Context,
+    messages: &[OutboxMessage],
+) -> Result<f64, Error> {
+    let began = Instant::now();
+    for batch in messages.chunks(BATCH) {
+        let mut acks = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let (headers, body) = wire::encode(msg);
+            let mut map = async_nats::HeaderMap::new();
+            for (name, value) in &headers {
+                map.insert(name.as_str(), value.as_str());
+            }
+            map.insert("Nats-Msg-Id", msg.id.to_string().as_str());
+            acks.push(
+                jetstream
+                    .publish_with_headers(msg.topic.clone(), map, body.into())
+                    .await?,
+            );
+        }
+        for ack in join_all(acks.into_iter().map(IntoFuture::into_future)).await {
+            ack?;
+        }
+    }
+    Ok(messages.len() as f64 / began.elapsed().as_secs_f64())
+}

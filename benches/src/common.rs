@@ -1,0 +1,307 @@
+//! What every scenario shares: settings, the A/B alternation and its medians, the figures, the
+//! backlog and the no-op publisher.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::{BigInt, Text};
+use waybill_diesel::{enqueue_all, DieselStore, OutboxConnection};
+use waybill_outbox_core::{
+    NewOutboxMessage, OutboxMessage, PublishError, Publisher, Relay, RelayConfig,
+};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+
+/// Command line and environment.
+pub struct Settings {
+    pub quick: bool,
+    pub pg_url: String,
+    pub amqp_addr: String,
+    pub nats_url: String,
+    /// The schema this run works in (dropped at the end).
+    pub schema: String,
+}
+
+impl Settings {
+    /// `quick` when `--quick`, else `full`.
+    pub fn pick<T>(&self, quick: T, full: T) -> T {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+
+    /// The backlog the drain scenarios use.
+    pub fn backlog(&self) -> usize {
+        self.pick(10_000, 100_000)
+    }
+
+    /// A/B rounds per comparison.
+    pub fn rounds(&self) -> usize {
+        self.pick(3, 5)
+    }
+}
+
+/// The figures of a run, by JSON field name.
+#[derive(Default)]
+pub struct Figures(pub BTreeMap<String, f64>);
+
+impl Figures {
+    pub fn set(&mut self, name: impl Into<String>, value: f64) {
+        self.0.insert(name.into(), value);
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).copied()
+    }
+}
+
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// The value below which `q` (0..=1) of the sorted `xs` lie.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let at = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[at.min(sorted.len() - 1)]
+}
+
+/// Runs `a` and `b` alternately `rounds` times (the machine drifts, so neither gets the quiet
+/// minutes) and returns the median of each.
+pub fn alternate(
+    rounds: usize,
+    mut a: impl FnMut() -> Result<f64, Error>,
+    mut b: impl FnMut() -> Result<f64, Error>,
+) -> Result<(f64, f64), Error> {
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        xs.push(a()?);
+        ys.push(b()?);
+    }
+    Ok((median(xs), median(ys)))
+}
+
+/// Prints one line of the table as it goes.
+pub fn row(scenario: &str, a: &str, b: &str, ratio: &str) {
+    println!("| {scenario} | {a} | {b} | {ratio} |");
+}
+
+/// Prints the row of an A/B comparison and records A, B and their ratio under `keys`.
+pub fn record_pair(
+    figures: &mut Figures,
+    scenario: &str,
+    (a, b): (f64, f64),
+    keys: [String; 3],
+    unit: &str,
+) {
+    let [a_key, b_key, ratio_key] = keys;
+    row(
+        scenario,
+        &rate(a, unit),
+        &rate(b, unit),
+        &format!("{:.2} (`{ratio_key}`)", a / b),
+    );
+    figures.set(a_key, a);
+    figures.set(b_key, b);
+    figures.set(ratio_key, a / b);
+}
+
+pub fn rate(x: f64, unit: &str) -> String {
+    format!("{} {unit}", thousands(x))
+}
+
+pub fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 && c != '-' {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Accepts every message at once: the relay's own cost, without a broker.
+pub struct NoopPublisher;
+
+impl Publisher for NoopPublisher {
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        vec![Ok(()); batch.len()]
+    }
+}
+
+/// The JSON body every scenario sends, about 300 bytes.
+pub fn payload(i: usize) -> serde_json::Value {
+    serde_json::json!({"order_id": i, "customer": "customer-0042", "lines": [{"sku": "SKU-1", "qty": 2, "cents": 1999}], "note": "x".repeat(180)})
+}
+
+pub fn pg_pool(url: &str, schema: &str, size: u32) -> Result<PgPool, Error> {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Ok(Pool::builder()
+        .max_size(size)
+        .build(ConnectionManager::new(format!(
+            "{url}{separator}options=-csearch_path%3D{schema}"
+        )))?)
+}
+
+/// Creates `schema` with waybill's tables in it.
+pub fn create_schema(url: &str, schema: &str) -> Result<PgPool, Error> {
+    PgConnection::establish(url)?.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+    ))?;
+    let pool = pg_pool(url, schema, 10)?;
+    waybill_diesel::run_migrations(&mut *pool.get()?)?;
+    Ok(pool)
+}
+
+pub fn drop_schema(url: &str, schema: &str) -> Result<(), Error> {
+    PgConnection::establish(url)?
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+    Ok(())
+}
+
+/// `count` pending messages of `topic` (1,000 keys, the payload of [`payload`]) in one
+/// statement, as `enqueue` would write them; `status` 1 makes published history instead.
+pub fn fill_pg(
+    conn: &mut PgConnection,
+    topic: &str,
+    count: usize,
+    status: i16,
+) -> Result<(), Error> {
+    diesel::sql_query(format!(
+        "INSERT INTO outbox_messages (id, topic, partition_key, message_type, content_type, payload, status, published_at)
+         SELECT gen_random_uuid(), $1, 'order:' || (i % 1000), 'OrderPlaced', 'application/json',
+                convert_to(json_build_object('order_id', i, 'customer', 'customer-0042',
+                    'lines', json_build_array(json_build_object('sku', 'SKU-1', 'qty', 2, 'cents', 1999)),
+                    'note', repeat('x', 180))::text, 'UTF8'),
+                {status}, {published}
+         FROM generate_series(1, $2) AS i",
+        published = if status == 1 { "now()" } else { "NULL" },
+    ))
+    .bind::<Text, _>(topic)
+    .bind::<BigInt, _>(count as i64)
+    .execute(conn)?;
+    conn.batch_execute("ANALYZE outbox_messages")?;
+    Ok(())
+}
+
+/// `count` pending messages through `enqueue_all`, 1,000 per transaction (SQLite).
+pub fn fill_enqueue<C: OutboxConnection + Connection>(
+    conn: &mut C,
+    count: usize,
+) -> Result<(), Error> {
+    let messages: Vec<_> = (0..count)
+        .map(|i| {
+            NewOutboxMessage::json(
+                "orders",
+                format!("order:{}", i % 1000),
+                "OrderPlaced",
+                &payload(i),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    for chunk in messages.chunks(1000) {
+        conn.transaction(|conn| enqueue_all(conn, chunk))?;
+    }
+    Ok(())
+}
+
+/// Messages per second for `relays` relays (each with its own publisher from `publisher`)
+/// draining what is pending, checked against `expected`.
+pub fn drain<C, P>(
+    pool: &Pool<ConnectionManager<C>>,
+    expected: usize,
+    relays: usize,
+    config: RelayConfig,
+    mut publisher: impl FnMut() -> Result<P, Error>,
+) -> Result<f64, Error>
+where
+    C: OutboxConnection + diesel::r2d2::R2D2Connection + Connection + 'static,
+    P: Publisher + Send + 'static,
+{
+    let start = Arc::new(Barrier::new(relays + 1));
+    let mut workers = Vec::new();
+    for _ in 0..relays {
+        let mut relay = Relay::new(DieselStore::new(pool.clone()), publisher()?, config.clone());
+        let start = start.clone();
+        workers.push(std::thread::spawn(move || -> Result<u64, Error> {
+            start.wait();
+            let mut published = 0;
+            loop {
+                let report = relay.run_once()?;
+                published += report.published;
+                if report.claimed == 0 {
+                    return Ok(published);
+                }
+            }
+        }));
+    }
+    start.wait();
+    let began = Instant::now();
+    let mut published = 0;
+    for worker in workers {
+        published += worker.join().map_err(|_| "relay thread panicked")??;
+    }
+    let elapsed = began.elapsed();
+    if published != expected as u64 {
+        return Err(format!("drained {published} of {expected}").into());
+    }
+    Ok(published as f64 / elapsed.as_secs_f64())
+}
+
+/// Transactions per second of `clients` threads running `txn` for `period`; `txn` gets the
+/// client number and a number unique across clients.
+pub fn tps<C, F>(
+    pool: &Pool<ConnectionManager<C>>,
+    clients: usize,
+    period: Duration,
+    txn: F,
+) -> Result<f64, Error>
+where
+    C: diesel::r2d2::R2D2Connection + 'static,
+    F: Fn(&mut C, usize, usize) -> Result<(), Error> + Send + Sync + 'static,
+{
+    let txn = Arc::new(txn);
+    let start = Arc::new(Barrier::new(clients));
+    let workers: Vec<_> = (0..clients)
+        .map(|n| {
+            let (pool, txn, start) = (pool.clone(), txn.clone(), start.clone());
+            std::thread::spawn(move || -> Result<usize, Error> {
+                let mut conn = pool.get()?;
+                start.wait();
+                let deadline = Instant::now() + period;
+                let mut done = 0;
+                while Instant::now() < deadline {
+                    txn(&mut conn, n, n * 100_000_000 + done)?;
+                    done += 1;
+                }
+                Ok(done)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.join().map_err(|_| "bench thread panicked")??;
+    }
+    Ok(total as f64 / period.as_secs_f64())
+}
+
+/// Empties the outbox between rounds (no relay runs then).
+pub fn empty_outbox(conn: &mut PgConnection) -> Result<(), Error> {
+    conn.batch_execute("TRUNCATE outbox_messages")?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Growth: drain throughput with a large published history in the table against an empty
+//! table (two schemas, alternating); the table size over repeated fill + drain cycles with
+//! retention on; and the relay's peak RSS, measured in a child process.
+
+use std::process::Command;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use waybill_outbox_core::{RelayConfig, Retention};
+
+use crate::common::{
+    alternate, create_schema, drain, drop_schema, empty_outbox, fill_pg, pg_pool, rate, row,
+    thousands, Error, Figures, NoopPublisher, PgPool, Settings,
+};
+
+fn keep() -> RelayConfig {
+    RelayConfig::default()
+        .batch_size(1000)
+        .retention(Retention::Keep(Duration::from_secs(86_400)))
+}
+
+fn keep_round(pool: &PgPool, count: usize, truncate: bool) -> Result<f64, Error> {
+    if truncate {
+        empty_outbox(&mut *pool.get()?)?;
+    }
+    fill_pg(&mut *pool.get()?, "orders", count, 0)?;
+    drain(pool, count, 1, keep(), || Ok(NoopPublisher))
+}
+
+fn table_bytes(conn: &mut PgConnection) -> Result<i64, Error> {
+    #[derive(QueryableByName)]
+    struct Size {
+        #[diesel(sql_type = BigInt)]
+        bytes: i64,
+    }
+    let size: Size = diesel::sql_query("SELECT pg_total_relation_size('outbox_messages') AS bytes")
+        .get_result(conn)?;
+    Ok(size.bytes)
+}
+
+pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
+    let (empty_schema, history_schema) = (
+        format!("{}_empty", settings.schema),
+        format!("{}_history", settings.schema),
+    );
+    let result = (|| -> Result<(), Error> {
+        let empty = create_schema(&settings.pg_url, &empty_schema)?;
+        let history = create_schema(&settings.pg_url, &history_schema)?;
+        let rows = settings.pick(100_000, 1_000_000);
+        let backlog = settings.backlog();
+        {
+            let mut conn = history.get()?;
+            fill_pg(&mut conn, "orders", rows, 1)?;
+            conn.batch_execute("VACUUM ANALYZE outbox_messages")?;
+        }
+        let (a, b) = alternate(
+            settings.rounds(),
+            || keep_round(&empty, backlog, true),
+            || keep_round(&history, backlog, false),
+        )?;
+        row(
+            &format!("relay drain, {backlog} backlog, batch 1000, retention keep: empty table vs {} rows of published history", thousands(rows as f64)),
+            &rate(a, "msg/s"),
+            &rate(b, "msg/s"),
+            &format!("{:.2} (`growth_ratio`)", b / a),
+        );
+        figures.set("growth_history_rows", rows as f64);
+        figures.set("growth_empty_msgs_per_s", a);
+        figures.set("growth_history_msgs_per_s", b);
+        figures.set("growth_ratio", b / a);
+        drop(history);
+        drop_schema(&settings.pg_url, &history_schema)?;
+
+        // Retention on (delete on publish): fill and drain again and again; the table must not grow.
+        empty_outbox(&mut *empty.get()?)?;
+        let cycles = settings.pick(3, 6);
+        let mut sizes = Vec::new();
+        for _ in 0..cycles {
+            fill_pg(&mut *empty.get()?, "orders", backlog, 0)?;
+            drain(
+                &empty,
+                backlog,
+                1,
+                RelayConfig::default().batch_size(1000),
+                || Ok(NoopPublisher),
+            )?;
+            sizes.push(table_bytes(&mut *empty.get()?)? as f64);
+        }
+        let (first, last) = (sizes[0], sizes[sizes.len() - 1]);
+        row(
+            &format!("table size after fill + drain of {backlog}, retention on: cycle 1 vs cycle {cycles}"),
+            &format!("{:.1} MB", first / 1e6),
+            &format!("{:.1} MB", last / 1e6),
+            &format!("{:.2}", last / first),
+        );
+        figures.set("table_mb_after_first_cycle", first / 1e6);
+        figures.set("table_mb_after_last_cycle", last / 1e6);
+        figures.set("table_growth_over_cycles", last / first);
+
+        // Peak RSS of a relay draining the backlog in a process of its own.
+        empty_outbox(&mut *empty.get()?)?;
+        fill_pg(&mut *empty.get()?, "orders", backlog, 0)?;
+        let output = Command::new(std::env::current_exe()?)
+            .args(["--child-relay", &empty_schema, &backlog.to_string()])
+            .env("PG_DATABASE_URL", &settings.pg_url)
+            .output()?;
+        if !output.status.success() {
+            return Err(format!(
+                "the child relay failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let field = |name: &str| -> Result<f64, Error> {
+            stdout
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name))
+                .ok_or_else(|| format!("the child relay printed no {name}: {stdout}"))?
+                .parse::<f64>()
+                .map_err(Error::from)
+        };
+        let (peak_kb, child_rate) = (field("vm_hwm_kb=")?, field("msgs_per_s=")?);
+        row(
+            &format!("relay peak RSS (VmHWM), own process, {backlog} backlog, batch 1000"),
+            &format!("{:.1} MB", peak_kb / 1024.0),
+            &rate(child_rate, "msg/s"),
+            "",
+        );
+        figures.set("relay_peak_rss_mb", peak_kb / 1024.0);
+        Ok(())
+    })();
+    drop_schema(&settings.pg_url, &empty_schema)?;
+    drop_schema(&settings.pg_url, &history_schema)?;
+    result
+}
+
+/// The hidden `--child-relay SCHEMA COUNT` mode: drain COUNT pending messages of SCHEMA, then
+/// print the drain rate and this process's peak RSS.
+pub fn child_relay(pg_url: &str, schema: &str, count: usize) -> Result<(), Error> {
+    let pool = pg_pool(pg_url, schema, 2)?;
+    let rate = drain(
+        &pool,
+        count,
+        1,
+        RelayConfig::default().batch_size(1000),
+        || Ok(NoopPublisher),
+    )?;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let peak_kb = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or("no VmHWM in /proc/self/status")?;
+    println!("vm_hwm_kb={peak_kb} msgs_per_s={rate:.0}");
+    Ok(())
+}
