@@ -234,20 +234,31 @@ where
     P: Publisher + Send + 'static,
 {
     let start = Arc::new(Barrier::new(relays + 1));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(600);
     let mut workers = Vec::new();
     for _ in 0..relays {
         let mut relay = Relay::new(DieselStore::new(pool.clone()), publisher()?, config.clone());
-        let start = start.clone();
+        let (start, done) = (start.clone(), done.clone());
         workers.push(std::thread::spawn(move || -> Result<u64, Error> {
             start.wait();
             let mut published = 0;
-            loop {
+            // An empty claim only means the other relays hold every key with work right now:
+            // stop when the backlog is gone, not at the first empty claim.
+            while done.load(std::sync::atomic::Ordering::SeqCst) < expected as u64 {
+                if Instant::now() > deadline {
+                    return Err("drain made no progress for 10 minutes".into());
+                }
                 let report = relay.run_once()?;
                 published += report.published;
+                done.fetch_add(report.published, std::sync::atomic::Ordering::SeqCst);
                 if report.claimed == 0 {
-                    return Ok(published);
+                    std::thread::yield_now();
                 }
             }
+            // Tell the store this relay is gone, so later runs' claims do not leave it a share.
+            waybill_outbox_core::OutboxStore::retire(relay.store(), relay.config().owner_name())?;
+            Ok(published)
         }));
     }
     start.wait();
