@@ -1,4 +1,5 @@
 DROP TABLE IF EXISTS outbox_relays;
+ALTER TABLE outbox_messages RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, autovacuum_analyze_scale_factor, autovacuum_analyze_threshold);
 DROP TABLE IF EXISTS outbox_relay_leases;
 ALTER TABLE outbox_messages DROP COLUMN IF EXISTS bucket;
 ALTER TABLE outbox_messages ADD COLUMN IF NOT EXISTS lease_token BIGINT,

@@ -33,3 +33,14 @@ CREATE TABLE outbox_relays (
     -- Its last claim.
     seen_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- A queue table: every published message leaves a dead tuple behind (DELETE, or the status
+-- UPDATE under retention). The default autovacuum waits for 20% of the table to be dead, which a
+-- large backlog can take hours to reach while the table and its indexes bloat; vacuum after
+-- every few thousand instead.
+ALTER TABLE outbox_messages SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 5000,
+    autovacuum_analyze_scale_factor = 0,
+    autovacuum_analyze_threshold = 5000
+);
