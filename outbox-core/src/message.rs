@@ -229,7 +229,7 @@ pub struct OutboxMessage {
     pub attempts: i32,
     /// The error of the last failed attempt, or the reason it was parked.
     pub last_error: Option<String>,
-    /// Not published before this time (a delay, a retry backoff or a relay's lease).
+    /// Not published before this time (a requested delay or a retry backoff).
     pub available_at: DateTime<Utc>,
     /// When the message was enqueued.
     pub created_at: DateTime<Utc>,

@@ -44,3 +44,6 @@ ALTER TABLE outbox_messages SET (
     autovacuum_analyze_scale_factor = 0,
     autovacuum_analyze_threshold = 5000
 );
+
+COMMENT ON COLUMN outbox_messages.available_at IS
+    'Not published before this time: a requested delay or a retry backoff (leases are per bucket)';
