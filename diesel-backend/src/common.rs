@@ -124,7 +124,7 @@ pub(crate) fn into_messages(rows: Vec<RawRow>) -> (Vec<OutboxMessage>, Vec<(i64,
     (messages, malformed)
 }
 
-/// A claimable message found by a claim's first, light query.
+/// A claimable message, as `choose` needs it: its position and its key's bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Candidate {
     pub(crate) seq: i64,

@@ -208,20 +208,21 @@ WHERE m.seq = ANY($2) AND m.status = 0 AND m.available_at <= statement_timestamp
   AND (b.first_seq IS NULL OR m.seq < b.first_seq)
 ORDER BY m.seq";
 
-/// How many relays claimed within the last lease period (this one included).
+/// Records this relay's claim and returns how many relays claimed within the last lease period
+/// (this one included), in one round trip: it runs on every claim.
 fn live_relays(conn: &mut PgConnection, owner: &str, lease: Duration) -> Result<usize> {
-    diesel::sql_query(
-        "INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp()) \
-         ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at",
+    // The CTEs' writes are invisible to the count, which sees the statement's snapshot: count
+    // the others and add this relay.
+    let Count { count } = diesel::sql_query(
+        "WITH seen AS (\
+           INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp()) \
+           ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at), \
+         gone AS (DELETE FROM outbox_relays \
+           WHERE owner <> $1 AND seen_at < statement_timestamp() - interval '1 day') \
+         SELECT 1 + count(*) AS count FROM outbox_relays \
+         WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'",
     )
     .bind::<Text, _>(owner)
-    .execute(conn)?;
-    let Count { count } = diesel::sql_query(
-        "WITH gone AS (DELETE FROM outbox_relays \
-           WHERE seen_at < statement_timestamp() - interval '1 day') \
-         SELECT count(*) AS count FROM outbox_relays \
-         WHERE seen_at > statement_timestamp() - $1 * interval '1 microsecond'",
-    )
     .bind::<BigInt, _>(micros(lease))
     .get_result(conn)?;
     Ok(usize::try_from(count).unwrap_or(1).max(1))
