@@ -400,7 +400,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             );
         }
         if claimed.messages.is_empty() {
-            self.totals.add(&report);
+            // Leases are only taken with messages: an empty claim has nothing to count.
             return Ok(report);
         }
         let completions = if self.handle.is_stopped() {
