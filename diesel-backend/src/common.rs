@@ -124,78 +124,79 @@ pub(crate) fn into_messages(rows: Vec<RawRow>) -> (Vec<OutboxMessage>, Vec<(i64,
     (messages, malformed)
 }
 
-/// A claimable message, as `choose` needs it: its position and its key's bucket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Candidate {
-    pub(crate) seq: i64,
-    pub(crate) bucket: i16,
-}
-
-/// What a claim takes: the messages and the buckets it leases for them.
+/// What a claim takes from its candidates: which ones, and the buckets it leases for them.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Choice {
-    pub(crate) seqs: Vec<i64>,
+    /// One flag per candidate, in the candidates' order: taken or not.
+    pub(crate) keep: Vec<bool>,
+    /// The buckets of the taken candidates, sorted, each once.
     pub(crate) buckets: Vec<i16>,
 }
 
-/// Picks a fair share of the free buckets for one claim. `candidates` are claimable messages
-/// in outbox order; with `relays` relays at work, the claim takes the buckets of the oldest
-/// messages up to 1/`relays` of the buckets on offer (rounded up), so the other relays always
-/// find buckets left, then up to `limit` of their messages.
-pub(crate) fn choose(candidates: &[Candidate], relays: usize, limit: usize) -> Choice {
+/// Picks a fair share of the free buckets for one claim. `buckets` holds the bucket of each
+/// claimable message, in outbox order; with `relays` relays at work, the claim takes the
+/// buckets of the oldest messages up to 1/`relays` of the buckets on offer (rounded up), so
+/// the other relays always find buckets left, then up to `limit` of their messages.
+pub(crate) fn choose(buckets: &[i16], relays: usize, limit: usize) -> Choice {
     let mut offered: Vec<i16> = Vec::new();
-    for candidate in candidates {
-        if !offered.contains(&candidate.bucket) {
-            offered.push(candidate.bucket);
+    for bucket in buckets {
+        if !offered.contains(bucket) {
+            offered.push(*bucket);
         }
     }
-    let share = offered.len().div_ceil(relays.max(1));
-    offered.truncate(share);
-    let kept: Vec<&Candidate> = candidates
+    offered.truncate(offered.len().div_ceil(relays.max(1)));
+    let mut taken = 0;
+    let keep: Vec<bool> = buckets
         .iter()
-        .filter(|c| offered.contains(&c.bucket))
-        .take(limit)
+        .map(|bucket| {
+            let take = taken < limit && offered.contains(bucket);
+            taken += usize::from(take);
+            take
+        })
         .collect();
-    let seqs = kept.iter().map(|c| c.seq).collect();
-    let mut buckets: Vec<i16> = kept.iter().map(|c| c.bucket).collect();
-    buckets.sort_unstable();
-    buckets.dedup();
-    Choice { seqs, buckets }
+    let mut leased: Vec<i16> = buckets
+        .iter()
+        .zip(&keep)
+        .filter_map(|(&bucket, &take)| take.then_some(bucket))
+        .collect();
+    leased.sort_unstable();
+    leased.dedup();
+    Choice {
+        keep,
+        buckets: leased,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn candidates(buckets: &[i16]) -> Vec<Candidate> {
-        buckets
-            .iter()
-            .enumerate()
-            .map(|(i, &bucket)| Candidate {
-                seq: i as i64 + 1,
-                bucket,
-            })
+    /// The positions (1-based, like `seq`) of the candidates a choice takes.
+    fn seqs(choice: &Choice) -> Vec<i64> {
+        (1..)
+            .zip(&choice.keep)
+            .filter_map(|(seq, &take)| take.then_some(seq))
             .collect()
     }
 
     #[test]
     fn a_lone_relay_takes_every_bucket_up_to_the_limit() {
-        let choice = choose(&candidates(&[3, 1, 3, 2, 1]), 1, 4);
-        assert_eq!(choice.seqs, vec![1, 2, 3, 4]);
+        let choice = choose(&[3, 1, 3, 2, 1], 1, 4);
+        assert_eq!(seqs(&choice), vec![1, 2, 3, 4]);
         assert_eq!(choice.buckets, vec![1, 2, 3]);
     }
 
     #[test]
     fn two_relays_take_half_of_the_buckets_on_offer_oldest_first() {
-        let choice = choose(&candidates(&[3, 1, 3, 2, 1, 4]), 2, 10);
+        let choice = choose(&[3, 1, 3, 2, 1, 4], 2, 10);
         assert_eq!(choice.buckets, vec![1, 3]);
-        assert_eq!(choice.seqs, vec![1, 2, 3, 5]);
+        assert_eq!(seqs(&choice), vec![1, 2, 3, 5]);
     }
 
     #[test]
     fn a_single_bucket_is_taken_whatever_the_relay_count() {
-        let choice = choose(&candidates(&[7, 7, 7]), 4, 2);
-        assert_eq!(choice.seqs, vec![1, 2]);
+        let choice = choose(&[7, 7, 7], 4, 2);
+        assert_eq!(seqs(&choice), vec![1, 2]);
         assert_eq!(choice.buckets, vec![7]);
     }
 

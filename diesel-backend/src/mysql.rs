@@ -17,8 +17,8 @@ use waybill_outbox_core::{
 };
 
 use crate::common::{
-    choose, headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Candidate,
-    Choice, Grouped, RawRow,
+    choose, headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Choice,
+    Grouped, RawRow,
 };
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
@@ -292,24 +292,24 @@ impl OutboxConnection for MysqlConnection {
             .get_result(conn)?;
             let lease = chrono::Duration::microseconds(micros(lease));
             let relay_count = live_relays(conn, owner, now, lease)?;
-            let candidates: Vec<Candidate> = diesel::sql_query(CANDIDATES)
+            let candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
                 .bind::<Datetime, _>(now)
                 .bind::<Datetime, _>(now)
                 .bind::<Datetime, _>(now)
                 .bind::<BigInt, _>(
                     i64::try_from(limit.saturating_mul(relay_count)).unwrap_or(i64::MAX),
                 )
-                .load::<CandidateRow>(conn)?
-                .into_iter()
-                .map(|c| Candidate {
-                    seq: c.seq,
-                    bucket: c.bucket,
-                })
-                .collect();
-            let Choice { seqs, buckets } = choose(&candidates, relay_count, limit);
-            if seqs.is_empty() {
+                .load(conn)?;
+            let order: Vec<i16> = candidates.iter().map(|c| c.bucket).collect();
+            let Choice { keep, buckets } = choose(&order, relay_count, limit);
+            if buckets.is_empty() {
                 return Ok(Claimed::new(token, Vec::new()));
             }
+            let seqs: Vec<i64> = candidates
+                .iter()
+                .zip(keep)
+                .filter_map(|(c, take)| take.then_some(c.seq))
+                .collect();
             let previous: Vec<NaiveDateTime> = leases::table
                 .filter(leases::bucket.eq_any(&buckets))
                 .select(leases::expires_at)

@@ -16,9 +16,7 @@ use waybill_outbox_core::{
     Retention, Status,
 };
 
-use crate::common::{
-    choose, into_messages, micros, truncate_error, Candidate, Choice, Grouped, RawRow,
-};
+use crate::common::{choose, into_messages, micros, truncate_error, Choice, Grouped, RawRow};
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
 
@@ -304,23 +302,19 @@ impl OutboxConnection for PgConnection {
             .bind::<Text, _>(owner)
             .get_result(conn)?;
             let relays = live_relays(conn, owner, lease)?;
-            let mut candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
+            let candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
                 .bind::<BigInt, _>(i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX))
                 .load(conn)?;
-            let Choice { seqs, buckets } = choose(
-                &candidates
-                    .iter()
-                    .map(|c| Candidate {
-                        seq: c.message.seq,
-                        bucket: c.bucket,
-                    })
-                    .collect::<Vec<_>>(),
-                relays,
-                limit,
-            );
-            if seqs.is_empty() {
+            let order: Vec<i16> = candidates.iter().map(|c| c.bucket).collect();
+            let Choice { keep, buckets } = choose(&order, relays, limit);
+            if buckets.is_empty() {
                 return Ok(Claimed::new(token, Vec::new()));
             }
+            let chosen: Vec<Row> = candidates
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(c, take)| take.then_some(c.message))
+                .collect();
             let takeovers = diesel::sql_query(LEASE)
                 .bind::<Array<SmallInt>, _>(&buckets)
                 .bind::<BigInt, _>(token)
@@ -331,14 +325,13 @@ impl OutboxConnection for PgConnection {
                 .filter(|t| t.taken_over)
                 .count();
             let rows: Vec<Row> = if takeovers > 0 {
+                let seqs: Vec<i64> = chosen.iter().map(|row| row.seq).collect();
                 diesel::sql_query(RELOAD)
                     .bind::<Array<SmallInt>, _>(&buckets)
                     .bind::<Array<BigInt>, _>(&seqs)
                     .load(conn)?
             } else {
-                let chosen: std::collections::HashSet<i64> = seqs.iter().copied().collect();
-                candidates.retain(|c| chosen.contains(&c.message.seq));
-                candidates.into_iter().map(|c| c.message).collect()
+                chosen
             };
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
