@@ -86,12 +86,22 @@ pub fn alternate(
     mut a: impl FnMut() -> Result<f64, Error>,
     mut b: impl FnMut() -> Result<f64, Error>,
 ) -> Result<(f64, f64), Error> {
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    let medians = alternate_all(rounds, &mut [&mut a, &mut b])?;
+    Ok((medians[0], medians[1]))
+}
+
+/// Runs every one of `runs` in turn, `rounds` times, and returns the median of each.
+pub fn alternate_all(
+    rounds: usize,
+    runs: &mut [&mut dyn FnMut() -> Result<f64, Error>],
+) -> Result<Vec<f64>, Error> {
+    let mut samples = vec![Vec::new(); runs.len()];
     for _ in 0..rounds {
-        xs.push(a()?);
-        ys.push(b()?);
+        for (run, samples) in runs.iter_mut().zip(&mut samples) {
+            samples.push(run()?);
+        }
     }
-    Ok((median(xs), median(ys)))
+    Ok(samples.into_iter().map(median).collect())
 }
 
 /// Prints one line of the table as it goes.
