@@ -92,6 +92,8 @@ pub mod mysql;
 pub mod ops;
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "postgres")]
+mod prepared;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod store;

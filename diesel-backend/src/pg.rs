@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::dsl::sql;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -18,6 +18,7 @@ use waybill_outbox_core::{
 
 use crate::common::{choose, into_messages, micros, truncate_error, Choice, Grouped, RawRow};
 use crate::error::duplicate_or;
+use crate::prepared::Prepared;
 use crate::{Error, OutboxConnection, Result, TopicStats};
 
 /// The PostgreSQL migrations, embedded.
@@ -106,12 +107,6 @@ impl From<Row> for RawRow {
             published_at: row.published_at,
         }
     }
-}
-
-#[derive(QueryableByName)]
-struct Token {
-    #[diesel(sql_type = BigInt)]
-    token: i64,
 }
 
 #[derive(QueryableByName)]
@@ -206,25 +201,44 @@ WHERE m.seq = ANY($2) AND m.status = 0 AND m.available_at <= statement_timestamp
   AND (b.first_seq IS NULL OR m.seq < b.first_seq)
 ORDER BY m.seq";
 
-/// Records this relay's claim and returns how many relays claimed within the last lease period
-/// (this one included), in one round trip: it runs on every claim.
-fn live_relays(conn: &mut PgConnection, owner: &str, lease: Duration) -> Result<usize> {
-    // The CTEs' writes are invisible to the count, which sees the statement's snapshot: count
-    // the others and add this relay.
-    let Count { count } = diesel::sql_query(
-        "WITH seen AS (\
-           INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp()) \
-           ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at), \
-         gone AS (DELETE FROM outbox_relays \
-           WHERE owner <> $1 AND seen_at < statement_timestamp() - interval '1 day') \
-         SELECT 1 + count(*) AS count FROM outbox_relays \
-         WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'",
-    )
-    .bind::<Text, _>(owner)
-    .bind::<BigInt, _>(micros(lease))
-    .get_result(conn)?;
-    Ok(usize::try_from(count).unwrap_or(1).max(1))
+/// Takes the claim row, which serializes claims and hands out the fencing token, records this
+/// relay as alive and counts the relays that claimed within the last lease period (this one
+/// included): one round trip, as it runs on every claim.
+const OPEN_CLAIM: &str = "
+WITH claim AS (
+    UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now()
+    WHERE name = 'claim' RETURNING token
+),
+seen AS (
+    INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp())
+    ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at
+),
+gone AS (
+    DELETE FROM outbox_relays
+    WHERE owner <> $1 AND seen_at < statement_timestamp() - interval '1 day'
+)
+SELECT (SELECT token FROM claim) AS token, 1 + count(*) AS relays FROM outbox_relays
+WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'";
+
+#[derive(QueryableByName)]
+struct OpenClaim {
+    #[diesel(sql_type = BigInt)]
+    token: i64,
+    #[diesel(sql_type = BigInt)]
+    relays: i64,
 }
+
+/// The published messages the claim still holds: deleted, or marked under retention.
+/// (Counted in a CTE, so that the statement runs through `get_result` and stays prepared.)
+const DELETE_PUBLISHED: &str = "WITH done AS (DELETE FROM outbox_messages \
+     WHERE seq = ANY($1) AND bucket = ANY($2) AND status = 0 RETURNING 1) \
+     SELECT count(*) AS count FROM done";
+const MARK_PUBLISHED: &str = "WITH done AS (UPDATE outbox_messages \
+     SET status = 1, published_at = statement_timestamp() \
+     WHERE seq = ANY($1) AND bucket = ANY($2) AND status = 0 RETURNING 1) \
+     SELECT count(*) AS count FROM done";
+const COUNT_HELD: &str = "SELECT count(*) AS count FROM outbox_messages \
+     WHERE seq = ANY($1) AND bucket = ANY($2) AND status = 0";
 
 fn headers_json(msg: &NewOutboxMessage) -> serde_json::Value {
     serde_json::Value::Object(
@@ -294,16 +308,20 @@ impl OutboxConnection for PgConnection {
         owner: &str,
     ) -> Result<Claimed> {
         self.transaction(|conn| {
-            // The claim row serializes claims and hands out the fencing token.
-            let Token { token } = diesel::sql_query(
-                "UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now() \
-                 WHERE name = 'claim' RETURNING token",
+            // (The CTE's writes are invisible to its count, which sees the statement's
+            // snapshot: it counts the others and adds this relay.)
+            let open: OpenClaim = Prepared(
+                diesel::sql_query(OPEN_CLAIM)
+                    .bind::<Text, _>(owner)
+                    .bind::<BigInt, _>(micros(lease)),
             )
-            .bind::<Text, _>(owner)
             .get_result(conn)?;
-            let relays = live_relays(conn, owner, lease)?;
-            let candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
-                .bind::<BigInt, _>(i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX))
+            let token = open.token;
+            let relays = usize::try_from(open.relays).unwrap_or(1).max(1);
+            let candidates: Vec<CandidateRow> =
+                Prepared(diesel::sql_query(CANDIDATES).bind::<BigInt, _>(
+                    i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX),
+                ))
                 .load(conn)?;
             let order: Vec<i16> = candidates.iter().map(|c| c.bucket).collect();
             let Choice { keep, buckets } = choose(&order, relays, limit);
@@ -315,15 +333,17 @@ impl OutboxConnection for PgConnection {
                 .zip(keep)
                 .filter_map(|(c, take)| take.then_some(c.message))
                 .collect();
-            let takeovers = diesel::sql_query(LEASE)
-                .bind::<Array<SmallInt>, _>(&buckets)
-                .bind::<BigInt, _>(token)
-                .bind::<Text, _>(owner)
-                .bind::<BigInt, _>(micros(lease))
-                .load::<Taken>(conn)?
-                .into_iter()
-                .filter(|t| t.taken_over)
-                .count();
+            let takeovers = Prepared(
+                diesel::sql_query(LEASE)
+                    .bind::<Array<SmallInt>, _>(&buckets)
+                    .bind::<BigInt, _>(token)
+                    .bind::<Text, _>(owner)
+                    .bind::<BigInt, _>(micros(lease)),
+            )
+            .load::<Taken>(conn)?
+            .into_iter()
+            .filter(|t| t.taken_over)
+            .count();
             let rows: Vec<Row> = if takeovers > 0 {
                 let seqs: Vec<i64> = chosen.iter().map(|row| row.seq).collect();
                 diesel::sql_query(RELOAD)
@@ -349,12 +369,19 @@ impl OutboxConnection for PgConnection {
     ) -> Result<CompleteReport> {
         let grouped = Grouped::new(completions);
         let applied = self.transaction::<_, Error, _>(|conn| {
+            // Losing this commit in a database crash only republishes the batch (the lease
+            // expires and another claim takes it): at-least-once already allows that, so the
+            // relay does not wait for the WAL flush. The claim's commit stays durable: its
+            // fencing token must never be handed out twice.
+            conn.batch_execute("SET LOCAL synchronous_commit = off")?;
             // The buckets this claim still holds, locked until the writes below commit: a claim
             // taking one over waits for them, and a taken-over bucket's writes are refused.
-            let held: Vec<i16> = diesel::sql_query(
-                "SELECT bucket FROM outbox_relay_leases WHERE token = $1 FOR UPDATE",
+            let held: Vec<i16> = Prepared(
+                diesel::sql_query(
+                    "SELECT bucket FROM outbox_relay_leases WHERE token = $1 FOR UPDATE",
+                )
+                .bind::<BigInt, _>(token),
             )
-            .bind::<BigInt, _>(token)
             .load::<Lease>(conn)?
             .into_iter()
             .map(|l| l.bucket)
@@ -363,31 +390,28 @@ impl OutboxConnection for PgConnection {
                 return Ok(0);
             }
             let mut applied = 0;
-            let mine = || {
-                m::table
-                    .filter(m::bucket.eq_any(held.clone()))
-                    .filter(m::status.eq(Status::Pending.code()))
-            };
             if !grouped.published.is_empty() {
-                let target = mine().filter(m::seq.eq_any(&grouped.published));
-                applied += match retention {
-                    Retention::Delete => diesel::delete(target).execute(conn)?,
-                    Retention::Keep(_) => diesel::update(target)
-                        .set((
-                            m::status.eq(Status::Published.code()),
-                            m::published_at
-                                .eq(sql::<Nullable<Timestamptz>>("statement_timestamp()")),
-                        ))
-                        .execute(conn)?,
+                let statement = match retention {
+                    Retention::Delete => DELETE_PUBLISHED,
+                    Retention::Keep(_) => MARK_PUBLISHED,
                 };
+                let Count { count } = Prepared(
+                    diesel::sql_query(statement)
+                        .bind::<Array<BigInt>, _>(&grouped.published)
+                        .bind::<Array<SmallInt>, _>(&held),
+                )
+                .get_result(conn)?;
+                applied += usize::try_from(count).unwrap_or(0);
             }
             if !grouped.released.is_empty() {
                 // Nothing to write: releasing the bucket hands them back.
-                let still_mine: i64 = mine()
-                    .filter(m::seq.eq_any(&grouped.released))
-                    .count()
-                    .get_result(conn)?;
-                applied += usize::try_from(still_mine).unwrap_or(0);
+                let Count { count } = Prepared(
+                    diesel::sql_query(COUNT_HELD)
+                        .bind::<Array<BigInt>, _>(&grouped.released)
+                        .bind::<Array<SmallInt>, _>(&held),
+                )
+                .get_result(conn)?;
+                applied += usize::try_from(count).unwrap_or(0);
             }
             for (seq, delay, error) in &grouped.retried {
                 applied += diesel::sql_query(
