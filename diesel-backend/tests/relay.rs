@@ -658,7 +658,7 @@ fn claim_and_complete_reuse_prepared_statements() {
         .unwrap()
         .count
     };
-    let mut round = |conn: &mut PgConnection| {
+    let round = |conn: &mut PgConnection| {
         let claimed = conn
             .claim_outbox_messages(2, Duration::from_secs(30), "prepared-test")
             .unwrap();
