@@ -108,7 +108,7 @@ fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error>
                 Arc::new(AtomicBool::new(false)),
             );
             let owner = format!("{}-relay-{}", args.namespace, std::process::id());
-            Relay::new(DieselStore::new(pool), publisher, relay_config(&owner)).run();
+            Relay::new(DieselStore::new(pool), publisher, relay_config(&owner)).run_pipelined();
         }
         Role::Consumer => {
             let mut handler =

@@ -115,7 +115,7 @@ fn run_relays<C: Backend, P: Publisher + Send + 'static>(
         threads.push(
             thread::Builder::new()
                 .name(format!("relay-{n}"))
-                .spawn(move || relay.run())?,
+                .spawn(move || relay.run_pipelined())?,
         );
     }
     let (stop_sampler, stopped) = mpsc::channel::<()>();

@@ -103,7 +103,7 @@ fn status_counts_every_topic_in_a_table_and_as_json<C: Backend + Ops>(db: TestDb
     .unwrap();
     let claimed = db
         .conn()
-        .claim_outbox_messages(10, Duration::from_secs(3600), "relay-test")
+        .claim_outbox_messages(10, Duration::from_secs(3600), "relay-test", 0)
         .unwrap();
     assert_eq!(claimed.messages.len(), 1);
 

@@ -47,7 +47,9 @@ pub trait OutboxConnection {
     fn revert_outbox_migrations(&mut self) -> Result<()>;
 
     /// Claims up to `limit` due messages for `lease` in its own short transaction (see
-    /// [`OutboxStore::claim`](waybill_outbox_core::OutboxStore::claim)).
+    /// [`OutboxStore::claim`](waybill_outbox_core::OutboxStore::claim)). `in_flight` is how many
+    /// claimed batches the relay still holds (1 while it publishes one and claims the next): the
+    /// claim leaves free buckets for as many more of its own claims.
     ///
     /// # Errors
     ///
@@ -57,6 +59,7 @@ pub trait OutboxConnection {
         limit: usize,
         lease: Duration,
         owner: &str,
+        in_flight: usize,
     ) -> Result<Claimed>;
 
     /// Writes back completions fenced by `token` in one transaction.
@@ -172,8 +175,9 @@ mod pooled {
             limit: usize,
             lease: Duration,
             owner: &str,
+            in_flight: usize,
         ) -> Result<Claimed> {
-            (**self).claim_outbox_messages(limit, lease, owner)
+            (**self).claim_outbox_messages(limit, lease, owner, in_flight)
         }
         fn complete_outbox_messages(
             &mut self,

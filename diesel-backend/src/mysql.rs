@@ -274,6 +274,7 @@ impl OutboxConnection for MysqlConnection {
         limit: usize,
         lease: Duration,
         owner: &str,
+        in_flight: usize,
     ) -> Result<Claimed> {
         // Every statement of the claim must see what other claims committed before it took the
         // lock row, not a snapshot from before the wait.
@@ -291,7 +292,8 @@ impl OutboxConnection for MysqlConnection {
             )
             .get_result(conn)?;
             let lease = chrono::Duration::microseconds(micros(lease));
-            let relay_count = live_relays(conn, owner, now, lease)?;
+            // Each relay's share, split again among its own claims in flight.
+            let relay_count = live_relays(conn, owner, now, lease)?.saturating_mul(1 + in_flight);
             let candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
                 .bind::<Datetime, _>(now)
                 .bind::<Datetime, _>(now)

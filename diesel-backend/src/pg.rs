@@ -306,6 +306,7 @@ impl OutboxConnection for PgConnection {
         limit: usize,
         lease: Duration,
         owner: &str,
+        in_flight: usize,
     ) -> Result<Claimed> {
         self.transaction(|conn| {
             // (The CTE's writes are invisible to its count, which sees the statement's
@@ -317,7 +318,11 @@ impl OutboxConnection for PgConnection {
             )
             .get_result(conn)?;
             let token = open.token;
-            let relays = usize::try_from(open.relays).unwrap_or(1).max(1);
+            // Each relay's share, split again among its own claims in flight.
+            let relays = usize::try_from(open.relays)
+                .unwrap_or(1)
+                .max(1)
+                .saturating_mul(1 + in_flight);
             let candidates: Vec<CandidateRow> =
                 Prepared(diesel::sql_query(CANDIDATES).bind::<BigInt, _>(
                     i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX),

@@ -282,6 +282,7 @@ impl OutboxConnection for SqliteConnection {
         limit: usize,
         lease: Duration,
         owner: &str,
+        _in_flight: usize,
     ) -> Result<Claimed> {
         self.immediate_transaction(|conn| {
             let now = now();

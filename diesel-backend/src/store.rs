@@ -73,7 +73,11 @@ impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore
     type Error = Error;
 
     fn claim(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed> {
-        self.conn()?.claim_outbox_messages(limit, lease, owner)
+        self.conn()?.claim_outbox_messages(limit, lease, owner, 0)
+    }
+
+    fn claim_ahead(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed> {
+        self.conn()?.claim_outbox_messages(limit, lease, owner, 1)
     }
 
     fn complete(

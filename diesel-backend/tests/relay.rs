@@ -579,6 +579,91 @@ fn retention_keeps_published_messages_until_purged<C: Backend>(db: TestDb<C>) {
     );
 }
 
+/// Pipelined relays claim the next batch while publishing the current one; with broker
+/// failures forcing retries, every message still goes out once, in key order.
+fn pipelined_relays_publish_every_message_once_in_key_order<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 40, 50);
+    // Every seventh message fails its first attempt: retries and held-back keys mid-pipeline.
+    let failed_once = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let publisher = InMemoryPublisher::new().with_fault(move |m| {
+        (index_of(m) % 7 == 3 && failed_once.lock().unwrap().insert(m.id))
+            .then(|| PublishError::Retryable("broker hiccup".into()))
+    });
+    let relays: Vec<_> = (0..2)
+        .map(|n| {
+            relay(
+                &db,
+                publisher.clone(),
+                config()
+                    .batch_size(50)
+                    .min_poll_interval(Duration::from_millis(1))
+                    .poll_interval(Duration::from_millis(20))
+                    .owner(format!("pipelined-{n}")),
+            )
+        })
+        .collect();
+    let handles: Vec<_> = relays.iter().map(Relay::handle).collect();
+    let workers: Vec<_> = relays
+        .into_iter()
+        .map(|mut relay| std::thread::spawn(move || relay.run_pipelined()))
+        .collect();
+    assert!(
+        publisher.wait_for(messages.len(), PATIENCE),
+        "every message published"
+    );
+    handles.iter().for_each(|h| h.stop());
+    let totals: Vec<RelayReport> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let log = publisher.published();
+    assert_eq!(log.len(), messages.len(), "none lost, none published twice");
+    assert_eq!(
+        totals.iter().map(|t| t.published).sum::<u64>(),
+        messages.len() as u64
+    );
+    assert!(
+        totals.iter().map(|t| t.retried).sum::<u64>() > 0,
+        "the faults hit"
+    );
+    assert_key_order(&log);
+    assert_eq!(pending_and_parked(&db), (0, 0));
+}
+
+/// A pipelined relay told to stop hands back the batch it claimed ahead and holds no lease:
+/// a fresh relay claims everything that is left at once.
+fn pipelined_relay_stops_holding_nothing<C: Backend>(db: TestDb<C>) {
+    fill(&db, 8, 25);
+    let publisher = InMemoryPublisher::new();
+    let (entered_tx, entered) = mpsc::channel();
+    let (resume, resume_rx) = mpsc::channel();
+    let stalling = Stalling {
+        inner: publisher.clone(),
+        entered: entered_tx,
+        resume: resume_rx,
+        outcome: Ok(()),
+    };
+    let mut running = relay(&db, stalling, config().batch_size(50).owner("pipe-stop"));
+    let handle = running.handle();
+    let worker = std::thread::spawn(move || running.run_pipelined());
+    entered.recv().unwrap();
+    handle.stop();
+    resume.send(()).unwrap();
+    let totals = worker.join().unwrap();
+    assert_eq!(totals.published, publisher.len() as u64);
+    assert!(totals.published > 0, "the batch in hand was finished");
+    let mut next = relay(
+        &db,
+        publisher.clone(),
+        config().batch_size(1000).owner("pipe-stop"),
+    );
+    let report = next.run_once().unwrap();
+    assert_eq!(
+        report.published + totals.published,
+        200,
+        "nothing left leased"
+    );
+    assert_key_order(&publisher.published());
+    assert_eq!(pending_and_parked(&db), (0, 0));
+}
+
 backend_tests!(
     four_relays_publish_every_message_once_in_key_order,
     crash_between_confirm_and_mark_republishes_never_loses,
@@ -592,6 +677,8 @@ backend_tests!(
     retention_keeps_published_messages_until_purged,
     one_key_drains_in_one_batch_in_order,
     a_second_relay_finds_work_while_the_first_holds_a_batch,
+    pipelined_relays_publish_every_message_once_in_key_order,
+    pipelined_relay_stops_holding_nothing,
 );
 
 #[cfg(feature = "postgres")]
@@ -660,7 +747,7 @@ fn claim_and_complete_reuse_prepared_statements() {
     };
     let round = |conn: &mut PgConnection| {
         let claimed = conn
-            .claim_outbox_messages(2, Duration::from_secs(30), "prepared-test")
+            .claim_outbox_messages(2, Duration::from_secs(30), "prepared-test", 0)
             .unwrap();
         assert!(!claimed.messages.is_empty(), "a claim finds the backlog");
         let done: Vec<Completion> = claimed

@@ -8,7 +8,8 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::{
-    Backoff, Completion, OutboxMessage, OutboxStore, PublishError, Publisher, Retention, Retryable,
+    Backoff, Claimed, CompleteReport, Completion, LeaseToken, OutboxMessage, OutboxStore,
+    PublishError, Publisher, Retention, Retryable,
 };
 
 /// How a relay behaves. Every setting has a default suited to a small service.
@@ -388,123 +389,30 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             self.config.lease,
             &self.config.owner,
         )?;
-        let mut report = RelayReport {
-            claimed: claimed.messages.len() as u64,
-            lease_takeovers: claimed.lease_takeovers,
-            ..RelayReport::default()
-        };
-        if claimed.lease_takeovers > 0 {
-            log::warn!(
-                "took over {} expired leases of another relay (crashed, paused or too slow)",
-                claimed.lease_takeovers
-            );
-        }
+        let mut report = claim_report(&claimed);
         if claimed.messages.is_empty() {
             // Leases are only taken with messages: an empty claim has nothing to count.
             return Ok(report);
         }
-        let completions = if self.handle.is_stopped() {
-            // Stopping between claim and publish: hand everything back unsent.
-            claimed
-                .messages
-                .iter()
-                .map(|m| Completion::Release { seq: m.seq })
-                .collect()
-        } else {
-            let started = Instant::now();
-            let outcomes = self.publisher.publish(&claimed.messages);
-            if started.elapsed() >= self.config.lease {
-                log::warn!(
-                    "publishing {} messages took {:?}, longer than the {:?} lease; writes are fenced",
-                    claimed.messages.len(),
-                    started.elapsed(),
-                    self.config.lease
-                );
-            }
-            self.completions(&claimed.messages, outcomes)
-        };
-        for completion in &completions {
-            match completion {
-                Completion::Published { .. } => report.published += 1,
-                Completion::Retry { .. } => report.retried += 1,
-                Completion::Park { .. } => report.parked += 1,
-                Completion::Release { .. } => report.released += 1,
-            }
-        }
+        let completions = publish_claimed(
+            &mut self.publisher,
+            &self.config,
+            &mut self.rng,
+            &self.handle,
+            &claimed,
+        );
         let written = self
             .store
             .complete(claimed.token, &completions, self.config.retention)?;
-        report.fenced_off = written.refused;
-        if written.refused > 0 {
-            log::warn!(
-                "lease {} was taken over: {} of {} writes refused by fencing",
-                claimed.token,
-                written.refused,
-                completions.len()
-            );
-        }
-        log::debug!("relay round: {report:?}");
-        crate::metrics::record_round(&self.config.owner, &report, round.elapsed());
-        self.totals.add(&report);
+        record_round(
+            &self.config,
+            &mut self.totals,
+            &mut report,
+            (claimed.token, &completions),
+            written,
+            round.elapsed(),
+        );
         Ok(report)
-    }
-
-    fn completions(
-        &mut self,
-        messages: &[OutboxMessage],
-        outcomes: Vec<Result<(), PublishError>>,
-    ) -> Vec<Completion> {
-        if outcomes.len() != messages.len() {
-            log::error!(
-                "publisher returned {} outcomes for {} messages; treating the missing ones as failed",
-                outcomes.len(),
-                messages.len()
-            );
-        }
-        let mut outcomes = outcomes.into_iter();
-        messages
-            .iter()
-            .map(|msg| {
-                let outcome = outcomes.next().unwrap_or_else(|| {
-                    Err(PublishError::Retryable(
-                        "publisher returned no outcome".into(),
-                    ))
-                });
-                self.completion(msg, outcome)
-            })
-            .collect()
-    }
-
-    fn completion(&mut self, msg: &OutboxMessage, outcome: Result<(), PublishError>) -> Completion {
-        let seq = msg.seq;
-        let attempt = u32::try_from(msg.attempts).unwrap_or(0).saturating_add(1);
-        match outcome {
-            Ok(()) => Completion::Published { seq },
-            Err(PublishError::NotAttempted) => Completion::Release { seq },
-            Err(PublishError::Fatal(error)) => {
-                log::error!("parking message {} after a fatal error: {error}", msg.id);
-                Completion::Park { seq, reason: error }
-            }
-            Err(PublishError::Retryable(error)) if attempt >= self.config.max_attempts => {
-                log::error!(
-                    "parking message {} after {attempt} attempts: {error}",
-                    msg.id
-                );
-                Completion::Park {
-                    seq,
-                    reason: format!("gave up after {attempt} attempts: {error}"),
-                }
-            }
-            Err(PublishError::Retryable(error)) => {
-                let delay = self.config.backoff.delay(attempt, &mut self.rng);
-                log::warn!(
-                    "publishing message {} failed (attempt {attempt}/{}), retrying in {delay:?}: {error}",
-                    msg.id,
-                    self.config.max_attempts
-                );
-                Completion::Retry { seq, delay, error }
-            }
-        }
     }
 
     /// Runs rounds until [`RelayHandle::stop`] is called, then returns [`totals`](Self::totals).
@@ -574,63 +482,382 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         self.totals
     }
 
-    /// A failed announcement only costs wake-up latency (the poll still finds the work).
     fn announce_idle(&mut self, idle: bool) {
-        if let Err(error) = self.store.announce_idle(idle) {
-            log::warn!("announcing relay idle={idle} failed: {error}");
-        }
+        announce_idle(&self.store, idle);
     }
 
     fn wait_idle(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.store.poll_wakeup() {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(error) => log::warn!("checking for outbox notifications failed: {error}"),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero()
-                || self
-                    .handle
-                    .wait(left.min(self.config.wakeup_check_interval))
-            {
-                return;
-            }
-        }
+        wait_idle(&self.store, &self.handle, &self.config, timeout);
     }
 
     fn purge_if_due(&mut self) {
-        let Retention::Keep(window) = self.config.retention else {
-            return;
-        };
-        if self
-            .last_purge
-            .is_some_and(|at| at.elapsed() < self.config.purge_interval)
-        {
-            return;
+        purge_if_due(
+            &self.store,
+            &self.handle,
+            &self.config,
+            &mut self.last_purge,
+        );
+    }
+}
+
+/// Work for the pipelined relay's database thread: write back the batch published last, then
+/// claim the one to publish next.
+struct Job {
+    write: Option<Published>,
+    claim: bool,
+}
+
+/// A published batch whose outcomes are not written back yet.
+struct Published {
+    token: LeaseToken,
+    completions: Vec<Completion>,
+    report: RelayReport,
+    started: Instant,
+}
+
+/// What the database thread did with a [`Job`].
+struct JobDone<E> {
+    written: Option<(Published, Result<CompleteReport, E>)>,
+    claimed: Option<Result<Claimed, E>>,
+}
+
+impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
+    /// Runs like [`run`](Self::run), but claims the next batch and writes back the previous one
+    /// on a second thread while the current batch is being published: the broker and the
+    /// database work at the same time. Worth it when publishing takes about as long as the
+    /// database work (a broker with confirms over the network); with an in-process publisher it
+    /// only adds a thread. Each claim takes half of the relay's usual share of the free key
+    /// buckets ([`OutboxStore::claim_ahead`]), so the next claim finds work while this batch's
+    /// buckets are leased; a batch's buckets are released only after its write-back, so per-key
+    /// order and fencing are exactly those of [`run`](Self::run). On SQLite (one bucket) the
+    /// claims take turns and nothing overlaps.
+    pub fn run_pipelined(&mut self) -> RelayReport {
+        if let Err(error) = self.store.poll_wakeup() {
+            log::warn!("listening for outbox notifications failed: {error}");
         }
-        self.last_purge = Some(Instant::now());
-        let mut purged = 0;
-        while !self.handle.is_stopped() {
-            match self
-                .store
-                .purge_published(window, self.config.purge_batch_size)
-            {
-                Ok(n) => {
-                    purged += n;
-                    if n < self.config.purge_batch_size as u64 {
-                        break;
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(1);
+        let (done_tx, done) = std::sync::mpsc::sync_channel::<JobDone<S::Error>>(1);
+        let store = &self.store;
+        let config = &self.config;
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                for job in job_rx {
+                    let written = job.write.map(|published| {
+                        let result = store.complete(
+                            published.token,
+                            &published.completions,
+                            config.retention,
+                        );
+                        (published, result)
+                    });
+                    let claimed = job
+                        .claim
+                        .then(|| store.claim_ahead(config.batch_size, config.lease, &config.owner));
+                    if done_tx.send(JobDone { written, claimed }).is_err() {
+                        return;
                     }
                 }
-                Err(error) => {
-                    log::warn!("purging published messages failed: {error}");
+            });
+            let mut current: Option<Claimed> = None;
+            let mut published: Option<Published> = None;
+            let mut idle_wait = config.min_poll_interval;
+            let mut announced_idle = false;
+            let mut failures = 0;
+            loop {
+                let stopping = self.handle.is_stopped();
+                if stopping && current.is_none() && published.is_none() {
+                    break;
+                }
+                let sent = jobs.send(Job {
+                    write: published.take(),
+                    claim: !stopping,
+                });
+                if sent.is_err() {
+                    log::error!("the relay's database thread is gone; stopping");
+                    break;
+                }
+                // Publish the batch in hand while the database thread works.
+                if let Some(claimed) = current.take() {
+                    let started = Instant::now();
+                    let report = claim_report(&claimed);
+                    let completions = publish_claimed(
+                        &mut self.publisher,
+                        config,
+                        &mut self.rng,
+                        &self.handle,
+                        &claimed,
+                    );
+                    published = Some(Published {
+                        token: claimed.token,
+                        completions,
+                        report,
+                        started,
+                    });
+                }
+                let Ok(JobDone { written, claimed }) = done.recv() else {
+                    log::error!("the relay's database thread is gone; stopping");
+                    break;
+                };
+                let mut failed = None;
+                if let Some((mut batch, result)) = written {
+                    match result {
+                        Ok(written) => {
+                            record_round(
+                                config,
+                                &mut self.totals,
+                                &mut batch.report,
+                                (batch.token, &batch.completions),
+                                written,
+                                batch.started.elapsed(),
+                            );
+                            self.hooks.on_batch(&batch.report, batch.started.elapsed());
+                        }
+                        // The leases expire and the batch is published again: never lost.
+                        Err(error) => failed = Some(error),
+                    }
+                }
+                match claimed {
+                    Some(Ok(claimed)) if !claimed.messages.is_empty() => {
+                        if announced_idle {
+                            announce_idle(store, false);
+                            announced_idle = false;
+                        }
+                        idle_wait = config.min_poll_interval;
+                        current = Some(claimed);
+                    }
+                    Some(Ok(_)) if published.is_some() => {
+                        // Maybe all the work is in the batch just published: claim again once
+                        // it is written back.
+                    }
+                    Some(Ok(_)) if !announced_idle => {
+                        // Ask writers for wake-ups, then look once more (see `run`).
+                        announce_idle(store, true);
+                        announced_idle = true;
+                    }
+                    Some(Ok(_)) => {
+                        self.hooks.on_idle();
+                        wait_idle(store, &self.handle, config, idle_wait);
+                        idle_wait = (idle_wait * 2).min(config.poll_interval);
+                    }
+                    Some(Err(error)) => failed = failed.or(Some(error)),
+                    None => {}
+                }
+                if let Some(error) = failed {
+                    failures += 1;
+                    let delay = config
+                        .backoff
+                        .delay(failures, &mut self.rng)
+                        .min(config.poll_interval.max(Duration::from_secs(1)) * 5);
+                    log::warn!("relay round failed (retrying in {delay:?}): {error}");
+                    self.hooks.on_store_error(&error);
+                    self.handle.wait(delay);
+                } else {
+                    failures = 0;
+                }
+                purge_if_due(store, &self.handle, config, &mut self.last_purge);
+            }
+            // Dropping the job sender ends the database thread.
+            drop(jobs);
+            if announced_idle {
+                announce_idle(store, false);
+            }
+        });
+        if let Err(error) = self.store.retire(&self.config.owner) {
+            log::warn!("telling other relays that this one stopped failed: {error}");
+        }
+        log::info!("relay {} stopped: {:?}", self.config.owner, self.totals);
+        self.totals
+    }
+}
+
+/// A failed announcement only costs wake-up latency (the poll still finds the work).
+fn announce_idle<S: OutboxStore>(store: &S, idle: bool) {
+    if let Err(error) = store.announce_idle(idle) {
+        log::warn!("announcing relay idle={idle} failed: {error}");
+    }
+}
+
+/// Waits up to `timeout`, ending early on a wake-up from the store or the handle.
+fn wait_idle<S: OutboxStore>(
+    store: &S,
+    handle: &RelayHandle,
+    config: &RelayConfig,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match store.poll_wakeup() {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => log::warn!("checking for outbox notifications failed: {error}"),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || handle.wait(left.min(config.wakeup_check_interval)) {
+            return;
+        }
+    }
+}
+
+/// Under retention, deletes what is past the window once per purge interval, in bounded batches.
+fn purge_if_due<S: OutboxStore>(
+    store: &S,
+    handle: &RelayHandle,
+    config: &RelayConfig,
+    last_purge: &mut Option<Instant>,
+) {
+    let Retention::Keep(window) = config.retention else {
+        return;
+    };
+    if last_purge.is_some_and(|at| at.elapsed() < config.purge_interval) {
+        return;
+    }
+    *last_purge = Some(Instant::now());
+    let mut purged = 0;
+    while !handle.is_stopped() {
+        match store.purge_published(window, config.purge_batch_size) {
+            Ok(n) => {
+                purged += n;
+                if n < config.purge_batch_size as u64 {
                     break;
                 }
             }
-        }
-        if purged > 0 {
-            log::debug!("purged {purged} published messages older than {window:?}");
+            Err(error) => {
+                log::warn!("purging published messages failed: {error}");
+                break;
+            }
         }
     }
+    if purged > 0 {
+        log::debug!("purged {purged} published messages older than {window:?}");
+    }
+}
+
+/// The counts a claim starts a round's report with.
+fn claim_report(claimed: &Claimed) -> RelayReport {
+    if claimed.lease_takeovers > 0 {
+        log::warn!(
+            "took over {} expired leases of another relay (crashed, paused or too slow)",
+            claimed.lease_takeovers
+        );
+    }
+    RelayReport {
+        claimed: claimed.messages.len() as u64,
+        lease_takeovers: claimed.lease_takeovers,
+        ..RelayReport::default()
+    }
+}
+
+/// Publishes a claimed batch and turns each outcome into the completion to write back. A relay
+/// told to stop hands the batch back unsent instead.
+fn publish_claimed<P: Publisher>(
+    publisher: &mut P,
+    config: &RelayConfig,
+    rng: &mut SmallRng,
+    handle: &RelayHandle,
+    claimed: &Claimed,
+) -> Vec<Completion> {
+    if handle.is_stopped() {
+        return claimed
+            .messages
+            .iter()
+            .map(|m| Completion::Release { seq: m.seq })
+            .collect();
+    }
+    let started = Instant::now();
+    let outcomes = publisher.publish(&claimed.messages);
+    if started.elapsed() >= config.lease {
+        log::warn!(
+            "publishing {} messages took {:?}, longer than the {:?} lease; writes are fenced",
+            claimed.messages.len(),
+            started.elapsed(),
+            config.lease
+        );
+    }
+    if outcomes.len() != claimed.messages.len() {
+        log::error!(
+            "publisher returned {} outcomes for {} messages; treating the missing ones as failed",
+            outcomes.len(),
+            claimed.messages.len()
+        );
+    }
+    let mut outcomes = outcomes.into_iter();
+    claimed
+        .messages
+        .iter()
+        .map(|msg| {
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Err(PublishError::Retryable(
+                    "publisher returned no outcome".into(),
+                ))
+            });
+            completion(config, rng, msg, outcome)
+        })
+        .collect()
+}
+
+fn completion(
+    config: &RelayConfig,
+    rng: &mut SmallRng,
+    msg: &OutboxMessage,
+    outcome: Result<(), PublishError>,
+) -> Completion {
+    let seq = msg.seq;
+    let attempt = u32::try_from(msg.attempts).unwrap_or(0).saturating_add(1);
+    match outcome {
+        Ok(()) => Completion::Published { seq },
+        Err(PublishError::NotAttempted) => Completion::Release { seq },
+        Err(PublishError::Fatal(error)) => {
+            log::error!("parking message {} after a fatal error: {error}", msg.id);
+            Completion::Park { seq, reason: error }
+        }
+        Err(PublishError::Retryable(error)) if attempt >= config.max_attempts => {
+            log::error!(
+                "parking message {} after {attempt} attempts: {error}",
+                msg.id
+            );
+            Completion::Park {
+                seq,
+                reason: format!("gave up after {attempt} attempts: {error}"),
+            }
+        }
+        Err(PublishError::Retryable(error)) => {
+            let delay = config.backoff.delay(attempt, rng);
+            log::warn!(
+                "publishing message {} failed (attempt {attempt}/{}), retrying in {delay:?}: {error}",
+                msg.id,
+                config.max_attempts
+            );
+            Completion::Retry { seq, delay, error }
+        }
+    }
+}
+
+/// Counts a written-back round into `report` and the relay's totals, and exports it.
+fn record_round(
+    config: &RelayConfig,
+    totals: &mut RelayReport,
+    report: &mut RelayReport,
+    (token, completions): (LeaseToken, &[Completion]),
+    written: CompleteReport,
+    elapsed: Duration,
+) {
+    for completion in completions {
+        match completion {
+            Completion::Published { .. } => report.published += 1,
+            Completion::Retry { .. } => report.retried += 1,
+            Completion::Park { .. } => report.parked += 1,
+            Completion::Release { .. } => report.released += 1,
+        }
+    }
+    report.fenced_off = written.refused;
+    if written.refused > 0 {
+        log::warn!(
+            "lease {token} was taken over: {} of {} writes refused by fencing",
+            written.refused,
+            completions.len()
+        );
+    }
+    log::debug!("relay round: {report:?}");
+    crate::metrics::record_round(&config.owner, report, elapsed);
+    totals.add(report);
 }

@@ -120,6 +120,23 @@ pub trait OutboxStore {
     /// Database failures; nothing is claimed then.
     fn claim(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed, Self::Error>;
 
+    /// Claims like [`claim`](Self::claim) for a relay that still holds one batch (it publishes
+    /// that batch while it claims this one, see [`Relay::run_pipelined`](crate::Relay::run_pipelined)):
+    /// the claim takes half of its usual share of the free buckets, so that the claim after it
+    /// finds work while this batch's buckets are leased. The default claims as `claim` does.
+    ///
+    /// # Errors
+    ///
+    /// Database failures; nothing is claimed then.
+    fn claim_ahead(
+        &self,
+        limit: usize,
+        lease: Duration,
+        owner: &str,
+    ) -> Result<Claimed, Self::Error> {
+        self.claim(limit, lease, owner)
+    }
+
     /// Writes back what became of claimed messages, fenced by `token`, in one transaction.
     ///
     /// # Errors
@@ -176,6 +193,15 @@ impl<S: OutboxStore + ?Sized> OutboxStore for std::sync::Arc<S> {
 
     fn claim(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed, Self::Error> {
         (**self).claim(limit, lease, owner)
+    }
+
+    fn claim_ahead(
+        &self,
+        limit: usize,
+        lease: Duration,
+        owner: &str,
+    ) -> Result<Claimed, Self::Error> {
+        (**self).claim_ahead(limit, lease, owner)
     }
 
     fn complete(

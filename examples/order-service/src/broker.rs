@@ -170,7 +170,7 @@ impl Broker {
             .lease(self.timing.relay_lease);
         let mut relay = Relay::new(waybill_diesel::DieselStore::new(db), publisher, config);
         started(relay.handle());
-        let totals = relay.run();
+        let totals = relay.run_pipelined();
         log::info!("relay stopped: {totals:?}");
         totals
     }
