@@ -19,7 +19,8 @@ use waybill_nats::NatsPublisher;
 use waybill_outbox_core::{MessageId, OutboxMessage, RelayConfig, Status};
 
 use crate::common::{
-    alternate, drain, empty_outbox, fill_pg, payload, record_pair, Error, Figures, PgPool, Settings,
+    alternate, drain_pipelined, empty_outbox, fill_pg, payload, record_pair, Error, Figures,
+    PgPool, Settings,
 };
 
 const BATCH: usize = 1000;
@@ -44,16 +45,16 @@ fn relay_round<P: waybill_outbox_core::Publisher + Send + 'static>(
     pool: &PgPool,
     topic: &str,
     count: usize,
-    publisher: impl FnMut() -> Result<P, Error>,
+    mut publisher: impl FnMut() -> Result<P, Error>,
 ) -> Result<f64, Error> {
     empty_outbox(&mut *pool.get()?)?;
     fill_pg(&mut *pool.get()?, topic, count, 0)?;
-    drain(
+    // Pipelined: the next claim and the last write-back overlap the broker's confirms.
+    drain_pipelined(
         pool,
         count,
-        1,
         RelayConfig::default().batch_size(BATCH),
-        publisher,
+        publisher()?,
     )
 }
 

@@ -284,6 +284,56 @@ where
     Ok(published as f64 / elapsed.as_secs_f64())
 }
 
+/// Messages per second for one relay in [`Relay::run_pipelined`] mode (it claims the next batch
+/// while publishing the current one), stopped once `expected` messages are published.
+pub fn drain_pipelined<C, P>(
+    pool: &Pool<ConnectionManager<C>>,
+    expected: usize,
+    config: RelayConfig,
+    publisher: P,
+) -> Result<f64, Error>
+where
+    C: OutboxConnection + diesel::r2d2::R2D2Connection + Connection + 'static,
+    P: Publisher + Send + 'static,
+{
+    struct Count(Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>);
+    impl waybill_outbox_core::RelayHooks for Count {
+        fn on_batch(&self, report: &waybill_outbox_core::RelayReport, _: Duration) {
+            let (count, grew) = &*self.0;
+            *count
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) += report.published;
+            grew.notify_all();
+        }
+    }
+    let shared = Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new()));
+    let mut relay = Relay::new(DieselStore::new(pool.clone()), publisher, config)
+        .with_hooks(Count(shared.clone()));
+    let handle = relay.handle();
+    let began = Instant::now();
+    let worker = std::thread::spawn(move || relay.run_pipelined());
+    {
+        let (count, grew) = &*shared;
+        let mut published = count.lock().map_err(|_| "poisoned")?;
+        while *published < expected as u64 {
+            let (guard, timeout) = grew
+                .wait_timeout(published, Duration::from_secs(600))
+                .map_err(|_| "poisoned")?;
+            if timeout.timed_out() {
+                return Err("pipelined drain made no progress for 10 minutes".into());
+            }
+            published = guard;
+        }
+    }
+    let elapsed = began.elapsed();
+    handle.stop();
+    let totals = worker.join().map_err(|_| "relay thread panicked")?;
+    if totals.published != expected as u64 {
+        return Err(format!("drained {} of {expected}", totals.published).into());
+    }
+    Ok(expected as f64 / elapsed.as_secs_f64())
+}
+
 /// Transactions per second of `clients` threads running `txn` for `period`; `txn` gets the
 /// client number and a number unique across clients.
 pub fn tps<C, F>(
