@@ -185,7 +185,8 @@ pub fn drop_schema(url: &str, schema: &str) -> Result<(), Error> {
 }
 
 /// `count` pending messages of `topic` (1,000 keys, the payload of [`payload`]) in one
-/// statement, as `enqueue` would write them; `status` 1 makes published history instead.
+/// statement, as `enqueue` would write them (ids time-ordered like `MessageId::new`'s UUIDv7);
+/// `status` 1 makes published history instead.
 pub fn fill_pg(
     conn: &mut PgConnection,
     topic: &str,
@@ -194,7 +195,9 @@ pub fn fill_pg(
 ) -> Result<(), Error> {
     diesel::sql_query(format!(
         "INSERT INTO outbox_messages (id, topic, partition_key, message_type, content_type, payload, status, published_at)
-         SELECT gen_random_uuid(), $1, 'order:' || (i % 1000), 'OrderPlaced', 'application/json',
+         SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')
+                 || '7' || substr(md5(i::text || random()::text), 1, 19))::uuid,
+                $1, 'order:' || (i % 1000), 'OrderPlaced', 'application/json',
                 convert_to(json_build_object('order_id', i, 'customer', 'customer-0042',
                     'lines', json_build_array(json_build_object('sku', 'SKU-1', 'qty', 2, 'cents', 1999)),
                     'note', repeat('x', 180))::text, 'UTF8'),
