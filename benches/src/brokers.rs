@@ -19,8 +19,8 @@ use waybill_nats::NatsPublisher;
 use waybill_outbox_core::{MessageId, OutboxMessage, RelayConfig, Status};
 
 use crate::common::{
-    alternate, drain_pipelined, empty_outbox, fill_pg, payload, record_pair, Error, Figures,
-    PgPool, Settings,
+    alternate_all, drain, drain_pipelined, empty_outbox, fill_pg, payload, record_pair, Error,
+    Figures, PgPool, Settings,
 };
 
 const BATCH: usize = 1000;
@@ -46,16 +46,17 @@ fn relay_round<P: waybill_outbox_core::Publisher + Send + 'static>(
     topic: &str,
     count: usize,
     mut publisher: impl FnMut() -> Result<P, Error>,
+    pipelined: bool,
 ) -> Result<f64, Error> {
     empty_outbox(&mut *pool.get()?)?;
     fill_pg(&mut *pool.get()?, topic, count, 0)?;
-    // Pipelined: the next claim and the last write-back overlap the broker's confirms.
-    drain_pipelined(
-        pool,
-        count,
-        RelayConfig::default().batch_size(BATCH),
-        publisher()?,
-    )
+    let config = RelayConfig::default().batch_size(BATCH);
+    if pipelined {
+        // The next claim and the last write-back overlap the broker's confirms.
+        drain_pipelined(pool, count, config, publisher()?)
+    } else {
+        drain(pool, count, 1, config, publisher)
+    }
 }
 
 pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<(), Error> {
@@ -86,26 +87,29 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
     Ok(())
 }
 
-/// Alternates the relay (publishers from `publisher`) and `raw` over `count` messages of the
-/// topic `name`, emptying the broker's queue or stream with `purge` before each round.
+/// Alternates the relay in rounds, the pipelined relay (publishers from `publisher`) and `raw`
+/// over `count` messages of the topic `name`, emptying the broker's queue or stream with `purge`
+/// before each round; returns their medians in that order.
 fn compare<P: waybill_outbox_core::Publisher + Send + 'static>(
     rounds: usize,
     (pool, name, count): (&PgPool, &str, usize),
     purge: impl Fn() -> Result<(), Error>,
     mut publisher: impl FnMut() -> Result<P, Error>,
     mut raw: impl FnMut(&[OutboxMessage]) -> Result<f64, Error>,
-) -> Result<(f64, f64), Error> {
-    alternate(
+) -> Result<[f64; 3], Error> {
+    let publisher = std::cell::RefCell::new(&mut publisher);
+    let relay = |pipelined| -> Result<f64, Error> {
+        purge()?;
+        relay_round(pool, name, count, &mut **publisher.borrow_mut(), pipelined)
+    };
+    let medians = alternate_all(
         rounds,
-        || {
-            purge()?;
-            relay_round(pool, name, count, &mut publisher)
-        },
-        || {
+        &mut [&mut || relay(false), &mut || relay(true), &mut || {
             purge()?;
             raw(&messages(name, count))
-        },
-    )
+        }],
+    )?;
+    Ok([medians[0], medians[1], medians[2]])
 }
 
 fn report(
@@ -113,25 +117,38 @@ fn report(
     broker: &str,
     what: &str,
     count: usize,
-    result: Result<(f64, f64), Error>,
+    result: Result<[f64; 3], Error>,
     at: &str,
 ) {
-    match result {
-        Ok(pair) => record_pair(
-            figures,
-            &format!(
-                "relay -> {what} publishing pipelined per batch, {count} messages, batch {BATCH}"
-            ),
-            pair,
-            [
-                format!("{broker}_relay_msgs_per_s"),
-                format!("{broker}_raw_msgs_per_s"),
-                format!("{broker}_vs_raw"),
-            ],
-            "msg/s",
-        ),
-        Err(error) => eprintln!("SKIPPED: {broker} at {at}: {error}"),
-    }
+    let [sequential, pipelined, raw] = match result {
+        Ok(rates) => rates,
+        Err(error) => return eprintln!("SKIPPED: {broker} at {at}: {error}"),
+    };
+    let scenario = |mode: &str| {
+        format!("relay ({mode}) -> {what} publishing pipelined per batch, {count} messages, batch {BATCH}")
+    };
+    record_pair(
+        figures,
+        &scenario("`run_pipelined`"),
+        (pipelined, raw),
+        [
+            format!("{broker}_relay_msgs_per_s"),
+            format!("{broker}_raw_msgs_per_s"),
+            format!("{broker}_vs_raw"),
+        ],
+        "msg/s",
+    );
+    record_pair(
+        figures,
+        &scenario("`run`: claim, publish, write back in turn"),
+        (sequential, raw),
+        [
+            format!("{broker}_relay_sequential_msgs_per_s"),
+            format!("{broker}_raw_msgs_per_s"),
+            format!("{broker}_sequential_vs_raw"),
+        ],
+        "msg/s",
+    );
 }
 
 fn amqp(
@@ -140,7 +157,7 @@ fn amqp(
     runtime: &Runtime,
     name: &str,
     count: usize,
-) -> Result<(f64, f64), Error> {
+) -> Result<[f64; 3], Error> {
     let connection = runtime.block_on(Connection::connect(
         &settings.amqp_addr,
         ConnectionProperties::default(),
@@ -261,7 +278,7 @@ fn nats(
     runtime: &Runtime,
     name: &str,
     count: usize,
-) -> Result<(f64, f64), Error> {
+) -> Result<[f64; 3], Error> {
     // The client spawns its tasks on the runtime it is made in.
     let _entered = runtime.enter();
     let client = runtime.block_on(async_nats::connect(&settings.nats_url))?;
