@@ -32,8 +32,10 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
         log::info!("serving Prometheus metrics at http://{addr}/metrics");
     }
     let relays = args.relays.max(1);
+    // Each relay keeps one connection listening for wake-ups and uses one more at a time for
+    // its claims and write-backs; the stats sampler needs one, and one is spare.
     let pool: DbPool<C> = Pool::builder()
-        .max_size(u32::try_from(relays + 2).unwrap_or(u32::MAX))
+        .max_size(u32::try_from(2 * relays + 2).unwrap_or(u32::MAX))
         .connection_customizer(Box::new(Prepare))
         .build(ConnectionManager::new(url))?;
     let broker = args.broker_url.clone();
