@@ -627,6 +627,65 @@ fn pipelined_relays_publish_every_message_once_in_key_order<C: Backend>(db: Test
     assert_eq!(pending_and_parked(&db), (0, 0));
 }
 
+/// Holds its first batch until the relay has leased a second one (`leased_batches` counts the
+/// claims holding leases): proof that the pipelined relay claims while it publishes, instead of
+/// quietly running claim, publish, write-back in turn.
+struct WaitsForClaimAhead {
+    leased_batches: Box<dyn Fn() -> i64 + Send>,
+    inner: InMemoryPublisher,
+    overlapped: Arc<AtomicBool>,
+}
+
+impl Publisher for WaitsForClaimAhead {
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        if !self.overlapped.load(Ordering::SeqCst) {
+            let deadline = Instant::now() + PATIENCE;
+            while Instant::now() < deadline {
+                if (self.leased_batches)() >= 2 {
+                    self.overlapped.store(true, Ordering::SeqCst);
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        self.inner.publish(batch)
+    }
+}
+
+#[derive(QueryableByName)]
+struct LeasedBatches {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+const LEASED_BATCHES: &str =
+    "SELECT count(DISTINCT token) AS n FROM outbox_relay_leases WHERE owner IS NOT NULL";
+
+fn pipelined_relay_claims_while_it_publishes<C: Backend>(
+    db: TestDb<C>,
+    leased_batches: Box<dyn Fn() -> i64 + Send>,
+) {
+    let messages = fill(&db, 64, 10);
+    let publisher = InMemoryPublisher::new();
+    let overlapped = Arc::new(AtomicBool::new(false));
+    let waiting = WaitsForClaimAhead {
+        leased_batches,
+        inner: publisher.clone(),
+        overlapped: overlapped.clone(),
+    };
+    let mut running = relay(&db, waiting, config().batch_size(100).owner("overlap"));
+    let handle = running.handle();
+    let worker = std::thread::spawn(move || running.run_pipelined());
+    assert!(publisher.wait_for(messages.len(), PATIENCE));
+    handle.stop();
+    worker.join().unwrap();
+    assert!(
+        overlapped.load(Ordering::SeqCst),
+        "the next batch was leased while the first was being published"
+    );
+    assert_key_order(&publisher.published());
+}
+
 /// A pipelined relay told to stop hands back the batch it claimed ahead and holds no lease:
 /// a fresh relay claims everything that is left at once.
 fn pipelined_relay_stops_holding_nothing<C: Backend>(db: TestDb<C>) {
@@ -770,4 +829,35 @@ fn claim_and_complete_reuse_prepared_statements() {
         after_first,
         "the second batch prepares nothing new"
     );
+}
+
+// SQLite has one bucket, so a pipelined relay there claims and publishes in turn.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_pipelined_relay_claims_while_it_publishes() {
+    if let Some(db) = common::postgres() {
+        let pool = db.pool.clone();
+        let leased = move || {
+            diesel::sql_query(LEASED_BATCHES)
+                .get_result::<LeasedBatches>(&mut pool.get().unwrap())
+                .unwrap()
+                .n
+        };
+        pipelined_relay_claims_while_it_publishes(db, Box::new(leased));
+    }
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_pipelined_relay_claims_while_it_publishes() {
+    if let Some(db) = common::mysql() {
+        let pool = db.pool.clone();
+        let leased = move || {
+            diesel::sql_query(LEASED_BATCHES)
+                .get_result::<LeasedBatches>(&mut pool.get().unwrap())
+                .unwrap()
+                .n
+        };
+        pipelined_relay_claims_while_it_publishes(db, Box::new(leased));
+    }
 }
