@@ -62,6 +62,16 @@ pub(crate) enum Target {
         /// The controller's own connection, for `pg_terminate_backend` and the cleanup.
         admin: PgConnection,
     },
+    /// A database named after the namespace on a MySQL / MariaDB server.
+    #[cfg(feature = "mysql")]
+    Mysql {
+        /// The server URL with the run's database in place of the one given.
+        url: String,
+        /// The database.
+        database: String,
+        /// The controller's own connection, for the cleanup.
+        admin: diesel::MysqlConnection,
+    },
     /// A SQLite file.
     Sqlite {
         /// The file.
@@ -92,6 +102,22 @@ impl Target {
                     admin,
                 })
             }
+            #[cfg(feature = "mysql")]
+            Database::Mysql(url) => {
+                let mut admin = diesel::MysqlConnection::establish(url).map_err(|error| {
+                    format!(
+                        "MySQL not reachable at {}: {error}",
+                        waybill_amqp::redact(url)
+                    )
+                })?;
+                // The namespace was checked against a strict pattern: safe as an identifier.
+                admin.batch_execute(&format!("CREATE DATABASE {namespace}"))?;
+                Ok(Self::Mysql {
+                    url: with_database(url, namespace),
+                    database: namespace.to_owned(),
+                    admin,
+                })
+            }
             Database::Sqlite(path) => Ok(Self::Sqlite {
                 path: path
                     .clone()
@@ -111,6 +137,8 @@ impl Target {
                     "{url}{separator}options=-csearch_path%3D{schema}&application_name={schema}-{role}"
                 )
             }
+            #[cfg(feature = "mysql")]
+            Self::Mysql { url, .. } => url.clone(),
             Self::Sqlite { path } => format!("sqlite://{}", path.display()),
         }
     }
@@ -119,17 +147,22 @@ impl Target {
     pub(crate) fn pool_url(&self) -> String {
         match self {
             Self::Postgres { .. } => self.url(None),
+            #[cfg(feature = "mysql")]
+            Self::Mysql { url, .. } => url.clone(),
             Self::Sqlite { path } => path.to_string_lossy().into_owned(),
         }
     }
 
-    /// Terminates `role`'s PostgreSQL backends; `None` on SQLite.
+    /// Terminates `role`'s PostgreSQL backends; `None` on SQLite, and on MySQL, whose
+    /// connections carry no name to tell the roles apart by.
     fn terminate(&mut self, role: Role) -> Option<Result<u64, Error>> {
         match self {
             Self::Postgres { schema, admin, .. } => Some(db::terminate_backends(
                 admin,
                 &format!("{schema}-{}", role.name()),
             )),
+            #[cfg(feature = "mysql")]
+            Self::Mysql { .. } => None,
             Self::Sqlite { .. } => None,
         }
     }
@@ -144,6 +177,16 @@ impl Target {
                     log::warn!("dropping schema {schema} failed: {error}");
                 }
             }
+            #[cfg(feature = "mysql")]
+            Self::Mysql {
+                database,
+                mut admin,
+                ..
+            } => {
+                if let Err(error) = admin.batch_execute(&format!("DROP DATABASE {database}")) {
+                    log::warn!("dropping database {database} failed: {error}");
+                }
+            }
             Self::Sqlite { path } => {
                 for suffix in ["", "-wal", "-shm"] {
                     // Missing -wal/-shm files are fine.
@@ -151,6 +194,22 @@ impl Target {
                 }
             }
         }
+    }
+}
+
+/// `url` with its database (the path) replaced by `database`, keeping any query string.
+#[cfg(feature = "mysql")]
+fn with_database(url: &str, database: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("mysql", url));
+    let (location, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(l, q)| (l, Some(q)));
+    let server = location
+        .split_once('/')
+        .map_or(location, |(server, _)| server);
+    match query {
+        Some(query) => format!("{scheme}://{server}/{database}?{query}"),
+        None => format!("{scheme}://{server}/{database}"),
     }
 }
 
@@ -165,6 +224,10 @@ pub(crate) fn run(database: &Database, broker_url: &str, plan: &Plan) -> Result<
     let mut target = Target::create(database, &plan.namespace)?;
     let result = match database {
         Database::Postgres(_) => run_on::<PgConnection>(&mut target, &broker, plan, started),
+        #[cfg(feature = "mysql")]
+        Database::Mysql(_) => {
+            run_on::<diesel::MysqlConnection>(&mut target, &broker, plan, started)
+        }
         Database::Sqlite(_) => run_on::<SqliteConnection>(&mut target, &broker, plan, started),
     };
     if !plan.keep {
@@ -231,6 +294,8 @@ fn run_on<C: AuditConnection>(
 fn target_name(target: &Target) -> &'static str {
     match target {
         Target::Postgres { .. } => "PostgreSQL",
+        #[cfg(feature = "mysql")]
+        Target::Mysql { .. } => "MySQL / MariaDB",
         Target::Sqlite { .. } => "SQLite",
     }
 }
@@ -560,5 +625,22 @@ impl Run {
             slot.done = true;
         }
         self.proxy.refuse(false);
+    }
+}
+
+#[cfg(all(test, feature = "mysql"))]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_run_database_replaces_the_one_in_the_url() {
+        assert_eq!(
+            with_database("mysql://root@127.0.0.1:3306/test", "audit_1"),
+            "mysql://root@127.0.0.1:3306/audit_1"
+        );
+        assert_eq!(
+            with_database("mysql://u:p@db:3306?ssl_mode=disabled", "audit_1"),
+            "mysql://u:p@db:3306/audit_1?ssl_mode=disabled"
+        );
     }
 }

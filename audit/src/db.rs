@@ -49,7 +49,7 @@ pub(crate) trait AuditConnection:
     Connection + R2D2Connection + OutboxConnection + InboxConnection + Send + Sized + 'static
 {
     /// The `CREATE TABLE` statements of the audit tables.
-    const TABLES: [&'static str; 3];
+    const TABLES: &'static [&'static str];
 
     /// Opens a pool of at most `size` connections to `url`.
     ///
@@ -138,7 +138,7 @@ macro_rules! impl_queries {
 }
 
 impl AuditConnection for PgConnection {
-    const TABLES: [&'static str; 3] = [
+    const TABLES: &'static [&'static str] = &[
         "CREATE TABLE IF NOT EXISTS audit_messages (idx BIGINT PRIMARY KEY, \
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq BIGINT NOT NULL)",
         // No unique constraint on message_id: only the inbox may prevent a double effect.
@@ -157,8 +157,28 @@ impl AuditConnection for PgConnection {
     impl_queries!();
 }
 
+#[cfg(feature = "mysql")]
+impl AuditConnection for diesel::MysqlConnection {
+    const TABLES: &'static [&'static str] = &[
+        "CREATE TABLE IF NOT EXISTS audit_messages (idx BIGINT PRIMARY KEY, \
+         message_id VARCHAR(64) NOT NULL, msg_key VARCHAR(255) NOT NULL, key_seq BIGINT NOT NULL)",
+        // Not unique: the counts join and group on it.
+        "CREATE TABLE IF NOT EXISTS audit_effects (serial BIGINT AUTO_INCREMENT PRIMARY KEY, \
+         message_id VARCHAR(64) NOT NULL, msg_key VARCHAR(255) NOT NULL, key_seq BIGINT NOT NULL, \
+         INDEX audit_effects_message_id (message_id))",
+    ];
+
+    fn pool(url: &str, size: u32) -> Result<DbPool<Self>, Error> {
+        Ok(Pool::builder()
+            .max_size(size)
+            .build(ConnectionManager::new(url))?)
+    }
+
+    impl_queries!();
+}
+
 impl AuditConnection for SqliteConnection {
-    const TABLES: [&'static str; 3] = [
+    const TABLES: &'static [&'static str] = &[
         "CREATE TABLE IF NOT EXISTS audit_messages (idx INTEGER PRIMARY KEY, \
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq INTEGER NOT NULL)",
         // No unique constraint on message_id: only the inbox may prevent a double effect.

@@ -37,6 +37,8 @@ pub(crate) fn run(database: &Database, plan: &Plan) -> Result<Report, Error> {
     let target = Target::create(database, &plan.namespace)?;
     let result = match database {
         Database::Postgres(_) => run_on::<PgConnection>(&target, plan, started),
+        #[cfg(feature = "mysql")]
+        Database::Mysql(_) => run_on::<diesel::MysqlConnection>(&target, plan, started),
         Database::Sqlite(_) => run_on::<SqliteConnection>(&target, plan, started),
     };
     if !plan.keep {
@@ -210,6 +212,8 @@ fn run_on<C: AuditConnection>(
     }
     let setup = match target {
         Target::Postgres { .. } => "PostgreSQL + in-process broker (threads)",
+        #[cfg(feature = "mysql")]
+        Target::Mysql { .. } => "MySQL / MariaDB + in-process broker (threads)",
         Target::Sqlite { .. } => "SQLite + in-process broker (threads)",
     };
     Ok(Report::new(

@@ -111,6 +111,9 @@ impl Role {
 pub(crate) enum Database {
     /// A PostgreSQL server URL.
     Postgres(String),
+    /// A MySQL / MariaDB server URL (cargo feature `mysql`).
+    #[cfg(feature = "mysql")]
+    Mysql(String),
     /// A SQLite file; `None` for a fresh temporary one.
     Sqlite(Option<PathBuf>),
 }
@@ -120,17 +123,22 @@ impl Database {
     ///
     /// # Errors
     ///
-    /// Unknown schemes (MySQL is not audited yet).
+    /// Unknown schemes, and `mysql://` in a build without the `mysql` feature.
     pub(crate) fn parse(url: &str) -> Result<Self, Error> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Self::Postgres(url.to_owned()))
+        } else if url.starts_with("mysql://") {
+            #[cfg(feature = "mysql")]
+            return Ok(Self::Mysql(url.to_owned()));
+            #[cfg(not(feature = "mysql"))]
+            return Err("this build cannot audit MySQL: build with `--features mysql`".into());
         } else if url == "sqlite" {
             Ok(Self::Sqlite(None))
         } else if let Some(path) = url.strip_prefix("sqlite://") {
             Ok(Self::Sqlite(Some(PathBuf::from(path))))
         } else {
             Err(format!(
-                "unsupported database URL {}: use postgres://..., sqlite://PATH or sqlite",
+                "unsupported database URL {}: use postgres://..., mysql://..., sqlite://PATH or sqlite",
                 waybill_amqp::redact(url)
             )
             .into())

@@ -76,6 +76,8 @@ impl WorkerArgs {
 pub(crate) fn run(args: &WorkerArgs) -> Result<(), Error> {
     match Database::parse(&args.database_url)? {
         Database::Postgres(url) => run_on::<PgConnection>(&url, args),
+        #[cfg(feature = "mysql")]
+        Database::Mysql(url) => run_on::<diesel::MysqlConnection>(&url, args),
         Database::Sqlite(Some(path)) => run_on::<SqliteConnection>(&path.to_string_lossy(), args),
         Database::Sqlite(None) => Err("a worker needs the controller's SQLite path".into()),
     }

@@ -132,6 +132,19 @@ fn postgres_with_nats_loses_doubles_and_reorders_nothing() {
     }
 }
 
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_with_rabbitmq_loses_doubles_and_reorders_nothing() {
+    let mysql_url = std::env::var("MYSQL_DATABASE_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    if servers_up(&[
+        ("MySQL", host_port(&mysql_url, 3306)),
+        ("RabbitMQ", host_port(&amqp_url(), 5672)),
+    ]) {
+        assert_clean_run(&mysql_url, &amqp_url());
+    }
+}
+
 /// The audit is only evidence if it can fail: without the inbox, the broker's redeliveries
 /// must take effect twice, and the run must say so and exit non-zero.
 #[test]
