@@ -832,32 +832,26 @@ fn claim_and_complete_reuse_prepared_statements() {
 }
 
 // SQLite has one bucket, so a pipelined relay there claims and publishes in turn.
-#[cfg(feature = "postgres")]
-#[test]
-fn postgres_pipelined_relay_claims_while_it_publishes() {
-    if let Some(db) = common::postgres() {
-        let pool = db.pool.clone();
-        let leased = move || {
-            diesel::sql_query(LEASED_BATCHES)
-                .get_result::<LeasedBatches>(&mut pool.get().unwrap())
-                .unwrap()
-                .n
-        };
-        pipelined_relay_claims_while_it_publishes(db, Box::new(leased));
-    }
+macro_rules! claims_while_it_publishes {
+    ($($name:ident: $feature:literal, $db:path;)*) => {$(
+        #[cfg(feature = $feature)]
+        #[test]
+        fn $name() {
+            if let Some(db) = $db() {
+                let pool = db.pool.clone();
+                let leased = move || {
+                    diesel::sql_query(LEASED_BATCHES)
+                        .get_result::<LeasedBatches>(&mut pool.get().unwrap())
+                        .unwrap()
+                        .n
+                };
+                pipelined_relay_claims_while_it_publishes(db, Box::new(leased));
+            }
+        }
+    )*};
 }
 
-#[cfg(feature = "mysql")]
-#[test]
-fn mysql_pipelined_relay_claims_while_it_publishes() {
-    if let Some(db) = common::mysql() {
-        let pool = db.pool.clone();
-        let leased = move || {
-            diesel::sql_query(LEASED_BATCHES)
-                .get_result::<LeasedBatches>(&mut pool.get().unwrap())
-                .unwrap()
-                .n
-        };
-        pipelined_relay_claims_while_it_publishes(db, Box::new(leased));
-    }
+claims_while_it_publishes! {
+    postgres_pipelined_relay_claims_while_it_publishes: "postgres", common::postgres;
+    mysql_pipelined_relay_claims_while_it_publishes: "mysql", common::mysql;
 }
