@@ -201,15 +201,15 @@ WHERE m.seq = ANY($2) AND m.status = 0 AND m.available_at <= statement_timestamp
   AND (b.first_seq IS NULL OR m.seq < b.first_seq)
 ORDER BY m.seq";
 
-/// Takes the claim row, which serializes claims and hands out the fencing token, records this
-/// relay as alive and counts the relays that claimed within the last lease period (this one
-/// included): one round trip, as it runs on every claim.
+/// Serializes claims with a transaction-scoped advisory lock, keyed by this outbox's lock table
+/// (outboxes in other schemas do not wait for each other), records this relay as alive
+/// (forgetting relays not seen for a day) and counts the relays seen within the last lease
+/// period, this one included. The claim's commit does not wait for the WAL flush unless it
+/// takes a token (see `TAKE_TOKEN`): most empty claims (an idle relay's polls, a relay finding
+/// every key with work leased) lose nothing in a crash but the liveness record, so they cost
+/// no disk flush and hold up no other relay's claim.
 const OPEN_CLAIM: &str = "
-WITH claim AS (
-    UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now()
-    WHERE name = 'claim' RETURNING token
-),
-seen AS (
+WITH seen AS (
     INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp())
     ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at
 ),
@@ -217,15 +217,37 @@ gone AS (
     DELETE FROM outbox_relays
     WHERE owner <> $1 AND seen_at < statement_timestamp() - interval '1 day'
 )
-SELECT (SELECT token FROM claim) AS token, 1 + count(*) AS relays FROM outbox_relays
-WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'";
+SELECT (SELECT 1 + count(*) FROM outbox_relays
+        WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'
+       ) AS relays,
+       durable.setting AS durable,
+       set_config('synchronous_commit', 'off', true) AS relaxed
+FROM (SELECT current_setting('synchronous_commit') AS setting) AS durable,
+     (SELECT pg_advisory_xact_lock(
+          (2003884386::bigint << 32) | 'outbox_relay_locks'::regclass::oid::bigint)) AS locked";
 
 #[derive(QueryableByName)]
 struct OpenClaim {
-    #[diesel(sql_type = BigInt)]
-    token: i64,
+    // (The CTE's write is invisible to the count, which sees the statement's snapshot: it
+    // counts the others and adds this relay.)
     #[diesel(sql_type = BigInt)]
     relays: i64,
+    /// The session's `synchronous_commit`, read before the claim relaxed it.
+    #[diesel(sql_type = Text)]
+    durable: String,
+}
+
+/// For a claim that found work: hands out the next fencing token, and restores the session's
+/// `synchronous_commit` (`$2`) for the claim's commit, as a token must never be handed out twice.
+const TAKE_TOKEN: &str = "
+UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now()
+WHERE name = 'claim'
+RETURNING token, set_config('synchronous_commit', $2, true) AS restored";
+
+#[derive(QueryableByName)]
+struct Token {
+    #[diesel(sql_type = BigInt)]
+    token: i64,
 }
 
 /// The published messages the claim still holds: deleted, or marked under retention.
@@ -309,15 +331,12 @@ impl OutboxConnection for PgConnection {
         in_flight: usize,
     ) -> Result<Claimed> {
         self.transaction(|conn| {
-            // (The CTE's writes are invisible to its count, which sees the statement's
-            // snapshot: it counts the others and adds this relay.)
             let open: OpenClaim = Prepared(
                 diesel::sql_query(OPEN_CLAIM)
                     .bind::<Text, _>(owner)
                     .bind::<BigInt, _>(micros(lease)),
             )
             .get_result(conn)?;
-            let token = open.token;
             // Each relay's share, split again among its own claims in flight.
             let relays = usize::try_from(open.relays)
                 .unwrap_or(1)
@@ -331,8 +350,15 @@ impl OutboxConnection for PgConnection {
             let order: Vec<i16> = candidates.iter().map(|c| c.bucket).collect();
             let Choice { keep, buckets } = choose(&order, relays, limit);
             if buckets.is_empty() {
-                return Ok(Claimed::new(token, Vec::new()));
+                // Nothing leased, so no token: only the liveness record was written.
+                return Ok(Claimed::new(0, Vec::new()));
             }
+            let Token { token } = Prepared(
+                diesel::sql_query(TAKE_TOKEN)
+                    .bind::<Text, _>(owner)
+                    .bind::<Text, _>(&open.durable),
+            )
+            .get_result(conn)?;
             let chosen: Vec<Row> = candidates
                 .into_iter()
                 .zip(keep)

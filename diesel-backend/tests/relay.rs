@@ -855,3 +855,39 @@ claims_while_it_publishes! {
     postgres_pipelined_relay_claims_while_it_publishes: "postgres", common::postgres;
     mysql_pipelined_relay_claims_while_it_publishes: "mysql", common::mysql;
 }
+
+/// An empty claim writes only the relay's liveness record and does not wait for the disk; a
+/// claim that takes a fencing token commits with the session's own `synchronous_commit`.
+#[cfg(feature = "postgres")]
+#[test]
+fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    let Some(db) = common::postgres() else { return };
+    let mut conn = db.conn();
+    // A stricter setting than the default, which the claim must not weaken.
+    conn.batch_execute("SET synchronous_commit = remote_write")
+        .unwrap();
+    let in_effect_after_claim = |conn: &mut PgConnection| -> (usize, String) {
+        // Inside an outer transaction the claim's SET LOCAL is still visible afterwards.
+        let mut seen = None;
+        let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+            let claimed = conn
+                .claim_outbox_messages(10, Duration::from_secs(30), "durability", 0)
+                .unwrap();
+            let setting: Setting =
+                diesel::sql_query("SELECT current_setting('synchronous_commit') AS value")
+                    .get_result(conn)?;
+            seen = Some((claimed.messages.len(), setting.value));
+            Err(diesel::result::Error::RollbackTransaction)
+        });
+        seen.unwrap()
+    };
+    assert_eq!(in_effect_after_claim(&mut conn), (0, "off".into()));
+    fill(&db, 2, 1);
+    assert_eq!(in_effect_after_claim(&mut conn), (2, "remote_write".into()));
+    conn.batch_execute("RESET synchronous_commit").unwrap();
+}

@@ -12,7 +12,7 @@ pub type LeaseToken = i64;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Claimed {
-    /// The fencing token of this claim.
+    /// The fencing token of this claim (unused by an empty claim, which leases nothing).
     pub token: LeaseToken,
     /// The claimed messages, in outbox order.
     pub messages: Vec<OutboxMessage>,
