@@ -117,6 +117,39 @@ fn drive<S: OutboxStore, P: Publisher>(
     totals
 }
 
+/// Runs `relays` on threads (`run`, or `run_pipelined` when `pipelined`) until `publisher` has
+/// seen `count` messages, then stops them and returns their totals.
+fn run_until_published<S, P>(
+    relays: Vec<Relay<S, P>>,
+    publisher: &InMemoryPublisher,
+    count: usize,
+    pipelined: bool,
+) -> Vec<RelayReport>
+where
+    S: OutboxStore + Sync + Send + 'static,
+    P: Publisher + Send + 'static,
+{
+    let handles: Vec<_> = relays.iter().map(Relay::handle).collect();
+    let workers: Vec<_> = relays
+        .into_iter()
+        .map(|mut relay| {
+            std::thread::spawn(move || {
+                if pipelined {
+                    relay.run_pipelined()
+                } else {
+                    relay.run()
+                }
+            })
+        })
+        .collect();
+    assert!(
+        publisher.wait_for(count, PATIENCE),
+        "every message published"
+    );
+    handles.iter().for_each(|h| h.stop());
+    workers.into_iter().map(|w| w.join().unwrap()).collect()
+}
+
 fn four_relays_publish_every_message_once_in_key_order<C: Backend>(db: TestDb<C>) {
     let messages = fill(&db, 50, 200);
     let publisher = InMemoryPublisher::new();
@@ -132,19 +165,9 @@ fn four_relays_publish_every_message_once_in_key_order<C: Backend>(db: TestDb<C>
             )
         })
         .collect();
-    let handles: Vec<_> = relays.iter().map(Relay::handle).collect();
-    let workers: Vec<_> = relays
-        .into_iter()
-        .map(|mut relay| std::thread::spawn(move || relay.run()))
-        .collect();
-    assert!(
-        publisher.wait_for(messages.len(), PATIENCE),
-        "every message published"
-    );
-    handles.iter().for_each(|h| h.stop());
-    let published: u64 = workers
-        .into_iter()
-        .map(|w| w.join().unwrap().published)
+    let published: u64 = run_until_published(relays, &publisher, messages.len(), false)
+        .iter()
+        .map(|totals| totals.published)
         .sum();
     let log = publisher.published();
     assert_eq!(
@@ -602,17 +625,7 @@ fn pipelined_relays_publish_every_message_once_in_key_order<C: Backend>(db: Test
             )
         })
         .collect();
-    let handles: Vec<_> = relays.iter().map(Relay::handle).collect();
-    let workers: Vec<_> = relays
-        .into_iter()
-        .map(|mut relay| std::thread::spawn(move || relay.run_pipelined()))
-        .collect();
-    assert!(
-        publisher.wait_for(messages.len(), PATIENCE),
-        "every message published"
-    );
-    handles.iter().for_each(|h| h.stop());
-    let totals: Vec<RelayReport> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let totals = run_until_published(relays, &publisher, messages.len(), true);
     let log = publisher.published();
     assert_eq!(log.len(), messages.len(), "none lost, none published twice");
     assert_eq!(
