@@ -230,6 +230,24 @@ struct Stalling {
     outcome: Result<(), PublishError>,
 }
 
+impl Stalling {
+    /// A publisher that signals on `entered` when a batch arrives and waits for `resume`.
+    fn new(
+        inner: InMemoryPublisher,
+        outcome: Result<(), PublishError>,
+    ) -> (Self, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (entered, entered_rx) = mpsc::channel();
+        let (resume_tx, resume) = mpsc::channel();
+        let stalling = Self {
+            inner,
+            entered,
+            resume,
+            outcome,
+        };
+        (stalling, entered_rx, resume_tx)
+    }
+}
+
 impl Publisher for Stalling {
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         self.entered.send(()).unwrap();
@@ -245,14 +263,7 @@ fn stalled_relay_is_fenced_off_after_takeover<C: Backend>(db: TestDb<C>) {
     for outcome in [Ok(()), Err(PublishError::Retryable("late failure".into()))] {
         let messages = fill(&db, 2, 3);
         let publisher = InMemoryPublisher::new();
-        let (entered_tx, entered) = mpsc::channel();
-        let (resume, resume_rx) = mpsc::channel();
-        let stalling = Stalling {
-            inner: publisher.clone(),
-            entered: entered_tx,
-            resume: resume_rx,
-            outcome,
-        };
+        let (stalling, entered, resume) = Stalling::new(publisher.clone(), outcome);
         let mut stalled = relay(
             &db,
             stalling,
@@ -452,14 +463,7 @@ fn in_process_wake_reaches_an_idle_relay<C: Backend>(db: TestDb<C>) {
 fn stop_finishes_the_batch_in_hand_and_holds_nothing<C: Backend>(db: TestDb<C>) {
     fill(&db, 4, 50);
     let publisher = InMemoryPublisher::new();
-    let (entered_tx, entered) = mpsc::channel();
-    let (resume, resume_rx) = mpsc::channel();
-    let stalling = Stalling {
-        inner: publisher.clone(),
-        entered: entered_tx,
-        resume: resume_rx,
-        outcome: Ok(()),
-    };
+    let (stalling, entered, resume) = Stalling::new(publisher.clone(), Ok(()));
     let mut running = relay(&db, stalling, config().batch_size(50));
     let handle = running.handle();
     let worker = std::thread::spawn(move || running.run());
@@ -704,14 +708,7 @@ fn pipelined_relay_claims_while_it_publishes<C: Backend>(
 fn pipelined_relay_stops_holding_nothing<C: Backend>(db: TestDb<C>) {
     fill(&db, 8, 25);
     let publisher = InMemoryPublisher::new();
-    let (entered_tx, entered) = mpsc::channel();
-    let (resume, resume_rx) = mpsc::channel();
-    let stalling = Stalling {
-        inner: publisher.clone(),
-        entered: entered_tx,
-        resume: resume_rx,
-        outcome: Ok(()),
-    };
+    let (stalling, entered, resume) = Stalling::new(publisher.clone(), Ok(()));
     let mut running = relay(&db, stalling, config().batch_size(50).owner("pipe-stop"));
     let handle = running.handle();
     let worker = std::thread::spawn(move || running.run_pipelined());
