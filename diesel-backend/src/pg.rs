@@ -151,8 +151,24 @@ struct Taken {
 
 /// Claimable messages in outbox order: pending, due, in a bucket no live lease holds, and not
 /// behind a message of their key that is not due yet (delayed, backing off) or parked.
+///
+/// While some bucket is leased, the walk in `seq` order starts at the first pending message of a
+/// free bucket, found with one index probe per free bucket: it never passes the leased buckets'
+/// messages ahead of that, and a claim that finds every bucket with work leased reads no message
+/// at all. (With nothing leased there is nothing to skip, and no probe is made.)
 const CANDIDATES: &str = "
-WITH blocked AS (
+WITH start AS (
+    SELECT CASE WHEN NOT EXISTS (
+        SELECT 1 FROM outbox_relay_leases WHERE expires_at > statement_timestamp())
+    THEN 0 ELSE (
+        SELECT min(first.seq) FROM outbox_relay_leases l
+        CROSS JOIN LATERAL (
+            SELECT seq FROM outbox_messages
+            WHERE bucket = l.bucket AND status = 0 ORDER BY seq LIMIT 1) first
+        WHERE l.expires_at <= statement_timestamp())
+    END AS seq
+),
+blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
     WHERE (status = 0 AND available_at > statement_timestamp()) OR status = 2
     GROUP BY partition_key
@@ -162,7 +178,8 @@ SELECT m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.
        m.published_at, m.bucket
 FROM outbox_messages m
 LEFT JOIN blocked b ON b.partition_key = m.partition_key
-WHERE m.status = 0 AND m.available_at <= statement_timestamp()
+WHERE m.status = 0 AND m.seq >= (SELECT seq FROM start)
+  AND m.available_at <= statement_timestamp()
   AND (b.first_seq IS NULL OR m.seq < b.first_seq)
   AND m.bucket NOT IN (
       SELECT bucket FROM outbox_relay_leases WHERE expires_at > statement_timestamp())

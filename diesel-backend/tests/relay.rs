@@ -866,6 +866,47 @@ claims_while_it_publishes! {
     mysql_pipelined_relay_claims_while_it_publishes: "mysql", common::mysql;
 }
 
+/// A claim that finds every bucket with work leased reads no message: it does not walk the
+/// leased backlog in `seq` order (it did, under the claim lock, so a waiting relay's polls held
+/// up the working relay's claims in proportion to the backlog).
+#[cfg(feature = "postgres")]
+#[test]
+fn a_claim_with_every_bucket_leased_reads_no_message() {
+    #[derive(QueryableByName)]
+    struct Fetched {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        rows: i64,
+    }
+    let Some(db) = common::postgres() else { return };
+    fill(&db, 8, 500);
+    let lease = Duration::from_secs(600);
+    let mut holder = db.conn();
+    let held = holder
+        .claim_outbox_messages(10_000, lease, "holder", 0)
+        .unwrap();
+    assert_eq!(
+        held.messages.len(),
+        4000,
+        "alone, the holder takes every key"
+    );
+    let mut conn = db.conn();
+    // Counters of the current transaction only: what this claim read and nothing else.
+    let fetched = conn
+        .transaction::<_, diesel::result::Error, _>(|conn| {
+            let claimed = conn
+                .claim_outbox_messages(1000, lease, "latecomer", 0)
+                .unwrap();
+            assert!(claimed.messages.is_empty(), "every key with work is held");
+            diesel::sql_query(
+                "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS rows \
+                 FROM pg_stat_xact_user_tables WHERE relid = 'outbox_messages'::regclass",
+            )
+            .get_result::<Fetched>(conn)
+        })
+        .unwrap();
+    assert_eq!(fetched.rows, 0, "the claim read messages of leased buckets");
+}
+
 /// An empty claim writes only the relay's liveness record and does not wait for the disk; a
 /// claim that takes a fencing token commits with the session's own `synchronous_commit`.
 #[cfg(feature = "postgres")]
