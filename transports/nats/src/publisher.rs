@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use futures_util::future::join_all;
 use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
-use waybill_outbox_core::{OutboxMessage, PublishError, Publisher};
+use waybill_outbox_core::{MessageId, OutboxMessage, PublishError, Publisher};
 
 use crate::error::{publish_error_is_fatal, redact};
 use crate::subject::invalid_publish_subject;
@@ -231,101 +231,66 @@ impl NatsPublisher {
         Ok((subject, map, body))
     }
 
-    async fn publish_async(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
-        let mut outcomes: Vec<Result<(), PublishError>> = Vec::with_capacity(batch.len());
-        let mut failed_keys: HashSet<&str> = HashSet::new();
+    /// Publishes `batch` (see [`Publisher::publish`]). The messages are encoded here, on the
+    /// caller's thread; the waves of sends and acks then run as one task on the runtime's worker,
+    /// the thread that also drives the connection, so that no send and no ack crosses threads.
+    fn publish_batch(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         if self.client.connection_state() == State::Disconnected {
             // Fail fast instead of waiting out the ack timeout; the client is reconnecting.
-            for msg in batch {
-                outcomes.push(if failed_keys.insert(msg.partition_key.as_str()) {
-                    Err(PublishError::Retryable("not connected to NATS".into()))
-                } else {
-                    Err(PublishError::NotAttempted)
-                });
-            }
+            let mut failed_keys: HashSet<&str> = HashSet::new();
             log::warn!(
                 "NATS at {} unreachable: {} messages not published",
                 self.url,
                 batch.len()
             );
-            return outcomes;
-        }
-        outcomes.extend(batch.iter().map(|_| Err(PublishError::NotAttempted)));
-        // Per key, the positions of its messages, in batch order. Each wave sends the next
-        // message of every key that has not failed, pipelined across keys, and waits for their
-        // acks: a key never has two messages in flight, so a lost ack or a refusal can never
-        // leave a later message of its key stored ahead of an earlier one (after a reconnect
-        // the client would resend what it had buffered).
-        let mut keys: Vec<VecDeque<usize>> = Vec::new();
-        let mut key_index: HashMap<&str, usize> = HashMap::new();
-        for (i, msg) in batch.iter().enumerate() {
-            let k = *key_index
-                .entry(msg.partition_key.as_str())
-                .or_insert_with(|| {
-                    keys.push(VecDeque::new());
-                    keys.len() - 1
-                });
-            keys[k].push_back(i);
-        }
-        loop {
-            let wave: Vec<usize> = keys
-                .iter_mut()
-                .filter(|queue| {
-                    queue
-                        .front()
-                        .is_some_and(|&i| !failed_keys.contains(batch[i].partition_key.as_str()))
+            return batch
+                .iter()
+                .map(|msg| {
+                    if failed_keys.insert(msg.partition_key.as_str()) {
+                        Err(PublishError::Retryable("not connected to NATS".into()))
+                    } else {
+                        Err(PublishError::NotAttempted)
+                    }
                 })
-                .filter_map(VecDeque::pop_front)
-                .take(self.config.max_in_flight)
                 .collect();
-            if wave.is_empty() {
-                break;
-            }
-            let mut pending: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(wave.len());
-            for i in wave {
-                let msg = &batch[i];
-                let sent = match self.prepare(msg) {
-                    Err(why) => Err(PublishError::Fatal(why)),
-                    Ok((subject, headers, body)) => self
-                        .jetstream
-                        .publish_with_headers(subject, headers, body.into())
-                        .await
-                        .map_err(|error| classify(&error)),
-                };
-                match sent {
-                    Ok(ack) => pending.push((i, ack)),
-                    Err(error) => {
-                        failed_keys.insert(msg.partition_key.as_str());
-                        outcomes[i] = Err(error);
-                    }
-                }
-            }
-            let acks = join_all(
-                pending
-                    .into_iter()
-                    .map(|(i, ack)| async move { (i, ack.await) }),
-            )
-            .await;
-            for (i, ack) in acks {
-                outcomes[i] = match ack {
-                    Ok(ack) => {
-                        if ack.duplicate {
-                            log::debug!(
-                                "message {} was already in stream {} (seq {})",
-                                batch[i].id,
-                                ack.stream,
-                                ack.sequence
-                            );
-                        }
-                        Ok(())
-                    }
-                    Err(error) => {
-                        failed_keys.insert(batch[i].partition_key.as_str());
-                        Err(classify(&error))
-                    }
-                };
-            }
         }
+        let mut key_index: HashMap<&str, usize> = HashMap::new();
+        let outgoing: Vec<Outgoing> = batch
+            .iter()
+            .map(|msg| {
+                let next = key_index.len();
+                Outgoing {
+                    key: *key_index.entry(msg.partition_key.as_str()).or_insert(next),
+                    id: msg.id,
+                    prepared: self.prepare(msg),
+                }
+            })
+            .collect();
+        let task = self.runtime.spawn(send_in_waves(
+            self.jetstream.clone(),
+            outgoing,
+            key_index.len(),
+            self.config.max_in_flight,
+        ));
+        let outcomes = match self.runtime.block_on(task) {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // The task panicked or the runtime is shutting down: nothing is known to be
+                // stored, so everything is retried (JetStream drops what it already has).
+                let why = format!("the publishing task ended: {error}");
+                let mut failed_keys: HashSet<&str> = HashSet::new();
+                batch
+                    .iter()
+                    .map(|msg| {
+                        if failed_keys.insert(msg.partition_key.as_str()) {
+                            Err(PublishError::Retryable(why.clone()))
+                        } else {
+                            Err(PublishError::NotAttempted)
+                        }
+                    })
+                    .collect()
+            }
+        };
         let failed: Vec<_> = outcomes
             .iter()
             .zip(batch)
@@ -347,6 +312,94 @@ impl NatsPublisher {
         log::debug!("published a batch of {} messages to NATS", batch.len());
         outcomes
     }
+}
+
+/// One message of a batch, encoded for the publishing task.
+struct Outgoing {
+    /// The message's partition key, numbered in order of first appearance in the batch.
+    key: usize,
+    id: MessageId,
+    /// Subject, headers and body, or why the message can never be published.
+    prepared: Result<(String, HeaderMap, Vec<u8>), String>,
+}
+
+/// Sends `batch` in waves and collects the outcomes, in batch order. Each wave sends the next
+/// message of every key that has not failed, pipelined across keys (at most `max_in_flight`),
+/// and waits for their acks: a key never has two messages in flight, so a lost ack or a refusal
+/// can never leave a later message of its key stored ahead of an earlier one (after a reconnect
+/// the client would resend what it had buffered).
+async fn send_in_waves(
+    jetstream: jetstream::Context,
+    mut batch: Vec<Outgoing>,
+    keys: usize,
+    max_in_flight: usize,
+) -> Vec<Result<(), PublishError>> {
+    let mut outcomes: Vec<Result<(), PublishError>> = batch
+        .iter()
+        .map(|_| Err(PublishError::NotAttempted))
+        .collect();
+    let mut failed_keys = vec![false; keys];
+    // Per key, the positions of its messages, in batch order.
+    let mut queues: Vec<VecDeque<usize>> = vec![VecDeque::new(); keys];
+    for (i, msg) in batch.iter().enumerate() {
+        queues[msg.key].push_back(i);
+    }
+    loop {
+        let wave: Vec<usize> = queues
+            .iter_mut()
+            .enumerate()
+            .filter(|(key, _)| !failed_keys[*key])
+            .filter_map(|(_, queue)| queue.pop_front())
+            .take(max_in_flight)
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        let mut pending: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(wave.len());
+        for i in wave {
+            let prepared = std::mem::replace(&mut batch[i].prepared, Err(String::new()));
+            let sent = match prepared {
+                Err(why) => Err(PublishError::Fatal(why)),
+                Ok((subject, headers, body)) => jetstream
+                    .publish_with_headers(subject, headers, body.into())
+                    .await
+                    .map_err(|error| classify(&error)),
+            };
+            match sent {
+                Ok(ack) => pending.push((i, ack)),
+                Err(error) => {
+                    failed_keys[batch[i].key] = true;
+                    outcomes[i] = Err(error);
+                }
+            }
+        }
+        let acks = join_all(
+            pending
+                .into_iter()
+                .map(|(i, ack)| async move { (i, ack.await) }),
+        )
+        .await;
+        for (i, ack) in acks {
+            outcomes[i] = match ack {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        log::debug!(
+                            "message {} was already in stream {} (seq {})",
+                            batch[i].id,
+                            ack.stream,
+                            ack.sequence
+                        );
+                    }
+                    Ok(())
+                }
+                Err(error) => {
+                    failed_keys[batch[i].key] = true;
+                    Err(classify(&error))
+                }
+            };
+        }
+    }
+    outcomes
 }
 
 fn classify(error: &jetstream::context::PublishError) -> PublishError {
@@ -385,6 +438,6 @@ impl Publisher for NatsPublisher {
     /// Per-key order: a message whose *ack* fails may have later messages of its key in the
     /// same window already sent, and those are reported as they were acked. See the crate docs.
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
-        self.runtime.block_on(self.publish_async(batch))
+        self.publish_batch(batch)
     }
 }
