@@ -16,11 +16,11 @@ use tokio::runtime::Runtime;
 use waybill_amqp::AmqpPublisher;
 use waybill_inbox_core::wire;
 use waybill_nats::NatsPublisher;
-use waybill_outbox_core::{MessageId, OutboxMessage, RelayConfig, Status};
+use waybill_outbox_core::{MessageId, OutboxMessage, Publisher, RelayConfig, Status};
 
 use crate::common::{
-    alternate_all, drain, drain_pipelined, empty_outbox, fill_pg, payload, record_pair, Error,
-    Figures, PgPool, Settings,
+    alternate_all, drain, drain_pipelined, empty_outbox, fill_pg, median, payload, record_pair,
+    row, CpuMeter, Error, Figures, PgPool, Settings,
 };
 
 const BATCH: usize = 1000;
@@ -41,22 +41,25 @@ fn messages(topic: &str, count: usize) -> Vec<OutboxMessage> {
         .collect()
 }
 
-fn relay_round<P: waybill_outbox_core::Publisher + Send + 'static>(
+/// One drain of `count` messages by the relay: its rate, and the cores busy meanwhile.
+fn relay_round<P: Publisher + Send + 'static>(
     pool: &PgPool,
     topic: &str,
     count: usize,
     mut publisher: impl FnMut() -> Result<P, Error>,
     pipelined: bool,
-) -> Result<f64, Error> {
+) -> Result<(f64, Option<f64>), Error> {
     empty_outbox(&mut *pool.get()?)?;
     fill_pg(&mut *pool.get()?, topic, count, 0)?;
     let config = RelayConfig::default().batch_size(BATCH);
-    if pipelined {
+    let cpu = CpuMeter::start();
+    let rate = if pipelined {
         // The next claim and the last write-back overlap the broker's confirms.
-        drain_pipelined(pool, count, config, publisher()?)
+        drain_pipelined(pool, count, config, publisher()?)?
     } else {
-        drain(pool, count, 1, config, publisher)
-    }
+        drain(pool, count, 1, config, publisher)?
+    };
+    Ok((rate, cpu.busy_cores()))
 }
 
 pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<(), Error> {
@@ -90,26 +93,73 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
 /// Alternates the relay in rounds, the pipelined relay (publishers from `publisher`) and `raw`
 /// over `count` messages of the topic `name`, emptying the broker's queue or stream with `purge`
 /// before each round; returns their medians in that order.
-fn compare<P: waybill_outbox_core::Publisher + Send + 'static>(
+fn compare<P: Publisher + Send + 'static>(
     rounds: usize,
     (pool, name, count): (&PgPool, &str, usize),
     purge: impl Fn() -> Result<(), Error>,
     mut publisher: impl FnMut() -> Result<P, Error>,
     mut raw: impl FnMut(&[OutboxMessage]) -> Result<f64, Error>,
-) -> Result<[f64; 3], Error> {
+) -> Result<Rates, Error> {
     let publisher = std::cell::RefCell::new(&mut publisher);
+    // Cores busy in each round of the pipelined relay and of the raw client.
+    let busy = std::cell::RefCell::new([Vec::new(), Vec::new()]);
     let relay = |pipelined| -> Result<f64, Error> {
         purge()?;
-        relay_round(pool, name, count, &mut **publisher.borrow_mut(), pipelined)
+        let (rate, cores) =
+            relay_round(pool, name, count, &mut **publisher.borrow_mut(), pipelined)?;
+        if pipelined {
+            busy.borrow_mut()[0].extend(cores);
+        }
+        Ok(rate)
+    };
+    // The publisher alone, no database: what the relay's publishing costs on its own.
+    let alone = || -> Result<f64, Error> {
+        purge()?;
+        let mut publisher = (*publisher.borrow_mut())()?;
+        let messages = messages(name, count);
+        let began = Instant::now();
+        for batch in messages.chunks(BATCH) {
+            if let Some(Err(error)) = publisher.publish(batch).into_iter().find(Result::is_err) {
+                return Err(format!("the publisher alone failed: {error}").into());
+            }
+        }
+        Ok(messages.len() as f64 / began.elapsed().as_secs_f64())
     };
     let medians = alternate_all(
         rounds,
-        &mut [&mut || relay(false), &mut || relay(true), &mut || {
-            purge()?;
-            raw(&messages(name, count))
-        }],
+        &mut [
+            &mut || relay(false),
+            &mut || relay(true),
+            &mut || {
+                purge()?;
+                let messages = messages(name, count);
+                let cpu = CpuMeter::start();
+                let rate = raw(&messages)?;
+                busy.borrow_mut()[1].extend(cpu.busy_cores());
+                Ok(rate)
+            },
+            &mut { alone },
+        ],
     )?;
-    Ok([medians[0], medians[1], medians[2]])
+    let [relay_busy, raw_busy] = busy.into_inner();
+    let busy = (!relay_busy.is_empty() && !raw_busy.is_empty())
+        .then(|| (median(relay_busy), median(raw_busy)));
+    Ok(Rates {
+        sequential: medians[0],
+        pipelined: medians[1],
+        raw: medians[2],
+        alone: medians[3],
+        busy,
+    })
+}
+
+/// Medians of one broker's comparison, msg/s; and the cores busy (pipelined relay, raw client).
+struct Rates {
+    sequential: f64,
+    pipelined: f64,
+    raw: f64,
+    alone: f64,
+    busy: Option<(f64, f64)>,
 }
 
 fn report(
@@ -117,10 +167,16 @@ fn report(
     broker: &str,
     what: &str,
     count: usize,
-    result: Result<[f64; 3], Error>,
+    result: Result<Rates, Error>,
     at: &str,
 ) {
-    let [sequential, pipelined, raw] = match result {
+    let Rates {
+        sequential,
+        pipelined,
+        raw,
+        alone,
+        busy,
+    } = match result {
         Ok(rates) => rates,
         Err(error) => return eprintln!("SKIPPED: {broker} at {at}: {error}"),
     };
@@ -140,6 +196,19 @@ fn report(
     );
     record_pair(
         figures,
+        &format!(
+            "the publisher alone (no database) -> {what}, {count} messages, batches of {BATCH}"
+        ),
+        (alone, raw),
+        [
+            format!("{broker}_publisher_msgs_per_s"),
+            format!("{broker}_raw_msgs_per_s"),
+            format!("{broker}_publisher_vs_raw"),
+        ],
+        "msg/s",
+    );
+    record_pair(
+        figures,
         &scenario("`run`: claim, publish, write back in turn"),
         (sequential, raw),
         [
@@ -149,6 +218,17 @@ fn report(
         ],
         "msg/s",
     );
+    if let Some((relay_busy, raw_busy)) = busy {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        row(
+            &format!("cores busy (of {cores}; every process: database, broker, clients) while the pipelined relay vs the raw client publish to {broker}"),
+            &format!("{relay_busy:.2}"),
+            &format!("{raw_busy:.2}"),
+            "",
+        );
+        figures.set(format!("{broker}_relay_busy_cores"), relay_busy);
+        figures.set(format!("{broker}_raw_busy_cores"), raw_busy);
+    }
 }
 
 fn amqp(
@@ -157,7 +237,7 @@ fn amqp(
     runtime: &Runtime,
     name: &str,
     count: usize,
-) -> Result<[f64; 3], Error> {
+) -> Result<Rates, Error> {
     let connection = runtime.block_on(Connection::connect(
         &settings.amqp_addr,
         ConnectionProperties::default(),
@@ -278,7 +358,7 @@ fn nats(
     runtime: &Runtime,
     name: &str,
     count: usize,
-) -> Result<[f64; 3], Error> {
+) -> Result<Rates, Error> {
     // The client spawns its tasks on the runtime it is made in.
     let _entered = runtime.enter();
     let client = runtime.block_on(async_nats::connect(&settings.nats_url))?;

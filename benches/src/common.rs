@@ -62,6 +62,42 @@ impl Figures {
     }
 }
 
+/// How busy the machine's cores were between [`CpuMeter::start`] and [`CpuMeter::busy_cores`]:
+/// every process counts (the database, the broker, this program), from `/proc/stat` (Linux).
+pub struct CpuMeter {
+    start: Option<(u64, u64)>,
+}
+
+impl CpuMeter {
+    pub fn start() -> Self {
+        Self { start: cpu_ticks() }
+    }
+
+    /// Cores busy on average since the start (0 to the core count); `None` without `/proc`.
+    pub fn busy_cores(&self) -> Option<f64> {
+        let ((busy0, total0), (busy1, total1)) = (self.start?, cpu_ticks()?);
+        let cores = std::thread::available_parallelism().ok()?.get() as f64;
+        let total = total1.checked_sub(total0).filter(|t| *t > 0)? as f64;
+        Some(busy1.saturating_sub(busy0) as f64 / total * cores)
+    }
+}
+
+/// (busy, total) jiffies of all cores: the first line of `/proc/stat`.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
 pub fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
