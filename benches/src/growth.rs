@@ -136,7 +136,10 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
         }
         let (first, last) = (sizes[0], sizes[sizes.len() - 1]);
         row(
-            &format!("table size after fill + drain of {backlog}, retention on, {vacuumed}: cycle 1 vs cycle {cycles}"),
+            &format!(
+                "table size after fill + drain of {backlog}, retention on, {vacuumed}: cycle 1 vs cycle {cycles} (every cycle: {} MB)",
+                sizes.iter().map(|b| format!("{:.1}", b / 1e6)).collect::<Vec<_>>().join(", ")
+            ),
             &format!("{:.1} MB", first / 1e6),
             &format!("{:.1} MB", last / 1e6),
             &format!("{:.2}", last / first),
@@ -144,6 +147,12 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
         figures.set("table_mb_after_first_cycle", first / 1e6);
         figures.set("table_mb_after_last_cycle", last / 1e6);
         figures.set("table_growth_over_cycles", last / first);
+        // The last cycles against the ones before: 1.0 once the size has settled.
+        let half = sizes.len() / 2;
+        figures.set(
+            "table_growth_second_half",
+            last / sizes[half.saturating_sub(1)],
+        );
 
         // Peak RSS of a relay draining the backlog in a process of its own.
         empty_outbox(&mut *empty.get()?)?;
