@@ -942,3 +942,53 @@ fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
     assert_eq!(in_effect_after_claim(&mut conn), (2, "remote_write".into()));
     conn.batch_execute("RESET synchronous_commit").unwrap();
 }
+
+/// The write-back does not wait for the disk (a lost write-back only republishes the batch),
+/// whether the batch was published whole (one statement) or not (a transaction).
+#[cfg(feature = "postgres")]
+#[test]
+fn the_write_back_does_not_wait_for_the_disk() {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    let Some(db) = common::postgres() else { return };
+    fill(&db, 4, 1);
+    let mut conn = db.conn();
+    let lease = Duration::from_secs(30);
+    let claimed = conn
+        .claim_outbox_messages(10, lease, "durability", 0)
+        .unwrap();
+    let seqs: Vec<i64> = claimed.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs.len(), 4);
+    // Inside an outer transaction the write-back's transaction-local setting stays visible.
+    let in_effect_after = |conn: &mut PgConnection, done: &[Completion]| -> (u64, String) {
+        let mut seen = None;
+        let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+            let report = conn
+                .complete_outbox_messages(claimed.token, done, Retention::Delete)
+                .unwrap();
+            let setting: Setting =
+                diesel::sql_query("SELECT current_setting('synchronous_commit') AS value")
+                    .get_result(conn)?;
+            seen = Some((report.applied, setting.value));
+            Err(diesel::result::Error::RollbackTransaction)
+        });
+        seen.unwrap()
+    };
+    let whole: Vec<Completion> = seqs
+        .iter()
+        .map(|&seq| Completion::Published { seq })
+        .collect();
+    assert_eq!(in_effect_after(&mut conn, &whole), (4, "off".into()));
+    let mut mixed = whole.clone();
+    mixed[3] = Completion::Release { seq: seqs[3] };
+    assert_eq!(in_effect_after(&mut conn, &mixed), (4, "off".into()));
+    // Rolled back both times: the batch is still there, and a real write-back takes it.
+    let report = conn
+        .complete_outbox_messages(claimed.token, &whole, Retention::Delete)
+        .unwrap();
+    assert_eq!(report.applied, 4);
+    assert_eq!(pending_and_parked(&db), (0, 0));
+}
