@@ -152,7 +152,7 @@ struct StatsRow {
     oldest_pending: Option<NaiveDateTime>,
 }
 
-/// See the PostgreSQL claim; binds: now, now, now, limit.
+/// See the PostgreSQL claim; binds: now, start, now, now, limit.
 const CANDIDATES: &str = "
 SELECT m.seq, m.bucket FROM outbox_messages m
 LEFT JOIN (
@@ -160,10 +160,27 @@ LEFT JOIN (
     WHERE (status = 0 AND available_at > ?) OR status = 2
     GROUP BY partition_key
 ) b ON b.partition_key = m.partition_key
-WHERE m.status = 0 AND m.available_at <= ? AND (b.first_seq IS NULL OR m.seq < b.first_seq)
+WHERE m.status = 0 AND m.seq >= ? AND m.available_at <= ?
+  AND (b.first_seq IS NULL OR m.seq < b.first_seq)
   AND m.bucket NOT IN (SELECT bucket FROM outbox_relay_leases WHERE expires_at > ?)
 ORDER BY m.seq
 LIMIT ?";
+
+/// Where the candidates' walk starts (see the PostgreSQL claim): 0 while no bucket is leased,
+/// else the first pending message of a free bucket, one index probe per free bucket; `NULL`
+/// when no free bucket has a pending message. Binds: now, now. (A separate statement: MariaDB
+/// would not bound the walk's range by a subquery.)
+const START: &str = "
+SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM outbox_relay_leases WHERE expires_at > ?) THEN 0
+       ELSE (SELECT MIN((SELECT f.seq FROM outbox_messages f
+                         WHERE f.status = 0 AND f.bucket = l.bucket ORDER BY f.seq LIMIT 1))
+             FROM outbox_relay_leases l WHERE l.expires_at <= ?) END AS seq";
+
+#[derive(QueryableByName)]
+struct Start {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+}
 
 /// `expires_at` of a released lease.
 fn released() -> NaiveDateTime {
@@ -294,8 +311,17 @@ impl OutboxConnection for MysqlConnection {
             let lease = chrono::Duration::microseconds(micros(lease));
             // Each relay's share, split again among its own claims in flight.
             let relay_count = live_relays(conn, owner, now, lease)?.saturating_mul(1 + in_flight);
+            let Start { seq: start } = diesel::sql_query(START)
+                .bind::<Datetime, _>(now)
+                .bind::<Datetime, _>(now)
+                .get_result(conn)?;
+            let Some(start) = start else {
+                // Every bucket with work is leased.
+                return Ok(Claimed::new(token, Vec::new()));
+            };
             let candidates: Vec<CandidateRow> = diesel::sql_query(CANDIDATES)
                 .bind::<Datetime, _>(now)
+                .bind::<BigInt, _>(start)
                 .bind::<Datetime, _>(now)
                 .bind::<Datetime, _>(now)
                 .bind::<BigInt, _>(

@@ -1,0 +1,1 @@
+DROP INDEX outbox_messages_status_bucket_idx ON outbox_messages;
