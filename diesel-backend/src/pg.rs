@@ -156,7 +156,10 @@ struct Taken {
 /// free bucket, found with one index probe per free bucket: it never passes the leased buckets'
 /// messages ahead of that, and a claim that finds every bucket with work leased reads no message
 /// at all. (With nothing leased there is nothing to skip, and no probe is made.)
-const CANDIDATES: &str = "
+macro_rules! candidates {
+    ($columns:literal) => {
+        concat!(
+            "
 WITH start AS (
     SELECT CASE WHEN NOT EXISTS (
         SELECT 1 FROM outbox_relay_leases WHERE expires_at > statement_timestamp())
@@ -173,9 +176,9 @@ blocked AS (
     WHERE (status = 0 AND available_at > statement_timestamp()) OR status = 2
     GROUP BY partition_key
 )
-SELECT m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.payload,
-       m.headers, m.status, m.attempts, m.last_error, m.available_at, m.created_at,
-       m.published_at, m.bucket
+SELECT ",
+            $columns,
+            "
 FROM outbox_messages m
 LEFT JOIN blocked b ON b.partition_key = m.partition_key
 WHERE m.status = 0 AND m.seq >= (SELECT seq FROM start)
@@ -184,7 +187,25 @@ WHERE m.status = 0 AND m.seq >= (SELECT seq FROM start)
   AND m.bucket NOT IN (
       SELECT bucket FROM outbox_relay_leases WHERE expires_at > statement_timestamp())
 ORDER BY m.seq
-LIMIT $1";
+LIMIT $1"
+        )
+    };
+}
+const CANDIDATES: &str = candidates!(
+    "m.seq, m.id, m.topic, m.partition_key, m.message_type, m.content_type, m.payload,
+       m.headers, m.status, m.attempts, m.last_error, m.available_at, m.created_at,
+       m.published_at, m.bucket"
+);
+/// The candidates' positions only: for a claim that leaves a share of them to other claims.
+const CANDIDATE_POSITIONS: &str = candidates!("m.seq, m.bucket");
+
+#[derive(QueryableByName)]
+struct Position {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = SmallInt)]
+    bucket: i16,
+}
 
 /// Leases the chosen buckets under the claim's token; reports which ones had been left
 /// unreleased by a relay whose lease expired (a takeover).
@@ -198,10 +219,11 @@ SET token = $2, owner = $3,
 FROM old WHERE l.bucket = old.bucket
 RETURNING old.expires_at > '-infinity' AS taken_over";
 
-/// The chosen messages, read again after a takeover: a late write by the relay whose lease was
-/// taken over may have published, parked or delayed some of them since the candidates were
-/// read, so the blocking rules are checked again on the state after that write. (A bucket that
-/// was released cleanly has no such writer: its last holder has completed.)
+/// The chosen messages, read once their buckets are leased: by a claim that read only positions,
+/// and again after a takeover, as a late write by the relay whose lease was taken over may have
+/// published, parked or delayed some of them since the candidates were read. The blocking rules
+/// are checked again on the state after that write. (A bucket that was released cleanly has no
+/// such writer: its last holder has completed.)
 const RELOAD: &str = "
 WITH blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
@@ -383,12 +405,24 @@ impl OutboxConnection for PgConnection {
                 .unwrap_or(1)
                 .max(1)
                 .saturating_mul(1 + in_flight);
-            let candidates: Vec<CandidateRow> =
-                Prepared(diesel::sql_query(CANDIDATES).bind::<BigInt, _>(
-                    i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX),
-                ))
-                .load(conn)?;
-            let order: Vec<i16> = candidates.iter().map(|c| c.bucket).collect();
+            let wanted = i64::try_from(limit.saturating_mul(relays)).unwrap_or(i64::MAX);
+            // Alone, a claim keeps every candidate it reads: it reads them whole. With a share
+            // to leave to other claims, it reads positions, and only its own messages once they
+            // are leased: the others' share is never transferred and decoded.
+            let (positions, whole): (Vec<(i64, i16)>, Option<Vec<Row>>) = if relays == 1 {
+                let rows: Vec<CandidateRow> =
+                    Prepared(diesel::sql_query(CANDIDATES).bind::<BigInt, _>(wanted)).load(conn)?;
+                (
+                    rows.iter().map(|c| (c.message.seq, c.bucket)).collect(),
+                    Some(rows.into_iter().map(|c| c.message).collect()),
+                )
+            } else {
+                let rows: Vec<Position> =
+                    Prepared(diesel::sql_query(CANDIDATE_POSITIONS).bind::<BigInt, _>(wanted))
+                        .load(conn)?;
+                (rows.iter().map(|p| (p.seq, p.bucket)).collect(), None)
+            };
+            let order: Vec<i16> = positions.iter().map(|&(_, bucket)| bucket).collect();
             let Choice { keep, buckets } = choose(&order, relays, limit);
             if buckets.is_empty() {
                 // Nothing leased, so no token: only the liveness record was written.
@@ -400,11 +434,6 @@ impl OutboxConnection for PgConnection {
                     .bind::<Text, _>(&open.durable),
             )
             .get_result(conn)?;
-            let chosen: Vec<Row> = candidates
-                .into_iter()
-                .zip(keep)
-                .filter_map(|(c, take)| take.then_some(c.message))
-                .collect();
             let takeovers = Prepared(
                 diesel::sql_query(LEASE)
                     .bind::<Array<SmallInt>, _>(&buckets)
@@ -416,14 +445,25 @@ impl OutboxConnection for PgConnection {
             .into_iter()
             .filter(|t| t.taken_over)
             .count();
-            let rows: Vec<Row> = if takeovers > 0 {
-                let seqs: Vec<i64> = chosen.iter().map(|row| row.seq).collect();
-                diesel::sql_query(RELOAD)
-                    .bind::<Array<SmallInt>, _>(&buckets)
-                    .bind::<Array<BigInt>, _>(&seqs)
+            let rows: Vec<Row> = match whole {
+                Some(rows) if takeovers == 0 => rows
+                    .into_iter()
+                    .zip(keep)
+                    .filter_map(|(row, take)| take.then_some(row))
+                    .collect(),
+                _ => {
+                    let seqs: Vec<i64> = positions
+                        .iter()
+                        .zip(keep)
+                        .filter_map(|(&(seq, _), take)| take.then_some(seq))
+                        .collect();
+                    Prepared(
+                        diesel::sql_query(RELOAD)
+                            .bind::<Array<SmallInt>, _>(&buckets)
+                            .bind::<Array<BigInt>, _>(&seqs),
+                    )
                     .load(conn)?
-            } else {
-                chosen
+                }
             };
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
