@@ -177,6 +177,30 @@ fn pipelined(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Resul
     figures.set("relay_slow_publisher_msgs_per_s", sequential);
     figures.set("relay_pipelined_slow_publisher_msgs_per_s", pipelined);
     figures.set("pipelined_vs_sequential", pipelined / sequential);
+
+    // And where the overlap has nothing to hide: a publisher that takes no time.
+    let (sequential, pipelined) = alternate(
+        settings.rounds(),
+        || {
+            fill()?;
+            drain(pool, backlog, 1, config(), || Ok(NoopPublisher))
+        },
+        || {
+            fill()?;
+            drain_pipelined(pool, backlog, config(), NoopPublisher)
+        },
+    )?;
+    row(
+        &format!("no-op publisher, {backlog} backlog, batch 1000: `run` vs `run_pipelined`"),
+        &rate(sequential, "msg/s"),
+        &rate(pipelined, "msg/s"),
+        &format!(
+            "{:.2} (`pipelined_vs_sequential_noop`)",
+            pipelined / sequential
+        ),
+    );
+    figures.set("relay_pipelined_noop_msgs_per_s", pipelined);
+    figures.set("pipelined_vs_sequential_noop", pipelined / sequential);
     Ok(())
 }
 

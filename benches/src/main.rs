@@ -83,7 +83,7 @@ fn main() -> Result<(), Error> {
     }
     let wanted = |name: &str| only.iter().any(|s| s == name);
     if settings.quick {
-        println!("--quick: smaller backlogs ({}), 100,000 rows of history, fewer and shorter rounds; the full run takes about 20 minutes", settings.backlog());
+        println!("--quick: smaller backlogs ({}), 100,000 rows of history, fewer and shorter rounds; the full run takes about 11 minutes", settings.backlog());
     }
     println!("| scenario | A | B | ratio |\n|---|---|---|---|");
     let began = Instant::now();
