@@ -150,24 +150,35 @@ impl Publisher for SlowPublisher {
     }
 }
 
-fn pipelined(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<(), Error> {
+/// `run` against `run_pipelined`, alternating, each draining a fresh backlog to a publisher
+/// from `publisher`; their medians.
+fn sequential_vs_pipelined<P: Publisher + Send + 'static>(
+    settings: &Settings,
+    pool: &PgPool,
+    publisher: impl Fn() -> P,
+) -> Result<(f64, f64), Error> {
     let backlog = settings.backlog();
     let config = || RelayConfig::default().batch_size(1000);
     let fill = || -> Result<(), Error> {
         empty_outbox(&mut *pool.get()?)?;
         fill_pg(&mut *pool.get()?, "orders", backlog, 0)
     };
-    let (sequential, pipelined) = alternate(
+    alternate(
         settings.rounds(),
         || {
             fill()?;
-            drain(pool, backlog, 1, config(), || Ok(SlowPublisher))
+            drain(pool, backlog, 1, config(), || Ok(publisher()))
         },
         || {
             fill()?;
-            drain_pipelined(pool, backlog, config(), SlowPublisher)
+            drain_pipelined(pool, backlog, config(), publisher())
         },
-    )?;
+    )
+}
+
+fn pipelined(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<(), Error> {
+    let backlog = settings.backlog();
+    let (sequential, pipelined) = sequential_vs_pipelined(settings, pool, || SlowPublisher)?;
     row(
         &format!("publisher taking 8 ms per 1,000 messages, {backlog} backlog, batch 1000: `run` vs `run_pipelined`"),
         &rate(sequential, "msg/s"),
@@ -179,17 +190,7 @@ fn pipelined(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Resul
     figures.set("pipelined_vs_sequential", pipelined / sequential);
 
     // And where the overlap has nothing to hide: a publisher that takes no time.
-    let (sequential, pipelined) = alternate(
-        settings.rounds(),
-        || {
-            fill()?;
-            drain(pool, backlog, 1, config(), || Ok(NoopPublisher))
-        },
-        || {
-            fill()?;
-            drain_pipelined(pool, backlog, config(), NoopPublisher)
-        },
-    )?;
+    let (sequential, pipelined) = sequential_vs_pipelined(settings, pool, || NoopPublisher)?;
     row(
         &format!("no-op publisher, {backlog} backlog, batch 1000: `run` vs `run_pipelined`"),
         &rate(sequential, "msg/s"),
