@@ -5,7 +5,8 @@ use diesel::Connection;
 use waybill_diesel::OpsConnection;
 
 use crate::cli::{Args, Command};
-use crate::error::{redact, CliError};
+use crate::error::CliError;
+use waybill_outbox_core::redact_url as redact;
 
 /// A database the binary can work on.
 pub(crate) trait Backend:

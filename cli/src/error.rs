@@ -71,33 +71,3 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
-
-/// `url` with the password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let (Some(scheme), Some(at)) = (url.find("://"), url.rfind('@')) else {
-        return url.to_owned();
-    };
-    let user_start = scheme + 3;
-    match url.get(user_start..at).and_then(|user| user.find(':')) {
-        Some(colon) => format!("{}***{}", &url[..=user_start + colon], &url[at..]),
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_redacted_from_urls() {
-        assert_eq!(
-            redact("postgres://app:s3cret@db:5432/orders"),
-            "postgres://app:***@db:5432/orders"
-        );
-        assert_eq!(
-            redact("postgres://app@db/orders"),
-            "postgres://app@db/orders"
-        );
-        assert_eq!(redact("/var/lib/app.db"), "/var/lib/app.db");
-    }
-}

@@ -16,7 +16,8 @@ use waybill_outbox_core::{Publisher, Relay, RelayConfig};
 
 use crate::cli::RelayArgs;
 use crate::db::{Backend, Prepare};
-use crate::error::{chain, redact, CliError};
+use crate::error::{chain, CliError};
+use waybill_outbox_core::redact_url as redact;
 
 type DbPool<C> = Pool<ConnectionManager<C>>;
 

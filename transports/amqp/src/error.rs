@@ -114,40 +114,12 @@ fn lapin_error_is_retryable(error: &lapin::Error) -> bool {
 /// assert_eq!(waybill_amqp::redact("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
 /// ```
 pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let Some(colon) = authority[..at].find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}{}:***{}",
-        &url[..scheme_end],
-        &authority[..colon],
-        &rest[at..]
-    )
+    waybill_outbox_core::redact_url(url)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(
-            redact("amqps://u:p%40ss@h:1/v?heartbeat=5"),
-            "amqps://u:***@h:1/v?heartbeat=5"
-        );
-        assert_eq!(redact("amqp://u@h/v"), "amqp://u@h/v");
-        assert_eq!(redact("amqp://h/v@x:y"), "amqp://h/v@x:y");
-        assert_eq!(redact("not a url"), "not a url");
-    }
 
     #[test]
     fn timeouts_are_retryable_and_long_names_are_not() {

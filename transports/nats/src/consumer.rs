@@ -12,9 +12,9 @@ use tokio::runtime::Runtime;
 use waybill_inbox_core::{wire, DeliveryHandler, Disposition};
 use waybill_outbox_core::Headers;
 
-use crate::error::redact;
 use crate::publisher::{error_chain, MSG_ID_HEADER};
 use crate::{Error, Result};
+use waybill_outbox_core::redact_url;
 
 /// Dead-letter header: why the message was dead-lettered.
 pub const DEAD_LETTER_REASON: &str = "waybill-dead-letter-reason";
@@ -283,7 +283,7 @@ impl NatsConsumer {
             "NATS consumer {} on stream {} connected to {}",
             config.durable_name,
             config.stream,
-            redact(url)
+            redact_url(url)
         );
         Ok(Self {
             client,

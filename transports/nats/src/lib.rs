@@ -113,7 +113,7 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
     async_nats::connect(url)
         .await
         .map_err(|source| Error::Connect {
-            url: error::redact(url),
+            url: waybill_outbox_core::redact_url(url),
             source,
         })
 }

@@ -11,9 +11,9 @@ use async_nats::HeaderMap;
 use futures_util::future::join_all;
 use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
-use waybill_outbox_core::{MessageId, OutboxMessage, PublishError, Publisher};
+use waybill_outbox_core::{redact_url, MessageId, OutboxMessage, PublishError, Publisher};
 
-use crate::error::{publish_error_is_fatal, redact};
+use crate::error::publish_error_is_fatal;
 use crate::subject::invalid_publish_subject;
 use crate::{Error, Result, SubjectMapping};
 
@@ -148,12 +148,12 @@ impl NatsPublisher {
                 .max_ack_inflight(config.max_in_flight)
                 .build(client.clone())
         };
-        log::debug!("NATS publisher connected to {}", redact(url));
+        log::debug!("NATS publisher connected to {}", redact_url(url));
         Ok(Self {
             client,
             jetstream,
             config,
-            url: redact(url),
+            url: redact_url(url),
             runtime,
         })
     }
