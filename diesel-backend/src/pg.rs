@@ -8,7 +8,7 @@ use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionMa
 use diesel::dsl::sql;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use uuid::Uuid;
 use waybill_outbox_core::{
@@ -143,12 +143,6 @@ struct Lease {
     bucket: i16,
 }
 
-#[derive(QueryableByName)]
-struct Taken {
-    #[diesel(sql_type = Bool)]
-    taken_over: bool,
-}
-
 /// Claimable messages in outbox order: pending, due, in a bucket no live lease holds, and not
 /// behind a message of their key that is not due yet (delayed, backing off) or parked.
 ///
@@ -207,17 +201,36 @@ struct Position {
     bucket: i16,
 }
 
-/// Leases the chosen buckets under the claim's token; reports which ones had been left
-/// unreleased by a relay whose lease expired (a takeover).
+/// For a claim that found work, in one statement: hands out the next fencing token, leases the
+/// chosen buckets (`$3`) under it, and restores the session's `synchronous_commit` (`$2`) for the
+/// claim's commit, as a token must never be handed out twice. Reports the token and how many
+/// buckets had been left unreleased by a relay whose lease expired (takeovers).
 const LEASE: &str = "
-WITH old AS (
-    SELECT bucket, expires_at FROM outbox_relay_leases WHERE bucket = ANY($1) FOR UPDATE
+WITH next AS (
+    UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now()
+    WHERE name = 'claim'
+    RETURNING token, set_config('synchronous_commit', $2, true) AS restored
+),
+old AS (
+    SELECT bucket, expires_at FROM outbox_relay_leases WHERE bucket = ANY($3) FOR UPDATE
+),
+leased AS (
+    UPDATE outbox_relay_leases l
+    SET token = (SELECT token FROM next), owner = $1,
+        expires_at = statement_timestamp() + $4 * interval '1 microsecond'
+    FROM old WHERE l.bucket = old.bucket
+    RETURNING old.expires_at > '-infinity' AS taken_over
 )
-UPDATE outbox_relay_leases l
-SET token = $2, owner = $3,
-    expires_at = statement_timestamp() + $4 * interval '1 microsecond'
-FROM old WHERE l.bucket = old.bucket
-RETURNING old.expires_at > '-infinity' AS taken_over";
+SELECT (SELECT token FROM next) AS token,
+       (SELECT count(*) FROM leased WHERE taken_over) AS takeovers";
+
+#[derive(QueryableByName)]
+struct Leased {
+    #[diesel(sql_type = BigInt)]
+    token: i64,
+    #[diesel(sql_type = BigInt)]
+    takeovers: i64,
+}
 
 /// The chosen messages, read once their buckets are leased: by a claim that read only positions,
 /// and again after a takeover, as a late write by the relay whose lease was taken over may have
@@ -244,7 +257,7 @@ ORDER BY m.seq";
 /// (outboxes in other schemas do not wait for each other), records this relay as alive
 /// (forgetting relays not seen for a day) and counts the relays seen within the last lease
 /// period, this one included. The claim's commit does not wait for the WAL flush unless it
-/// takes a token (see `TAKE_TOKEN`): most empty claims (an idle relay's polls, a relay finding
+/// takes a token (see `LEASE`): most empty claims (an idle relay's polls, a relay finding
 /// every key with work leased) lose nothing in a crash but the liveness record, so they cost
 /// no disk flush and hold up no other relay's claim.
 const OPEN_CLAIM: &str = "
@@ -274,19 +287,6 @@ struct OpenClaim {
     /// The session's `synchronous_commit`, read before the claim relaxed it.
     #[diesel(sql_type = Text)]
     durable: String,
-}
-
-/// For a claim that found work: hands out the next fencing token, and restores the session's
-/// `synchronous_commit` (`$2`) for the claim's commit, as a token must never be handed out twice.
-const TAKE_TOKEN: &str = "
-UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now()
-WHERE name = 'claim'
-RETURNING token, set_config('synchronous_commit', $2, true) AS restored";
-
-#[derive(QueryableByName)]
-struct Token {
-    #[diesel(sql_type = BigInt)]
-    token: i64,
 }
 
 /// The published messages the claim still holds: deleted, or marked under retention.
@@ -428,23 +428,14 @@ impl OutboxConnection for PgConnection {
                 // Nothing leased, so no token: only the liveness record was written.
                 return Ok(Claimed::new(0, Vec::new()));
             }
-            let Token { token } = Prepared(
-                diesel::sql_query(TAKE_TOKEN)
-                    .bind::<Text, _>(owner)
-                    .bind::<Text, _>(&open.durable),
-            )
-            .get_result(conn)?;
-            let takeovers = Prepared(
+            let Leased { token, takeovers } = Prepared(
                 diesel::sql_query(LEASE)
-                    .bind::<Array<SmallInt>, _>(&buckets)
-                    .bind::<BigInt, _>(token)
                     .bind::<Text, _>(owner)
+                    .bind::<Text, _>(&open.durable)
+                    .bind::<Array<SmallInt>, _>(&buckets)
                     .bind::<BigInt, _>(micros(lease)),
             )
-            .load::<Taken>(conn)?
-            .into_iter()
-            .filter(|t| t.taken_over)
-            .count();
+            .get_result(conn)?;
             let rows: Vec<Row> = match whole {
                 Some(rows) if takeovers == 0 => rows
                     .into_iter()
@@ -469,7 +460,8 @@ impl OutboxConnection for PgConnection {
             for (seq, reason) in &malformed {
                 park(conn, &buckets, *seq, reason)?;
             }
-            Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers as u64))
+            Ok(Claimed::new(token, messages)
+                .with_lease_takeovers(u64::try_from(takeovers).unwrap_or(0)))
         })
     }
 
