@@ -237,22 +237,12 @@ impl NatsPublisher {
     fn publish_batch(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         if self.client.connection_state() == State::Disconnected {
             // Fail fast instead of waiting out the ack timeout; the client is reconnecting.
-            let mut failed_keys: HashSet<&str> = HashSet::new();
             log::warn!(
                 "NATS at {} unreachable: {} messages not published",
                 self.url,
                 batch.len()
             );
-            return batch
-                .iter()
-                .map(|msg| {
-                    if failed_keys.insert(msg.partition_key.as_str()) {
-                        Err(PublishError::Retryable("not connected to NATS".into()))
-                    } else {
-                        Err(PublishError::NotAttempted)
-                    }
-                })
-                .collect();
+            return none_published(batch, "not connected to NATS");
         }
         let mut key_index: HashMap<&str, usize> = HashMap::new();
         let outgoing: Vec<Outgoing> = batch
@@ -274,22 +264,9 @@ impl NatsPublisher {
         ));
         let outcomes = match self.runtime.block_on(task) {
             Ok(outcomes) => outcomes,
-            Err(error) => {
-                // The task panicked or the runtime is shutting down: nothing is known to be
-                // stored, so everything is retried (JetStream drops what it already has).
-                let why = format!("the publishing task ended: {error}");
-                let mut failed_keys: HashSet<&str> = HashSet::new();
-                batch
-                    .iter()
-                    .map(|msg| {
-                        if failed_keys.insert(msg.partition_key.as_str()) {
-                            Err(PublishError::Retryable(why.clone()))
-                        } else {
-                            Err(PublishError::NotAttempted)
-                        }
-                    })
-                    .collect()
-            }
+            // The task panicked or the runtime is shutting down: nothing is known to be stored,
+            // so everything is retried (JetStream drops what it already has).
+            Err(error) => none_published(batch, &format!("the publishing task ended: {error}")),
         };
         let failed: Vec<_> = outcomes
             .iter()
@@ -312,6 +289,22 @@ impl NatsPublisher {
         log::debug!("published a batch of {} messages to NATS", batch.len());
         outcomes
     }
+}
+
+/// The outcomes of a batch of which nothing was published: the first message of each key is
+/// retryable with `why`, the rest of the key was not attempted.
+fn none_published(batch: &[OutboxMessage], why: &str) -> Vec<Result<(), PublishError>> {
+    let mut failed_keys: HashSet<&str> = HashSet::new();
+    batch
+        .iter()
+        .map(|msg| {
+            if failed_keys.insert(msg.partition_key.as_str()) {
+                Err(PublishError::Retryable(why.to_owned()))
+            } else {
+                Err(PublishError::NotAttempted)
+            }
+        })
+        .collect()
 }
 
 /// One message of a batch, encoded for the publishing task.
