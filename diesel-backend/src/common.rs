@@ -125,6 +125,8 @@ pub(crate) fn into_messages(rows: Vec<RawRow>) -> (Vec<OutboxMessage>, Vec<(i64,
 }
 
 /// What a claim takes from its candidates: which ones, and the buckets it leases for them.
+/// (SQLite has one bucket and no choice to make.)
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Choice {
     /// One flag per candidate, in the candidates' order: taken or not.
@@ -137,6 +139,7 @@ pub(crate) struct Choice {
 /// claimable message, in outbox order; with `relays` relays at work, the claim takes the
 /// buckets of the oldest messages up to 1/`relays` of the buckets on offer (rounded up), so
 /// the other relays always find buckets left, then up to `limit` of their messages.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn choose(buckets: &[i16], relays: usize, limit: usize) -> Choice {
     let mut offered: Vec<i16> = Vec::new();
     for bucket in buckets {
@@ -167,7 +170,7 @@ pub(crate) fn choose(buckets: &[i16], relays: usize, limit: usize) -> Choice {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "postgres", feature = "mysql")))]
 mod tests {
     use super::*;
 
