@@ -957,35 +957,48 @@ fn mysql_claim_with_every_bucket_leased_skips_the_leased_backlog() {
     a_claim_with_every_bucket_leased_skips_the_leased_backlog(db, rows_read, 1000);
 }
 
-/// An empty claim writes only the relay's liveness record and does not wait for the disk; a
-/// claim that takes a fencing token commits with the session's own `synchronous_commit`.
+/// Runs `op` inside a transaction that is then rolled back, and returns what it returned with
+/// the `synchronous_commit` in effect after it: a transaction-local setting made by `op` stays
+/// visible until the outer transaction ends.
 #[cfg(feature = "postgres")]
-#[test]
-fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
+fn with_commit_setting_after<T>(
+    conn: &mut PgConnection,
+    op: impl FnOnce(&mut PgConnection) -> T,
+) -> (T, String) {
     #[derive(QueryableByName)]
     struct Setting {
         #[diesel(sql_type = diesel::sql_types::Text)]
         value: String,
     }
+    let mut seen = None;
+    let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+        let result = op(conn);
+        let setting: Setting =
+            diesel::sql_query("SELECT current_setting('synchronous_commit') AS value")
+                .get_result(conn)?;
+        seen = Some((result, setting.value));
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    seen.unwrap()
+}
+
+/// An empty claim writes only the relay's liveness record and does not wait for the disk; a
+/// claim that takes a fencing token commits with the session's own `synchronous_commit`.
+#[cfg(feature = "postgres")]
+#[test]
+fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
     let Some(db) = common::postgres() else { return };
     let mut conn = db.conn();
     // A stricter setting than the default, which the claim must not weaken.
     conn.batch_execute("SET synchronous_commit = remote_write")
         .unwrap();
     let in_effect_after_claim = |conn: &mut PgConnection| -> (usize, String) {
-        // Inside an outer transaction the claim's SET LOCAL is still visible afterwards.
-        let mut seen = None;
-        let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
-            let claimed = conn
-                .claim_outbox_messages(10, Duration::from_secs(30), "durability", 0)
-                .unwrap();
-            let setting: Setting =
-                diesel::sql_query("SELECT current_setting('synchronous_commit') AS value")
-                    .get_result(conn)?;
-            seen = Some((claimed.messages.len(), setting.value));
-            Err(diesel::result::Error::RollbackTransaction)
-        });
-        seen.unwrap()
+        with_commit_setting_after(conn, |conn| {
+            conn.claim_outbox_messages(10, Duration::from_secs(30), "durability", 0)
+                .unwrap()
+                .messages
+                .len()
+        })
     };
     assert_eq!(in_effect_after_claim(&mut conn), (0, "off".into()));
     fill(&db, 2, 1);
@@ -998,11 +1011,6 @@ fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
 #[cfg(feature = "postgres")]
 #[test]
 fn the_write_back_does_not_wait_for_the_disk() {
-    #[derive(QueryableByName)]
-    struct Setting {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        value: String,
-    }
     let Some(db) = common::postgres() else { return };
     fill(&db, 4, 1);
     let mut conn = db.conn();
@@ -1012,20 +1020,12 @@ fn the_write_back_does_not_wait_for_the_disk() {
         .unwrap();
     let seqs: Vec<i64> = claimed.messages.iter().map(|m| m.seq).collect();
     assert_eq!(seqs.len(), 4);
-    // Inside an outer transaction the write-back's transaction-local setting stays visible.
     let in_effect_after = |conn: &mut PgConnection, done: &[Completion]| -> (u64, String) {
-        let mut seen = None;
-        let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
-            let report = conn
-                .complete_outbox_messages(claimed.token, done, Retention::Delete)
-                .unwrap();
-            let setting: Setting =
-                diesel::sql_query("SELECT current_setting('synchronous_commit') AS value")
-                    .get_result(conn)?;
-            seen = Some((report.applied, setting.value));
-            Err(diesel::result::Error::RollbackTransaction)
-        });
-        seen.unwrap()
+        with_commit_setting_after(conn, |conn| {
+            conn.complete_outbox_messages(claimed.token, done, Retention::Delete)
+                .unwrap()
+                .applied
+        })
     };
     let whole: Vec<Completion> = seqs
         .iter()
