@@ -53,18 +53,15 @@
 //!
 //! # Ordering
 //!
-//! Messages of a batch are sent in outbox order on one connection, so JetStream stores them in
-//! that order, and the acks are then awaited together (pipelined, about ten times faster than
-//! awaiting each). The trait's per-key rule ("after a failure, send nothing more of that key")
-//! holds for failures found *before* sending (invalid subject or header, too large for the
-//! server, client not connected) and across the windows of [`PublisherConfig::max_in_flight`].
-//! It cannot hold for a failure found only in the *ack*: by then later messages of the key in
-//! the same window are already sent. If message A fails its ack (timeout, stream rejects it)
-//! while a later B of the same key is stored, B is reported as published and A is retried, so
-//! the stream holds B before A. This needs a failure of one message but not the next on the same
-//! connection (a stream rejecting A alone, or an ack timeout on A that a later ack beats);
-//! after a lost connection every later message fails as well. Consumers that need strict per-key
-//! order despite that must check a sequence of their own.
+//! A partition key has at most one message awaiting its ack: its next message is sent once
+//! that ack has arrived, so JetStream stores each key's messages in outbox order, and a failure
+//! (a refusal, an ack timeout, a lost connection after which the client resends what it had
+//! buffered) can never leave a later message of the key stored ahead of an earlier one. After
+//! a failure the rest of the key is not sent (`NotAttempted`), as the relay's per-key rule
+//! requires. The keys of a batch travel pipelined, up to [`PublisherConfig::max_in_flight`]
+//! messages awaiting their ack, each key moving on as soon as its own ack arrives: a batch of
+//! many keys publishes about ten times faster than awaiting each message, while a batch of one
+//! key publishes one message per round trip.
 //!
 //! # Redelivery and dead letters
 //!

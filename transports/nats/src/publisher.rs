@@ -1,11 +1,10 @@
 //! [`NatsPublisher`]: the outbox relay's [`Publisher`] for NATS JetStream.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures_util::future::join_all;
@@ -69,10 +68,11 @@ impl PublisherConfig {
         self
     }
 
-    /// How many messages may await their ack at once. A batch is sent in waves of at most this
-    /// many messages, at most one per partition key, each wave's acks awaited before the next is
-    /// sent: per-key order survives lost acks and reconnects, and a batch of many keys still
-    /// travels pipelined. Defaults to 1024. Values below 1 count as 1.
+    /// How many messages may await their ack at once. Each partition key has at most one
+    /// message awaiting its ack, its next message sent once that ack arrives, and the keys of a
+    /// batch are pipelined up to this many: per-key order survives lost acks and reconnects,
+    /// and a batch of many keys still travels pipelined. Defaults to 1024. Values below 1 count
+    /// as 1.
     #[must_use]
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
@@ -94,10 +94,11 @@ impl PublisherConfig {
 ///
 /// Each message goes to the subject its [`SubjectMapping`] gives, with the
 /// [`wire`](waybill_inbox_core::wire) headers and `Nats-Msg-Id` = the message id, so JetStream's
-/// duplicate window drops a relay retry of a message it already stored. A batch is pipelined:
-/// every message is sent, then every ack awaited. The API is synchronous: the publisher drives
-/// the async client on a private runtime with one worker thread, which also keeps the connection
-/// alive (and reconnects it) between batches. Do not call it from inside an async runtime.
+/// duplicate window drops a relay retry of a message it already stored. A batch is pipelined
+/// across its partition keys, one message of a key awaiting its ack at a time (see the crate
+/// docs on ordering). The API is synchronous: the publisher drives the async client on a
+/// private runtime with one worker thread, which also keeps the connection alive (and
+/// reconnects it) between batches. Do not call it from inside an async runtime.
 ///
 /// ```no_run
 /// use waybill_nats::{NatsPublisher, PublisherConfig};
@@ -146,6 +147,8 @@ impl NatsPublisher {
             jetstream::ContextBuilder::new()
                 .timeout(config.ack_timeout)
                 .max_ack_inflight(config.max_in_flight)
+                // A send beyond the limit waits for an ack instead of failing.
+                .backpressure_on_inflight(true)
                 .build(client.clone())
         };
         log::debug!("NATS publisher connected to {}", redact_url(url));
@@ -232,7 +235,7 @@ impl NatsPublisher {
     }
 
     /// Publishes `batch` (see [`Publisher::publish`]). The messages are encoded here, on the
-    /// caller's thread; the waves of sends and acks then run as one task on the runtime's worker,
+    /// caller's thread; the sends and acks then run as one task on the runtime's worker,
     /// the thread that also drives the connection, so that no send and no ack crosses threads.
     fn publish_batch(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         if self.client.connection_state() == State::Disconnected {
@@ -256,11 +259,10 @@ impl NatsPublisher {
                 }
             })
             .collect();
-        let task = self.runtime.spawn(send_in_waves(
+        let task = self.runtime.spawn(send_per_key(
             self.jetstream.clone(),
             outgoing,
             key_index.len(),
-            self.config.max_in_flight,
         ));
         let outcomes = match self.runtime.block_on(task) {
             Ok(outcomes) => outcomes,
@@ -316,83 +318,66 @@ struct Outgoing {
     prepared: Result<(String, HeaderMap, Vec<u8>), String>,
 }
 
-/// Sends `batch` in waves and collects the outcomes, in batch order. Each wave sends the next
-/// message of every key that has not failed, pipelined across keys (at most `max_in_flight`),
-/// and waits for their acks: a key never has two messages in flight, so a lost ack or a refusal
-/// can never leave a later message of its key stored ahead of an earlier one (after a reconnect
-/// the client would resend what it had buffered).
-async fn send_in_waves(
+/// Sends `batch` and collects the outcomes, in batch order. Each key's messages go one at a
+/// time, the next once the previous one is acknowledged, while the keys are pipelined (up to
+/// [`PublisherConfig::max_in_flight`] messages awaiting their ack): a key never has two
+/// messages in flight, so a lost ack or a refusal can never leave a later message of its key
+/// stored ahead of an earlier one (after a reconnect the client would resend what it had
+/// buffered). A key moves on as soon as its own ack arrives, not once the slowest key of the
+/// batch is acknowledged.
+async fn send_per_key(
     jetstream: jetstream::Context,
-    mut batch: Vec<Outgoing>,
+    batch: Vec<Outgoing>,
     keys: usize,
-    max_in_flight: usize,
 ) -> Vec<Result<(), PublishError>> {
     let mut outcomes: Vec<Result<(), PublishError>> = batch
         .iter()
         .map(|_| Err(PublishError::NotAttempted))
         .collect();
-    let mut failed_keys = vec![false; keys];
-    // Per key, the positions of its messages, in batch order.
-    let mut queues: Vec<VecDeque<usize>> = vec![VecDeque::new(); keys];
-    for (i, msg) in batch.iter().enumerate() {
-        queues[msg.key].push_back(i);
+    // Per key, its messages with their positions, in batch order.
+    let mut queues: Vec<Vec<(usize, Outgoing)>> = (0..keys).map(|_| Vec::new()).collect();
+    for (i, msg) in batch.into_iter().enumerate() {
+        queues[msg.key].push((i, msg));
     }
-    loop {
-        let wave: Vec<usize> = queues
-            .iter_mut()
-            .enumerate()
-            .filter(|(key, _)| !failed_keys[*key])
-            .filter_map(|(_, queue)| queue.pop_front())
-            .take(max_in_flight)
-            .collect();
-        if wave.is_empty() {
-            break;
-        }
-        let mut pending: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(wave.len());
-        for i in wave {
-            let prepared = std::mem::replace(&mut batch[i].prepared, Err(String::new()));
-            let sent = match prepared {
-                Err(why) => Err(PublishError::Fatal(why)),
-                Ok((subject, headers, body)) => jetstream
-                    .publish_with_headers(subject, headers, body.into())
-                    .await
-                    .map_err(|error| classify(&error)),
-            };
-            match sent {
-                Ok(ack) => pending.push((i, ack)),
-                Err(error) => {
-                    failed_keys[batch[i].key] = true;
-                    outcomes[i] = Err(error);
-                }
+    let jetstream = &jetstream;
+    let chains = queues.into_iter().map(|queue| async move {
+        let mut sent = Vec::with_capacity(queue.len());
+        for (i, msg) in queue {
+            let outcome = send_one(jetstream, msg).await;
+            let failed = outcome.is_err();
+            sent.push((i, outcome));
+            if failed {
+                // The rest of the key stays `NotAttempted`.
+                break;
             }
         }
-        let acks = join_all(
-            pending
-                .into_iter()
-                .map(|(i, ack)| async move { (i, ack.await) }),
-        )
-        .await;
-        for (i, ack) in acks {
-            outcomes[i] = match ack {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        log::debug!(
-                            "message {} was already in stream {} (seq {})",
-                            batch[i].id,
-                            ack.stream,
-                            ack.sequence
-                        );
-                    }
-                    Ok(())
-                }
-                Err(error) => {
-                    failed_keys[batch[i].key] = true;
-                    Err(classify(&error))
-                }
-            };
-        }
+        sent
+    });
+    for (i, outcome) in join_all(chains).await.into_iter().flatten() {
+        outcomes[i] = outcome;
     }
     outcomes
+}
+
+/// Sends one message and awaits its ack. The context holds back the send while
+/// `max_in_flight` messages await their ack (it was built with backpressure).
+async fn send_one(jetstream: &jetstream::Context, msg: Outgoing) -> Result<(), PublishError> {
+    let (subject, headers, body) = msg.prepared.map_err(PublishError::Fatal)?;
+    let ack = jetstream
+        .publish_with_headers(subject, headers, body.into())
+        .await
+        .map_err(|error| classify(&error))?
+        .await
+        .map_err(|error| classify(&error))?;
+    if ack.duplicate {
+        log::debug!(
+            "message {} was already in stream {} (seq {})",
+            msg.id,
+            ack.stream,
+            ack.sequence
+        );
+    }
+    Ok(())
 }
 
 fn classify(error: &jetstream::context::PublishError) -> PublishError {
@@ -420,16 +405,13 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Publisher for NatsPublisher {
-    /// Sends every message of `batch` (in order, on one connection), then awaits every ack.
+    /// Sends the messages of `batch`, one at a time per partition key (the next once the
+    /// previous one is acknowledged), the keys pipelined; see the crate docs on ordering.
     ///
     /// - ack, including a duplicate ack (already stored) -> `Ok`
     /// - timeout, no responders, connection lost, stream full -> `Retryable`
     /// - too large, invalid subject or header, sealed stream -> `Fatal`
-    /// - the client refused to take an earlier message of the same key, or an earlier window of
-    ///   the batch failed for that key -> `NotAttempted`
-    ///
-    /// Per-key order: a message whose *ack* fails may have later messages of its key in the
-    /// same window already sent, and those are reported as they were acked. See the crate docs.
+    /// - an earlier message of the same key failed -> `NotAttempted`
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         self.publish_batch(batch)
     }

@@ -71,6 +71,40 @@ fn batch_round_trips_every_field_in_key_order() {
 }
 
 #[test]
+fn a_batch_of_more_keys_than_max_in_flight_waits_for_acks_instead_of_failing() {
+    let Some(mut nats) = nats() else { return };
+    let (stream, topic) = nats.stream();
+    // 400 keys, 2 messages each, at most 16 awaiting their ack: most sends wait for a free
+    // slot, none may fail for want of one, and each key's second message waits for its first.
+    let sent = batch(&topic, 400, 800);
+    let mut publisher =
+        NatsPublisher::connect(&nats.url, PublisherConfig::default().max_in_flight(16)).unwrap();
+    let outcomes = publisher.publish(&sent);
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(nats.count(&stream), 800);
+    let stored: Vec<String> = nats
+        .messages(&stream)
+        .iter()
+        .map(|m| {
+            m.headers
+                .get("waybill-message-id")
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    let position: HashMap<&str, usize> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    // Each key's first message is stored before its second.
+    for (first, second) in sent.iter().zip(&sent[400..]) {
+        let (a, b) = (first.id.to_string(), second.id.to_string());
+        assert!(position[a.as_str()] < position[b.as_str()], "{a} after {b}");
+    }
+}
+
+#[test]
 fn publishing_a_batch_twice_stores_each_message_once() {
     let Some(mut nats) = nats() else { return };
     let (stream, topic) = nats.stream();
