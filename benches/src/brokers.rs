@@ -2,6 +2,7 @@
 //! client, batch size and messages, alternating: RabbitMQ with publisher confirms (lapin) and
 //! NATS JetStream with publish acks (async-nats), confirms pipelined per batch on both sides.
 
+use std::collections::BTreeMap;
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
@@ -48,18 +49,55 @@ fn relay_round<P: Publisher + Send + 'static>(
     count: usize,
     mut publisher: impl FnMut() -> Result<P, Error>,
     pipelined: bool,
-) -> Result<(f64, Option<f64>), Error> {
+) -> Result<(f64, CpuMeter), Error> {
     empty_outbox(&mut *pool.get()?)?;
     fill_pg(&mut *pool.get()?, topic, count, 0)?;
     let config = RelayConfig::default().batch_size(BATCH);
-    let cpu = CpuMeter::start();
+    let mut cpu = CpuMeter::start();
     let rate = if pipelined {
         // The next claim and the last write-back overlap the broker's confirms.
-        drain_pipelined(pool, count, config, publisher()?)?
+        drain_pipelined(pool, count, config, publisher()?, Some(&mut cpu))?
     } else {
         drain(pool, count, 1, config, publisher)?
     };
-    Ok((rate, cpu.busy_cores()))
+    Ok((rate, cpu))
+}
+
+/// The cores busy during one round: all of them, and by kind of process.
+struct Cores {
+    total: f64,
+    by_process: BTreeMap<String, f64>,
+}
+
+impl Cores {
+    fn of(cpu: &CpuMeter) -> Option<Self> {
+        Some(Self {
+            total: cpu.busy_cores()?,
+            by_process: cpu.busy_by_process(),
+        })
+    }
+
+    /// The median of each figure over `rounds` (a process missing from a round counts 0).
+    fn median(rounds: &[Cores]) -> Option<Self> {
+        if rounds.is_empty() {
+            return None;
+        }
+        let names: std::collections::BTreeSet<&String> =
+            rounds.iter().flat_map(|r| r.by_process.keys()).collect();
+        let by_process = names
+            .into_iter()
+            .map(|name| {
+                let busy = rounds
+                    .iter()
+                    .map(|r| r.by_process.get(name).copied().unwrap_or(0.0));
+                (name.clone(), median(busy.collect()))
+            })
+            .collect();
+        Some(Self {
+            total: median(rounds.iter().map(|r| r.total).collect()),
+            by_process,
+        })
+    }
 }
 
 pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<(), Error> {
@@ -105,10 +143,9 @@ fn compare<P: Publisher + Send + 'static>(
     let busy = std::cell::RefCell::new([Vec::new(), Vec::new()]);
     let relay = |pipelined| -> Result<f64, Error> {
         purge()?;
-        let (rate, cores) =
-            relay_round(pool, name, count, &mut **publisher.borrow_mut(), pipelined)?;
+        let (rate, cpu) = relay_round(pool, name, count, &mut **publisher.borrow_mut(), pipelined)?;
         if pipelined {
-            busy.borrow_mut()[0].extend(cores);
+            busy.borrow_mut()[0].extend(Cores::of(&cpu));
         }
         Ok(rate)
     };
@@ -135,15 +172,14 @@ fn compare<P: Publisher + Send + 'static>(
                 let messages = messages(name, count);
                 let cpu = CpuMeter::start();
                 let rate = raw(&messages)?;
-                busy.borrow_mut()[1].extend(cpu.busy_cores());
+                busy.borrow_mut()[1].extend(Cores::of(&cpu));
                 Ok(rate)
             },
             &mut { alone },
         ],
     )?;
     let [relay_busy, raw_busy] = busy.into_inner();
-    let busy = (!relay_busy.is_empty() && !raw_busy.is_empty())
-        .then(|| (median(relay_busy), median(raw_busy)));
+    let busy = Cores::median(&relay_busy).zip(Cores::median(&raw_busy));
     Ok(Rates {
         sequential: medians[0],
         pipelined: medians[1],
@@ -159,7 +195,7 @@ struct Rates {
     pipelined: f64,
     raw: f64,
     alone: f64,
-    busy: Option<(f64, f64)>,
+    busy: Option<(Cores, Cores)>,
 }
 
 fn report(
@@ -222,12 +258,35 @@ fn report(
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         row(
             &format!("cores busy (of {cores}; every process: database, broker, clients) while the pipelined relay vs the raw client publish to {broker}"),
-            &format!("{relay_busy:.2}"),
-            &format!("{raw_busy:.2}"),
+            &format!("{:.2}", relay_busy.total),
+            &format!("{:.2}", raw_busy.total),
             "",
         );
-        figures.set(format!("{broker}_relay_busy_cores"), relay_busy);
-        figures.set(format!("{broker}_raw_busy_cores"), raw_busy);
+        figures.set(format!("{broker}_relay_busy_cores"), relay_busy.total);
+        figures.set(format!("{broker}_raw_busy_cores"), raw_busy.total);
+        // Whose work it was: `bench` is the relay's threads (claims, write-backs, encoding)
+        // in relay rounds and the raw client in raw rounds.
+        let names: std::collections::BTreeSet<&String> = relay_busy
+            .by_process
+            .keys()
+            .chain(raw_busy.by_process.keys())
+            .collect();
+        for name in names {
+            let relay = relay_busy.by_process.get(name).copied().unwrap_or(0.0);
+            let raw = raw_busy.by_process.get(name).copied().unwrap_or(0.0);
+            if relay.max(raw) < 0.02 {
+                continue;
+            }
+            row(
+                &format!("  of which {name}"),
+                &format!("{relay:.2}"),
+                &format!("{raw:.2}"),
+                "",
+            );
+            let field = name.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+            figures.set(format!("{broker}_relay_cores_{field}"), relay);
+            figures.set(format!("{broker}_raw_cores_{field}"), raw);
+        }
     }
 }
 

@@ -64,21 +64,74 @@ impl Figures {
 
 /// How busy the machine's cores were between [`CpuMeter::start`] and [`CpuMeter::busy_cores`]:
 /// every process counts (the database, the broker, this program), from `/proc/stat` (Linux).
+/// [`CpuMeter::busy_by_process`] splits it by whose work it was, from `/proc/*/stat`.
 pub struct CpuMeter {
-    start: Option<(u64, u64)>,
+    start: Reading,
+    /// The reading [`CpuMeter::stop`] froze, taken while the measured threads still ran.
+    end: Option<Reading>,
+}
+
+/// The CPU time used so far: by all cores, and by kind of process.
+#[derive(Clone)]
+struct Reading {
+    /// (busy, total) jiffies of all cores.
+    cores: Option<(u64, u64)>,
+    processes: BTreeMap<String, u64>,
+}
+
+impl Reading {
+    fn now() -> Self {
+        Self {
+            cores: cpu_ticks(),
+            processes: process_ticks(),
+        }
+    }
 }
 
 impl CpuMeter {
     pub fn start() -> Self {
-        Self { start: cpu_ticks() }
+        Self {
+            start: Reading::now(),
+            end: None,
+        }
+    }
+
+    /// Ends the measurement: before the measured threads end, so that their time counts.
+    pub fn stop(&mut self) {
+        self.end = Some(Reading::now());
+    }
+
+    fn end(&self) -> Reading {
+        self.end.clone().unwrap_or_else(Reading::now)
     }
 
     /// Cores busy on average since the start (0 to the core count); `None` without `/proc`.
     pub fn busy_cores(&self) -> Option<f64> {
-        let ((busy0, total0), (busy1, total1)) = (self.start?, cpu_ticks()?);
+        let ((busy0, total0), (busy1, total1)) = (self.start.cores?, self.end().cores?);
         let cores = std::thread::available_parallelism().ok()?.get() as f64;
         let total = total1.checked_sub(total0).filter(|t| *t > 0)? as f64;
         Some(busy1.saturating_sub(busy0) as f64 / total * cores)
+    }
+
+    /// Cores each kind of process kept busy on average since the start: `postgres`, the
+    /// brokers, and this program's threads by name (`waybill-nats`, `waybill-amqp`: the
+    /// transports' client runtimes; `bench`: the relay's and the raw clients' own threads).
+    pub fn busy_by_process(&self) -> BTreeMap<String, f64> {
+        let end = self.end();
+        let (Some((_, total0)), Some((_, total1))) = (self.start.cores, end.cores) else {
+            return BTreeMap::new();
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // /proc/stat counts every core's ticks, /proc/<pid>/stat one thread's.
+        let elapsed = total1.saturating_sub(total0).max(1) as f64 / cores;
+        end.processes
+            .into_iter()
+            .map(|(name, ticks)| {
+                let before = self.start.processes.get(&name).copied().unwrap_or(0);
+                (name, ticks.saturating_sub(before) as f64 / elapsed)
+            })
+            .filter(|(_, busy)| *busy > 0.005)
+            .collect()
     }
 }
 
@@ -96,6 +149,56 @@ fn cpu_ticks() -> Option<(u64, u64)> {
     // idle and iowait
     let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
     Some((total - idle, total))
+}
+
+/// CPU jiffies (user + system) by kind of process: every other process by its name, the
+/// broker's by the broker, this program's threads by their names.
+fn process_ticks() -> BTreeMap<String, u64> {
+    let mut ticks = BTreeMap::new();
+    let own = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return ticks;
+    };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
+            continue;
+        }
+        if let Some((name, used)) = stat_ticks(&format!("/proc/{pid}/stat")) {
+            let name = match name.as_str() {
+                "beam.smp" => "rabbitmq".to_owned(),
+                // Kernel workers rename themselves as they switch tasks.
+                kernel if kernel.starts_with("kworker") => "kworker".to_owned(),
+                _ => name,
+            };
+            *ticks.entry(name).or_default() += used;
+        }
+    }
+    if let Ok(threads) = std::fs::read_dir("/proc/self/task") {
+        for thread in threads.flatten() {
+            let path = thread.path().join("stat");
+            if let Some((name, used)) = stat_ticks(&path.to_string_lossy()) {
+                let name = match name.as_str() {
+                    "waybill-nats" | "waybill-amqp" => name,
+                    _ => "bench".to_owned(),
+                };
+                *ticks.entry(name).or_default() += used;
+            }
+        }
+    }
+    ticks
+}
+
+/// The name and utime + stime of a `/proc/.../stat` file.
+fn stat_ticks(path: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are the 14th and 15th fields; `rest` starts at the 3rd.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
 }
 
 pub fn median(mut xs: Vec<f64>) -> f64 {
@@ -324,12 +427,14 @@ where
 }
 
 /// Messages per second for one relay in [`Relay::run_pipelined`] mode (it claims the next batch
-/// while publishing the current one), stopped once `expected` messages are published.
+/// while publishing the current one), stopped once `expected` messages are published; `cpu`, if
+/// given, is stopped then too.
 pub fn drain_pipelined<C, P>(
     pool: &Pool<ConnectionManager<C>>,
     expected: usize,
     config: RelayConfig,
     publisher: P,
+    cpu: Option<&mut CpuMeter>,
 ) -> Result<f64, Error>
 where
     C: OutboxConnection + diesel::r2d2::R2D2Connection + Connection + 'static,
@@ -365,6 +470,9 @@ where
         }
     }
     let elapsed = began.elapsed();
+    if let Some(cpu) = cpu {
+        cpu.stop();
+    }
     handle.stop();
     let totals = worker.join().map_err(|_| "relay thread panicked")?;
     if totals.published != expected as u64 {

@@ -171,7 +171,7 @@ fn sequential_vs_pipelined<P: Publisher + Send + 'static>(
         },
         || {
             fill()?;
-            drain_pipelined(pool, backlog, config(), publisher())
+            drain_pipelined(pool, backlog, config(), publisher(), None)
         },
     )
 }
