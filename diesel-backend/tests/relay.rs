@@ -841,6 +841,60 @@ fn claim_and_complete_reuse_prepared_statements() {
     );
 }
 
+/// Records the `seq`s of each batch it is handed, then publishes it in memory at once.
+#[derive(Clone, Default)]
+struct BatchLog {
+    batches: Arc<std::sync::Mutex<Vec<Vec<i64>>>>,
+    inner: InMemoryPublisher,
+}
+
+impl Publisher for BatchLog {
+    fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push(batch.iter().map(|m| m.seq).collect());
+        self.inner.publish(batch)
+    }
+}
+
+/// With a publisher that takes no time, claiming ahead hides nothing and costs the database
+/// more (a claim ahead shares the free buckets and reads its rows twice, so consecutive
+/// batches interleave in `seq`): the pipelined relay measures that and claims in turn, each
+/// batch then the oldest pending messages, after the previous one. (PostgreSQL: on MySQL a
+/// shared claim costs about what a whole one does, and the relay may keep either mode.)
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_pipelined_relay_with_an_instant_publisher_claims_in_turn() {
+    let Some(db) = common::postgres() else { return };
+    let messages = fill(&db, 64, 40);
+    let log = BatchLog::default();
+    let mut running = relay(&db, log.clone(), config().batch_size(100).owner("in-turn"));
+    let handle = running.handle();
+    let worker = std::thread::spawn(move || running.run_pipelined());
+    assert!(log.inner.wait_for(messages.len(), PATIENCE));
+    handle.stop();
+    let totals = worker.join().unwrap();
+    assert_eq!(totals.published, messages.len() as u64);
+    assert_key_order(&log.inner.published());
+    let batches = log.batches.lock().unwrap().clone();
+    assert!(batches.len() >= 20, "{} batches", batches.len());
+    // A batch that starts before the previous one ends was claimed ahead, beside it.
+    let interleaved: Vec<usize> = (1..batches.len())
+        .filter(|&i| batches[i].first() < batches[i - 1].last())
+        .collect();
+    assert!(
+        interleaved.first().is_some_and(|&i| i < 4),
+        "the relay starts out claiming ahead: {interleaved:?}"
+    );
+    let later = interleaved.iter().filter(|&&i| i >= 6).count();
+    assert!(
+        later * 4 <= batches.len() - 6,
+        "after its first batches the relay mostly claims in turn: {interleaved:?}"
+    );
+    assert_eq!(pending_and_parked(&db), (0, 0));
+}
+
 // SQLite has one bucket, so a pipelined relay there claims and publishes in turn.
 macro_rules! claims_while_it_publishes {
     ($($name:ident: $feature:literal, $db:path;)*) => {$(

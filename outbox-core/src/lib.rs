@@ -25,6 +25,7 @@ mod error;
 mod id;
 mod message;
 pub mod metrics;
+mod pace;
 mod publisher;
 mod redact;
 mod relay;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+use crate::pace::Pace;
 use crate::{
     Backoff, Claimed, CompleteReport, Completion, LeaseToken, OutboxMessage, OutboxStore,
     PublishError, Publisher, Retention, Retryable,
@@ -505,6 +506,9 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
 struct Job {
     write: Option<Published>,
     claim: bool,
+    /// Claim a share that leaves work for a claim made while this one is in flight (see
+    /// [`OutboxStore::claim_ahead`]).
+    ahead: bool,
 }
 
 /// A published batch whose outcomes are not written back yet.
@@ -519,18 +523,27 @@ struct Published {
 struct JobDone<E> {
     written: Option<(Published, Result<CompleteReport, E>)>,
     claimed: Option<Result<Claimed, E>>,
+    /// How long the write-back and the claim took.
+    took: Duration,
 }
 
 impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
     /// Runs like [`run`](Self::run), but claims the next batch and writes back the previous one
     /// on a second thread while the current batch is being published: the broker and the
     /// database work at the same time. Worth it when publishing takes about as long as the
-    /// database work (a broker with confirms over the network); with an in-process publisher it
-    /// only adds a thread. Each claim takes half of the relay's usual share of the free key
-    /// buckets ([`OutboxStore::claim_ahead`]), so the next claim finds work while this batch's
-    /// buckets are leased; a batch's buckets are released only after its write-back, so per-key
-    /// order and fencing are exactly those of [`run`](Self::run). On SQLite (one bucket) the
-    /// claims take turns and nothing overlaps.
+    /// database work (a broker with confirms over the network). A claim made while a batch is
+    /// in flight takes half of the relay's usual share of the free key buckets
+    /// ([`OutboxStore::claim_ahead`]), so the next claim finds work while this batch's buckets
+    /// are leased; a batch's buckets are released only after its write-back, so per-key order
+    /// and fencing are exactly those of [`run`](Self::run).
+    ///
+    /// Such a claim costs the database more per message than one made with nothing in flight,
+    /// so the relay measures as it goes: while a batch publishes in less than half the time the
+    /// database takes to write back and claim ahead (an in-process or very fast publisher, or a
+    /// database that is the bottleneck), it claims in turn like [`run`](Self::run), and goes back
+    /// to claiming ahead once publishing takes as long as the database work. On SQLite (one
+    /// bucket) a claim ahead finds nothing while a batch is in flight: with a fast publisher
+    /// the relay soon claims in turn.
     pub fn run_pipelined(&mut self) -> RelayReport {
         if let Err(error) = self.store.poll_wakeup() {
             log::warn!("listening for outbox notifications failed: {error}");
@@ -542,6 +555,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
         std::thread::scope(|scope| {
             scope.spawn(move || {
                 for job in job_rx {
+                    let started = Instant::now();
                     let written = job.write.map(|published| {
                         let result = store.complete(
                             published.token,
@@ -550,10 +564,23 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                         );
                         (published, result)
                     });
-                    let claimed = job
-                        .claim
-                        .then(|| store.claim_ahead(config.batch_size, config.lease, &config.owner));
-                    if done_tx.send(JobDone { written, claimed }).is_err() {
+                    let (limit, lease, owner) = (config.batch_size, config.lease, &config.owner);
+                    let claimed = job.claim.then(|| {
+                        if job.ahead {
+                            store.claim_ahead(limit, lease, owner)
+                        } else {
+                            store.claim(limit, lease, owner)
+                        }
+                    });
+                    let took = started.elapsed();
+                    if done_tx
+                        .send(JobDone {
+                            written,
+                            claimed,
+                            took,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -563,16 +590,23 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
             let mut idle_wait = config.min_poll_interval;
             let mut announced_idle = false;
             let mut failures = 0;
+            let mut pace = Pace::default();
             loop {
                 let stopping = self.handle.is_stopped();
                 if stopping && current.is_none() && published.is_none() {
                     break;
                 }
-                let sent = jobs.send(Job {
+                let publishing = current.is_some();
+                // Claiming ahead, every claim leaves a share of the free buckets for the next
+                // one; claiming in turn, a claim waits until this batch is written back.
+                let ahead = pace.ahead();
+                let job = Job {
                     write: published.take(),
-                    claim: !stopping,
-                });
-                if sent.is_err() {
+                    claim: !stopping && (ahead || !publishing),
+                    ahead,
+                };
+                let (has_work, writes) = (job.claim || job.write.is_some(), job.write.is_some());
+                if has_work && jobs.send(job).is_err() {
                     log::error!("the relay's database thread is gone; stopping");
                     break;
                 }
@@ -587,6 +621,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                         &self.handle,
                         &claimed,
                     );
+                    pace.published(started.elapsed(), claimed.messages.len());
                     published = Some(Published {
                         token: claimed.token,
                         completions,
@@ -594,10 +629,28 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                         started,
                     });
                 }
-                let Ok(JobDone { written, claimed }) = done.recv() else {
+                if !has_work {
+                    // Claiming in turn: the batch just published is written back next round.
+                    continue;
+                }
+                let Ok(JobDone {
+                    written,
+                    claimed,
+                    took,
+                }) = done.recv()
+                else {
                     log::error!("the relay's database thread is gone; stopping");
                     break;
                 };
+                // Rounds that wrote a batch back and claimed, the two modes' steady state.
+                // (An empty claim with nothing in flight is an idle poll, no measure.)
+                if let (Some(Ok(claimed)), true) = (&claimed, writes) {
+                    if ahead && publishing {
+                        pace.claimed_ahead(took, claimed.messages.len());
+                    } else if !ahead {
+                        pace.claimed_in_turn(took, claimed.messages.len(), config.batch_size);
+                    }
+                }
                 let mut failed = None;
                 if let Some((mut batch, result)) = written {
                     match result {
