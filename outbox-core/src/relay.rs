@@ -538,12 +538,13 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
     /// and fencing are exactly those of [`run`](Self::run).
     ///
     /// Such a claim costs the database more per message than one made with nothing in flight,
-    /// so the relay measures as it goes: while a batch publishes in less than half the time the
-    /// database takes to write back and claim ahead (an in-process or very fast publisher, or a
-    /// database that is the bottleneck), it claims in turn like [`run`](Self::run), and goes back
-    /// to claiming ahead once publishing takes as long as the database work. On SQLite (one
-    /// bucket) a claim ahead finds nothing while a batch is in flight: with a fast publisher
-    /// the relay soon claims in turn.
+    /// so the relay measures as it goes. Per message, claiming ahead takes about the longer of
+    /// publishing and the database round beside it, claiming in turn both one after the other;
+    /// when claiming in turn looks faster (an in-process or very fast publisher, or a database
+    /// that is the bottleneck) the relay claims in turn like [`run`](Self::run), and it claims
+    /// ahead again once that looks faster by a margin. A claim ahead that finds nothing (on
+    /// SQLite's one bucket, or with every key that has work in flight) switches to claiming in
+    /// turn at once.
     pub fn run_pipelined(&mut self) -> RelayReport {
         if let Err(error) = self.store.poll_wakeup() {
             log::warn!("listening for outbox notifications failed: {error}");
@@ -605,7 +606,8 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                     claim: !stopping && (ahead || !publishing),
                     ahead,
                 };
-                let (has_work, writes) = (job.claim || job.write.is_some(), job.write.is_some());
+                let writes = job.write.is_some();
+                let has_work = job.claim || writes;
                 if has_work && jobs.send(job).is_err() {
                     log::error!("the relay's database thread is gone; stopping");
                     break;
