@@ -646,12 +646,14 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                 };
                 // Rounds that wrote a batch back and claimed, the two modes' steady state.
                 // (An empty claim with nothing in flight is an idle poll, no measure.)
-                if let (Some(Ok(claimed)), true) = (&claimed, writes) {
-                    if ahead && publishing {
+                match (&claimed, writes) {
+                    (Some(Ok(claimed)), true) if ahead && publishing => {
                         pace.claimed_ahead(took, claimed.messages.len());
-                    } else if !ahead {
+                    }
+                    (Some(Ok(claimed)), true) if !ahead => {
                         pace.claimed_in_turn(took, claimed.messages.len(), config.batch_size);
                     }
+                    _ => {}
                 }
                 let mut failed = None;
                 if let Some((mut batch, result)) = written {
