@@ -230,6 +230,25 @@ fn blocked_keys(
         .collect())
 }
 
+/// The keys among `buckets` with pending messages below `start`, each with the first of them.
+fn skipped_below(
+    conn: &mut MysqlConnection,
+    buckets: &[i16],
+    start: i64,
+) -> Result<Vec<(String, i64)>> {
+    let rows: Vec<(String, Option<i64>)> = m::table
+        .filter(m::status.eq(Status::Pending.code()))
+        .filter(m::bucket.eq_any(buckets))
+        .filter(m::seq.lt(start))
+        .group_by(m::partition_key)
+        .select((m::partition_key, diesel::dsl::min(m::seq)))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(key, first)| first.map(|first| (key, first)))
+        .collect())
+}
+
 fn db_now() -> diesel::expression::SqlLiteral<Datetime> {
     sql::<Datetime>("UTC_TIMESTAMP(6)")
 }
@@ -352,7 +371,17 @@ impl OutboxConnection for MysqlConnection {
                 ))
                 .execute(conn)?;
             // Read again now that the buckets are leased (see the PostgreSQL claim).
-            let blocked = blocked_keys(conn, &buckets, now)?;
+            let mut blocked = blocked_keys(conn, &buckets, now)?;
+            if start > 0 {
+                // The walk started where `START` read, one statement earlier: a bucket leased
+                // then may have been released since (its relay's write-back committed between
+                // the two reads), and the walk skipped its messages below `start`. They block
+                // their keys, or a later message of theirs would be published first.
+                for (key, first) in skipped_below(conn, &buckets, start)? {
+                    let at = blocked.entry(key).or_insert(first);
+                    *at = (*at).min(first);
+                }
+            }
             let rows: Vec<Row> = m::table
                 .filter(m::seq.eq_any(&seqs))
                 .filter(m::status.eq(Status::Pending.code()))

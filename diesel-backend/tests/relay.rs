@@ -1013,6 +1013,93 @@ fn mysql_claim_with_every_bucket_leased_skips_the_leased_backlog() {
     a_claim_with_every_bucket_leased_skips_the_leased_backlog(db, rows_read, 1000);
 }
 
+/// A claim that races another relay's write-back still takes a key's messages from its first
+/// pending one. Relay A holds key `k`'s first message (its bucket leased); relay B claims while A
+/// writes back and releases the bucket. B must take `k`'s second message before its third, or
+/// neither. (On MySQL the walk's start and the walk were two reads, and a release between them
+/// let B skip the second message and publish the third first. PostgreSQL reads both in one
+/// statement.) The race is timing-dependent: A's write-back is started at a spread of moments
+/// in B's claim, many times over.
+fn a_claim_racing_a_write_back_keeps_key_order<C: Backend + Send>(db: TestDb<C>) {
+    let lease = Duration::from_secs(60);
+    let mut a = db.conn();
+    for round in 0..300 {
+        let (k, j) = (format!("k:{round}"), format!("j:{round}"));
+        // Below the walk's start if A's bucket is leased when B reads where to start: j's
+        // message (another bucket, almost surely) is the first free one.
+        let messages = [msg(&k, 0), msg(&k, 1), msg(&j, 0), msg(&k, 2)];
+        a.transaction(|conn| enqueue_all(conn, &messages)).unwrap();
+        let held = a.claim_outbox_messages(1, lease, "a", 0).unwrap();
+        assert_eq!(seqs_of(&held), vec![(k.clone(), 0)]);
+        // A alone on record as alive, B takes every free bucket it finds.
+        a.retire_outbox_relay("a").unwrap();
+        let mut b = db.conn();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let claimer = {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let claimed = b.claim_outbox_messages(10, lease, "b", 0).unwrap();
+                b.retire_outbox_relay("b").unwrap();
+                (b, claimed)
+            })
+        };
+        barrier.wait();
+        // Spread A's write-back over the length of B's claim.
+        let spin = Instant::now() + Duration::from_micros((round % 30) * 100);
+        while Instant::now() < spin {
+            std::hint::spin_loop();
+        }
+        let published = [Completion::Published {
+            seq: held.messages[0].seq,
+        }];
+        a.complete_outbox_messages(held.token, &published, Retention::Delete)
+            .unwrap();
+        let (mut b, claimed) = claimer.join().unwrap();
+        let of_k: Vec<usize> = seqs_of(&claimed)
+            .into_iter()
+            .filter(|(key, _)| *key == k)
+            .map(|(_, index)| index)
+            .collect();
+        assert!(
+            of_k.is_empty() || of_k == [1, 2],
+            "round {round}: B claimed {k}'s messages {of_k:?}"
+        );
+        let released: Vec<Completion> = claimed
+            .messages
+            .iter()
+            .map(|m| Completion::Release { seq: m.seq })
+            .collect();
+        b.complete_outbox_messages(claimed.token, &released, Retention::Delete)
+            .unwrap();
+        b.batch_execute("DELETE FROM outbox_messages").unwrap();
+    }
+}
+
+fn seqs_of(claimed: &waybill_outbox_core::Claimed) -> Vec<(String, usize)> {
+    claimed
+        .messages
+        .iter()
+        .map(|m| (m.partition_key.clone(), index_of(m)))
+        .collect()
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_claim_racing_a_write_back_keeps_key_order() {
+    if let Some(db) = common::postgres() {
+        a_claim_racing_a_write_back_keeps_key_order(db);
+    }
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_claim_racing_a_write_back_keeps_key_order() {
+    if let Some(db) = common::mysql() {
+        a_claim_racing_a_write_back_keeps_key_order(db);
+    }
+}
+
 /// Runs `op` inside a transaction that is then rolled back, and returns what it returned with
 /// the `synchronous_commit` in effect after it: a transaction-local setting made by `op` stays
 /// visible until the outer transaction ends.
