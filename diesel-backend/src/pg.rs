@@ -201,33 +201,37 @@ struct Position {
     bucket: i16,
 }
 
-/// For a claim that found work, in one statement: hands out the next fencing token, leases the
-/// chosen buckets (`$3`) under it, and restores the session's `synchronous_commit` (`$2`) for the
-/// claim's commit, as a token must never be handed out twice. Reports the token and how many
-/// buckets had been left unreleased by a relay whose lease expired (takeovers).
+/// For a claim that found work, in one statement: leases the chosen buckets (`$3`) under the
+/// claim's fencing token (`$2`, random: see [`fencing_token`]). Reports how many buckets had been
+/// left unreleased by a relay whose lease expired (takeovers).
 const LEASE: &str = "
-WITH next AS (
-    UPDATE outbox_relay_locks SET token = token + 1, holder = $1, updated_at = now()
-    WHERE name = 'claim'
-    RETURNING token, set_config('synchronous_commit', $2, true) AS restored
-),
-old AS (
+WITH old AS (
     SELECT bucket, expires_at FROM outbox_relay_leases WHERE bucket = ANY($3) FOR UPDATE
 ),
 leased AS (
     UPDATE outbox_relay_leases l
-    SET token = (SELECT token FROM next), owner = $1,
-        expires_at = statement_timestamp() + $4 * interval '1 microsecond'
+    SET token = $2, owner = $1, expires_at = statement_timestamp() + $4 * interval '1 microsecond'
     FROM old WHERE l.bucket = old.bucket
     RETURNING old.expires_at > '-infinity' AS taken_over
 )
-SELECT (SELECT token FROM next) AS token,
-       (SELECT count(*) FROM leased WHERE taken_over) AS takeovers";
+SELECT count(*) AS takeovers FROM leased WHERE taken_over";
+
+/// A claim's fencing token: 63 random bits, never 0 (an empty claim's).
+///
+/// A counter in the database would hand a token out again if a crash lost the claim that took
+/// it, so the claim would have to wait for the disk before publishing. A random token is never
+/// handed out twice (two claims collide with odds of 2^-63), so the claim commits without
+/// waiting: a crash that loses it only makes its relay's write-back fail the fencing check, and
+/// the batch is published again (a duplicate, never a loss).
+fn fencing_token() -> LeaseToken {
+    // A v4 UUID's 122 random bits, folded so that each of the 64 has a random bit in it (the
+    // version and variant bits are fixed).
+    let (high, low) = Uuid::new_v4().as_u64_pair();
+    i64::try_from((high ^ low) >> 1).unwrap_or(i64::MAX).max(1)
+}
 
 #[derive(QueryableByName)]
 struct Leased {
-    #[diesel(sql_type = BigInt)]
-    token: i64,
     #[diesel(sql_type = BigInt)]
     takeovers: i64,
 }
@@ -256,10 +260,9 @@ ORDER BY m.seq";
 /// Serializes claims with a transaction-scoped advisory lock, keyed by this outbox's lock table
 /// (outboxes in other schemas do not wait for each other), records this relay as alive
 /// (forgetting relays not seen for a day) and counts the relays seen within the last lease
-/// period, this one included. The claim's commit does not wait for the WAL flush unless it
-/// takes a token (see `LEASE`): most empty claims (an idle relay's polls, a relay finding
-/// every key with work leased) lose nothing in a crash but the liveness record, so they cost
-/// no disk flush and hold up no other relay's claim.
+/// period, this one included. The claim commits without waiting for the WAL flush: a crash
+/// that loses it loses a liveness record and leases whose token is never handed out again (see
+/// [`fencing_token`]), so the claim holds up no other relay's claim while the disk flushes.
 const OPEN_CLAIM: &str = "
 WITH seen AS (
     INSERT INTO outbox_relays (owner, seen_at) VALUES ($1, statement_timestamp())
@@ -272,10 +275,8 @@ gone AS (
 SELECT (SELECT 1 + count(*) FROM outbox_relays
         WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'
        ) AS relays,
-       durable.setting AS durable,
        set_config('synchronous_commit', 'off', true) AS relaxed
-FROM (SELECT current_setting('synchronous_commit') AS setting) AS durable,
-     (SELECT pg_advisory_xact_lock(
+FROM (SELECT pg_advisory_xact_lock(
           (2003884386::bigint << 32) | 'outbox_relay_locks'::regclass::oid::bigint)) AS locked";
 
 #[derive(QueryableByName)]
@@ -284,9 +285,6 @@ struct OpenClaim {
     // counts the others and adds this relay.)
     #[diesel(sql_type = BigInt)]
     relays: i64,
-    /// The session's `synchronous_commit`, read before the claim relaxed it.
-    #[diesel(sql_type = Text)]
-    durable: String,
 }
 
 /// The published messages the claim still holds: deleted, or marked under retention.
@@ -428,10 +426,11 @@ impl OutboxConnection for PgConnection {
                 // Nothing leased, so no token: only the liveness record was written.
                 return Ok(Claimed::new(0, Vec::new()));
             }
-            let Leased { token, takeovers } = Prepared(
+            let token = fencing_token();
+            let Leased { takeovers } = Prepared(
                 diesel::sql_query(LEASE)
                     .bind::<Text, _>(owner)
-                    .bind::<Text, _>(&open.durable)
+                    .bind::<BigInt, _>(token)
                     .bind::<Array<SmallInt>, _>(&buckets)
                     .bind::<BigInt, _>(micros(lease)),
             )
@@ -493,8 +492,7 @@ impl OutboxConnection for PgConnection {
         let applied = self.transaction::<_, Error, _>(|conn| {
             // Losing this commit in a database crash only republishes the batch (the lease
             // expires and another claim takes it): at-least-once already allows that, so the
-            // relay does not wait for the WAL flush. The claim's commit stays durable: its
-            // fencing token must never be handed out twice.
+            // relay does not wait for the WAL flush (nor does the claim: see `fencing_token`).
             conn.batch_execute("SET LOCAL synchronous_commit = off")?;
             // The buckets this claim still holds, locked until the writes below commit: a claim
             // taking one over waits for them, and a taken-over bucket's writes are refused.

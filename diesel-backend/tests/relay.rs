@@ -16,7 +16,7 @@ use waybill_diesel::{
     enqueue, enqueue_all, find_message, requeue, topic_stats, DieselStore, OutboxConnection,
 };
 use waybill_outbox_core::{
-    Backoff, Completion, InMemoryPublisher, NewOutboxMessage, OutboxMessage, OutboxStore,
+    Backoff, Claimed, Completion, InMemoryPublisher, NewOutboxMessage, OutboxMessage, OutboxStore,
     PublishError, Publisher, Relay, RelayConfig, RelayHooks, RelayReport, Retention, Status,
 };
 
@@ -1125,14 +1125,14 @@ fn with_commit_setting_after<T>(
     seen.unwrap()
 }
 
-/// An empty claim writes only the relay's liveness record and does not wait for the disk; a
-/// claim that takes a fencing token commits with the session's own `synchronous_commit`.
+/// No claim waits for the disk, whether it leases or finds nothing; the session's own
+/// `synchronous_commit` is left as it was.
 #[cfg(feature = "postgres")]
 #[test]
-fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
+fn a_claim_does_not_wait_for_the_disk() {
     let Some(db) = common::postgres() else { return };
     let mut conn = db.conn();
-    // A stricter setting than the default, which the claim must not weaken.
+    // A stricter setting than the default, which the claim relaxes for its own commit only.
     conn.batch_execute("SET synchronous_commit = remote_write")
         .unwrap();
     let in_effect_after_claim = |conn: &mut PgConnection| -> (usize, String) {
@@ -1145,8 +1145,53 @@ fn only_a_claim_that_takes_a_token_waits_for_the_disk() {
     };
     assert_eq!(in_effect_after_claim(&mut conn), (0, "off".into()));
     fill(&db, 2, 1);
-    assert_eq!(in_effect_after_claim(&mut conn), (2, "remote_write".into()));
+    assert_eq!(in_effect_after_claim(&mut conn), (2, "off".into()));
+    let ((), session) = with_commit_setting_after(&mut conn, |_| ());
+    assert_eq!(session, "remote_write");
     conn.batch_execute("RESET synchronous_commit").unwrap();
+}
+
+/// A claim lost in a database crash (its commit was not flushed) must not have its fencing
+/// token handed out again: the lost claim's relay may still be publishing, and its write-back
+/// would then pass the fencing check of the claim that took the token again. Here the loss is
+/// a rollback; the same buckets are claimed again, and the lost claim's write-back is refused.
+#[cfg(feature = "postgres")]
+#[test]
+fn a_lost_claims_fencing_token_is_never_handed_out_again() {
+    let Some(db) = common::postgres() else { return };
+    fill(&db, 3, 2);
+    let mut conn = db.conn();
+    let lease = Duration::from_secs(30);
+    let mut lost = None;
+    let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+        lost = Some(conn.claim_outbox_messages(10, lease, "lost", 0).unwrap());
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    let lost = lost.unwrap();
+    assert_eq!(lost.messages.len(), 6);
+    let again = conn.claim_outbox_messages(10, lease, "again", 0).unwrap();
+    let seqs = |claimed: &Claimed| -> Vec<i64> { claimed.messages.iter().map(|m| m.seq).collect() };
+    assert_eq!(seqs(&again), seqs(&lost));
+    assert_ne!(
+        again.token, lost.token,
+        "a lost claim's token was handed out again"
+    );
+    let published = |claimed: &Claimed| -> Vec<Completion> {
+        claimed
+            .messages
+            .iter()
+            .map(|m| Completion::Published { seq: m.seq })
+            .collect()
+    };
+    let late = conn
+        .complete_outbox_messages(lost.token, &published(&lost), Retention::Delete)
+        .unwrap();
+    assert_eq!((late.applied, late.refused), (0, 6));
+    let report = conn
+        .complete_outbox_messages(again.token, &published(&again), Retention::Delete)
+        .unwrap();
+    assert_eq!(report.applied, 6);
+    assert_eq!(pending_and_parked(&db), (0, 0));
 }
 
 /// The write-back does not wait for the disk (a lost write-back only republishes the batch),

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use crate::{OutboxMessage, Retryable};
 
-/// A fencing token: every claim gets a new, larger one. Writes about a claimed message carry
-/// the token and are refused once another claim has taken the message over.
+/// A fencing token: every claim gets one that was never handed out before, not even to a claim
+/// that a database crash lost. Writes about a claimed message carry the token and are refused
+/// once another claim has taken the message over.
 pub type LeaseToken = i64;
 
 /// Messages claimed by one relay for one lease.
@@ -104,7 +105,7 @@ impl CompleteReport {
 /// - `claim` hands out only pending messages whose `available_at` has passed and that no
 ///   earlier pending-but-unavailable or parked message of the same partition key precedes,
 ///   in outbox order, possibly several of one key. It leases their keys until `lease` from now
-///   under a fresh, larger token, and claims never interleave, so two relays never hold one
+///   under a fresh token (see [`LeaseToken`]), and claims never interleave, so two relays never hold one
 ///   key at once. An expired lease may be taken over by the next claim.
 /// - `complete` writes each completion only while `token` still holds the message's key, then
 ///   releases the claim's leases.
