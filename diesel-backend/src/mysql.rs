@@ -207,46 +207,48 @@ fn live_relays(
 }
 
 /// The keys among `buckets` that are blocked from a position on: by their first message that
-/// is not due yet or parked.
+/// is not due yet or parked, and, when the claim's walk started at `walk_start` (above 0), by
+/// their first pending message below it, which the walk skipped (see the claim).
 fn blocked_keys(
     conn: &mut MysqlConnection,
     buckets: &[i16],
     now: NaiveDateTime,
+    walk_start: i64,
 ) -> Result<std::collections::HashMap<String, i64>> {
-    let rows: Vec<(String, Option<i64>)> = m::table
-        .filter(m::bucket.eq_any(buckets))
-        .filter(
-            m::status
-                .eq(Status::Pending.code())
-                .and(m::available_at.gt(now))
-                .or(m::status.eq(Status::Parked.code())),
-        )
-        .group_by(m::partition_key)
-        .select((m::partition_key, diesel::dsl::min(m::seq)))
-        .load(conn)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(key, first)| first.map(|first| (key, first)))
-        .collect())
-}
-
-/// The keys among `buckets` with pending messages below `start`, each with the first of them.
-fn skipped_below(
-    conn: &mut MysqlConnection,
-    buckets: &[i16],
-    start: i64,
-) -> Result<Vec<(String, i64)>> {
-    let rows: Vec<(String, Option<i64>)> = m::table
-        .filter(m::status.eq(Status::Pending.code()))
-        .filter(m::bucket.eq_any(buckets))
-        .filter(m::seq.lt(start))
-        .group_by(m::partition_key)
-        .select((m::partition_key, diesel::dsl::min(m::seq)))
-        .load(conn)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(key, first)| first.map(|first| (key, first)))
-        .collect())
+    let mut blocked = std::collections::HashMap::new();
+    let mut block = |rows: Vec<(String, Option<i64>)>| {
+        for (key, first) in rows {
+            if let Some(first) = first {
+                let at = blocked.entry(key).or_insert(first);
+                *at = (*at).min(first);
+            }
+        }
+    };
+    block(
+        m::table
+            .filter(m::bucket.eq_any(buckets))
+            .filter(
+                m::status
+                    .eq(Status::Pending.code())
+                    .and(m::available_at.gt(now))
+                    .or(m::status.eq(Status::Parked.code())),
+            )
+            .group_by(m::partition_key)
+            .select((m::partition_key, diesel::dsl::min(m::seq)))
+            .load(conn)?,
+    );
+    if walk_start > 0 {
+        block(
+            m::table
+                .filter(m::bucket.eq_any(buckets))
+                .filter(m::status.eq(Status::Pending.code()))
+                .filter(m::seq.lt(walk_start))
+                .group_by(m::partition_key)
+                .select((m::partition_key, diesel::dsl::min(m::seq)))
+                .load(conn)?,
+        );
+    }
+    Ok(blocked)
 }
 
 fn db_now() -> diesel::expression::SqlLiteral<Datetime> {
@@ -371,17 +373,11 @@ impl OutboxConnection for MysqlConnection {
                 ))
                 .execute(conn)?;
             // Read again now that the buckets are leased (see the PostgreSQL claim).
-            let mut blocked = blocked_keys(conn, &buckets, now)?;
-            if start > 0 {
-                // The walk started where `START` read, one statement earlier: a bucket leased
-                // then may have been released since (its relay's write-back committed between
-                // the two reads), and the walk skipped its messages below `start`. They block
-                // their keys, or a later message of theirs would be published first.
-                for (key, first) in skipped_below(conn, &buckets, start)? {
-                    let at = blocked.entry(key).or_insert(first);
-                    *at = (*at).min(first);
-                }
-            }
+            // The walk started where `START` read, one statement earlier: a bucket leased then
+            // may have been released since (its relay's write-back committed between the two
+            // reads), and the walk skipped its messages below `start`. They block their keys,
+            // or a later message of theirs would be published first.
+            let blocked = blocked_keys(conn, &buckets, now, start)?;
             let rows: Vec<Row> = m::table
                 .filter(m::seq.eq_any(&seqs))
                 .filter(m::status.eq(Status::Pending.code()))
