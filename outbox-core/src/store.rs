@@ -105,8 +105,8 @@ impl CompleteReport {
 /// - `claim` hands out only pending messages whose `available_at` has passed and that no
 ///   earlier pending-but-unavailable or parked message of the same partition key precedes,
 ///   in outbox order, possibly several of one key. It leases their keys until `lease` from now
-///   under a fresh token (see [`LeaseToken`]), and claims never interleave, so two relays never hold one
-///   key at once. An expired lease may be taken over by the next claim.
+///   under a fresh token (see [`LeaseToken`]), and claims never interleave, so two relays never
+///   hold one key at once. An expired lease may be taken over by the next claim.
 /// - `complete` writes each completion only while `token` still holds the message's key, then
 ///   releases the claim's leases.
 /// - Neither holds a transaction open across calls.
