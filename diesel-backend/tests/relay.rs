@@ -1031,7 +1031,7 @@ fn a_claim_racing_a_write_back_keeps_key_order<C: Backend + Send>(db: TestDb<C>)
         a.transaction(|conn| enqueue_all(conn, &messages)).unwrap();
         let held = a.claim_outbox_messages(1, lease, "a", 0).unwrap();
         assert_eq!(seqs_of(&held), vec![(k.clone(), 0)]);
-        // A alone on record as alive, B takes every free bucket it finds.
+        // With A's liveness record gone, B counts itself alone and takes every free bucket.
         a.retire_outbox_relay("a").unwrap();
         let mut b = db.conn();
         let barrier = Arc::new(std::sync::Barrier::new(2));
@@ -1076,7 +1076,8 @@ fn a_claim_racing_a_write_back_keeps_key_order<C: Backend + Send>(db: TestDb<C>)
     }
 }
 
-fn seqs_of(claimed: &waybill_outbox_core::Claimed) -> Vec<(String, usize)> {
+/// Each claimed message's key and its index within the key.
+fn seqs_of(claimed: &Claimed) -> Vec<(String, usize)> {
     claimed
         .messages
         .iter()
@@ -1170,8 +1171,7 @@ fn a_lost_claims_fencing_token_is_never_handed_out_again() {
     let lost = lost.unwrap();
     assert_eq!(lost.messages.len(), 6);
     let again = conn.claim_outbox_messages(10, lease, "again", 0).unwrap();
-    let seqs = |claimed: &Claimed| -> Vec<i64> { claimed.messages.iter().map(|m| m.seq).collect() };
-    assert_eq!(seqs(&again), seqs(&lost));
+    assert_eq!(seqs_of(&again), seqs_of(&lost));
     assert_ne!(
         again.token, lost.token,
         "a lost claim's token was handed out again"
