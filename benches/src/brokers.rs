@@ -23,6 +23,7 @@ use crate::common::{
     alternate_all, drain, drain_pipelined, empty_outbox, fill_pg, median, payload, record_pair,
     row, CpuMeter, Error, Figures, PgPool, Settings,
 };
+use crate::floor;
 
 const BATCH: usize = 1000;
 
@@ -61,6 +62,43 @@ fn relay_round<P: Publisher + Send + 'static>(
         drain(pool, count, 1, config, publisher)?
     };
     Ok((rate, cpu))
+}
+
+/// One drain of `count` messages by the SQL floor feeding the raw client: a thread takes batches
+/// with the floor's `DELETE .. RETURNING` (at most once, no lease, no write-back) and `raw`
+/// publishes each while the next is taken, as a pipelined relay claims ahead. No relay does less
+/// database work per message: a relay's ceiling with this database, broker and client here.
+fn floor_round(
+    pool: &PgPool,
+    topic: &str,
+    count: usize,
+    raw: &mut dyn FnMut(&[OutboxMessage]) -> Result<f64, Error>,
+) -> Result<f64, Error> {
+    empty_outbox(&mut *pool.get()?)?;
+    fill_pg(&mut *pool.get()?, topic, count, 0)?;
+    let mut conn = pool.get()?;
+    // A rendezvous: the taker holds at most one batch ahead of the one being published.
+    let (batches, taken) = std::sync::mpsc::sync_channel::<Vec<OutboxMessage>>(0);
+    let began = Instant::now();
+    let taker = std::thread::spawn(move || -> Result<(), Error> {
+        loop {
+            let batch = floor::take(&mut conn, BATCH)?;
+            if batch.is_empty() || batches.send(batch).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let mut published = 0;
+    for batch in taken {
+        raw(&batch)?;
+        published += batch.len();
+    }
+    let elapsed = began.elapsed();
+    taker.join().map_err(|_| "the floor's taker panicked")??;
+    if published != count {
+        return Err(format!("the floor published {published} of {count}").into());
+    }
+    Ok(count as f64 / elapsed.as_secs_f64())
 }
 
 /// The cores busy during one round: all of them, and by kind of process.
@@ -128,9 +166,9 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
     Ok(())
 }
 
-/// Alternates the relay in rounds, the pipelined relay (publishers from `publisher`) and `raw`
-/// over `count` messages of the topic `name`, emptying the broker's queue or stream with `purge`
-/// before each round; returns their medians in that order.
+/// Alternates the relay in rounds, the pipelined relay (publishers from `publisher`), `raw`, the
+/// publisher alone and the SQL floor feeding `raw`, over `count` messages of the topic `name`,
+/// emptying the broker's queue or stream with `purge` before each round; returns their medians.
 fn compare<P: Publisher + Send + 'static>(
     rounds: usize,
     (pool, name, count): (&PgPool, &str, usize),
@@ -139,6 +177,7 @@ fn compare<P: Publisher + Send + 'static>(
     mut raw: impl FnMut(&[OutboxMessage]) -> Result<f64, Error>,
 ) -> Result<Rates, Error> {
     let publisher = std::cell::RefCell::new(&mut publisher);
+    let raw = std::cell::RefCell::new(&mut raw);
     // Cores busy in each round of the pipelined relay and of the raw client.
     let busy = std::cell::RefCell::new([Vec::new(), Vec::new()]);
     let relay = |pipelined| -> Result<f64, Error> {
@@ -171,11 +210,15 @@ fn compare<P: Publisher + Send + 'static>(
                 purge()?;
                 let messages = messages(name, count);
                 let cpu = CpuMeter::start();
-                let rate = raw(&messages)?;
+                let rate = (*raw.borrow_mut())(&messages)?;
                 busy.borrow_mut()[1].extend(Cores::of(&cpu));
                 Ok(rate)
             },
             &mut { alone },
+            &mut || {
+                purge()?;
+                floor_round(pool, name, count, &mut **raw.borrow_mut())
+            },
         ],
     )?;
     let [relay_busy, raw_busy] = busy.into_inner();
@@ -185,6 +228,7 @@ fn compare<P: Publisher + Send + 'static>(
         pipelined: medians[1],
         raw: medians[2],
         alone: medians[3],
+        floor: medians[4],
         busy,
     })
 }
@@ -195,6 +239,8 @@ struct Rates {
     pipelined: f64,
     raw: f64,
     alone: f64,
+    /// The SQL floor feeding the raw client.
+    floor: f64,
     busy: Option<(Cores, Cores)>,
 }
 
@@ -211,6 +257,7 @@ fn report(
         pipelined,
         raw,
         alone,
+        floor,
         busy,
     } = match result {
         Ok(rates) => rates,
@@ -240,6 +287,30 @@ fn report(
             format!("{broker}_publisher_msgs_per_s"),
             format!("{broker}_raw_msgs_per_s"),
             format!("{broker}_publisher_vs_raw"),
+        ],
+        "msg/s",
+    );
+    record_pair(
+        figures,
+        &format!(
+            "the SQL floor feeding the raw client -> {what}: `DELETE .. RETURNING` batches of {BATCH} (at most once), each published while the next is taken, {count} messages"
+        ),
+        (floor, raw),
+        [
+            format!("{broker}_floor_msgs_per_s"),
+            format!("{broker}_raw_msgs_per_s"),
+            format!("{broker}_floor_vs_raw"),
+        ],
+        "msg/s",
+    );
+    record_pair(
+        figures,
+        &format!("the pipelined relay vs that floor feeding the raw client -> {what}"),
+        (pipelined, floor),
+        [
+            format!("{broker}_relay_msgs_per_s"),
+            format!("{broker}_floor_msgs_per_s"),
+            format!("{broker}_vs_floor"),
         ],
         "msg/s",
     );
