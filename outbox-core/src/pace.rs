@@ -13,7 +13,10 @@ use std::time::Duration;
 /// same work. Either switch needs three rounds in a row that call for it, so that noise does
 /// not make it flap. A round in turn not yet measured counts as half a round ahead, and the
 /// other way round; a round ahead never counts as cheaper than one in turn, so with a fast
-/// publisher (whose time bounds what overlapping can save) the relay stays in turn.
+/// publisher (whose time bounds what overlapping can save) the relay stays in turn. The mode
+/// not in use is never measured, so after `STALE_AFTER` rounds in one mode its old
+/// measurements are forgotten, as at the start: one taken under a load that has since passed
+/// must not keep the relay in the other mode for good.
 #[derive(Debug, Clone)]
 pub(crate) struct Pace {
     ahead: bool,
@@ -27,6 +30,8 @@ pub(crate) struct Pace {
     round_in_turn: Recent,
     /// Rounds in a row that called for switching modes.
     calls_to_switch: u8,
+    /// Rounds measured since the last switch, or since the other mode's rounds were forgotten.
+    rounds_in_mode: usize,
 }
 
 impl Default for Pace {
@@ -38,11 +43,15 @@ impl Default for Pace {
             round_ahead: Recent::default(),
             round_in_turn: Recent::default(),
             calls_to_switch: 0,
+            rounds_in_mode: 0,
         }
     }
 }
 
 impl Pace {
+    /// Rounds in one mode after which the other mode's measurements count as stale.
+    const STALE_AFTER: usize = 100;
+
     /// Whether to claim the next batch while publishing the current one.
     pub(crate) fn ahead(&self) -> bool {
         self.ahead
@@ -80,6 +89,23 @@ impl Pace {
     }
 
     fn decide(&mut self) {
+        self.rounds_in_mode += 1;
+        if self.rounds_in_mode >= Self::STALE_AFTER {
+            self.rounds_in_mode = 0;
+            let other = if self.ahead {
+                &mut self.round_in_turn
+            } else {
+                &mut self.round_ahead
+            };
+            if !other.samples.is_empty() {
+                log::debug!(
+                    "pipelined relay forgets its rounds {}: {} rounds in the other mode made them stale",
+                    if self.ahead { "in turn" } else { "ahead" },
+                    Self::STALE_AFTER
+                );
+                other.samples.clear();
+            }
+        }
         let Some(publish) = self.publish.median() else {
             return;
         };
@@ -121,6 +147,7 @@ impl Pace {
         );
         self.ahead = ahead;
         self.calls_to_switch = 0;
+        self.rounds_in_mode = 0;
     }
 }
 
@@ -252,6 +279,37 @@ mod tests {
         // Rounds in turn slow down under load; the rounds ahead were measured before it.
         run(&mut pace, 20, Duration::from_micros(5), (8 * MS, 20 * MS));
         assert!(!pace.ahead());
+    }
+
+    #[test]
+    fn a_stale_costly_round_ahead_is_forgotten_and_claims_ahead_come_back() {
+        // Under load, claiming ahead costs 20 ms a batch against 5 + 2 in turn.
+        let mut pace = after(10, 5 * MS, (20 * MS, 2 * MS));
+        assert!(!pace.ahead());
+        // The load passes: a claim ahead would now take 4 ms, but none is made to show it.
+        run(&mut pace, 50, 5 * MS, (4 * MS, 2 * MS));
+        assert!(!pace.ahead());
+        // Forgotten, the round ahead counts as twice one in turn, 4 ms: max(5, 4) < 5 + 2.
+        run(&mut pace, Pace::STALE_AFTER, 5 * MS, (4 * MS, 2 * MS));
+        assert!(pace.ahead());
+        // Measured again, it holds.
+        run(&mut pace, 300, 5 * MS, (4 * MS, 2 * MS));
+        assert!(pace.ahead());
+    }
+
+    #[test]
+    fn forgetting_the_other_mode_does_not_make_a_steady_relay_flap() {
+        for (publish, rounds, ahead) in [
+            (Duration::from_micros(5), (8 * MS, 5 * MS), false),
+            (20 * MS, (8 * MS, 5 * MS), true),
+            (8 * MS, (16 * MS, 10 * MS), true),
+        ] {
+            let mut pace = after(5, publish, rounds);
+            for _ in 0..1000 {
+                run(&mut pace, 1, publish, rounds);
+                assert_eq!(pace.ahead(), ahead);
+            }
+        }
     }
 
     #[test]
