@@ -1,16 +1,16 @@
 //! [`NatsPublisher`]: the outbox relay's [`Publisher`] for NATS JetStream.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
-use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
-use waybill_outbox_core::{redact_url, MessageId, OutboxMessage, PublishError, Publisher};
+use waybill_outbox_core::{redact_url, OutboxMessage, PublishError, Publisher};
 
 use crate::error::publish_error_is_fatal;
 use crate::subject::invalid_publish_subject;
@@ -207,36 +207,9 @@ impl NatsPublisher {
             .map_err(Error::Reconnect)
     }
 
-    /// The subject, headers and body of `msg`, or why it can never be published.
-    fn prepare(&self, msg: &OutboxMessage) -> Result<(String, HeaderMap, Vec<u8>), String> {
-        let subject = self
-            .config
-            .subject_mapping
-            .subject(&msg.topic, &msg.partition_key);
-        if let Some(why) = invalid_publish_subject(&subject) {
-            return Err(format!("invalid subject {subject:?}: {why}"));
-        }
-        let (headers, body) = wire::encode(msg);
-        let mut map = HeaderMap::new();
-        for (name, value) in &headers {
-            if name.is_empty()
-                || name.contains(':')
-                || name.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                return Err(format!("header name {name:?} is not valid in NATS"));
-            }
-            if value.contains(['\r', '\n']) {
-                return Err(format!("header {name} has a line break in its value"));
-            }
-            map.insert(name.as_str(), value.as_str());
-        }
-        map.insert(MSG_ID_HEADER, msg.id.to_string());
-        Ok((subject, map, body))
-    }
-
-    /// Publishes `batch` (see [`Publisher::publish`]). The messages are encoded here, on the
-    /// caller's thread; the sends and acks then run as one task on the runtime's worker,
-    /// the thread that also drives the connection, so that no send and no ack crosses threads.
+    /// Publishes `batch` (see [`Publisher::publish`]). A copy of the batch goes to one task on
+    /// the runtime's worker, the thread that also drives the connection, which encodes and sends
+    /// the messages and awaits their acks, so that no send and no ack crosses threads.
     fn publish_batch(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         if self.client.connection_state() == State::Disconnected {
             // Fail fast instead of waiting out the ack timeout; the client is reconnecting.
@@ -247,22 +220,23 @@ impl NatsPublisher {
             );
             return none_published(batch, "not connected to NATS");
         }
-        let mut key_index: HashMap<&str, usize> = HashMap::new();
-        let outgoing: Vec<Outgoing> = batch
-            .iter()
-            .map(|msg| {
-                let next = key_index.len();
-                Outgoing {
-                    key: *key_index.entry(msg.partition_key.as_str()).or_insert(next),
-                    id: msg.id,
-                    prepared: self.prepare(msg),
-                }
-            })
-            .collect();
+        // Each message's successor in its key, and the keys' first messages.
+        let mut last_of_key: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+        let mut next_in_key: Vec<Option<usize>> = vec![None; batch.len()];
+        let mut firsts = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            match last_of_key.insert(msg.partition_key.as_str(), i) {
+                Some(previous) => next_in_key[previous] = Some(i),
+                None => firsts.push(i),
+            }
+        }
         let task = self.runtime.spawn(send_per_key(
             self.jetstream.clone(),
-            outgoing,
-            key_index.len(),
+            self.config.subject_mapping.clone(),
+            self.config.max_in_flight,
+            batch.to_vec(),
+            next_in_key,
+            firsts,
         ));
         let outcomes = match self.runtime.block_on(task) {
             Ok(outcomes) => outcomes,
@@ -309,75 +283,103 @@ fn none_published(batch: &[OutboxMessage], why: &str) -> Vec<Result<(), PublishE
         .collect()
 }
 
-/// One message of a batch, encoded for the publishing task.
-struct Outgoing {
-    /// The message's partition key, numbered in order of first appearance in the batch.
-    key: usize,
-    id: MessageId,
-    /// Subject, headers and body, or why the message can never be published.
-    prepared: Result<(String, HeaderMap, Vec<u8>), String>,
+/// The subject, headers and body of `msg`, or why it can never be published.
+fn prepare(
+    mapping: &SubjectMapping,
+    msg: &OutboxMessage,
+) -> Result<(String, HeaderMap, Vec<u8>), String> {
+    let subject = mapping.subject(&msg.topic, &msg.partition_key);
+    if let Some(why) = invalid_publish_subject(&subject) {
+        return Err(format!("invalid subject {subject:?}: {why}"));
+    }
+    let (headers, body) = wire::encode(msg);
+    let mut map = HeaderMap::new();
+    for (name, value) in &headers {
+        if name.is_empty()
+            || name.contains(':')
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!("header name {name:?} is not valid in NATS"));
+        }
+        if value.contains(['\r', '\n']) {
+            return Err(format!("header {name} has a line break in its value"));
+        }
+        map.insert(name.as_str(), value.as_str());
+    }
+    map.insert(MSG_ID_HEADER, msg.id.to_string());
+    Ok((subject, map, body))
 }
 
 /// Sends `batch` and collects the outcomes, in batch order. Each key's messages go one at a
 /// time, the next once the previous one is acknowledged, while the keys are pipelined (up to
-/// [`PublisherConfig::max_in_flight`] messages awaiting their ack): a key never has two
-/// messages in flight, so a lost ack or a refusal can never leave a later message of its key
-/// stored ahead of an earlier one (after a reconnect the client would resend what it had
-/// buffered). A key moves on as soon as its own ack arrives, not once the slowest key of the
-/// batch is acknowledged.
+/// `max_in_flight` messages awaiting their ack): a key never has two messages in flight, so a
+/// lost ack or a refusal can never leave a later message of its key stored ahead of an earlier
+/// one (after a reconnect the client would resend what it had buffered). A key moves on as soon
+/// as its own ack arrives, not once the slowest key of the batch is acknowledged.
+///
+/// The messages ready to go are encoded and handed to the client in one run, as a raw client
+/// would, so the connection writes them in few large writes; only the acks are awaited
+/// together. (Awaiting each send among the acks let the set of futures yield every few dozen
+/// sends, and each yield cost a write of its own, on both sides of the connection.)
 async fn send_per_key(
     jetstream: jetstream::Context,
-    batch: Vec<Outgoing>,
-    keys: usize,
+    mapping: SubjectMapping,
+    max_in_flight: usize,
+    batch: Vec<OutboxMessage>,
+    next_in_key: Vec<Option<usize>>,
+    firsts: Vec<usize>,
 ) -> Vec<Result<(), PublishError>> {
     let mut outcomes: Vec<Result<(), PublishError>> = batch
         .iter()
         .map(|_| Err(PublishError::NotAttempted))
         .collect();
-    // Per key, its messages with their positions, in batch order.
-    let mut queues: Vec<Vec<(usize, Outgoing)>> = (0..keys).map(|_| Vec::new()).collect();
-    for (i, msg) in batch.into_iter().enumerate() {
-        queues[msg.key].push((i, msg));
-    }
-    let jetstream = &jetstream;
-    let chains = queues.into_iter().map(|queue| async move {
-        let mut sent = Vec::with_capacity(queue.len());
-        for (i, msg) in queue {
-            let outcome = send_one(jetstream, msg).await;
-            let failed = outcome.is_err();
-            sent.push((i, outcome));
-            if failed {
+    // Messages whose key has nothing awaiting an ack, in the order they became ready.
+    let mut ready: VecDeque<usize> = firsts.into();
+    let mut acks = FuturesUnordered::new();
+    loop {
+        while acks.len() < max_in_flight {
+            let Some(i) = ready.pop_front() else { break };
+            match send(&jetstream, &mapping, &batch[i]).await {
+                Ok(ack) => acks.push(async move { (i, ack.await) }),
                 // The rest of the key stays `NotAttempted`.
-                break;
+                Err(error) => outcomes[i] = Err(error),
             }
         }
-        sent
-    });
-    for (i, outcome) in join_all(chains).await.into_iter().flatten() {
-        outcomes[i] = outcome;
+        let Some((i, ack)) = acks.next().await else {
+            break;
+        };
+        match ack {
+            Ok(ack) => {
+                if ack.duplicate {
+                    log::debug!(
+                        "message {} was already in stream {} (seq {})",
+                        batch[i].id,
+                        ack.stream,
+                        ack.sequence
+                    );
+                }
+                outcomes[i] = Ok(());
+                ready.extend(next_in_key[i]);
+            }
+            Err(error) => outcomes[i] = Err(classify(&error)),
+        }
     }
     outcomes
 }
 
-/// Sends one message and awaits its ack. The context holds back the send while
-/// `max_in_flight` messages await their ack (it was built with backpressure).
-async fn send_one(jetstream: &jetstream::Context, msg: Outgoing) -> Result<(), PublishError> {
-    let (subject, headers, body) = msg.prepared.map_err(PublishError::Fatal)?;
-    let ack = jetstream
+/// Encodes `msg` and hands it to the client; the returned future awaits its ack. The context
+/// holds back the send while `max_in_flight` messages await their ack (it was built with
+/// backpressure); [`send_per_key`] keeps below that on its own.
+async fn send(
+    jetstream: &jetstream::Context,
+    mapping: &SubjectMapping,
+    msg: &OutboxMessage,
+) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+    let (subject, headers, body) = prepare(mapping, msg).map_err(PublishError::Fatal)?;
+    jetstream
         .publish_with_headers(subject, headers, body.into())
         .await
-        .map_err(|error| classify(&error))?
-        .await
-        .map_err(|error| classify(&error))?;
-    if ack.duplicate {
-        log::debug!(
-            "message {} was already in stream {} (seq {})",
-            msg.id,
-            ack.stream,
-            ack.sequence
-        );
-    }
-    Ok(())
+        .map_err(|error| classify(&error))
 }
 
 fn classify(error: &jetstream::context::PublishError) -> PublishError {
