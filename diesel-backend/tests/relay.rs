@@ -524,11 +524,7 @@ fn a_second_relay_finds_work_while_the_first_holds_a_batch<C: Backend>(db: TestD
             .collect()
     };
     let publish_all = |claimed: &waybill_outbox_core::Claimed| {
-        let done: Vec<_> = claimed
-            .messages
-            .iter()
-            .map(|m| Completion::Published { seq: m.seq })
-            .collect();
+        let done = each(claimed, published);
         let report = store
             .complete(claimed.token, &done, Retention::Delete)
             .unwrap();
@@ -538,13 +534,8 @@ fn a_second_relay_finds_work_while_the_first_holds_a_batch<C: Backend>(db: TestD
     let alone = store.claim(1000, lease, "a").unwrap();
     assert_eq!(alone.messages.len(), 320);
     assert!(store.claim(1000, lease, "b").unwrap().messages.is_empty());
-    let release: Vec<_> = alone
-        .messages
-        .iter()
-        .map(|m| Completion::Release { seq: m.seq })
-        .collect();
     store
-        .complete(alone.token, &release, Retention::Delete)
+        .complete(alone.token, &each(&alone, released), Retention::Delete)
         .unwrap();
 
     // Both relays are known now: each claim leaves the other keys it can take.
@@ -819,11 +810,7 @@ fn claim_and_complete_reuse_prepared_statements() {
             .claim_outbox_messages(2, Duration::from_secs(30), "prepared-test", 0)
             .unwrap();
         assert!(!claimed.messages.is_empty(), "a claim finds the backlog");
-        let done: Vec<Completion> = claimed
-            .messages
-            .iter()
-            .map(|m| Completion::Published { seq: m.seq })
-            .collect();
+        let done = each(&claimed, published);
         let report = conn
             .complete_outbox_messages(claimed.token, &done, Retention::Delete)
             .unwrap();
@@ -1065,15 +1052,23 @@ fn a_claim_racing_a_write_back_keeps_key_order<C: Backend + Send>(db: TestDb<C>)
             of_k.is_empty() || of_k == [1, 2],
             "round {round}: B claimed {k}'s messages {of_k:?}"
         );
-        let released: Vec<Completion> = claimed
-            .messages
-            .iter()
-            .map(|m| Completion::Release { seq: m.seq })
-            .collect();
-        b.complete_outbox_messages(claimed.token, &released, Retention::Delete)
+        b.complete_outbox_messages(claimed.token, &each(&claimed, released), Retention::Delete)
             .unwrap();
         b.batch_execute("DELETE FROM outbox_messages").unwrap();
     }
+}
+
+/// A completion for every message of `claimed`, e.g. `Completion::Published`.
+fn each(claimed: &Claimed, completion: impl Fn(i64) -> Completion) -> Vec<Completion> {
+    claimed.messages.iter().map(|m| completion(m.seq)).collect()
+}
+
+fn published(seq: i64) -> Completion {
+    Completion::Published { seq }
+}
+
+fn released(seq: i64) -> Completion {
+    Completion::Release { seq }
 }
 
 /// Each claimed message's key and its index within the key.
@@ -1176,19 +1171,12 @@ fn a_lost_claims_fencing_token_is_never_handed_out_again() {
         again.token, lost.token,
         "a lost claim's token was handed out again"
     );
-    let published = |claimed: &Claimed| -> Vec<Completion> {
-        claimed
-            .messages
-            .iter()
-            .map(|m| Completion::Published { seq: m.seq })
-            .collect()
-    };
     let late = conn
-        .complete_outbox_messages(lost.token, &published(&lost), Retention::Delete)
+        .complete_outbox_messages(lost.token, &each(&lost, published), Retention::Delete)
         .unwrap();
     assert_eq!((late.applied, late.refused), (0, 6));
     let report = conn
-        .complete_outbox_messages(again.token, &published(&again), Retention::Delete)
+        .complete_outbox_messages(again.token, &each(&again, published), Retention::Delete)
         .unwrap();
     assert_eq!(report.applied, 6);
     assert_eq!(pending_and_parked(&db), (0, 0));
