@@ -17,6 +17,9 @@ pub const RELAY_RETRIED: &str = "waybill_relay_retried_total";
 pub const RELAY_PARKED: &str = "waybill_relay_parked_total";
 /// Counter: claimed messages handed back unsent (stopping, or not attempted).
 pub const RELAY_RELEASED: &str = "waybill_relay_released_total";
+/// Counter: claimed messages handed back unsent because the broker was unavailable (no
+/// attempt counted).
+pub const RELAY_BROKER_UNAVAILABLE: &str = "waybill_relay_broker_unavailable_total";
 /// Counter: write-backs refused because another relay took the lease over (fencing).
 pub const RELAY_FENCED_OFF: &str = "waybill_relay_fenced_off_total";
 /// Counter: leases this relay took over from a relay whose lease had expired.
@@ -42,6 +45,7 @@ pub(crate) fn register(owner: &str) {
         RELAY_RETRIED,
         RELAY_PARKED,
         RELAY_RELEASED,
+        RELAY_BROKER_UNAVAILABLE,
         RELAY_FENCED_OFF,
         RELAY_LEASE_TAKEOVERS,
     ] {
@@ -56,6 +60,7 @@ pub(crate) fn record_round(owner: &str, report: &RelayReport, elapsed: Duration)
         (RELAY_RETRIED, report.retried),
         (RELAY_PARKED, report.parked),
         (RELAY_RELEASED, report.released),
+        (RELAY_BROKER_UNAVAILABLE, report.unavailable),
         (RELAY_FENCED_OFF, report.fenced_off),
         (RELAY_LEASE_TAKEOVERS, report.lease_takeovers),
     ];

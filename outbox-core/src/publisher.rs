@@ -33,10 +33,15 @@ impl<P: Publisher + ?Sized> Publisher for Box<P> {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
-    /// Trying again later may work (broker unavailable, connection lost, confirm timed out). The
-    /// relay backs off and counts the attempt.
+    /// Trying again later may work for this message (negatively confirmed, refused for now).
+    /// The relay backs the message off and counts the attempt: enough of them park it.
     #[error("retryable: {0}")]
     Retryable(String),
+    /// The broker could not be used at all (unreachable, connection or channel gone, no answer
+    /// in time): nothing about this message. The relay hands the message back without counting
+    /// an attempt, so an outage of any length parks nothing, and pauses until the broker is back.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
     /// Trying again will not help (the broker refused this message). The relay parks it.
     #[error("fatal: {0}")]
     Fatal(String),
@@ -44,6 +49,14 @@ pub enum PublishError {
     /// relay releases it without counting an attempt.
     #[error("not attempted: an earlier message with the same partition key failed")]
     NotAttempted,
+}
+
+impl crate::Retryable for PublishError {
+    /// `true` for [`Retryable`](Self::Retryable), [`Unavailable`](Self::Unavailable) and
+    /// [`NotAttempted`](Self::NotAttempted); `false` for [`Fatal`](Self::Fatal).
+    fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Fatal(_))
+    }
 }
 
 /// A publisher that keeps messages in memory: for tests, examples and the embedded setup.
@@ -88,7 +101,7 @@ impl InMemoryPublisher {
     }
 
     /// Fails the messages for which `fault` returns an error, e.g. to simulate a broker outage
-    /// or a poison message. The hook sees every message the publisher is asked to send.
+    /// ([`PublishError::Unavailable`]) or a poison message. The hook sees every message the publisher is asked to send.
     #[must_use]
     pub fn with_fault(
         mut self,

@@ -103,6 +103,9 @@ impl RelayConfig {
     }
 
     /// The retry backoff after a retryable publish failure. Defaults to 1 s doubling up to 5 min.
+    ///
+    /// A running relay also pauses by it while the broker is unavailable or the database fails,
+    /// then capped at five poll intervals (at least 5 s), so it notices a recovery soon.
     #[must_use]
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
@@ -170,6 +173,8 @@ pub struct RelayReport {
     pub parked: u64,
     /// Messages handed back unsent (shutdown, or an earlier message of their key failed).
     pub released: u64,
+    /// Messages handed back unsent because the broker was unavailable: no attempt counted.
+    pub unavailable: u64,
     /// Writes refused because another relay had taken the messages over (fencing).
     pub fenced_off: u64,
     /// Expired leases of other relays this relay's claims took over.
@@ -183,6 +188,7 @@ impl RelayReport {
         self.retried += other.retried;
         self.parked += other.parked;
         self.released += other.released;
+        self.unavailable += other.unavailable;
         self.fenced_off += other.fenced_off;
         self.lease_takeovers += other.lease_takeovers;
     }
@@ -383,7 +389,16 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     ///
     /// A database failure while claiming (nothing claimed) or writing back (what was published
     /// is published again after the lease expires: at-least-once, never lost).
+    ///
+    /// Messages the publisher could not send because the broker was unavailable are handed back
+    /// without counting an attempt ([`RelayReport::unavailable`]); `run_once` returns at once all
+    /// the same, while [`run`](Self::run) pauses before its next round.
     pub fn run_once(&mut self) -> Result<RelayReport, S::Error> {
+        self.round().map(|(report, _)| report)
+    }
+
+    /// [`run_once`](Self::run_once), also returning why the broker was unavailable, if it was.
+    fn round(&mut self) -> Result<(RelayReport, Option<String>), S::Error> {
         let round = Instant::now();
         let claimed = self.store.claim(
             self.config.batch_size,
@@ -393,14 +408,15 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         let mut report = claim_report(&claimed);
         if claimed.messages.is_empty() {
             // Leases are only taken with messages: an empty claim has nothing to count.
-            return Ok(report);
+            return Ok((report, None));
         }
-        let completions = publish_claimed(
+        let (completions, unavailable) = publish_claimed(
             &mut self.publisher,
             &self.config,
             &mut self.rng,
             &self.handle,
             &claimed,
+            &mut report,
         );
         let written = self
             .store
@@ -413,17 +429,20 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             written,
             round.elapsed(),
         );
-        Ok(report)
+        Ok((report, unavailable))
     }
 
     /// Runs rounds until [`RelayHandle::stop`] is called, then returns [`totals`](Self::totals).
     ///
     /// A full batch is followed at once by the next; an empty one by an idle wait that doubles
     /// up to the poll interval and ends early on a wake-up (`NOTIFY`, [`RelayHandle::wake`]).
-    /// Database failures are logged and retried with backoff; they never end the loop.
+    /// Database failures are logged and retried with backoff; they never end the loop. While the
+    /// broker is unavailable the relay hands its messages back uncharged and pauses between
+    /// rounds, longer each time (see [`RelayConfig::backoff`]), until a round reaches the broker.
     pub fn run(&mut self) -> RelayReport {
         let mut idle_wait = self.config.min_poll_interval;
         let mut failures = 0;
+        let mut outage = Outage::default();
         // Start listening before the first idle wait, so no wake-up sent after start is missed.
         if let Err(error) = self.store.poll_wakeup() {
             log::warn!("listening for outbox notifications failed: {error}");
@@ -431,9 +450,11 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         let mut announced_idle = false;
         while !self.handle.is_stopped() {
             let started = Instant::now();
-            match self.run_once() {
-                Ok(report) => {
+            match self.round() {
+                Ok((report, unavailable)) => {
                     failures = 0;
+                    let outage_pause =
+                        outage.after(&report, unavailable, &self.config, &mut self.rng);
                     if report.claimed == 0 && !announced_idle {
                         // Ask writers for wake-ups, then look once more: a message committed
                         // before the announcement was visible must not wait for the poll.
@@ -452,15 +473,15 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
                         }
                         self.hooks.on_batch(&report, started.elapsed());
                         idle_wait = self.config.min_poll_interval;
+                        if let Some(pause) = outage_pause {
+                            // Only a round that claimed something can find the broker down.
+                            self.handle.wait(pause);
+                        }
                     }
                 }
                 Err(error) => {
                     failures += 1;
-                    let delay = self
-                        .config
-                        .backoff
-                        .delay(failures, &mut self.rng)
-                        .min(self.config.poll_interval.max(Duration::from_secs(1)) * 5);
+                    let delay = pause(&self.config, failures, &mut self.rng);
                     if error.is_retryable() {
                         log::warn!("relay round failed (retrying in {delay:?}): {error}");
                     } else {
@@ -593,10 +614,20 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
             let mut announced_idle = false;
             let mut failures = 0;
             let mut pace = Pace::default();
+            let mut outage = Outage::default();
+            // Set when the broker was unavailable: claim nothing more, and once every batch in
+            // hand is written back (handed back), pause this long.
+            let mut outage_pause: Option<Duration> = None;
             loop {
                 let stopping = self.handle.is_stopped();
                 if stopping && current.is_none() && published.is_none() {
                     break;
+                }
+                if current.is_none() && published.is_none() {
+                    if let Some(pause) = outage_pause.take() {
+                        self.handle.wait(pause);
+                        continue;
+                    }
                 }
                 let publishing = current.is_some();
                 // Claiming ahead, every claim leaves a share of the free buckets for the next
@@ -604,7 +635,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                 let ahead = pace.ahead();
                 let job = Job {
                     write: published.take(),
-                    claim: !stopping && (ahead || !publishing),
+                    claim: !stopping && outage_pause.is_none() && (ahead || !publishing),
                     ahead,
                 };
                 let writes = job.write.is_some();
@@ -616,14 +647,18 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                 // Publish the batch in hand while the database thread works.
                 if let Some(claimed) = current.take() {
                     let started = Instant::now();
-                    let report = claim_report(&claimed);
-                    let completions = publish_claimed(
+                    let mut report = claim_report(&claimed);
+                    let (completions, unavailable) = publish_claimed(
                         &mut self.publisher,
                         config,
                         &mut self.rng,
                         &self.handle,
                         &claimed,
+                        &mut report,
                     );
+                    if let Some(pause) = outage.after(&report, unavailable, config, &mut self.rng) {
+                        outage_pause = Some(pause);
+                    }
                     pace.published(started.elapsed(), claimed.messages.len());
                     published = Some(Published {
                         token: claimed.token,
@@ -702,10 +737,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                 }
                 if let Some(error) = failed {
                     failures += 1;
-                    let delay = config
-                        .backoff
-                        .delay(failures, &mut self.rng)
-                        .min(config.poll_interval.max(Duration::from_secs(1)) * 5);
+                    let delay = pause(config, failures, &mut self.rng);
                     log::warn!("relay round failed (retrying in {delay:?}): {error}");
                     self.hooks.on_store_error(&error);
                     self.handle.wait(delay);
@@ -725,6 +757,61 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
         }
         log::info!("relay {} stopped: {:?}", self.config.owner, self.totals);
         self.totals
+    }
+}
+
+/// How long a running relay pauses after its `failures`-th failed round in a row (database
+/// failure or broker outage): the retry backoff, capped so that a recovery is noticed soon.
+fn pause(config: &RelayConfig, failures: u32, rng: &mut SmallRng) -> Duration {
+    config
+        .backoff
+        .delay(failures, rng)
+        .min(config.poll_interval.max(Duration::from_secs(1)) * 5)
+}
+
+/// A broker outage as a running relay sees it: the rounds in a row that found the broker
+/// unavailable. It says how long to pause after each, logs its start once and its end.
+#[derive(Debug, Default)]
+struct Outage {
+    /// Rounds in a row that found the broker unavailable; 0 while it is reachable.
+    rounds: u32,
+    /// When the current outage was first seen.
+    since: Option<Instant>,
+}
+
+impl Outage {
+    /// Takes in a round's report (and why the broker was unavailable, if it was); returns how
+    /// long to pause before the next round. A round that claimed messages and found the broker
+    /// reachable ends the outage; an empty round says nothing about the broker.
+    fn after(
+        &mut self,
+        report: &RelayReport,
+        unavailable: Option<String>,
+        config: &RelayConfig,
+        rng: &mut SmallRng,
+    ) -> Option<Duration> {
+        if report.unavailable == 0 {
+            if report.claimed > 0 && self.rounds > 0 {
+                log::info!(
+                    "broker available again after {:?} ({} rounds found it unavailable)",
+                    self.since.map(|at| at.elapsed()).unwrap_or_default(),
+                    self.rounds
+                );
+                *self = Self::default();
+            }
+            return None;
+        }
+        self.rounds = self.rounds.saturating_add(1);
+        let delay = pause(config, self.rounds, rng);
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            log::warn!(
+                "broker unavailable ({}): messages wait, no attempt counted; retrying in {delay:?}, \
+                 then less often until it is back",
+                unavailable.as_deref().unwrap_or("no reason given")
+            );
+        }
+        Some(delay)
     }
 }
 
@@ -805,21 +892,24 @@ fn claim_report(claimed: &Claimed) -> RelayReport {
     }
 }
 
-/// Publishes a claimed batch and turns each outcome into the completion to write back. A relay
-/// told to stop hands the batch back unsent instead.
+/// Publishes a claimed batch and turns each outcome into the completion to write back, counting
+/// the messages the broker was unavailable for into `report`; also returns the first reason it
+/// was. A relay told to stop hands the batch back unsent instead.
 fn publish_claimed<P: Publisher>(
     publisher: &mut P,
     config: &RelayConfig,
     rng: &mut SmallRng,
     handle: &RelayHandle,
     claimed: &Claimed,
-) -> Vec<Completion> {
+    report: &mut RelayReport,
+) -> (Vec<Completion>, Option<String>) {
     if handle.is_stopped() {
-        return claimed
+        let released = claimed
             .messages
             .iter()
             .map(|m| Completion::Release { seq: m.seq })
             .collect();
+        return (released, None);
     }
     let started = Instant::now();
     let outcomes = publisher.publish(&claimed.messages);
@@ -839,7 +929,8 @@ fn publish_claimed<P: Publisher>(
         );
     }
     let mut outcomes = outcomes.into_iter();
-    claimed
+    let mut unavailable = None;
+    let completions = claimed
         .messages
         .iter()
         .map(|msg| {
@@ -848,9 +939,19 @@ fn publish_claimed<P: Publisher>(
                     "publisher returned no outcome".into(),
                 ))
             });
-            completion(config, rng, msg, outcome)
+            match outcome {
+                Err(PublishError::Unavailable(reason)) => {
+                    // Not the message's fault: hand it back as it is, still first in its key.
+                    log::debug!("message {} not sent, broker unavailable: {reason}", msg.id);
+                    report.unavailable += 1;
+                    unavailable.get_or_insert(reason);
+                    Completion::Release { seq: msg.seq }
+                }
+                outcome => completion(config, rng, msg, outcome),
+            }
         })
-        .collect()
+        .collect();
+    (completions, unavailable)
 }
 
 fn completion(
@@ -863,7 +964,9 @@ fn completion(
     let attempt = u32::try_from(msg.attempts).unwrap_or(0).saturating_add(1);
     match outcome {
         Ok(()) => Completion::Published { seq },
-        Err(PublishError::NotAttempted) => Completion::Release { seq },
+        Err(PublishError::NotAttempted | PublishError::Unavailable(_)) => {
+            Completion::Release { seq }
+        }
         Err(PublishError::Fatal(error)) => {
             log::error!("parking message {} after a fatal error: {error}", msg.id);
             Completion::Park { seq, reason: error }
@@ -907,6 +1010,8 @@ fn record_round(
             Completion::Release { .. } => report.released += 1,
         }
     }
+    // Counted apart: releases because the broker was unavailable.
+    report.released = report.released.saturating_sub(report.unavailable);
     report.fenced_off = written.refused;
     if written.refused > 0 {
         log::warn!(
@@ -918,4 +1023,60 @@ fn record_round(
     log::debug!("relay round: {report:?}");
     crate::metrics::record_round(&config.owner, report, elapsed);
     totals.add(report);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(claimed: u64, unavailable: u64) -> RelayReport {
+        RelayReport {
+            claimed,
+            unavailable,
+            ..RelayReport::default()
+        }
+    }
+
+    #[test]
+    fn an_outage_pauses_longer_each_round_up_to_the_cap_and_ends_on_a_round_that_reached_the_broker(
+    ) {
+        let config = RelayConfig::default()
+            .backoff(Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ))
+            .poll_interval(Duration::from_secs(1));
+        let cap = Duration::from_secs(5);
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut outage = Outage::default();
+        let down = |outage: &mut Outage, rng: &mut SmallRng| {
+            outage.after(&round(5, 5), Some("refused".into()), &config, rng)
+        };
+        assert_eq!(outage.after(&round(0, 0), None, &config, &mut rng), None);
+
+        for rounds in 1..=12_u32 {
+            let full = Duration::from_millis(100).saturating_mul(1 << (rounds - 1));
+            let pause = down(&mut outage, &mut rng).expect("a pause");
+            assert!(
+                pause >= (full / 2).min(cap) && pause <= full.min(cap),
+                "round {rounds}: {pause:?}"
+            );
+        }
+        assert_eq!(outage.after(&round(0, 0), None, &config, &mut rng), None);
+        assert_eq!(
+            outage.rounds, 12,
+            "an empty round says nothing about the broker"
+        );
+
+        assert_eq!(outage.after(&round(3, 0), None, &config, &mut rng), None);
+        assert_eq!(
+            outage.rounds, 0,
+            "a round that reached the broker ends the outage"
+        );
+        let pause = down(&mut outage, &mut rng).expect("a pause");
+        assert!(
+            pause <= Duration::from_millis(100),
+            "the next outage starts over"
+        );
+    }
 }
