@@ -346,14 +346,14 @@ fn poison_message_is_parked_its_key_waits_and_requeue_releases_it<C: Backend>(db
     assert_key_order(&publisher.published());
 }
 
-fn broker_outage_backs_off_then_drains_everything<C: Backend>(db: TestDb<C>) {
+fn retryable_failures_back_off_each_key_then_drain_everything<C: Backend>(db: TestDb<C>) {
     let messages = fill(&db, 5, 10);
     let down = Arc::new(AtomicBool::new(true));
     let fault = down.clone();
     let publisher = InMemoryPublisher::new().with_fault(move |_| {
         fault
             .load(Ordering::SeqCst)
-            .then(|| PublishError::Retryable("broker unavailable".into()))
+            .then(|| PublishError::Retryable("negatively confirmed".into()))
     });
     let mut relay = relay(
         &db,
@@ -370,7 +370,7 @@ fn broker_outage_backs_off_then_drains_everything<C: Backend>(db: TestDb<C>) {
         .unwrap()
         .unwrap();
     assert_eq!(first.attempts, 1);
-    assert_eq!(first.last_error.as_deref(), Some("broker unavailable"));
+    assert_eq!(first.last_error.as_deref(), Some("negatively confirmed"));
     assert!(
         first.available_at > chrono::Utc::now() + chrono::Duration::minutes(20),
         "backed off"
@@ -388,6 +388,86 @@ fn broker_outage_backs_off_then_drains_everything<C: Backend>(db: TestDb<C>) {
     drive(&mut relay, || pending_and_parked(&db) == (0, 0));
     assert_eq!(publisher.len(), messages.len(), "nothing lost");
     assert_key_order(&publisher.published());
+}
+
+fn broker_outage_longer_than_the_retry_budget_parks_nothing<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 5, 10);
+    let down = Arc::new(AtomicBool::new(true));
+    let fault = down.clone();
+    let publisher = InMemoryPublisher::new().with_fault(move |_| {
+        fault
+            .load(Ordering::SeqCst)
+            .then(|| PublishError::Unavailable("connection refused".into()))
+    });
+    let max_attempts = 3;
+    let mut relay = relay(
+        &db,
+        publisher.clone(),
+        config().batch_size(1000).max_attempts(max_attempts),
+    );
+    for round in 0..4 * max_attempts {
+        let report = relay.run_once().unwrap();
+        assert_eq!(
+            report.claimed,
+            messages.len() as u64,
+            "round {round}: every message is claimable again at once"
+        );
+        assert_eq!(report.unavailable, 5, "round {round}: the head of each key");
+        assert_eq!(report.released, 45, "round {round}: the rest of each key");
+        assert_eq!(report.published + report.retried + report.parked, 0);
+    }
+    assert_eq!(pending_and_parked(&db), (messages.len() as i64, 0));
+    for message in &messages {
+        let stored = find_message(&mut db.conn(), message.id()).unwrap().unwrap();
+        assert_eq!(stored.attempts, 0, "an outage charges no attempt");
+        assert_eq!(stored.status, Status::Pending);
+    }
+
+    down.store(false, Ordering::SeqCst);
+    let totals = drive(&mut relay, || pending_and_parked(&db) == (0, 0));
+    assert_eq!(totals.retried + totals.parked, 0);
+    let log = publisher.published();
+    assert_eq!(log.len(), messages.len(), "each message published once");
+    assert_key_order(&log);
+}
+
+fn running_relays_wait_out_a_broker_outage_and_park_nothing<C: Backend>(db: TestDb<C>) {
+    for pipelined in [false, true] {
+        let messages = fill(&db, 5, 10);
+        let max_attempts = 3;
+        // Down for as many publish attempts as twenty times every key's retry budget: counted,
+        // not timed, so the test does not depend on the machine's speed.
+        let outage = 20 * max_attempts as usize * 5;
+        let refusals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = refusals.clone();
+        let publisher = InMemoryPublisher::new().with_fault(move |_| {
+            (counter.fetch_add(1, Ordering::SeqCst) < outage)
+                .then(|| PublishError::Unavailable("connection refused".into()))
+        });
+        let relay = relay(&db, publisher.clone(), config().max_attempts(max_attempts));
+        let totals = run_until_published(vec![relay], &publisher, messages.len(), pipelined);
+        assert!(
+            refusals.load(Ordering::SeqCst) > outage,
+            "pipelined={pipelined}"
+        );
+        assert_eq!(
+            totals[0].unavailable, outage as u64,
+            "pipelined={pipelined}"
+        );
+        assert_eq!(
+            totals[0].parked + totals[0].retried,
+            0,
+            "pipelined={pipelined}: no attempt was charged"
+        );
+        assert_eq!(pending_and_parked(&db), (0, 0), "pipelined={pipelined}");
+        let log = publisher.published();
+        assert_eq!(
+            log.len(),
+            messages.len(),
+            "pipelined={pipelined}: each once"
+        );
+        assert_key_order(&log);
+    }
 }
 
 fn delayed_message_holds_back_only_its_key<C: Backend>(db: TestDb<C>) {
@@ -729,7 +809,9 @@ backend_tests!(
     crash_between_confirm_and_mark_republishes_never_loses,
     stalled_relay_is_fenced_off_after_takeover,
     poison_message_is_parked_its_key_waits_and_requeue_releases_it,
-    broker_outage_backs_off_then_drains_everything,
+    retryable_failures_back_off_each_key_then_drain_everything,
+    broker_outage_longer_than_the_retry_budget_parks_nothing,
+    running_relays_wait_out_a_broker_outage_and_park_nothing,
     delayed_message_holds_back_only_its_key,
     unreadable_row_is_parked_and_others_flow,
     in_process_wake_reaches_an_idle_relay,
