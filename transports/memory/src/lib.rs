@@ -200,8 +200,8 @@ impl MemoryBroker {
         }
     }
 
-    /// Simulates a lost connection: publishing fails with a retryable error until
-    /// [`reconnect`](Self::reconnect).
+    /// Simulates a lost connection: publishing fails with [`PublishError::Unavailable`] (no
+    /// attempt charged, the relay waits) until [`reconnect`](Self::reconnect).
     pub fn disconnect(&self) {
         self.inner.disconnected.store(true, Ordering::SeqCst);
     }
@@ -270,20 +270,23 @@ impl Publisher for MemoryPublisher {
                     return Err(PublishError::NotAttempted);
                 }
                 let refusal = if inner.disconnected.load(Ordering::SeqCst) {
-                    Some("connection to the in-process broker dropped")
+                    // The broker is gone, not the message at fault: the relay charges nothing.
+                    Some(PublishError::Unavailable(
+                        "connection to the in-process broker dropped".to_owned(),
+                    ))
                 } else if state
                     .queues
                     .get(&msg.topic)
                     .is_some_and(|q| q.len() >= inner.config.capacity)
                 {
-                    Some("queue full")
+                    Some(PublishError::Retryable("queue full".to_owned()))
                 } else {
                     None
                 };
-                if let Some(reason) = refusal {
+                if let Some(refusal) = refusal {
                     state.stats.refused += 1;
                     failed_keys.insert(msg.partition_key.clone());
-                    return Err(PublishError::Retryable(reason.to_owned()));
+                    return Err(refusal);
                 }
                 let (headers, payload) = wire::encode(msg);
                 state

@@ -61,15 +61,78 @@ fn a_full_queue_pushes_back_and_stops_the_key() {
 }
 
 #[test]
-fn a_dropped_connection_fails_retryably_until_it_is_back() {
+fn a_dropped_connection_reports_the_broker_unavailable_until_it_is_back() {
     let broker = MemoryBroker::new(MemoryConfig::default());
     broker.disconnect();
-    assert!(matches!(
-        broker.publisher().publish(&[stored(1, "a")])[0],
-        Err(PublishError::Retryable(_))
-    ));
+    let outcomes = broker
+        .publisher()
+        .publish(&[stored(1, "a"), stored(2, "a"), stored(3, "b")]);
+    assert!(
+        matches!(outcomes[0], Err(PublishError::Unavailable(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], Err(PublishError::NotAttempted));
+    assert!(
+        matches!(outcomes[2], Err(PublishError::Unavailable(_))),
+        "{outcomes:?}"
+    );
     broker.reconnect();
     assert_eq!(broker.publisher().publish(&[stored(1, "a")])[0], Ok(()));
+}
+
+#[test]
+fn a_relay_parks_nothing_while_the_broker_is_disconnected_however_long() {
+    let dir = std::env::temp_dir().join(format!("waybill-memory-{}.db", uuid_like()));
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SqliteOptions::default()))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            dir.to_string_lossy(),
+        ))
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    waybill_diesel::run_migrations(&mut conn).unwrap();
+    let messages: Vec<_> = (0..20)
+        .map(|i| {
+            NewOutboxMessage::bytes(
+                "orders",
+                format!("order:{}", i % 4),
+                "Step",
+                "text/plain",
+                "x",
+            )
+        })
+        .collect();
+    conn.transaction(|conn| enqueue_all(conn, &messages))
+        .unwrap();
+    drop(conn);
+
+    let broker = MemoryBroker::new(MemoryConfig::default());
+    broker.disconnect();
+    let mut relay = Relay::new(
+        DieselStore::new(pool.clone()),
+        broker.publisher(),
+        RelayConfig::default().max_attempts(2),
+    );
+    for _ in 0..10 {
+        let report = relay.run_once().unwrap();
+        assert_eq!(report.unavailable, 4, "the head of each key: {report:?}");
+        assert_eq!(report.retried + report.parked, 0, "{report:?}");
+    }
+    broker.reconnect();
+    while relay.run_once().unwrap().claimed > 0 {}
+    assert_eq!(relay.totals().parked, 0);
+    assert_eq!(
+        broker.queued("orders"),
+        20,
+        "everything went out after the outage"
+    );
+    let stats = waybill_diesel::topic_stats(&mut pool.get().unwrap()).unwrap();
+    assert!(stats.iter().all(|s| s.pending + s.parked == 0), "{stats:?}");
+    drop(pool);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", dir.display()));
+    }
 }
 
 #[test]
