@@ -82,6 +82,38 @@ impl waybill_outbox_core::Retryable for Error {
     }
 }
 
+/// `true` when `error` says the broker could not be used at all (unreachable, connection or
+/// channel gone, no answer in time) rather than that it refused something: the publisher then
+/// reports [`PublishError::Unavailable`](waybill_outbox_core::PublishError::Unavailable).
+pub(crate) fn is_unavailable(error: &Error) -> bool {
+    match error {
+        Error::Timeout { .. } | Error::ConnectionLost => true,
+        Error::Amqp(error) => lapin_error_is_unavailable(error),
+        _ => false,
+    }
+}
+
+/// See [`is_unavailable`]. A channel-level refusal (a missing exchange, a precondition) is about
+/// what was sent, not about the broker.
+pub(crate) fn lapin_error_is_unavailable(error: &lapin::Error) -> bool {
+    match error.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::RuntimeShutdownError(_) => true,
+        ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Hard(
+                AMQPHardError::CONNECTIONFORCED
+                    | AMQPHardError::RESOURCEERROR
+                    | AMQPHardError::INTERNALERROR
+            )
+        ),
+        _ => false,
+    }
+}
+
 fn lapin_error_is_retryable(error: &lapin::Error) -> bool {
     match error.kind() {
         ErrorKind::IOError(_)

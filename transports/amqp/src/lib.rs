@@ -53,14 +53,20 @@
 //! batch instead of one per message (about ten times the throughput on loopback). Outcomes:
 //!
 //! - ack -> published;
-//! - nack, or no confirm within [`PublisherConfig::confirm_timeout`] -> retryable;
+//! - nack -> retryable (the relay counts an attempt);
+//! - no confirm within [`PublisherConfig::confirm_timeout`] -> the broker is unavailable;
 //! - returned with 312 NO_ROUTE (a `mandatory` message no queue took; RabbitMQ then still
 //!   acks it) -> **fatal**: the relay parks it. A missing binding is a deployment mistake that
 //!   retrying does not fix, and parking keeps the message (and, behind it, the rest of its key)
 //!   visible for an operator instead of burning attempts; requeue it once the binding exists;
-//! - connection or channel lost -> retryable for the message at hand and
+//! - connecting fails, or the connection or channel is lost ->
+//!   [`PublishError::Unavailable`](waybill_outbox_core::PublishError::Unavailable) for the
+//!   message at hand and
 //!   [`PublishError::NotAttempted`](waybill_outbox_core::PublishError::NotAttempted) for the
-//!   later messages of the same key that were not sent yet. The next `publish` reconnects.
+//!   later messages of the same key that were not sent yet: the relay charges no attempt and
+//!   pauses, so an outage of any length parks nothing. The next `publish` reconnects. A
+//!   channel the broker closed over what was sent (e.g. a missing exchange) is retryable for
+//!   that message.
 //!
 //! Per-key order holds whenever a batch publishes cleanly, and when the connection fails
 //! (later messages of the key are not sent). It can break in one place that pipelining
@@ -96,7 +102,7 @@
 //!
 //! # Connection loss
 //!
-//! The publisher reports the batch retryable and reconnects (channel, confirm mode) on the
+//! The publisher reports the broker unavailable and reconnects (channel, confirm mode) on the
 //! next `publish`. [`AmqpConsumer::run_once`] returns the error and reconnects on the next
 //! call; [`AmqpConsumer::run`] does that by itself with a capped backoff. Unacknowledged
 //! deliveries return to the queue when a connection closes. Passwords are redacted from every

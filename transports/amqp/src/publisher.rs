@@ -11,6 +11,7 @@ use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
 use waybill_outbox_core::{OutboxMessage, PublishError, Publisher};
 
+use crate::error::{is_unavailable, lapin_error_is_unavailable};
 use crate::fields::{short, to_table};
 use crate::link::{self, within, Link};
 use crate::{redact, Result};
@@ -178,8 +179,8 @@ impl AmqpPublisher {
     }
 
     /// Closes the connection under the publisher without telling it, as a broker restart or a
-    /// network failure would: the next [`publish`](Publisher::publish) reports its messages
-    /// retryable and the one after reconnects. A test hook.
+    /// network failure would: the next [`publish`](Publisher::publish) reports the broker
+    /// unavailable ([`PublishError::Unavailable`]) and the one after reconnects. A test hook.
     ///
     /// ```no_run
     /// # use waybill_amqp::{AmqpPublisher, PublisherConfig};
@@ -207,13 +208,16 @@ impl Publisher for AmqpPublisher {
     /// Publishes the batch pipelined and then awaits every confirm.
     ///
     /// - confirmed (ack) -> `Ok`
-    /// - negatively confirmed (nack) or not confirmed within the confirm timeout ->
-    ///   [`PublishError::Retryable`]
+    /// - negatively confirmed (nack), or the channel closed by the broker over what was sent
+    ///   (e.g. a missing exchange) -> [`PublishError::Retryable`]
     /// - returned as unroutable (`mandatory`, no queue bound) -> [`PublishError::Fatal`]
     /// - a name longer than AMQP allows (255 bytes) -> [`PublishError::Fatal`]
-    /// - connection or channel lost -> [`PublishError::Retryable`] for the first unsent message
-    ///   of each partition key and [`PublishError::NotAttempted`] for the rest of that key; the
-    ///   next call reconnects.
+    /// - the broker cannot be used: connecting fails (refused, timed out, login refused), the
+    ///   connection or channel is lost, a confirm does not come within the confirm timeout ->
+    ///   [`PublishError::Unavailable`] (the relay charges no attempt and waits) for the first
+    ///   unconfirmed message of each partition key, and [`PublishError::NotAttempted`] for the
+    ///   rest of that key; the next call reconnects. Messages of other keys left unsent once
+    ///   the channel is gone are reported the same way.
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         let Self { runtime, state } = self;
         runtime.block_on(state.publish(batch))
@@ -226,8 +230,13 @@ impl State {
         if batch.is_empty() {
             return outcomes;
         }
-        // Set once the connection is unusable: every later message fails without being sent.
-        let mut broken = self.ensure_link().await.err();
+        // Set once the connection is unusable: every later message fails without being sent,
+        // none of them at fault.
+        let mut broken = self
+            .ensure_link()
+            .await
+            .err()
+            .map(PublishError::Unavailable);
         let mut failed_keys = HashSet::new();
         let mut pending: Vec<(usize, PublisherConfirm)> = Vec::with_capacity(batch.len());
 
@@ -237,8 +246,8 @@ impl State {
                 outcomes[i] = Err(PublishError::NotAttempted);
                 continue;
             }
-            if let Some(reason) = &broken {
-                outcomes[i] = Err(PublishError::Retryable(reason.clone()));
+            if let Some(error) = &broken {
+                outcomes[i] = Err(error.clone());
                 failed_keys.insert(key);
                 continue;
             }
@@ -249,11 +258,18 @@ impl State {
                     outcomes[i] = Err(PublishError::Fatal(reason));
                     failed_keys.insert(key);
                 }
-                Err(Failure::Channel(reason)) => {
+                Err(Failure::Channel {
+                    reason,
+                    unavailable,
+                }) => {
                     log::warn!("message {}: {reason}", message.id);
-                    outcomes[i] = Err(PublishError::Retryable(reason.clone()));
+                    outcomes[i] = Err(if unavailable {
+                        PublishError::Unavailable(reason.clone())
+                    } else {
+                        PublishError::Retryable(reason.clone())
+                    });
                     failed_keys.insert(key);
-                    broken = Some(reason);
+                    broken = Some(PublishError::Unavailable(reason));
                 }
             }
         }
@@ -287,14 +303,18 @@ impl State {
                 Ok(Err(error)) => {
                     let reason = format!("waiting for the confirm failed: {error}");
                     log::warn!("message {id}: {reason}");
-                    broken.get_or_insert(reason.clone());
-                    Err(PublishError::Retryable(reason))
+                    broken.get_or_insert(PublishError::Unavailable(reason.clone()));
+                    if lapin_error_is_unavailable(&error) {
+                        Err(PublishError::Unavailable(reason))
+                    } else {
+                        Err(PublishError::Retryable(reason))
+                    }
                 }
                 Err(_) => {
                     let reason = format!("not confirmed within {:?}", self.config.confirm_timeout);
                     log::warn!("message {id}: {reason}");
-                    broken.get_or_insert(reason.clone());
-                    Err(PublishError::Retryable(reason))
+                    broken.get_or_insert(PublishError::Unavailable(reason.clone()));
+                    Err(PublishError::Unavailable(reason))
                 }
             };
         }
@@ -344,7 +364,10 @@ impl State {
     /// Declares the exchange if needed and sends `message`, without waiting for its confirm.
     async fn send(&mut self, message: &OutboxMessage) -> Result<PublisherConfirm, Failure> {
         let Some(link) = &self.link else {
-            return Err(Failure::Channel("not connected".into()));
+            return Err(Failure::Channel {
+                reason: "not connected".into(),
+                unavailable: true,
+            });
         };
         let (exchange, routing_key) = match &self.config.routing {
             Routing::ExchangePerTopic => (message.topic.as_str(), message.partition_key.as_str()),
@@ -371,8 +394,9 @@ impl State {
                     ),
                 )
                 .await
-                .map_err(|error| {
-                    Failure::Channel(format!("declaring exchange {exchange:?} failed: {error}"))
+                .map_err(|error| Failure::Channel {
+                    reason: format!("declaring exchange {exchange:?} failed: {error}"),
+                    unavailable: is_unavailable(&error),
                 })?;
                 self.declared.insert(exchange.to_owned());
             }
@@ -389,7 +413,10 @@ impl State {
                 properties,
             )
             .await
-            .map_err(|error| Failure::Channel(format!("publishing failed: {error}")))
+            .map_err(|error| Failure::Channel {
+                reason: format!("publishing failed: {error}"),
+                unavailable: lapin_error_is_unavailable(&error),
+            })
     }
 }
 
@@ -398,7 +425,12 @@ enum Failure {
     /// This message cannot be published, ever.
     Message(String),
     /// The connection or channel failed; nothing more can be sent on it.
-    Channel(String),
+    Channel {
+        /// What failed.
+        reason: String,
+        /// The broker could not be used (rather than refusing what was sent).
+        unavailable: bool,
+    },
 }
 
 impl Failure {

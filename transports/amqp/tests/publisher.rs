@@ -163,7 +163,7 @@ fn an_unroutable_message_is_a_failure_not_a_success() {
 }
 
 #[test]
-fn a_lost_connection_is_retryable_and_the_next_publish_reconnects() {
+fn a_lost_connection_reports_the_broker_unavailable_and_the_next_publish_reconnects() {
     let Some(mut broker) = common::broker() else {
         return;
     };
@@ -190,12 +190,12 @@ fn a_lost_connection_is_retryable_and_the_next_publish_reconnects() {
     ];
     let outcomes = publisher.publish(&lost);
     assert!(
-        matches!(outcomes[0], Err(PublishError::Retryable(_))),
+        matches!(outcomes[0], Err(PublishError::Unavailable(_))),
         "{outcomes:?}"
     );
     assert_eq!(outcomes[1], Err(PublishError::NotAttempted));
     assert!(
-        matches!(outcomes[2], Err(PublishError::Retryable(_))),
+        matches!(outcomes[2], Err(PublishError::Unavailable(_))),
         "{outcomes:?}"
     );
 
@@ -238,7 +238,9 @@ fn a_channel_error_fails_the_batch_retryably_and_the_next_publish_reopens_the_ch
     assert!(
         outcomes.iter().all(|o| matches!(
             o,
-            Err(PublishError::Retryable(_) | PublishError::NotAttempted)
+            Err(PublishError::Retryable(_)
+                | PublishError::Unavailable(_)
+                | PublishError::NotAttempted)
         )),
         "{outcomes:?}"
     );
