@@ -126,10 +126,11 @@ impl waybill_outbox_core::Retryable for Error {
 /// - the subject is invalid,
 /// - the stream is sealed.
 ///
-/// Everything else is retryable: a timeout, a broken connection, no responders (no stream
-/// captures the subject *yet*: streams are created by operators, and in a cluster a stream can
-/// be briefly leaderless), a full stream with the `discard new` policy, storage exhausted.
-/// The relay's attempt limit bounds those retries.
+/// Everything else is retryable: no responders (no stream captures the subject *yet*: streams
+/// are created by operators, and in a cluster a stream can be briefly leaderless), a full
+/// stream with the `discard new` policy, storage exhausted; the relay's attempt limit bounds
+/// those retries. A timeout or a broken connection is retryable too, but says the server is
+/// unavailable ([`publish_error_is_unavailable`]), which charges no attempt.
 pub(crate) fn publish_error_is_fatal(error: &PublishError) -> bool {
     match error.kind() {
         PublishErrorKind::MaxPayloadExceeded => true,
@@ -151,4 +152,13 @@ pub(crate) fn publish_error_is_fatal(error: &PublishError) -> bool {
         }
         _ => false,
     }
+}
+
+/// `true` when a publish failed because the server could not be used (the connection broke, no
+/// ack came in time), not because it refused the message.
+pub(crate) fn publish_error_is_unavailable(error: &PublishError) -> bool {
+    matches!(
+        error.kind(),
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+    )
 }

@@ -12,7 +12,7 @@ use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
 use waybill_outbox_core::{redact_url, OutboxMessage, PublishError, Publisher};
 
-use crate::error::publish_error_is_fatal;
+use crate::error::{publish_error_is_fatal, publish_error_is_unavailable};
 use crate::subject::invalid_publish_subject;
 use crate::{Error, Result, SubjectMapping};
 
@@ -218,7 +218,10 @@ impl NatsPublisher {
                 self.url,
                 batch.len()
             );
-            return none_published(batch, "not connected to NATS");
+            return none_published(
+                batch,
+                PublishError::Unavailable("not connected to NATS".into()),
+            );
         }
         // Each message's successor in its key, and the keys' first messages.
         let mut last_of_key: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
@@ -242,15 +245,20 @@ impl NatsPublisher {
             Ok(outcomes) => outcomes,
             // The task panicked or the runtime is shutting down: nothing is known to be stored,
             // so everything is retried (JetStream drops what it already has).
-            Err(error) => none_published(batch, &format!("the publishing task ended: {error}")),
+            Err(error) => none_published(
+                batch,
+                PublishError::Retryable(format!("the publishing task ended: {error}")),
+            ),
         };
         let failed: Vec<_> = outcomes
             .iter()
             .zip(batch)
             .filter_map(|(outcome, msg)| match outcome {
-                Err(error @ (PublishError::Retryable(_) | PublishError::Fatal(_))) => {
-                    Some((msg.id, error))
-                }
+                Err(
+                    error @ (PublishError::Retryable(_)
+                    | PublishError::Unavailable(_)
+                    | PublishError::Fatal(_)),
+                ) => Some((msg.id, error)),
                 _ => None,
             })
             .collect();
@@ -267,15 +275,15 @@ impl NatsPublisher {
     }
 }
 
-/// The outcomes of a batch of which nothing was published: the first message of each key is
-/// retryable with `why`, the rest of the key was not attempted.
-fn none_published(batch: &[OutboxMessage], why: &str) -> Vec<Result<(), PublishError>> {
+/// The outcomes of a batch of which nothing was published: the first message of each key fails
+/// with `error`, the rest of the key was not attempted.
+fn none_published(batch: &[OutboxMessage], error: PublishError) -> Vec<Result<(), PublishError>> {
     let mut failed_keys: HashSet<&str> = HashSet::new();
     batch
         .iter()
         .map(|msg| {
             if failed_keys.insert(msg.partition_key.as_str()) {
-                Err(PublishError::Retryable(why.to_owned()))
+                Err(error.clone())
             } else {
                 Err(PublishError::NotAttempted)
             }
@@ -386,6 +394,8 @@ fn classify(error: &jetstream::context::PublishError) -> PublishError {
     let text = error_chain(error);
     if publish_error_is_fatal(error) {
         PublishError::Fatal(text)
+    } else if publish_error_is_unavailable(error) {
+        PublishError::Unavailable(text)
     } else {
         PublishError::Retryable(text)
     }
@@ -411,7 +421,9 @@ impl Publisher for NatsPublisher {
     /// previous one is acknowledged), the keys pipelined; see the crate docs on ordering.
     ///
     /// - ack, including a duplicate ack (already stored) -> `Ok`
-    /// - timeout, no responders, connection lost, stream full -> `Retryable`
+    /// - not connected, connection lost, no ack in time -> `Unavailable`: the relay charges no
+    ///   attempt and pauses, so an outage of any length parks nothing
+    /// - no responders (no stream for the subject), stream full -> `Retryable`
     /// - too large, invalid subject or header, sealed stream -> `Fatal`
     /// - an earlier message of the same key failed -> `NotAttempted`
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {

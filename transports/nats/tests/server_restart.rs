@@ -1,5 +1,7 @@
 //! A private `nats-server` (JetStream, its own port and store) is killed under the publisher and
-//! started again: publishing fails retryably while it is down and resumes afterwards, nothing lost.
+//! started again: the publisher reports the server unavailable while it is down (the relay
+//! charges no attempt, so nothing is parked however long it lasts) and resumes afterwards,
+//! nothing lost.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -10,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use waybill_diesel::{enqueue_all, topic_stats, DieselStore};
 use waybill_nats::{NatsPublisher, PublisherConfig};
-use waybill_outbox_core::{PublishError, Publisher};
+use waybill_outbox_core::{Backoff, NewOutboxMessage, PublishError, Publisher, Relay, RelayConfig};
 
 use common::{batch, runtime, unique, DEADLINE};
 
@@ -47,21 +52,33 @@ fn start(binary: &Path, port: u16, store: &Path) -> Child {
     child
 }
 
-#[test]
-fn publishing_resumes_after_the_server_is_killed_and_restarted() {
-    let Some(binary) = server_binary() else {
+/// The `nats-server` binary, or `None` (after saying why) when there is none.
+fn binary_or_skip() -> Option<PathBuf> {
+    let binary = server_binary();
+    if binary.is_none() {
         let message = "no nats-server binary (set NATS_SERVER_BIN)";
         if std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
             panic!("WAYBILL_REQUIRE_SERVERS=1 but {message}");
         }
         let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
-        return;
-    };
-    let port = TcpListener::bind("127.0.0.1:0")
+    }
+    binary
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+#[test]
+fn publishing_reports_the_server_unavailable_while_it_is_down_and_resumes_after_a_restart() {
+    let Some(binary) = binary_or_skip() else {
+        return;
+    };
+    let port = free_port();
     let store = std::env::temp_dir().join(unique("nats-store"));
     let url = format!("nats://127.0.0.1:{port}");
     let mut server = start(&binary, port, &store);
@@ -83,9 +100,9 @@ fn publishing_resumes_after_the_server_is_killed_and_restarted() {
     assert!(
         outcomes.iter().all(|o| matches!(
             o,
-            Err(PublishError::Retryable(_) | PublishError::NotAttempted)
+            Err(PublishError::Unavailable(_) | PublishError::NotAttempted)
         )),
-        "a dead server gives retryable failures only: {outcomes:?}"
+        "a dead server is unavailable, no message is at fault: {outcomes:?}"
     );
 
     let mut server = start(&binary, port, &store);
@@ -123,4 +140,113 @@ fn publishing_resumes_after_the_server_is_killed_and_restarted() {
     server.kill().unwrap();
     server.wait().unwrap();
     let _ = std::fs::remove_dir_all(&store);
+}
+
+#[test]
+fn a_relay_parks_nothing_while_the_server_is_down_and_delivers_everything_after_a_restart() {
+    let Some(binary) = binary_or_skip() else {
+        return;
+    };
+    let port = free_port();
+    let store = std::env::temp_dir().join(unique("nats-store"));
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut server = start(&binary, port, &store);
+    let (stream, topic) = (unique("WB"), unique("t"));
+    let publisher = NatsPublisher::connect(
+        &url,
+        PublisherConfig::default().ack_timeout(Duration::from_secs(2)),
+    )
+    .unwrap();
+    publisher.ensure_stream(&stream, &[&topic]).unwrap();
+
+    let path = std::env::temp_dir().join(format!("{}.db", unique("outage")));
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            path.to_string_lossy(),
+        ))
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    waybill_diesel::run_migrations(&mut conn).unwrap();
+    let messages: Vec<_> = (0..40)
+        .map(|i| NewOutboxMessage::json(&topic, format!("order.{}", i % 4), "Step", &i).unwrap())
+        .collect();
+    conn.transaction(|conn| enqueue_all(conn, &messages))
+        .unwrap();
+    drop(conn);
+    let max_attempts = 2;
+    let mut relay = Relay::new(
+        DieselStore::new(pool.clone()),
+        publisher,
+        RelayConfig::default()
+            .max_attempts(max_attempts)
+            .backoff(Backoff::new(
+                Duration::from_millis(1),
+                Duration::from_millis(5),
+            )),
+    );
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    for round in 0..3 * max_attempts {
+        let report = relay.run_once().unwrap();
+        assert_eq!(report.unavailable, 4, "round {round}: {report:?}");
+        assert_eq!(
+            report.retried + report.parked,
+            0,
+            "round {round}: {report:?}"
+        );
+    }
+
+    let mut server = start(&binary, port, &store);
+    let deadline = Instant::now() + DEADLINE;
+    let pending = || {
+        topic_stats(&mut pool.get().unwrap())
+            .unwrap()
+            .iter()
+            .map(|s| s.pending + s.parked)
+            .sum::<i64>()
+    };
+    while pending() > 0 {
+        // Until the client has reconnected each round hands the messages back uncharged.
+        assert!(Instant::now() < deadline, "the relay did not resume");
+        relay.run_once().unwrap();
+        std::thread::yield_now();
+    }
+    assert_eq!(relay.totals().parked + relay.totals().retried, 0);
+
+    let rt = runtime();
+    // Message `i` belongs to key `i % 4`.
+    let delivered: Vec<i64> = rt.block_on(async {
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream(&stream).await.unwrap();
+        let mut delivered = Vec::new();
+        for seq in 1..=40 {
+            let message = stream.get_raw_message(seq).await.unwrap();
+            let index: i64 = serde_json::from_slice(&message.payload).unwrap();
+            delivered.push(index);
+        }
+        delivered
+    });
+    for key in 0..4 {
+        let indexes: Vec<i64> = delivered
+            .iter()
+            .copied()
+            .filter(|index| index % 4 == key)
+            .collect();
+        let expected: Vec<i64> = (0..40).filter(|i| i % 4 == key).collect();
+        assert_eq!(
+            indexes, expected,
+            "order.{key} delivered once each, in order"
+        );
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(pool);
+    let _ = std::fs::remove_dir_all(&store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
 }
