@@ -112,7 +112,8 @@ impl RelayConfig {
         self
     }
 
-    /// Attempts before a message is parked. Defaults to 10.
+    /// Attempts before a message is parked. Defaults to 10. Only failures about the message
+    /// count: a broker outage ([`PublishError::Unavailable`]) charges none, however long.
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
