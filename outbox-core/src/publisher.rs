@@ -16,6 +16,9 @@ use crate::OutboxMessage;
 /// - Messages come in outbox order. Messages that share a partition key must reach the broker in
 ///   that order, and once one of them fails the publisher must not send the rest of that key in
 ///   this batch: it reports them as [`PublishError::NotAttempted`]. Other keys go on.
+/// - A failure that is not about the message (the broker cannot be reached, the connection or
+///   channel is gone, no answer in time) is [`PublishError::Unavailable`]: only failures about
+///   the message itself count toward parking it.
 ///
 /// [`InMemoryPublisher`] is the reference implementation of this contract.
 pub trait Publisher {
