@@ -186,13 +186,14 @@ fn a_cut_connection_and_a_refused_reconnect_report_the_broker_unavailable_then_a
         stored(3, &topic, "a", "{}"),
         stored(4, &topic, "b", "{}"),
     ];
+    // The client may not have noticed the cut yet and send several messages of a key before
+    // their confirms fail: those are unavailable too, never retryable.
     let cut = publisher.publish(&batch);
     assert!(cut.iter().all(is_unavailable_or_not_attempted), "{cut:?}");
     assert!(
         matches!(cut[0], Err(PublishError::Unavailable(_))),
         "{cut:?}"
     );
-    assert_eq!(cut[1], Err(PublishError::NotAttempted));
 
     let refused = publisher.publish(&batch);
     assert!(
@@ -262,7 +263,13 @@ fn a_relay_behind_a_cut_connection_parks_nothing_and_delivers_everything_after()
     for round in 0..3 * max_attempts {
         let report = relay.run_once().unwrap();
         assert_eq!(report.claimed, 20, "round {round}: {report:?}");
-        assert_eq!(report.unavailable, 4, "round {round}: {report:?}");
+        // At least the head of each key; more when several were sent before the cut showed.
+        assert!(report.unavailable >= 4, "round {round}: {report:?}");
+        assert_eq!(
+            report.unavailable + report.released,
+            20,
+            "round {round}: {report:?}"
+        );
         assert_eq!(
             report.retried + report.parked,
             0,
