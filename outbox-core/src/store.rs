@@ -64,8 +64,8 @@ pub enum Completion {
         /// Why, stored in `last_error`.
         reason: String,
     },
-    /// Not sent (shutdown, or an earlier message of its key failed): available again at once,
-    /// no attempt counted.
+    /// Not sent (shutdown, the broker unavailable, or an earlier message of its key failed):
+    /// available again at once, no attempt counted.
     Release {
         /// The message's `seq`.
         seq: i64,
