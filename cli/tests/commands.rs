@@ -389,7 +389,22 @@ fn migrate_creates_the_schema<C: Backend + Ops>(db: TestDb<C>) {
     waybill_diesel::revert_migrations(&mut db.conn()).unwrap();
     let run = waybill(&db, &["status"], "");
     run.assert_code(1); // no tables
-    assert!(run.stderr.contains("error: "), "{run:?}");
+    assert!(run.stderr.contains("error: database error: "), "{run:?}");
+    assert!(
+        run.stderr.contains("waybill migrate"),
+        "says what to do: {run:?}"
+    );
+    let cause = run
+        .stderr
+        .rsplit("database error: ")
+        .next()
+        .unwrap_or_default();
+    let cause = cause.split(" (run").next().unwrap_or_default();
+    assert_eq!(
+        run.stderr.matches(cause).count(),
+        1,
+        "the cause is named once: {run:?}"
+    );
     waybill(&db, &["migrate"], "").assert_code(0);
     waybill(&db, &["status", "--json"], "").assert_code(0);
 }

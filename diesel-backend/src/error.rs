@@ -66,11 +66,12 @@ pub enum Error {
         /// The reused id.
         message_id: MessageId,
     },
-    /// The database refused or failed a statement.
-    #[error("database error")]
+    /// The database refused or failed a statement; the text names the cause, and a missing
+    /// table says to run the migrations.
+    #[error("database error: {0}{hint}", hint = missing_table_hint(.0))]
     Database(#[from] DieselError),
-    /// No pooled connection could be had.
-    #[error("connection pool error")]
+    /// No pooled connection could be had (the text says why: a timeout, a refused connection).
+    #[error("connection pool error: {0}")]
     Pool(#[from] r2d2::Error),
     /// Running the embedded migrations failed.
     #[error("running migrations failed: {0}")]
@@ -109,6 +110,24 @@ impl Retryable for Error {
             Self::Database(DieselError::BrokenTransactionManager) => true,
             _ => false,
         }
+    }
+}
+
+/// What to do about a table that does not exist: the schema was never migrated (or migrated in
+/// another schema or database than the one the connection uses).
+fn missing_table_hint(error: &DieselError) -> &'static str {
+    let DieselError::DatabaseError(_, info) = error else {
+        return "";
+    };
+    let message = info.message();
+    // PostgreSQL, SQLite and MySQL/MariaDB spell it differently and give it no error kind.
+    let missing = (message.starts_with("relation ") && message.ends_with("does not exist"))
+        || message.starts_with("no such table")
+        || (message.starts_with("Table ") && message.ends_with("doesn't exist"));
+    if missing {
+        " (run `waybill migrate` or `waybill_diesel::run_migrations` on this database first)"
+    } else {
+        ""
     }
 }
 
