@@ -11,8 +11,36 @@ use common::{Backend, TestDb};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use waybill_diesel::{topic_stats, DieselStore, Error};
-use waybill_outbox_core::OutboxStore;
+use waybill_diesel::{
+    enqueue, find_message, requeue_key, topic_stats, DedupKey, DieselStore, Error, Inbox,
+    IncomingMessage, Processed,
+};
+use waybill_outbox_core::{
+    InMemoryPublisher, MessageId, NewOutboxMessage, OutboxStore, PublishError, Relay, RelayConfig,
+    Status,
+};
+
+fn msg(key: &str, body: &str) -> NewOutboxMessage {
+    NewOutboxMessage::bytes("orders", key, "Step", "text/plain", body.to_owned())
+}
+
+fn relay<C: Backend>(
+    db: &TestDb<C>,
+    publisher: InMemoryPublisher,
+    config: RelayConfig,
+) -> Relay<DieselStore<C>, InMemoryPublisher> {
+    Relay::new(DieselStore::new(db.pool.clone()), publisher, config)
+}
+
+/// Publishes everything that is due; panics if the relay keeps finding work.
+fn drain<C: Backend>(relay: &mut Relay<DieselStore<C>, InMemoryPublisher>) {
+    for _ in 0..1000 {
+        if relay.run_once().unwrap().claimed == 0 {
+            return;
+        }
+    }
+    panic!("the relay never ran dry");
+}
 
 fn database_errors_name_their_cause<C: Backend>(db: TestDb<C>) {
     // A statement the database refuses: the error's text carries the database's reason.
@@ -39,7 +67,95 @@ fn database_errors_name_their_cause<C: Backend>(db: TestDb<C>) {
     assert!(missing.contains("waybill migrate"), "{missing}");
 }
 
-backend_tests!(database_errors_name_their_cause);
+fn keys_and_consumers_differing_by_trailing_spaces_are_distinct<C: Backend>(db: TestDb<C>) {
+    let mut conn = db.conn();
+    let delivery = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}");
+    let billing = Inbox::new("billing");
+    let mut outcomes = Vec::new();
+    for key in ["order:42", "order:42 ", "order:42  ", "order:42"] {
+        outcomes.push(
+            billing
+                .process_once_by(&mut *conn, DedupKey::business(key), &delivery, |_| {
+                    Ok::<_, Error>(key.len())
+                })
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Processed::Handled(8),
+            Processed::Handled(9),
+            Processed::Handled(10),
+            Processed::Duplicate
+        ],
+        "three distinct business keys"
+    );
+
+    let by_id = |inbox: &Inbox, conn: &mut C| {
+        inbox
+            .process_once(conn, &delivery, |_| Ok::<_, Error>(()))
+            .unwrap()
+    };
+    let padded = Inbox::new("billing ");
+    assert_eq!(by_id(&billing, &mut conn), Processed::Handled(()));
+    assert_eq!(
+        by_id(&padded, &mut conn),
+        Processed::Handled(()),
+        "another consumer"
+    );
+    assert_eq!(by_id(&padded, &mut conn), Processed::Duplicate);
+    assert_eq!(billing.processed_count(&mut *conn).unwrap(), 4);
+    assert_eq!(padded.processed_count(&mut *conn).unwrap(), 1);
+}
+
+fn keys_differing_by_trailing_spaces_are_distinct_keys<C: Backend>(db: TestDb<C>) {
+    let poison = msg("k", "poison");
+    let poison_id = poison.id();
+    enqueue(&mut db.conn(), &poison).unwrap();
+    let fatal: std::sync::Arc<std::sync::Mutex<Vec<MessageId>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![poison_id]));
+    let refused = fatal.clone();
+    let publisher = InMemoryPublisher::new().with_fault(move |m| {
+        refused
+            .lock()
+            .unwrap()
+            .contains(&m.id)
+            .then(|| PublishError::Fatal("refused".into()))
+    });
+    let mut relay = relay(&db, publisher.clone(), RelayConfig::default());
+    drain(&mut relay);
+    assert_eq!(
+        find_message(&mut db.conn(), poison_id)
+            .unwrap()
+            .unwrap()
+            .status,
+        Status::Parked
+    );
+
+    // A parked `k` holds back `k` only.
+    let other = msg("k ", "other key");
+    enqueue(&mut db.conn(), &other).unwrap();
+    drain(&mut relay);
+    let published: Vec<MessageId> = publisher.published().iter().map(|m| m.id).collect();
+    assert_eq!(published, vec![other.id()], "`k ` is not blocked by `k`");
+
+    // Requeueing `k` requeues `k` only.
+    let parked_too = msg("k ", "parked too");
+    fatal.lock().unwrap().push(parked_too.id());
+    enqueue(&mut db.conn(), &parked_too).unwrap();
+    drain(&mut relay);
+    assert_eq!(requeue_key(&mut db.conn(), "k").unwrap(), 1);
+    let status = |id| find_message(&mut db.conn(), id).unwrap().unwrap().status;
+    assert_eq!(status(poison_id), Status::Pending);
+    assert_eq!(status(parked_too.id()), Status::Parked, "`k ` untouched");
+}
+
+backend_tests!(
+    database_errors_name_their_cause,
+    keys_and_consumers_differing_by_trailing_spaces_are_distinct,
+    keys_differing_by_trailing_spaces_are_distinct_keys,
+);
 
 #[test]
 fn pool_errors_name_their_cause() {
