@@ -430,3 +430,22 @@ fn a_mysql_url_without_the_mysql_feature_is_a_clear_error() {
         "{run:?}"
     );
 }
+
+#[test]
+fn relay_leases_and_batch_sizes_out_of_bounds_are_usage_errors() {
+    let db = "/nonexistent/waybill.db";
+    for (flag, value) in [
+        ("--lease", "2days"),
+        ("--lease", "0s"),
+        ("--batch-size", "0"),
+        ("--batch-size", "50001"),
+    ] {
+        let run = support::waybill(
+            db,
+            &["relay", "--broker-url", "nats://127.0.0.1:1", flag, value],
+            "",
+        );
+        run.assert_code(2);
+        assert!(run.stderr.contains(flag), "{run:?}");
+    }
+}

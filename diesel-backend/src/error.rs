@@ -43,6 +43,16 @@ pub enum Error {
         /// Its length in characters.
         chars: usize,
     },
+    /// A claim's lease is outside [`RelayConfig::MIN_LEASE`](waybill_outbox_core::RelayConfig::MIN_LEASE)
+    /// to [`RelayConfig::MAX_LEASE`](waybill_outbox_core::RelayConfig::MAX_LEASE); nothing was
+    /// claimed.
+    #[error("a lease of {0:?} is out of bounds (1 ms to 1 day)")]
+    InvalidLease(std::time::Duration),
+    /// A claim's batch size is 0 or above
+    /// [`RelayConfig::MAX_BATCH_SIZE`](waybill_outbox_core::RelayConfig::MAX_BATCH_SIZE);
+    /// nothing was claimed.
+    #[error("a batch size of {0} is out of bounds (1 to 50,000)")]
+    InvalidBatchSize(usize),
     /// No message with this id is in the outbox.
     #[error("message {0} is not in the outbox")]
     MessageNotFound(MessageId),

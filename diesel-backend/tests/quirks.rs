@@ -151,8 +151,78 @@ fn keys_differing_by_trailing_spaces_are_distinct_keys<C: Backend>(db: TestDb<C>
     assert_eq!(status(parked_too.id()), Status::Parked, "`k ` untouched");
 }
 
+fn a_lease_out_of_bounds_is_refused_by_the_store<C: Backend>(db: TestDb<C>) {
+    enqueue(&mut db.conn(), &msg("k", "waits")).unwrap();
+    let store = DieselStore::new(db.pool.clone());
+    let day = RelayConfig::MAX_LEASE;
+    for lease in [
+        Duration::ZERO,
+        day + Duration::from_micros(1),
+        Duration::MAX,
+    ] {
+        let refused = store.claim(10, lease, "relay");
+        assert!(
+            matches!(refused, Err(Error::InvalidLease(l)) if l == lease),
+            "{lease:?}: {refused:?}"
+        );
+    }
+    for limit in [0, RelayConfig::MAX_BATCH_SIZE + 1] {
+        let refused = store.claim_ahead(limit, Duration::from_secs(30), "relay");
+        assert!(
+            matches!(refused, Err(Error::InvalidBatchSize(n)) if n == limit),
+            "{limit}: {refused:?}"
+        );
+    }
+    let claimed = store
+        .claim(RelayConfig::MAX_BATCH_SIZE, day, "relay")
+        .unwrap();
+    assert_eq!(
+        claimed.messages.len(),
+        1,
+        "the bounds themselves are allowed"
+    );
+}
+
+fn an_overlong_lease_is_clamped_and_the_relay_publishes<C: Backend>(db: TestDb<C>) {
+    let message = msg("k", "leased for a century");
+    enqueue(&mut db.conn(), &message).unwrap();
+    let publisher = InMemoryPublisher::new();
+    let century = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    let mut relay = relay(
+        &db,
+        publisher.clone(),
+        RelayConfig::default().lease(century),
+    );
+    assert_eq!(relay.config().lease_duration(), RelayConfig::MAX_LEASE);
+    let report = relay.run_once().unwrap();
+    assert_eq!((report.claimed, report.published), (1, 1));
+    assert_eq!(publisher.published()[0].id, message.id());
+}
+
+fn an_overlong_retry_delay_is_written_back<C: Backend>(db: TestDb<C>) {
+    let message = msg("k", "backs off for ages");
+    enqueue(&mut db.conn(), &message).unwrap();
+    let publisher = InMemoryPublisher::new()
+        .with_fault(|_| Some(PublishError::Retryable("broker unavailable".into())));
+    let forever = waybill_outbox_core::Backoff::new(Duration::MAX, Duration::MAX);
+    let mut relay = relay(&db, publisher, RelayConfig::default().backoff(forever));
+    let report = relay.run_once().unwrap();
+    assert_eq!((report.retried, report.fenced_off), (1, 0));
+    let stored = find_message(&mut db.conn(), message.id()).unwrap().unwrap();
+    assert_eq!(stored.attempts, 1, "the retry was written back");
+    assert!(
+        stored.available_at > chrono::Utc::now() + chrono::Duration::days(50 * 365),
+        "waits for decades: {}",
+        stored.available_at
+    );
+    assert_eq!(relay.run_once().unwrap().claimed, 0);
+}
+
 backend_tests!(
     database_errors_name_their_cause,
+    a_lease_out_of_bounds_is_refused_by_the_store,
+    an_overlong_lease_is_clamped_and_the_relay_publishes,
+    an_overlong_retry_delay_is_written_back,
     keys_and_consumers_differing_by_trailing_spaces_are_distinct,
     keys_differing_by_trailing_spaces_are_distinct_keys,
 );
