@@ -34,6 +34,11 @@ impl<'a> Grouped<'a> {
     }
 }
 
+/// Seqs per statement of a write-back: below every backend's bind-variable limit (SQLite
+/// 32,766, MySQL 65,535) with room for the other binds of the statement.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+pub(crate) const WRITE_BACK_CHUNK: usize = 10_000;
+
 /// The longest span written into a date: 100 years. Longer delays (a backoff configured in
 /// centuries) are capped, so no backend's date arithmetic overflows or panics.
 const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);

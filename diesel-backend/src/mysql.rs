@@ -18,7 +18,7 @@ use waybill_outbox_core::{
 
 use crate::common::{
     choose, headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Choice,
-    Grouped, RawRow,
+    Grouped, RawRow, WRITE_BACK_CHUNK,
 };
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
@@ -422,8 +422,8 @@ impl OutboxConnection for MysqlConnection {
                     .filter(m::bucket.eq_any(held.clone()))
                     .filter(m::status.eq(Status::Pending.code()))
             };
-            if !grouped.published.is_empty() {
-                let target = mine().filter(m::seq.eq_any(&grouped.published));
+            for chunk in grouped.published.chunks(WRITE_BACK_CHUNK) {
+                let target = mine().filter(m::seq.eq_any(chunk));
                 applied += match retention {
                     Retention::Delete => diesel::delete(target).execute(conn)?,
                     Retention::Keep(_) => diesel::update(target)
@@ -434,10 +434,10 @@ impl OutboxConnection for MysqlConnection {
                         .execute(conn)?,
                 };
             }
-            if !grouped.released.is_empty() {
+            for chunk in grouped.released.chunks(WRITE_BACK_CHUNK) {
                 // Nothing to write: releasing the bucket hands them back.
                 let still_mine: i64 = mine()
-                    .filter(m::seq.eq_any(&grouped.released))
+                    .filter(m::seq.eq_any(chunk))
                     .count()
                     .get_result(conn)?;
                 applied += usize::try_from(still_mine).unwrap_or(0);

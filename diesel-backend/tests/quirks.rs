@@ -246,3 +246,57 @@ fn pool_errors_name_their_cause() {
         "{text}"
     );
 }
+
+/// Enqueues `count` small messages over 100 keys; returns their ids.
+fn backlog<C: Backend>(db: &TestDb<C>, count: usize) -> Vec<MessageId> {
+    let messages: Vec<NewOutboxMessage> = (0..count)
+        .map(|n| msg(&format!("key:{}", n % 100), &n.to_string()))
+        .collect();
+    let mut conn = db.conn();
+    conn.transaction(|conn| waybill_diesel::enqueue_all(conn, &messages))
+        .unwrap();
+    messages.iter().map(NewOutboxMessage::id).collect()
+}
+
+/// Drives a relay with `batch_size` over a backlog of `count` and checks that every message was
+/// published exactly once.
+fn batch_above_the_bind_limit_is_published_once<C: Backend>(
+    db: &TestDb<C>,
+    count: usize,
+    batch_size: usize,
+) {
+    let ids = backlog(db, count);
+    let publisher = InMemoryPublisher::new();
+    let mut relay = relay(
+        db,
+        publisher.clone(),
+        RelayConfig::default().batch_size(batch_size),
+    );
+    let first = relay.run_once().unwrap();
+    assert_eq!(first.claimed, first.published);
+    assert!(
+        first.claimed > 32_766,
+        "one batch above SQLite's bind limit: {first:?}"
+    );
+    drain(&mut relay);
+    let published: Vec<MessageId> = publisher.published().iter().map(|m| m.id).collect();
+    assert_eq!(published.len(), count, "each message published once");
+    let distinct: std::collections::HashSet<MessageId> = published.into_iter().collect();
+    assert_eq!(distinct, ids.into_iter().collect());
+    let stats = topic_stats(&mut db.conn()).unwrap();
+    assert!(stats.iter().all(|t| t.pending == 0), "{stats:?}");
+}
+
+#[test]
+fn sqlite_batch_above_the_bind_limit_is_published_once() {
+    let db = common::sqlite().unwrap();
+    batch_above_the_bind_limit_is_published_once(&db, 40_000, 40_000);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_batch_above_the_bind_limit_is_published_once() {
+    if let Some(db) = common::mysql() {
+        batch_above_the_bind_limit_is_published_once(&db, 70_000, 70_000);
+    }
+}
