@@ -640,11 +640,10 @@ impl OutboxConnection for PgConnection {
     }
 
     fn announce_outbox_idle(&mut self, idle: bool) -> Result<()> {
-        diesel::sql_query(
-            "UPDATE outbox_relay_locks SET token = $1, updated_at = now() WHERE name = 'wakeup'",
-        )
-        .bind::<BigInt, _>(i64::from(idle))
-        .execute(self)?;
+        // A sequence, set outside any transaction: see the `wakeup_sequence` migration.
+        diesel::sql_query("SELECT setval('outbox_relay_wakeup', $1)")
+            .bind::<BigInt, _>(i64::from(idle))
+            .execute(self)?;
         Ok(())
     }
 

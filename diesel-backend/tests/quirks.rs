@@ -300,3 +300,56 @@ fn mysql_batch_above_the_bind_limit_is_published_once() {
         batch_above_the_bind_limit_is_published_once(&db, 70_000, 70_000);
     }
 }
+
+/// Connections whose transactions are SERIALIZABLE unless they say otherwise: a database run
+/// with `default_transaction_isolation = serializable`.
+#[cfg(feature = "postgres")]
+#[derive(Debug)]
+struct Serializable;
+
+#[cfg(feature = "postgres")]
+impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Serializable {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn serializable_writers_that_only_enqueue_both_commit() {
+    let Some(db) = common::postgres() else { return };
+    let mut writers: Vec<PgConnection> = (0..2)
+        .map(|_| PgConnection::establish(&db.url).unwrap())
+        .collect();
+    let messages = [msg("a", "first writer"), msg("b", "second writer")];
+    for (writer, message) in writers.iter_mut().zip(&messages) {
+        writer
+            .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            .unwrap();
+        enqueue(writer, message).unwrap();
+    }
+    // Meanwhile a relay, also at SERIALIZABLE, finds nothing committed, asks for wake-ups and
+    // looks once more, as `Relay::run` does.
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(Serializable))
+        .build(ConnectionManager::<PgConnection>::new(&db.url))
+        .unwrap();
+    let store = DieselStore::new(pool);
+    let lease = Duration::from_secs(30);
+    assert!(store.claim(10, lease, "relay").unwrap().messages.is_empty());
+    store.announce_idle(true).unwrap();
+    assert!(store.claim(10, lease, "relay").unwrap().messages.is_empty());
+    for writer in &mut writers {
+        writer
+            .batch_execute("COMMIT")
+            .expect("a writer that only enqueued commits");
+    }
+    let publisher = InMemoryPublisher::new();
+    let mut relay = Relay::new(store, publisher.clone(), RelayConfig::default());
+    drain(&mut relay);
+    assert_eq!(publisher.len(), 2);
+}
