@@ -164,6 +164,10 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
 /// The same SQL is in the repository's `migrations/<backend>/` folders for projects that manage
 /// their schema with `diesel migration`.
 ///
+/// On PostgreSQL it also sets the `seq` sequence's `CACHE` back to 1 (with a warning) if it was
+/// raised: with a cache, sessions draw `seq` from their own ranges, and a message enqueued after
+/// another one committed could be published before it.
+///
 /// # Errors
 ///
 /// [`Error::Migration`].

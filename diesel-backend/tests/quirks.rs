@@ -353,3 +353,34 @@ fn serializable_writers_that_only_enqueue_both_commit() {
     drain(&mut relay);
     assert_eq!(publisher.len(), 2);
 }
+
+#[cfg(feature = "postgres")]
+#[test]
+fn migrations_reset_a_raised_seq_cache_to_one() {
+    #[derive(QueryableByName)]
+    struct Cache {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        cache: i64,
+    }
+    let Some(db) = common::postgres() else { return };
+    let mut conn = db.conn();
+    let cache = |conn: &mut PgConnection| {
+        diesel::sql_query(
+            "SELECT seqcache AS cache FROM pg_sequence \
+             WHERE seqrelid = pg_get_serial_sequence('outbox_messages', 'seq')::regclass",
+        )
+        .get_result::<Cache>(conn)
+        .unwrap()
+        .cache
+    };
+    assert_eq!(cache(&mut conn), 1);
+    conn.batch_execute("ALTER TABLE outbox_messages ALTER COLUMN seq SET CACHE 50")
+        .unwrap();
+    assert_eq!(cache(&mut conn), 50);
+    waybill_diesel::run_migrations(&mut conn).unwrap();
+    assert_eq!(
+        cache(&mut conn),
+        1,
+        "repaired although no migration was pending"
+    );
+}
