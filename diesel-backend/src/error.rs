@@ -53,6 +53,20 @@ pub enum Error {
     /// nothing was claimed.
     #[error("a batch size of {0} is out of bounds (1 to 50,000)")]
     InvalidBatchSize(usize),
+    /// The message is larger than one statement may be on this server (MySQL's
+    /// `max_allowed_packet`); nothing was written. Raise the server's limit or lower
+    /// [`Limits`](waybill_outbox_core::Limits).
+    #[error(
+        "message {id} needs about {bytes} bytes, more than the server's packet limit of {limit}"
+    )]
+    TooLargeForServer {
+        /// The message.
+        id: MessageId,
+        /// About how many bytes its row takes in a statement.
+        bytes: u64,
+        /// The server's `max_allowed_packet`.
+        limit: u64,
+    },
     /// No message with this id is in the outbox.
     #[error("message {0} is not in the outbox")]
     MessageNotFound(MessageId),

@@ -146,12 +146,14 @@ pub fn enqueue<C: OutboxConnection + ?Sized>(
 /// Writes all `messages` to the outbox on `conn`, in order, joining the caller's transaction.
 ///
 /// Like [`enqueue`], with as few statements as the backend allows. More than 1,000 messages
-/// need several statements: then it must run inside a transaction.
+/// need several statements, and so do messages larger together than a MySQL statement may be
+/// (the server's `max_allowed_packet`): then it must run inside a transaction.
 ///
 /// # Errors
 ///
 /// As [`enqueue`], plus [`Error::NotInTransaction`] for a multi-statement batch outside a
-/// transaction and [`Error::DuplicateMessageId`] for an id repeated within `messages`.
+/// transaction, [`Error::DuplicateMessageId`] for an id repeated within `messages` and, on
+/// MySQL, [`Error::TooLargeForServer`] for a message larger than one statement may be.
 pub fn enqueue_all<C: OutboxConnection + ?Sized>(
     conn: &mut C,
     messages: &[NewOutboxMessage],

@@ -218,7 +218,31 @@ fn an_overlong_retry_delay_is_written_back<C: Backend>(db: TestDb<C>) {
     assert_eq!(relay.run_once().unwrap().claimed, 0);
 }
 
+fn several_four_mebibyte_messages_in_one_enqueue_all_all_land<C: Backend>(db: TestDb<C>) {
+    let limit = waybill_outbox_core::Limits::default().payload_limit();
+    let messages: Vec<NewOutboxMessage> = (0..5u8)
+        .map(|n| {
+            NewOutboxMessage::bytes(
+                "orders",
+                "k",
+                "Big",
+                "application/octet-stream",
+                vec![n; limit],
+            )
+        })
+        .collect();
+    let mut conn = db.conn();
+    conn.transaction(|conn| waybill_diesel::enqueue_all(conn, &messages))
+        .unwrap();
+    for (n, message) in (0..5u8).zip(&messages) {
+        let stored = find_message(&mut *conn, message.id()).unwrap().unwrap();
+        assert_eq!(stored.payload.len(), limit);
+        assert!(stored.payload.iter().all(|&b| b == n));
+    }
+}
+
 backend_tests!(
+    several_four_mebibyte_messages_in_one_enqueue_all_all_land,
     database_errors_name_their_cause,
     a_lease_out_of_bounds_is_refused_by_the_store,
     an_overlong_lease_is_clamped_and_the_relay_publishes,
@@ -382,5 +406,38 @@ fn migrations_reset_a_raised_seq_cache_to_one() {
         cache(&mut conn),
         1,
         "repaired although no migration was pending"
+    );
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn a_message_larger_than_the_servers_packet_is_refused_with_a_typed_error() {
+    let Some(db) = common::mysql() else { return };
+    let outbox = waybill_diesel::Outbox::new(
+        waybill_outbox_core::Limits::default().max_payload_bytes(64 * 1024 * 1024),
+    );
+    let huge = NewOutboxMessage::bytes("orders", "k", "Huge", "text/plain", vec![b'x'; 60 << 20]);
+    let mut conn = db.conn();
+    let refused = outbox.enqueue(&mut *conn, &huge);
+    assert!(
+        matches!(refused, Err(Error::TooLargeForServer { id, .. }) if id == huge.id()),
+        "{refused:?}"
+    );
+    // The connection is still usable: nothing was sent.
+    assert!(topic_stats(&mut *conn).unwrap().is_empty());
+
+    // Messages that need several statements cannot be written outside a transaction.
+    let limit = waybill_outbox_core::Limits::default().payload_limit();
+    let big: Vec<NewOutboxMessage> = (0..5)
+        .map(|_| NewOutboxMessage::bytes("orders", "k", "Big", "text/plain", vec![b'x'; limit]))
+        .collect();
+    let outside = waybill_diesel::enqueue_all(&mut *conn, &big);
+    assert!(
+        matches!(outside, Err(Error::NotInTransaction(5))),
+        "{outside:?}"
+    );
+    assert!(
+        topic_stats(&mut *conn).unwrap().is_empty(),
+        "nothing written"
     );
 }
