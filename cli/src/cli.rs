@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
+use waybill_outbox_core::RelayConfig;
 
 /// The waybill relay and operator commands.
 #[derive(Debug, Parser)]
@@ -129,8 +130,8 @@ pub(crate) struct RelayArgs {
     /// and `<topic>.>`; RabbitMQ: a durable topic exchange per topic). Claims are not filtered.
     #[arg(long, env = "WAYBILL_TOPICS", value_delimiter = ',')]
     pub(crate) topics: Vec<String>,
-    /// Messages per claim.
-    #[arg(long, default_value_t = 100)]
+    /// Messages per claim (1 to 50,000).
+    #[arg(long, default_value_t = 100, value_parser = parse_batch_size)]
     pub(crate) batch_size: usize,
     /// Relay threads in this process, each its own relay over one pool.
     #[arg(long, default_value_t = 1)]
@@ -138,8 +139,8 @@ pub(crate) struct RelayArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "WAYBILL_METRICS_ADDR")]
     pub(crate) metrics_addr: Option<SocketAddr>,
-    /// How long a claim holds its messages (e.g. 30s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// How long a claim holds its messages (e.g. 30s; 1ms to 1day).
+    #[arg(long, value_parser = parse_lease)]
     pub(crate) lease: Option<Duration>,
     /// Longest wait between polls when idle (e.g. 1s).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -150,4 +151,27 @@ pub(crate) struct RelayArgs {
     /// Relay owner name prefix; each relay appends `-<n>`. Defaults to `<host>-<pid>`.
     #[arg(long)]
     pub(crate) owner: Option<String>,
+}
+
+/// A batch size the relay accepts, or a usage error (the relay would only clamp it).
+fn parse_batch_size(text: &str) -> Result<usize, String> {
+    let size: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if (1..=RelayConfig::MAX_BATCH_SIZE).contains(&size) {
+        Ok(size)
+    } else {
+        Err(format!(
+            "must be 1 to {}, not {size}",
+            RelayConfig::MAX_BATCH_SIZE
+        ))
+    }
+}
+
+/// A lease the relay accepts, or a usage error (the relay would only clamp it).
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if (RelayConfig::MIN_LEASE..=RelayConfig::MAX_LEASE).contains(&lease) {
+        Ok(lease)
+    } else {
+        Err(format!("must be 1ms to 1day, not {text}"))
+    }
 }

@@ -105,7 +105,7 @@ fn run_relays<C: Backend, P: Publisher + Send + 'static>(
     let mut threads = Vec::new();
     for (n, publisher) in publishers.into_iter().enumerate() {
         let mut config = RelayConfig::default()
-            .batch_size(args.batch_size.max(1))
+            .batch_size(args.batch_size)
             .owner(format!("{prefix}-{n}"));
         if let Some(lease) = args.lease {
             config = config.lease(lease);

@@ -389,7 +389,22 @@ fn migrate_creates_the_schema<C: Backend + Ops>(db: TestDb<C>) {
     waybill_diesel::revert_migrations(&mut db.conn()).unwrap();
     let run = waybill(&db, &["status"], "");
     run.assert_code(1); // no tables
-    assert!(run.stderr.contains("error: "), "{run:?}");
+    assert!(run.stderr.contains("error: database error: "), "{run:?}");
+    assert!(
+        run.stderr.contains("waybill migrate"),
+        "says what to do: {run:?}"
+    );
+    let cause = run
+        .stderr
+        .rsplit("database error: ")
+        .next()
+        .unwrap_or_default();
+    let cause = cause.split(" (run").next().unwrap_or_default();
+    assert_eq!(
+        run.stderr.matches(cause).count(),
+        1,
+        "the cause is named once: {run:?}"
+    );
     waybill(&db, &["migrate"], "").assert_code(0);
     waybill(&db, &["status", "--json"], "").assert_code(0);
 }
@@ -414,4 +429,23 @@ fn a_mysql_url_without_the_mysql_feature_is_a_clear_error() {
         run.stderr.contains("without the `mysql` feature"),
         "{run:?}"
     );
+}
+
+#[test]
+fn relay_leases_and_batch_sizes_out_of_bounds_are_usage_errors() {
+    let db = "/nonexistent/waybill.db";
+    for (flag, value) in [
+        ("--lease", "2days"),
+        ("--lease", "0s"),
+        ("--batch-size", "0"),
+        ("--batch-size", "50001"),
+    ] {
+        let run = support::waybill(
+            db,
+            &["relay", "--broker-url", "nats://127.0.0.1:1", flag, value],
+            "",
+        );
+        run.assert_code(2);
+        assert!(run.stderr.contains(flag), "{run:?}");
+    }
 }

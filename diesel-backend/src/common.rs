@@ -34,9 +34,18 @@ impl<'a> Grouped<'a> {
     }
 }
 
-/// A duration in whole microseconds, the precision every backend keeps.
+/// Seqs per statement of a write-back: below every backend's bind-variable limit (SQLite
+/// 32,766, MySQL 65,535) with room for the other binds of the statement.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+pub(crate) const WRITE_BACK_CHUNK: usize = 10_000;
+
+/// The longest span written into a date: 100 years. Longer delays (a backoff configured in
+/// centuries) are capped, so no backend's date arithmetic overflows or panics.
+const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// A duration in whole microseconds, the precision every backend keeps, capped at 100 years.
 pub(crate) fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+    i64::try_from(duration.min(MAX_SPAN).as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Errors and reasons are stored for operators; keep them to a readable size.

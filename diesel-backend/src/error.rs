@@ -43,6 +43,30 @@ pub enum Error {
         /// Its length in characters.
         chars: usize,
     },
+    /// A claim's lease is outside [`RelayConfig::MIN_LEASE`](waybill_outbox_core::RelayConfig::MIN_LEASE)
+    /// to [`RelayConfig::MAX_LEASE`](waybill_outbox_core::RelayConfig::MAX_LEASE); nothing was
+    /// claimed.
+    #[error("a lease of {0:?} is out of bounds (1 ms to 1 day)")]
+    InvalidLease(std::time::Duration),
+    /// A claim's batch size is 0 or above
+    /// [`RelayConfig::MAX_BATCH_SIZE`](waybill_outbox_core::RelayConfig::MAX_BATCH_SIZE);
+    /// nothing was claimed.
+    #[error("a batch size of {0} is out of bounds (1 to 50,000)")]
+    InvalidBatchSize(usize),
+    /// The message is larger than one statement may be on this server (MySQL's
+    /// `max_allowed_packet`); nothing was written. Raise the server's limit or lower
+    /// [`Limits`](waybill_outbox_core::Limits).
+    #[error(
+        "message {id} needs about {bytes} bytes, more than the server's packet limit of {limit}"
+    )]
+    TooLargeForServer {
+        /// The message.
+        id: MessageId,
+        /// About how many bytes its row takes in a statement.
+        bytes: u64,
+        /// The server's `max_allowed_packet`.
+        limit: u64,
+    },
     /// No message with this id is in the outbox.
     #[error("message {0} is not in the outbox")]
     MessageNotFound(MessageId),
@@ -66,11 +90,12 @@ pub enum Error {
         /// The reused id.
         message_id: MessageId,
     },
-    /// The database refused or failed a statement.
-    #[error("database error")]
+    /// The database refused or failed a statement; the text names the cause, and a missing
+    /// table says to run the migrations.
+    #[error("database error: {0}{hint}", hint = missing_table_hint(.0))]
     Database(#[from] DieselError),
-    /// No pooled connection could be had.
-    #[error("connection pool error")]
+    /// No pooled connection could be had (the text says why: a timeout, a refused connection).
+    #[error("connection pool error: {0}")]
     Pool(#[from] r2d2::Error),
     /// Running the embedded migrations failed.
     #[error("running migrations failed: {0}")]
@@ -109,6 +134,24 @@ impl Retryable for Error {
             Self::Database(DieselError::BrokenTransactionManager) => true,
             _ => false,
         }
+    }
+}
+
+/// What to do about a table that does not exist: the schema was never migrated (or migrated in
+/// another schema or database than the one the connection uses).
+fn missing_table_hint(error: &DieselError) -> &'static str {
+    let DieselError::DatabaseError(_, info) = error else {
+        return "";
+    };
+    let message = info.message();
+    // PostgreSQL, SQLite and MySQL/MariaDB spell it differently and give it no error kind.
+    let missing = (message.starts_with("relation ") && message.ends_with("does not exist"))
+        || message.starts_with("no such table")
+        || (message.starts_with("Table ") && message.ends_with("doesn't exist"));
+    if missing {
+        " (run `waybill migrate` or `waybill_diesel::run_migrations` on this database first)"
+    } else {
+        ""
     }
 }
 

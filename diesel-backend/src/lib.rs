@@ -146,12 +146,14 @@ pub fn enqueue<C: OutboxConnection + ?Sized>(
 /// Writes all `messages` to the outbox on `conn`, in order, joining the caller's transaction.
 ///
 /// Like [`enqueue`], with as few statements as the backend allows. More than 1,000 messages
-/// need several statements: then it must run inside a transaction.
+/// need several statements, and so do messages larger together than a MySQL statement may be
+/// (the server's `max_allowed_packet`): then it must run inside a transaction.
 ///
 /// # Errors
 ///
 /// As [`enqueue`], plus [`Error::NotInTransaction`] for a multi-statement batch outside a
-/// transaction and [`Error::DuplicateMessageId`] for an id repeated within `messages`.
+/// transaction, [`Error::DuplicateMessageId`] for an id repeated within `messages` and, on
+/// MySQL, [`Error::TooLargeForServer`] for a message larger than one statement may be.
 pub fn enqueue_all<C: OutboxConnection + ?Sized>(
     conn: &mut C,
     messages: &[NewOutboxMessage],
@@ -163,6 +165,10 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
 ///
 /// The same SQL is in the repository's `migrations/<backend>/` folders for projects that manage
 /// their schema with `diesel migration`.
+///
+/// On PostgreSQL it also sets the `seq` sequence's `CACHE` back to 1 (with a warning) if it was
+/// raised: with a cache, sessions draw `seq` from their own ranges, and a message enqueued after
+/// another one committed could be published before it.
 ///
 /// # Errors
 ///

@@ -18,7 +18,7 @@ use waybill_outbox_core::{
 
 use crate::common::{
     choose, headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Choice,
-    Grouped, RawRow,
+    Grouped, RawRow, WRITE_BACK_CHUNK,
 };
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
@@ -263,7 +263,11 @@ impl OutboxConnection for MysqlConnection {
 
     fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()> {
         let single = (messages.len() == 1).then(|| messages[0].id());
-        for chunk in messages.chunks(crate::INSERT_CHUNK) {
+        let chunks = packet_chunks(self, messages)?;
+        if chunks.len() > 1 && !self.in_transaction()? {
+            return Err(Error::NotInTransaction(messages.len()));
+        }
+        for chunk in chunks {
             let rows = chunk
                 .iter()
                 .map(|msg| {
@@ -422,8 +426,8 @@ impl OutboxConnection for MysqlConnection {
                     .filter(m::bucket.eq_any(held.clone()))
                     .filter(m::status.eq(Status::Pending.code()))
             };
-            if !grouped.published.is_empty() {
-                let target = mine().filter(m::seq.eq_any(&grouped.published));
+            for chunk in grouped.published.chunks(WRITE_BACK_CHUNK) {
+                let target = mine().filter(m::seq.eq_any(chunk));
                 applied += match retention {
                     Retention::Delete => diesel::delete(target).execute(conn)?,
                     Retention::Keep(_) => diesel::update(target)
@@ -434,10 +438,10 @@ impl OutboxConnection for MysqlConnection {
                         .execute(conn)?,
                 };
             }
-            if !grouped.released.is_empty() {
+            for chunk in grouped.released.chunks(WRITE_BACK_CHUNK) {
                 // Nothing to write: releasing the bucket hands them back.
                 let still_mine: i64 = mine()
-                    .filter(m::seq.eq_any(&grouped.released))
+                    .filter(m::seq.eq_any(chunk))
                     .count()
                     .get_result(conn)?;
                 applied += usize::try_from(still_mine).unwrap_or(0);
@@ -547,6 +551,77 @@ impl OutboxConnection for MysqlConnection {
             })
             .collect())
     }
+}
+
+/// Bytes of a statement beyond its rows' values (SQL text, protocol headers): kept free of the
+/// packet limit.
+const PACKET_MARGIN: u64 = 64 * 1024;
+
+/// Bytes a row takes beyond its values (length prefixes, type codes).
+const ROW_OVERHEAD: u64 = 128;
+
+/// Below this total size no server refuses a batch (MySQL's default `max_allowed_packet` is
+/// 64 MiB, MariaDB's 16 MiB, the lowest either ships with 4 MiB), so the limit is not read.
+const SMALL_BATCH: u64 = 1024 * 1024;
+
+/// About how many bytes `message`'s row takes in an `INSERT`.
+fn row_bytes(message: &NewOutboxMessage) -> u64 {
+    // An upper bound of the headers' JSON: escaping turns a byte into at most six.
+    let headers: usize = message
+        .headers()
+        .iter()
+        .map(|(name, value)| 6 * (name.len() + value.len()) + 6)
+        .sum();
+    let text = message.topic().len()
+        + message.partition_key().len()
+        + message.message_type().len()
+        + message.content_type().len();
+    (message.payload().len() + headers + text + 16) as u64 + ROW_OVERHEAD
+}
+
+#[derive(QueryableByName)]
+struct Packet {
+    #[diesel(sql_type = BigInt)]
+    packet: i64,
+}
+
+/// Splits `messages` into `INSERT`s that each fit the server's `max_allowed_packet` (read once,
+/// and only for a batch large enough to matter) and hold at most `INSERT_CHUNK` rows. A
+/// statement above the limit is not refused politely: the server drops the connection.
+fn packet_chunks<'m>(
+    conn: &mut MysqlConnection,
+    messages: &'m [NewOutboxMessage],
+) -> Result<Vec<&'m [NewOutboxMessage]>> {
+    let sizes: Vec<u64> = messages.iter().map(row_bytes).collect();
+    let total: u64 = sizes.iter().sum();
+    if total <= SMALL_BATCH {
+        return Ok(messages.chunks(crate::INSERT_CHUNK).collect());
+    }
+    let Packet { packet } =
+        diesel::sql_query("SELECT CAST(@@max_allowed_packet AS SIGNED) AS packet")
+            .get_result(conn)?;
+    let limit = u64::try_from(packet).unwrap_or(0);
+    let budget = limit.saturating_sub(PACKET_MARGIN);
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, (message, &size)) in messages.iter().zip(&sizes).enumerate() {
+        if size > budget {
+            return Err(Error::TooLargeForServer {
+                id: message.id(),
+                bytes: size,
+                limit,
+            });
+        }
+        if index > start && (bytes + size > budget || index - start == crate::INSERT_CHUNK) {
+            chunks.push(&messages[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < messages.len() {
+        chunks.push(&messages[start..]);
+    }
+    Ok(chunks)
 }
 
 /// Parks one message in a bucket the caller holds.

@@ -371,7 +371,8 @@ impl OutboxConnection for PgConnection {
         let migrated = self
             .run_pending_migrations(MIGRATIONS)
             .map(drop)
-            .map_err(Error::Migration);
+            .map_err(Error::Migration)
+            .and_then(|()| uncache_seq(self));
         diesel::sql_query("SELECT pg_advisory_unlock($1)")
             .bind::<BigInt, _>(MIGRATION_LOCK)
             .execute(self)?;
@@ -640,11 +641,10 @@ impl OutboxConnection for PgConnection {
     }
 
     fn announce_outbox_idle(&mut self, idle: bool) -> Result<()> {
-        diesel::sql_query(
-            "UPDATE outbox_relay_locks SET token = $1, updated_at = now() WHERE name = 'wakeup'",
-        )
-        .bind::<BigInt, _>(i64::from(idle))
-        .execute(self)?;
+        // A sequence, set outside any transaction: see the `wakeup_sequence` migration.
+        diesel::sql_query("SELECT setval('outbox_relay_wakeup', $1)")
+            .bind::<BigInt, _>(i64::from(idle))
+            .execute(self)?;
         Ok(())
     }
 
@@ -663,6 +663,32 @@ impl OutboxConnection for PgConnection {
         }
         Ok(notified)
     }
+}
+
+#[derive(QueryableByName)]
+struct SeqCache {
+    #[diesel(sql_type = BigInt)]
+    cache: i64,
+}
+
+/// Sets the cache of the `seq` sequence back to 1 if someone raised it. With a cache, each
+/// session takes `seq` values from its own preallocated range, so a transaction that enqueues
+/// after another one committed can get the lower `seq`: its message would be published first,
+/// and the commit-order recipe (lock the aggregate, then enqueue) would no longer hold.
+fn uncache_seq(conn: &mut PgConnection) -> Result<()> {
+    let SeqCache { cache } = diesel::sql_query(
+        "SELECT s.seqcache AS cache FROM pg_sequence s \
+         WHERE s.seqrelid = pg_get_serial_sequence('outbox_messages', 'seq')::regclass",
+    )
+    .get_result(conn)?;
+    if cache > 1 {
+        log::warn!(
+            "the outbox_messages seq sequence had CACHE {cache}, which breaks per-key commit \
+             order across sessions; setting it to 1"
+        );
+        conn.batch_execute("ALTER TABLE outbox_messages ALTER COLUMN seq SET CACHE 1")?;
+    }
+    Ok(())
 }
 
 /// Parks one message in a bucket the caller holds.

@@ -17,6 +17,7 @@ use waybill_outbox_core::{
 
 use crate::common::{
     headers_from_text, id_from_bytes, into_messages, micros, truncate_error, Grouped, RawRow,
+    WRITE_BACK_CHUNK,
 };
 use crate::error::duplicate_or;
 use crate::{Error, OutboxConnection, Result, TopicStats};
@@ -336,8 +337,8 @@ impl OutboxConnection for SqliteConnection {
             let now = now();
             let mut applied = 0;
             let pending = || m::table.filter(m::status.eq(Status::Pending.code()));
-            if !grouped.published.is_empty() {
-                let target = pending().filter(m::seq.eq_any(&grouped.published));
+            for chunk in grouped.published.chunks(WRITE_BACK_CHUNK) {
+                let target = pending().filter(m::seq.eq_any(chunk));
                 applied += match retention {
                     Retention::Delete => diesel::delete(target).execute(conn)?,
                     Retention::Keep(_) => diesel::update(target)
@@ -348,10 +349,10 @@ impl OutboxConnection for SqliteConnection {
                         .execute(conn)?,
                 };
             }
-            if !grouped.released.is_empty() {
+            for chunk in grouped.released.chunks(WRITE_BACK_CHUNK) {
                 // Nothing to write: releasing the lease hands them back.
                 let still_pending: i64 = pending()
-                    .filter(m::seq.eq_any(&grouped.released))
+                    .filter(m::seq.eq_any(chunk))
                     .count()
                     .get_result(conn)?;
                 applied += usize::try_from(still_pending).unwrap_or(0);

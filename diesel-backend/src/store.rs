@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection, R2D2Connection};
 use waybill_outbox_core::{
-    Claimed, CompleteReport, Completion, LeaseToken, OutboxStore, Retention,
+    Claimed, CompleteReport, Completion, LeaseToken, OutboxStore, RelayConfig, Retention,
 };
 
 use crate::{Error, OutboxConnection, Result};
@@ -73,10 +73,12 @@ impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore
     type Error = Error;
 
     fn claim(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed> {
+        check_claim(limit, lease)?;
         self.conn()?.claim_outbox_messages(limit, lease, owner, 0)
     }
 
     fn claim_ahead(&self, limit: usize, lease: Duration, owner: &str) -> Result<Claimed> {
+        check_claim(limit, lease)?;
         self.conn()?.claim_outbox_messages(limit, lease, owner, 1)
     }
 
@@ -128,6 +130,18 @@ impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore
             *listener = None;
         })
     }
+}
+
+/// Refuses a claim whose lease or batch size no relay config allows: a lease of years would
+/// overflow the databases' date arithmetic, a huge batch their statement limits.
+fn check_claim(limit: usize, lease: Duration) -> Result<()> {
+    if !(RelayConfig::MIN_LEASE..=RelayConfig::MAX_LEASE).contains(&lease) {
+        return Err(Error::InvalidLease(lease));
+    }
+    if !(1..=RelayConfig::MAX_BATCH_SIZE).contains(&limit) {
+        return Err(Error::InvalidBatchSize(limit));
+    }
+    Ok(())
 }
 
 impl<C: R2D2Connection + 'static> Drop for DieselStore<C> {

@@ -842,10 +842,12 @@ fn writers_are_asked_for_wake_ups_only_while_a_relay_waits() {
     }
     let Some(db) = common::postgres() else { return };
     let flag = || -> i64 {
-        diesel::sql_query("SELECT token FROM outbox_relay_locks WHERE name = 'wakeup'")
-            .get_result::<Flag>(&mut db.conn())
-            .unwrap()
-            .token
+        diesel::sql_query(
+            "SELECT coalesce(pg_sequence_last_value('outbox_relay_wakeup'), 0) AS token",
+        )
+        .get_result::<Flag>(&mut db.conn())
+        .unwrap()
+        .token
     };
     assert_eq!(flag(), 0, "no relay waits yet");
     let (idle_tx, idle) = mpsc::channel();

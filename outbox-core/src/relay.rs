@@ -61,19 +61,41 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
-    /// The most messages claimed and published in one round. Defaults to 500.
+    /// The longest lease a relay takes: 1 day. A relay that dies holds its messages this long
+    /// at most, and no database's date arithmetic overflows.
+    pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// The shortest lease: 1 ms (a lease of zero would have expired before publishing).
+    pub const MIN_LEASE: Duration = Duration::from_millis(1);
+
+    /// The largest batch: 50,000 messages, well within what one claim can read and one
+    /// write-back can write on every backend.
+    pub const MAX_BATCH_SIZE: usize = 50_000;
+
+    /// The most messages claimed and published in one round, from 1 to
+    /// [`MAX_BATCH_SIZE`](Self::MAX_BATCH_SIZE); a value outside is clamped (with a warning).
+    /// Defaults to 500.
     #[must_use]
     pub fn batch_size(mut self, size: usize) -> Self {
-        self.batch_size = size.max(1);
+        let clamped = size.clamp(1, Self::MAX_BATCH_SIZE);
+        if clamped != size {
+            log::warn!("relay batch size {size} is out of bounds; using {clamped}");
+        }
+        self.batch_size = clamped;
         self
     }
 
     /// How long a claim holds its messages. A relay that dies has its messages taken over by
     /// another relay this long after it claimed them; it must be longer than a publish takes.
-    /// Defaults to 30 s.
+    /// From [`MIN_LEASE`](Self::MIN_LEASE) to [`MAX_LEASE`](Self::MAX_LEASE); a value outside
+    /// is clamped (with a warning). Defaults to 30 s.
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        let clamped = lease.clamp(Self::MIN_LEASE, Self::MAX_LEASE);
+        if clamped != lease {
+            log::warn!("relay lease {lease:?} is out of bounds; using {clamped:?}");
+        }
+        self.lease = clamped;
         self
     }
 
@@ -152,6 +174,11 @@ impl RelayConfig {
     /// The batch size in force.
     pub fn batch_limit(&self) -> usize {
         self.batch_size
+    }
+
+    /// The lease in force.
+    pub fn lease_duration(&self) -> Duration {
+        self.lease
     }
 
     /// The owner name in force.
