@@ -394,6 +394,16 @@ impl OutboxConnection for MysqlConnection {
             for (seq, reason) in &malformed {
                 park(conn, &buckets, *seq, reason)?;
             }
+            if messages.is_empty() {
+                // Nothing to publish, so no write-back will release the buckets: release them
+                // now rather than hold the other keys in them until the lease expires.
+                diesel::update(leases::table.filter(leases::token.eq(token)))
+                    .set((
+                        leases::owner.eq(None::<String>),
+                        leases::expires_at.eq(released()),
+                    ))
+                    .execute(conn)?;
+            }
             Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers as u64))
         })
     }

@@ -459,6 +459,16 @@ impl OutboxConnection for PgConnection {
             for (seq, reason) in &malformed {
                 park(conn, &buckets, *seq, reason)?;
             }
+            if messages.is_empty() {
+                // Nothing to publish, so no write-back will release the buckets: release them
+                // now rather than hold the other keys in them until the lease expires.
+                diesel::sql_query(
+                    "UPDATE outbox_relay_leases SET owner = NULL, expires_at = '-infinity' \
+                     WHERE token = $1",
+                )
+                .bind::<BigInt, _>(token)
+                .execute(conn)?;
+            }
             Ok(Claimed::new(token, messages)
                 .with_lease_takeovers(u64::try_from(takeovers).unwrap_or(0)))
         })

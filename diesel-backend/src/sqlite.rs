@@ -316,6 +316,14 @@ impl OutboxConnection for SqliteConnection {
             for (seq, reason) in &malformed {
                 park(conn, *seq, reason)?;
             }
+            if messages.is_empty() {
+                // Nothing to publish, so no write-back will release the lease: release it now.
+                diesel::sql_query(
+                    "UPDATE outbox_relay_leases SET owner = NULL, expires_at = ? WHERE bucket = 0",
+                )
+                .bind::<BigInt, _>(RELEASED)
+                .execute(conn)?;
+            }
             // A lease that ended without being released belonged to a relay that stopped short.
             let takeovers = u64::from(previous.expires_at != RELEASED);
             Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers))

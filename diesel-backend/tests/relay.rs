@@ -422,6 +422,45 @@ fn unreadable_row_is_parked_and_others_flow<C: Backend>(db: TestDb<C>) {
     );
 }
 
+/// A row that cannot be read is parked inside the claim; a later message of its key in the same
+/// claim must wait behind it, or it goes out first and the key's order breaks once an operator
+/// fixes and requeues the unreadable one.
+fn an_unreadable_row_holds_back_the_rest_of_its_key<C: Backend>(db: TestDb<C>) {
+    let (first, second, other) = (msg("k", 0), msg("k", 1), msg("j", 0));
+    let mut conn = db.conn();
+    enqueue(&mut *conn, &first).unwrap();
+    // Valid JSON, not a string map: written by SQL, another language or a newer version.
+    conn.batch_execute("UPDATE outbox_messages SET headers = '[1, 2]' WHERE partition_key = 'k'")
+        .unwrap();
+    enqueue(&mut *conn, &second).unwrap();
+    enqueue(&mut *conn, &other).unwrap();
+    let publisher = InMemoryPublisher::new();
+    let mut relay = relay(&db, publisher.clone(), config());
+    let report = relay.run_once().unwrap();
+    let keys: Vec<String> = publisher
+        .published()
+        .iter()
+        .map(|m| m.partition_key.clone())
+        .collect();
+    assert_eq!(keys, ["j"], "k's second message waits behind its first");
+    assert_eq!(report.claimed, 1);
+    assert_eq!(pending_and_parked(&db), (1, 1));
+    assert_eq!(relay.run_once().unwrap().claimed, 0, "k stays blocked");
+    conn.batch_execute(
+        "UPDATE outbox_messages SET headers = '{}' WHERE partition_key = 'k' AND status = 2",
+    )
+    .unwrap();
+    assert!(requeue(&mut *conn, first.id()).unwrap());
+    drive(&mut relay, || pending_and_parked(&db) == (0, 0));
+    let of_k: Vec<usize> = publisher
+        .published()
+        .iter()
+        .filter(|m| m.partition_key == "k")
+        .map(index_of)
+        .collect();
+    assert_eq!(of_k, [0, 1], "k goes out First, Second");
+}
+
 struct IdleSignal(mpsc::Sender<()>);
 
 impl RelayHooks for IdleSignal {
@@ -732,6 +771,7 @@ backend_tests!(
     broker_outage_backs_off_then_drains_everything,
     delayed_message_holds_back_only_its_key,
     unreadable_row_is_parked_and_others_flow,
+    an_unreadable_row_holds_back_the_rest_of_its_key,
     in_process_wake_reaches_an_idle_relay,
     stop_finishes_the_batch_in_hand_and_holds_nothing,
     retention_keeps_published_messages_until_purged,
