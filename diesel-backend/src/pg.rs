@@ -202,8 +202,9 @@ struct Position {
 }
 
 /// For a claim that found work, in one statement: leases the chosen buckets (`$3`) under the
-/// claim's fencing token (`$2`, random: see [`fencing_token`]). Reports how many buckets had been
-/// left unreleased by a relay whose lease expired (takeovers).
+/// claim's fencing token (`$2`, random: see [`fencing_token`]). Reports how many buckets it
+/// leased, and how many of them had been left unreleased by a relay whose lease expired
+/// (takeovers).
 const LEASE: &str = "
 WITH old AS (
     SELECT bucket, expires_at FROM outbox_relay_leases WHERE bucket = ANY($3) FOR UPDATE
@@ -214,7 +215,7 @@ leased AS (
     FROM old WHERE l.bucket = old.bucket
     RETURNING old.expires_at > '-infinity' AS taken_over
 )
-SELECT count(*) AS takeovers FROM leased WHERE taken_over";
+SELECT count(*) AS leased, count(*) FILTER (WHERE taken_over) AS takeovers FROM leased";
 
 /// A claim's fencing token: 63 random bits, never 0 (an empty claim's).
 ///
@@ -232,6 +233,8 @@ fn fencing_token() -> LeaseToken {
 
 #[derive(QueryableByName)]
 struct Leased {
+    #[diesel(sql_type = BigInt)]
+    leased: i64,
     #[diesel(sql_type = BigInt)]
     takeovers: i64,
 }
@@ -275,6 +278,7 @@ gone AS (
 SELECT (SELECT 1 + count(*) FROM outbox_relays
         WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'
        ) AS relays,
+       (SELECT count(*) FROM outbox_relay_leases) AS buckets,
        set_config('synchronous_commit', 'off', true) AS relaxed
 FROM (SELECT pg_advisory_xact_lock(
           (2003884386::bigint << 32) | 'outbox_relay_locks'::regclass::oid::bigint)) AS locked";
@@ -285,7 +289,19 @@ struct OpenClaim {
     // counts the others and adds this relay.)
     #[diesel(sql_type = BigInt)]
     relays: i64,
+    /// Lease rows present: fewer than [`BUCKETS`] means some must be restored.
+    #[diesel(sql_type = BigInt)]
+    buckets: i64,
 }
+
+/// The number of key buckets, each with its row in `outbox_relay_leases`.
+const BUCKETS: i64 = 64;
+
+/// Restores missing lease rows (deleted by hand, or lost in a partial restore), released. A
+/// bucket without its row could never be leased: claims would hand its messages out unleased,
+/// to several relays at once, and their write-backs would be refused for ever.
+const RESTORE_LEASES: &str = "INSERT INTO outbox_relay_leases (bucket) \
+     SELECT generate_series(0, 63) ON CONFLICT (bucket) DO NOTHING";
 
 /// The published messages the claim still holds: deleted, or marked under retention.
 /// (Counted in a CTE, so that the statement runs through `get_result` and stays prepared.)
@@ -398,6 +414,11 @@ impl OutboxConnection for PgConnection {
                     .bind::<BigInt, _>(micros(lease)),
             )
             .get_result(conn)?;
+            if open.buckets < BUCKETS {
+                // Under the claim lock: no other claim can lease meanwhile.
+                let restored = diesel::sql_query(RESTORE_LEASES).execute(conn)?;
+                log::warn!("restored {restored} missing outbox lease rows");
+            }
             // Each relay's share, split again among its own claims in flight.
             let relays = usize::try_from(open.relays)
                 .unwrap_or(1)
@@ -407,27 +428,32 @@ impl OutboxConnection for PgConnection {
             // Alone, a claim keeps every candidate it reads: it reads them whole. With a share
             // to leave to other claims, it reads positions, and only its own messages once they
             // are leased: the others' share is never transferred and decoded.
-            let (positions, whole): (Vec<(i64, i16)>, Option<Vec<Row>>) = if relays == 1 {
+            let (positions, whole): (Vec<Position>, Option<Vec<Row>>) = if relays == 1 {
                 let rows: Vec<CandidateRow> =
                     Prepared(diesel::sql_query(CANDIDATES).bind::<BigInt, _>(wanted)).load(conn)?;
                 (
-                    rows.iter().map(|c| (c.message.seq, c.bucket)).collect(),
+                    rows.iter()
+                        .map(|c| Position {
+                            seq: c.message.seq,
+                            bucket: c.bucket,
+                        })
+                        .collect(),
                     Some(rows.into_iter().map(|c| c.message).collect()),
                 )
             } else {
                 let rows: Vec<Position> =
                     Prepared(diesel::sql_query(CANDIDATE_POSITIONS).bind::<BigInt, _>(wanted))
                         .load(conn)?;
-                (rows.iter().map(|p| (p.seq, p.bucket)).collect(), None)
+                (rows, None)
             };
-            let order: Vec<i16> = positions.iter().map(|&(_, bucket)| bucket).collect();
+            let order: Vec<i16> = positions.iter().map(|p| p.bucket).collect();
             let Choice { keep, buckets } = choose(&order, relays, limit);
             if buckets.is_empty() {
                 // Nothing leased, so no token: only the liveness record was written.
                 return Ok(Claimed::new(0, Vec::new()));
             }
             let token = fencing_token();
-            let Leased { takeovers } = Prepared(
+            let Leased { leased, takeovers } = Prepared(
                 diesel::sql_query(LEASE)
                     .bind::<Text, _>(owner)
                     .bind::<BigInt, _>(token)
@@ -435,6 +461,22 @@ impl OutboxConnection for PgConnection {
                     .bind::<BigInt, _>(micros(lease)),
             )
             .get_result(conn)?;
+            if usize::try_from(leased).ok() != Some(buckets.len()) {
+                // Fail closed: a message of a bucket without its lease row would go out unleased.
+                // (Restored above, so the rows were deleted while this claim ran.)
+                let present: Vec<i16> = Prepared(
+                    diesel::sql_query(
+                        "SELECT bucket FROM outbox_relay_leases WHERE bucket = ANY($1)",
+                    )
+                    .bind::<Array<SmallInt>, _>(&buckets),
+                )
+                .load::<Lease>(conn)?
+                .into_iter()
+                .map(|l| l.bucket)
+                .collect();
+                let missing = buckets.iter().copied().filter(|b| !present.contains(b));
+                return Err(Error::MissingLeaseRows(missing.collect()));
+            }
             let rows: Vec<Row> = match whole {
                 Some(rows) if takeovers == 0 => rows
                     .into_iter()
@@ -445,7 +487,7 @@ impl OutboxConnection for PgConnection {
                     let seqs: Vec<i64> = positions
                         .iter()
                         .zip(keep)
-                        .filter_map(|(&(seq, _), take)| take.then_some(seq))
+                        .filter_map(|(p, take)| take.then_some(p.seq))
                         .collect();
                     Prepared(
                         diesel::sql_query(RELOAD)

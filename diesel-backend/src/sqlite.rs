@@ -223,6 +223,25 @@ fn current_lease(conn: &mut SqliteConnection) -> Result<LeaseRow> {
     )
 }
 
+/// The outbox's lease row, restored (released) if it is missing: deleted by hand, or lost in a
+/// partial restore. Without it the outbox could never be leased. The caller holds the write lock.
+fn lease_or_restore(conn: &mut SqliteConnection) -> Result<LeaseRow> {
+    let lease =
+        diesel::sql_query("SELECT token, expires_at FROM outbox_relay_leases WHERE bucket = 0")
+            .get_result(conn)
+            .optional()?;
+    if let Some(lease) = lease {
+        return Ok(lease);
+    }
+    log::warn!("restoring the missing outbox lease row");
+    Ok(diesel::sql_query(
+        "INSERT INTO outbox_relay_leases (bucket, token, expires_at) VALUES (0, 0, ?) \
+         RETURNING token, expires_at",
+    )
+    .bind::<BigInt, _>(RELEASED)
+    .get_result(conn)?)
+}
+
 impl OutboxConnection for SqliteConnection {
     fn in_transaction(&mut self) -> Result<bool> {
         let status = AnsiTransactionManager::transaction_manager_status_mut(self);
@@ -293,7 +312,7 @@ impl OutboxConnection for SqliteConnection {
             .bind::<Text, _>(owner)
             .bind::<BigInt, _>(now)
             .get_result(conn)?;
-            let previous = current_lease(conn)?;
+            let previous = lease_or_restore(conn)?;
             if previous.expires_at > now {
                 return Ok(Claimed::new(token, Vec::new()));
             }
@@ -305,13 +324,17 @@ impl OutboxConnection for SqliteConnection {
             if rows.is_empty() {
                 return Ok(Claimed::new(token, Vec::new()));
             }
-            diesel::sql_query(
+            let leased = diesel::sql_query(
                 "UPDATE outbox_relay_leases SET token = ?, owner = ?, expires_at = ? WHERE bucket = 0",
             )
             .bind::<BigInt, _>(token)
             .bind::<Text, _>(owner)
             .bind::<BigInt, _>(now.saturating_add(micros(lease)))
             .execute(conn)?;
+            if leased != 1 {
+                // Fail closed: never hand out a message without its lease.
+                return Err(Error::MissingLeaseRows(vec![0]));
+            }
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
                 park(conn, *seq, reason)?;

@@ -461,6 +461,69 @@ fn an_unreadable_row_holds_back_the_rest_of_its_key<C: Backend>(db: TestDb<C>) {
     assert_eq!(of_k, [0, 1], "k goes out First, Second");
 }
 
+/// A key bucket whose lease row is gone (deleted by hand, a partial restore) could not be
+/// leased: claims handed its messages to every relay at once, and their write-backs were
+/// refused, so they went out again and again. Claims restore the row (SQLite's claims failed
+/// for good instead).
+fn a_missing_lease_row_never_hands_out_an_unleased_message<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 8, 5);
+    db.conn()
+        .batch_execute("DELETE FROM outbox_relay_leases")
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let (mut a, mut b) = (db.conn(), db.conn());
+    let held = a.claim_outbox_messages(10, lease, "a", 0).unwrap();
+    assert!(!held.messages.is_empty(), "a claim finds the backlog");
+    let other = b.claim_outbox_messages(10, lease, "b", 0).unwrap();
+    let held_keys: HashSet<&str> = held
+        .messages
+        .iter()
+        .map(|m| m.partition_key.as_str())
+        .collect();
+    assert!(
+        other
+            .messages
+            .iter()
+            .all(|m| !held_keys.contains(m.partition_key.as_str())),
+        "b was handed keys a holds: {:?} and {:?}",
+        seqs_of(&held),
+        seqs_of(&other)
+    );
+    let mut sent: Vec<_> = held
+        .messages
+        .iter()
+        .chain(&other.messages)
+        .map(|m| m.id)
+        .collect();
+    for (conn, claimed) in [(&mut a, &held), (&mut b, &other)] {
+        let done = each(claimed, published);
+        let report = conn
+            .complete_outbox_messages(claimed.token, &done, Retention::Delete)
+            .unwrap();
+        assert_eq!(report.refused, 0, "the claim's leases hold");
+    }
+    // Gone again before two relays take turns on the rest.
+    db.conn()
+        .batch_execute("DELETE FROM outbox_relay_leases")
+        .unwrap();
+    let publisher = InMemoryPublisher::new();
+    let mut relays = [
+        relay(&db, publisher.clone(), config().batch_size(4).owner("r1")),
+        relay(&db, publisher.clone(), config().batch_size(4).owner("r2")),
+    ];
+    let deadline = Instant::now() + PATIENCE;
+    while pending_and_parked(&db).0 > 0 {
+        assert!(Instant::now() < deadline, "every message is published");
+        for relay in &mut relays {
+            assert_eq!(relay.run_once().unwrap().fenced_off, 0);
+        }
+    }
+    sent.extend(publisher.published().iter().map(|m| m.id));
+    let unique: HashSet<_> = sent.iter().copied().collect();
+    assert_eq!(sent.len(), unique.len(), "no message published twice");
+    assert_eq!(unique, messages.iter().map(|m| m.id()).collect());
+}
+
 struct IdleSignal(mpsc::Sender<()>);
 
 impl RelayHooks for IdleSignal {
@@ -772,6 +835,7 @@ backend_tests!(
     delayed_message_holds_back_only_its_key,
     unreadable_row_is_parked_and_others_flow,
     an_unreadable_row_holds_back_the_rest_of_its_key,
+    a_missing_lease_row_never_hands_out_an_unleased_message,
     in_process_wake_reaches_an_idle_relay,
     stop_finishes_the_batch_in_hand_and_holds_nothing,
     retention_keeps_published_messages_until_purged,
