@@ -8,7 +8,7 @@ use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionMa
 use diesel::dsl::sql;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use uuid::Uuid;
 use waybill_outbox_core::{
@@ -129,6 +129,8 @@ struct CandidateRow {
     message: Row,
     #[diesel(sql_type = SmallInt)]
     bucket: i16,
+    #[diesel(sql_type = Bool)]
+    stale: bool,
 }
 
 #[derive(QueryableByName)]
@@ -150,6 +152,10 @@ struct Lease {
 /// free bucket, found with one index probe per free bucket: it never passes the leased buckets'
 /// messages ahead of that, and a claim that finds every bucket with work leased reads no message
 /// at all. (With nothing leased there is nothing to skip, and no probe is made.)
+///
+/// Each candidate says whether its bucket's lease had expired without being released (`stale`):
+/// its holder may still write back, after this read and before the claim leases the bucket, and
+/// the claim must then read the bucket's messages again (see [`RELOAD`]).
 macro_rules! candidates {
     ($columns:literal) => {
         concat!(
@@ -169,10 +175,14 @@ blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
     WHERE (status = 0 AND available_at > statement_timestamp()) OR status = 2
     GROUP BY partition_key
+),
+stale AS (
+    SELECT bucket FROM outbox_relay_leases
+    WHERE expires_at <= statement_timestamp() AND expires_at > '-infinity'
 )
 SELECT ",
             $columns,
-            "
+            ", m.bucket IN (SELECT bucket FROM stale) AS stale
 FROM outbox_messages m
 LEFT JOIN blocked b ON b.partition_key = m.partition_key
 WHERE m.status = 0 AND m.seq >= (SELECT seq FROM start)
@@ -199,6 +209,8 @@ struct Position {
     seq: i64,
     #[diesel(sql_type = SmallInt)]
     bucket: i16,
+    #[diesel(sql_type = Bool)]
+    stale: bool,
 }
 
 /// For a claim that found work, in one statement: leases the chosen buckets (`$3`) under the
@@ -240,10 +252,11 @@ struct Leased {
 }
 
 /// The chosen messages, read once their buckets are leased: by a claim that read only positions,
-/// and again after a takeover, as a late write by the relay whose lease was taken over may have
-/// published, parked or delayed some of them since the candidates were read. The blocking rules
-/// are checked again on the state after that write. (A bucket that was released cleanly has no
-/// such writer: its last holder has completed.)
+/// and again when a chosen bucket's lease had expired unreleased at the candidates' read (stale),
+/// as a late write by the relay that held it may have published, parked or delayed some of them
+/// since: whether the claim then took the lease over, or found the bucket released by that very
+/// write. The blocking rules are checked again on the state after that write. (A bucket that was
+/// released before the candidates' read has no such writer: its last holder has completed.)
 const RELOAD: &str = "
 WITH blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
@@ -436,6 +449,7 @@ impl OutboxConnection for PgConnection {
                         .map(|c| Position {
                             seq: c.message.seq,
                             bucket: c.bucket,
+                            stale: c.stale,
                         })
                         .collect(),
                     Some(rows.into_iter().map(|c| c.message).collect()),
@@ -452,6 +466,11 @@ impl OutboxConnection for PgConnection {
                 // Nothing leased, so no token: only the liveness record was written.
                 return Ok(Claimed::new(0, Vec::new()));
             }
+            // A stale bucket's holder may have written back since the candidates were read.
+            let stale = positions
+                .iter()
+                .zip(&keep)
+                .any(|(p, &take)| take && p.stale);
             let token = fencing_token();
             let Leased { leased, takeovers } = Prepared(
                 diesel::sql_query(LEASE)
@@ -478,7 +497,7 @@ impl OutboxConnection for PgConnection {
                 return Err(Error::MissingLeaseRows(missing.collect()));
             }
             let rows: Vec<Row> = match whole {
-                Some(rows) if takeovers == 0 => rows
+                Some(rows) if takeovers == 0 && !stale => rows
                     .into_iter()
                     .zip(keep)
                     .filter_map(|(row, take)| take.then_some(row))

@@ -1322,3 +1322,128 @@ fn the_write_back_does_not_wait_for_the_disk() {
     assert_eq!(report.applied, 4);
     assert_eq!(pending_and_parked(&db), (0, 0));
 }
+
+/// A claim that read a bucket's messages while the bucket's lease had expired unreleased, and
+/// leased it only after its late holder wrote back and released it, reads the bucket again:
+/// what it read may have been parked (or published, or put off for a backoff) since. Relay A
+/// holds `k`'s first message under a lease that has ended; A's write-back parks it and holds
+/// the bucket's lease row, uncommitted, until B's claim waits for that row (after B read its
+/// candidates); then A commits. `waits` tells whether the session with the given id waits for
+/// A's lease row.
+fn a_claim_rereads_a_bucket_a_late_write_back_released<C: Backend + Send>(
+    db: TestDb<C>,
+    session: impl Fn(&mut C) -> i64,
+    waits: impl Fn(&mut C, i64) -> bool,
+) {
+    let mut a = db.conn();
+    a.transaction(|conn| enqueue_all(conn, &[msg("k", 0), msg("k", 1)]))
+        .unwrap();
+    // Expired at once: stale, not released, when B reads its candidates.
+    let held = a.claim_outbox_messages(1, Duration::ZERO, "a", 0).unwrap();
+    assert_eq!(seqs_of(&held), vec![("k".to_owned(), 0)]);
+    // With A's liveness record gone, B counts itself alone (on PostgreSQL it then reads whole
+    // candidate rows and, unless told otherwise, keeps them).
+    a.retire_outbox_relay("a").unwrap();
+    let mut b = db.conn();
+    let b_id = session(&mut b);
+    let mut watcher = db.conn();
+    let claimer = a
+        .transaction::<_, waybill_diesel::Error, _>(|a| {
+            let park = [Completion::Park {
+                seq: held.messages[0].seq,
+                reason: "refused by the broker".into(),
+            }];
+            let report = a.complete_outbox_messages(held.token, &park, Retention::Delete)?;
+            assert_eq!(report.applied, 1);
+            let claimer = std::thread::spawn(move || {
+                b.claim_outbox_messages(10, Duration::from_secs(60), "b", 0)
+                    .unwrap()
+            });
+            let deadline = Instant::now() + PATIENCE;
+            while !waits(&mut watcher, b_id) {
+                assert!(
+                    Instant::now() < deadline,
+                    "B's claim waits for A's lease row"
+                );
+                std::thread::yield_now();
+            }
+            Ok(claimer)
+        })
+        .unwrap();
+    let claimed = claimer.join().unwrap();
+    assert_eq!(
+        seqs_of(&claimed),
+        vec![],
+        "k's first message is parked, its second waits behind it"
+    );
+    assert_eq!(pending_and_parked(&db), (1, 1));
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_claim_rereads_a_bucket_a_late_write_back_released() {
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        value: i64,
+    }
+    let Some(db) = common::postgres() else { return };
+    let value = |conn: &mut PgConnection, query: &str, id: i64| {
+        diesel::sql_query(query)
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .get_result::<Value>(conn)
+            .unwrap()
+            .value
+    };
+    a_claim_rereads_a_bucket_a_late_write_back_released(
+        db,
+        |conn| value(conn, "SELECT pg_backend_pid()::bigint + 0 * $1 AS value", 0),
+        |conn, pid| {
+            value(
+                conn,
+                "SELECT cardinality(pg_blocking_pids($1::int))::bigint AS value",
+                pid,
+            ) > 0
+        },
+    );
+}
+
+/// MySQL reads the chosen messages again after locking their lease rows on every claim, so it
+/// has no such window: pinned.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_claim_rereads_a_bucket_a_late_write_back_released() {
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        value: i64,
+    }
+    let Some(db) = common::mysql() else { return };
+    let value = |conn: &mut diesel::MysqlConnection, query: &str, id: i64| {
+        diesel::sql_query(query)
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .get_result::<Value>(conn)
+            .unwrap()
+            .value
+    };
+    a_claim_rereads_a_bucket_a_late_write_back_released(
+        db,
+        |conn| {
+            value(
+                conn,
+                "SELECT CAST(CONNECTION_ID() + 0 * ? AS SIGNED) AS value",
+                0,
+            )
+        },
+        // B's statement locking the lease rows: A's write-back holds them until it commits.
+        // (MariaDB's INNODB_TRX did not reliably show the lock wait.)
+        |conn, id| {
+            value(
+                conn,
+                "SELECT COUNT(*) AS value FROM information_schema.PROCESSLIST \
+                 WHERE ID = ? AND INFO LIKE '%FROM `outbox_relay_leases`%FOR UPDATE'",
+                id,
+            ) > 0
+        },
+    );
+}
