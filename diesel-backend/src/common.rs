@@ -1,5 +1,6 @@
 //! Pieces the backends share: completions sorted by kind, durations, row conversion.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -116,20 +117,33 @@ pub(crate) fn id_from_bytes(bytes: &[u8]) -> std::result::Result<MessageId, Stri
 
 /// Sorts claimed rows into outbox order (RETURNING gives no order) and sets apart the rows that
 /// cannot be read, with the reason, so the claim can park them instead of failing for good.
-pub(crate) fn into_messages(rows: Vec<RawRow>) -> (Vec<OutboxMessage>, Vec<(i64, String)>) {
+///
+/// A message of a key behind an unreadable one in the claim is held back too (neither handed
+/// out nor charged an attempt; its bucket's release hands it back): once the unreadable row is
+/// parked it blocks its key, and publishing the later message first would break key order
+/// after an operator fixes and requeues it.
+pub(crate) fn into_messages(mut rows: Vec<RawRow>) -> (Vec<OutboxMessage>, Vec<(i64, String)>) {
+    rows.sort_unstable_by_key(|row| row.seq);
     let mut messages = Vec::with_capacity(rows.len());
     let mut malformed = Vec::new();
+    let mut blocked: HashSet<String> = HashSet::new();
     for row in rows {
         let seq = row.seq;
+        let key = row.partition_key.clone();
         match row.into_message() {
+            Ok(message) if blocked.contains(&message.partition_key) => {
+                log::warn!(
+                    "holding back outbox row {seq}: an earlier message of its key is unreadable"
+                );
+            }
             Ok(message) => messages.push(message),
             Err(error) => {
                 log::error!("parking unreadable outbox row {seq}: {error}");
                 malformed.push((seq, error.to_string()));
+                blocked.insert(key);
             }
         }
     }
-    messages.sort_unstable_by_key(|m| m.seq);
     (messages, malformed)
 }
 
@@ -215,5 +229,47 @@ mod tests {
     #[test]
     fn nothing_on_offer_takes_nothing() {
         assert_eq!(choose(&[], 2, 10), Choice::default());
+    }
+}
+
+#[cfg(test)]
+mod into_messages_tests {
+    use super::*;
+
+    fn row(seq: i64, key: &str, headers: std::result::Result<Headers, String>) -> RawRow {
+        RawRow {
+            seq,
+            id: Ok(MessageId::new()),
+            topic: "orders".into(),
+            partition_key: key.into(),
+            message_type: "Step".into(),
+            content_type: "text/plain".into(),
+            payload: Vec::new(),
+            headers,
+            status: Status::Pending.code(),
+            attempts: 0,
+            last_error: None,
+            available_at: DateTime::UNIX_EPOCH,
+            created_at: DateTime::UNIX_EPOCH,
+            published_at: None,
+        }
+    }
+
+    #[test]
+    fn an_unreadable_row_holds_back_the_later_messages_of_its_key_only() {
+        let unreadable = || Err("headers are not a JSON string map".to_owned());
+        // Out of order, as RETURNING hands them over.
+        let rows = vec![
+            row(4, "k", Ok(Headers::new())),
+            row(2, "k", unreadable()),
+            row(1, "k", Ok(Headers::new())),
+            row(3, "j", Ok(Headers::new())),
+            row(5, "k", unreadable()),
+        ];
+        let (messages, malformed) = into_messages(rows);
+        let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![1, 3], "k's messages after seq 2 are held back");
+        let parked: Vec<i64> = malformed.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(parked, vec![2, 5], "every unreadable row is parked");
     }
 }

@@ -100,6 +100,11 @@ pub enum Error {
     /// Running the embedded migrations failed.
     #[error("running migrations failed: {0}")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A claim could not lease these key buckets: their rows in `outbox_relay_leases` are
+    /// missing (claims restore them, so they were deleted while it ran). Nothing was claimed;
+    /// the next claim restores them.
+    #[error("the lease rows of outbox buckets {0:?} are missing; nothing was claimed")]
+    MissingLeaseRows(Vec<i16>),
 }
 
 /// The result type of this crate.
@@ -108,7 +113,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Retryable for Error {
     fn is_retryable(&self) -> bool {
         match self {
-            Self::Pool(_) => true,
+            Self::Pool(_) | Self::MissingLeaseRows(_) => true,
             Self::Database(DieselError::DatabaseError(kind, info)) => match kind {
                 DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection => {
                     true

@@ -128,6 +128,31 @@ struct TokenNow {
     token: i64,
     #[diesel(sql_type = Datetime)]
     now: NaiveDateTime,
+    /// Lease rows present: fewer than [`BUCKETS`] means some must be restored.
+    #[diesel(sql_type = BigInt)]
+    buckets: i64,
+}
+
+/// The number of key buckets, each with its row in `outbox_relay_leases`.
+const BUCKETS: i16 = 64;
+
+/// Restores missing lease rows (deleted by hand, or lost in a partial restore), released. A
+/// bucket without its row could never be leased: claims would hand its messages out unleased,
+/// to several relays at once, and their write-backs would be refused for ever. The caller
+/// holds the claim row, so no other claim leases meanwhile.
+fn restore_leases(conn: &mut MysqlConnection) -> Result<()> {
+    let present: Vec<i16> = leases::table.select(leases::bucket).load(conn)?;
+    let missing: Vec<_> = (0..BUCKETS)
+        .filter(|bucket| !present.contains(bucket))
+        .map(|bucket| leases::bucket.eq(bucket))
+        .collect();
+    if !missing.is_empty() {
+        let restored = diesel::insert_into(leases::table)
+            .values(&missing)
+            .execute(conn)?;
+        log::warn!("restored {restored} missing outbox lease rows");
+    }
+    Ok(())
 }
 
 #[derive(QueryableByName)]
@@ -329,10 +354,19 @@ impl OutboxConnection for MysqlConnection {
             )
             .bind::<Text, _>(owner)
             .execute(conn)?;
-            let TokenNow { token, now } = diesel::sql_query(
-                "SELECT token, UTC_TIMESTAMP(6) AS now FROM outbox_relay_locks WHERE name = 'claim'",
+            let TokenNow {
+                token,
+                now,
+                buckets: present,
+            } = diesel::sql_query(
+                "SELECT token, UTC_TIMESTAMP(6) AS now, \
+                   (SELECT COUNT(*) FROM outbox_relay_leases) AS buckets \
+                 FROM outbox_relay_locks WHERE name = 'claim'",
             )
             .get_result(conn)?;
+            if present < i64::from(BUCKETS) {
+                restore_leases(conn)?;
+            }
             let lease = chrono::Duration::microseconds(micros(lease));
             // Each relay's share, split again among its own claims in flight.
             let relay_count = live_relays(conn, owner, now, lease)?.saturating_mul(1 + in_flight);
@@ -363,12 +397,21 @@ impl OutboxConnection for MysqlConnection {
                 .zip(keep)
                 .filter_map(|(c, take)| take.then_some(c.seq))
                 .collect();
-            let previous: Vec<NaiveDateTime> = leases::table
+            let previous: Vec<(i16, NaiveDateTime)> = leases::table
                 .filter(leases::bucket.eq_any(&buckets))
-                .select(leases::expires_at)
+                .select((leases::bucket, leases::expires_at))
                 .for_update()
                 .load(conn)?;
-            let takeovers = previous.iter().filter(|&&at| at != released()).count();
+            if previous.len() != buckets.len() {
+                // Fail closed: a message of a bucket without its lease row would go out unleased.
+                // (Restored above, so the rows were deleted while this claim ran.)
+                let missing = buckets
+                    .iter()
+                    .copied()
+                    .filter(|b| previous.iter().all(|(present, _)| present != b));
+                return Err(Error::MissingLeaseRows(missing.collect()));
+            }
+            let takeovers = previous.iter().filter(|(_, at)| *at != released()).count();
             diesel::update(leases::table.filter(leases::bucket.eq_any(&buckets)))
                 .set((
                     leases::token.eq(token),
@@ -397,6 +440,16 @@ impl OutboxConnection for MysqlConnection {
             let (messages, malformed) = into_messages(rows);
             for (seq, reason) in &malformed {
                 park(conn, &buckets, *seq, reason)?;
+            }
+            if messages.is_empty() {
+                // Nothing to publish, so no write-back will release the buckets: release them
+                // now rather than hold the other keys in them until the lease expires.
+                diesel::update(leases::table.filter(leases::token.eq(token)))
+                    .set((
+                        leases::owner.eq(None::<String>),
+                        leases::expires_at.eq(released()),
+                    ))
+                    .execute(conn)?;
             }
             Ok(Claimed::new(token, messages).with_lease_takeovers(takeovers as u64))
         })

@@ -8,7 +8,7 @@ use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionMa
 use diesel::dsl::sql;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, SmallInt, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use uuid::Uuid;
 use waybill_outbox_core::{
@@ -129,6 +129,8 @@ struct CandidateRow {
     message: Row,
     #[diesel(sql_type = SmallInt)]
     bucket: i16,
+    #[diesel(sql_type = Bool)]
+    stale: bool,
 }
 
 #[derive(QueryableByName)]
@@ -150,6 +152,10 @@ struct Lease {
 /// free bucket, found with one index probe per free bucket: it never passes the leased buckets'
 /// messages ahead of that, and a claim that finds every bucket with work leased reads no message
 /// at all. (With nothing leased there is nothing to skip, and no probe is made.)
+///
+/// Each candidate says whether its bucket's lease had expired without being released (`stale`):
+/// its holder may still write back, after this read and before the claim leases the bucket, and
+/// the claim must then read the bucket's messages again (see [`RELOAD`]).
 macro_rules! candidates {
     ($columns:literal) => {
         concat!(
@@ -169,10 +175,14 @@ blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
     WHERE (status = 0 AND available_at > statement_timestamp()) OR status = 2
     GROUP BY partition_key
+),
+stale AS (
+    SELECT bucket FROM outbox_relay_leases
+    WHERE expires_at <= statement_timestamp() AND expires_at > '-infinity'
 )
 SELECT ",
             $columns,
-            "
+            ", m.bucket IN (SELECT bucket FROM stale) AS stale
 FROM outbox_messages m
 LEFT JOIN blocked b ON b.partition_key = m.partition_key
 WHERE m.status = 0 AND m.seq >= (SELECT seq FROM start)
@@ -199,11 +209,14 @@ struct Position {
     seq: i64,
     #[diesel(sql_type = SmallInt)]
     bucket: i16,
+    #[diesel(sql_type = Bool)]
+    stale: bool,
 }
 
 /// For a claim that found work, in one statement: leases the chosen buckets (`$3`) under the
-/// claim's fencing token (`$2`, random: see [`fencing_token`]). Reports how many buckets had been
-/// left unreleased by a relay whose lease expired (takeovers).
+/// claim's fencing token (`$2`, random: see [`fencing_token`]). Reports how many buckets it
+/// leased, and how many of them had been left unreleased by a relay whose lease expired
+/// (takeovers).
 const LEASE: &str = "
 WITH old AS (
     SELECT bucket, expires_at FROM outbox_relay_leases WHERE bucket = ANY($3) FOR UPDATE
@@ -214,7 +227,7 @@ leased AS (
     FROM old WHERE l.bucket = old.bucket
     RETURNING old.expires_at > '-infinity' AS taken_over
 )
-SELECT count(*) AS takeovers FROM leased WHERE taken_over";
+SELECT count(*) AS leased, count(*) FILTER (WHERE taken_over) AS takeovers FROM leased";
 
 /// A claim's fencing token: 63 random bits, never 0 (an empty claim's).
 ///
@@ -233,14 +246,17 @@ fn fencing_token() -> LeaseToken {
 #[derive(QueryableByName)]
 struct Leased {
     #[diesel(sql_type = BigInt)]
+    leased: i64,
+    #[diesel(sql_type = BigInt)]
     takeovers: i64,
 }
 
 /// The chosen messages, read once their buckets are leased: by a claim that read only positions,
-/// and again after a takeover, as a late write by the relay whose lease was taken over may have
-/// published, parked or delayed some of them since the candidates were read. The blocking rules
-/// are checked again on the state after that write. (A bucket that was released cleanly has no
-/// such writer: its last holder has completed.)
+/// and again when a chosen bucket's lease had expired unreleased at the candidates' read (stale),
+/// as a late write by the relay that held it may have published, parked or delayed some of them
+/// since: whether the claim then took the lease over, or found the bucket released by that very
+/// write. The blocking rules are checked again on the state after that write. (A bucket that was
+/// released before the candidates' read has no such writer: its last holder has completed.)
 const RELOAD: &str = "
 WITH blocked AS (
     SELECT partition_key, min(seq) AS first_seq FROM outbox_messages
@@ -275,6 +291,7 @@ gone AS (
 SELECT (SELECT 1 + count(*) FROM outbox_relays
         WHERE owner <> $1 AND seen_at > statement_timestamp() - $2 * interval '1 microsecond'
        ) AS relays,
+       (SELECT count(*) FROM outbox_relay_leases) AS buckets,
        set_config('synchronous_commit', 'off', true) AS relaxed
 FROM (SELECT pg_advisory_xact_lock(
           (2003884386::bigint << 32) | 'outbox_relay_locks'::regclass::oid::bigint)) AS locked";
@@ -285,7 +302,19 @@ struct OpenClaim {
     // counts the others and adds this relay.)
     #[diesel(sql_type = BigInt)]
     relays: i64,
+    /// Lease rows present: fewer than [`BUCKETS`] means some must be restored.
+    #[diesel(sql_type = BigInt)]
+    buckets: i64,
 }
+
+/// The number of key buckets, each with its row in `outbox_relay_leases`.
+const BUCKETS: i64 = 64;
+
+/// Restores missing lease rows (deleted by hand, or lost in a partial restore), released. A
+/// bucket without its row could never be leased: claims would hand its messages out unleased,
+/// to several relays at once, and their write-backs would be refused for ever.
+const RESTORE_LEASES: &str = "INSERT INTO outbox_relay_leases (bucket) \
+     SELECT generate_series(0, 63) ON CONFLICT (bucket) DO NOTHING";
 
 /// The published messages the claim still holds: deleted, or marked under retention.
 /// (Counted in a CTE, so that the statement runs through `get_result` and stays prepared.)
@@ -399,6 +428,11 @@ impl OutboxConnection for PgConnection {
                     .bind::<BigInt, _>(micros(lease)),
             )
             .get_result(conn)?;
+            if open.buckets < BUCKETS {
+                // Under the claim lock: no other claim can lease meanwhile.
+                let restored = diesel::sql_query(RESTORE_LEASES).execute(conn)?;
+                log::warn!("restored {restored} missing outbox lease rows");
+            }
             // Each relay's share, split again among its own claims in flight.
             let relays = usize::try_from(open.relays)
                 .unwrap_or(1)
@@ -408,27 +442,38 @@ impl OutboxConnection for PgConnection {
             // Alone, a claim keeps every candidate it reads: it reads them whole. With a share
             // to leave to other claims, it reads positions, and only its own messages once they
             // are leased: the others' share is never transferred and decoded.
-            let (positions, whole): (Vec<(i64, i16)>, Option<Vec<Row>>) = if relays == 1 {
+            let (positions, whole): (Vec<Position>, Option<Vec<Row>>) = if relays == 1 {
                 let rows: Vec<CandidateRow> =
                     Prepared(diesel::sql_query(CANDIDATES).bind::<BigInt, _>(wanted)).load(conn)?;
                 (
-                    rows.iter().map(|c| (c.message.seq, c.bucket)).collect(),
+                    rows.iter()
+                        .map(|c| Position {
+                            seq: c.message.seq,
+                            bucket: c.bucket,
+                            stale: c.stale,
+                        })
+                        .collect(),
                     Some(rows.into_iter().map(|c| c.message).collect()),
                 )
             } else {
                 let rows: Vec<Position> =
                     Prepared(diesel::sql_query(CANDIDATE_POSITIONS).bind::<BigInt, _>(wanted))
                         .load(conn)?;
-                (rows.iter().map(|p| (p.seq, p.bucket)).collect(), None)
+                (rows, None)
             };
-            let order: Vec<i16> = positions.iter().map(|&(_, bucket)| bucket).collect();
+            let order: Vec<i16> = positions.iter().map(|p| p.bucket).collect();
             let Choice { keep, buckets } = choose(&order, relays, limit);
             if buckets.is_empty() {
                 // Nothing leased, so no token: only the liveness record was written.
                 return Ok(Claimed::new(0, Vec::new()));
             }
+            // A stale bucket's holder may have written back since the candidates were read.
+            let stale = positions
+                .iter()
+                .zip(&keep)
+                .any(|(p, &take)| take && p.stale);
             let token = fencing_token();
-            let Leased { takeovers } = Prepared(
+            let Leased { leased, takeovers } = Prepared(
                 diesel::sql_query(LEASE)
                     .bind::<Text, _>(owner)
                     .bind::<BigInt, _>(token)
@@ -436,8 +481,24 @@ impl OutboxConnection for PgConnection {
                     .bind::<BigInt, _>(micros(lease)),
             )
             .get_result(conn)?;
+            if usize::try_from(leased).ok() != Some(buckets.len()) {
+                // Fail closed: a message of a bucket without its lease row would go out unleased.
+                // (Restored above, so the rows were deleted while this claim ran.)
+                let present: Vec<i16> = Prepared(
+                    diesel::sql_query(
+                        "SELECT bucket FROM outbox_relay_leases WHERE bucket = ANY($1)",
+                    )
+                    .bind::<Array<SmallInt>, _>(&buckets),
+                )
+                .load::<Lease>(conn)?
+                .into_iter()
+                .map(|l| l.bucket)
+                .collect();
+                let missing = buckets.iter().copied().filter(|b| !present.contains(b));
+                return Err(Error::MissingLeaseRows(missing.collect()));
+            }
             let rows: Vec<Row> = match whole {
-                Some(rows) if takeovers == 0 => rows
+                Some(rows) if takeovers == 0 && !stale => rows
                     .into_iter()
                     .zip(keep)
                     .filter_map(|(row, take)| take.then_some(row))
@@ -446,7 +507,7 @@ impl OutboxConnection for PgConnection {
                     let seqs: Vec<i64> = positions
                         .iter()
                         .zip(keep)
-                        .filter_map(|(&(seq, _), take)| take.then_some(seq))
+                        .filter_map(|(p, take)| take.then_some(p.seq))
                         .collect();
                     Prepared(
                         diesel::sql_query(RELOAD)
@@ -459,6 +520,16 @@ impl OutboxConnection for PgConnection {
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
                 park(conn, &buckets, *seq, reason)?;
+            }
+            if messages.is_empty() {
+                // Nothing to publish, so no write-back will release the buckets: release them
+                // now rather than hold the other keys in them until the lease expires.
+                diesel::sql_query(
+                    "UPDATE outbox_relay_leases SET owner = NULL, expires_at = '-infinity' \
+                     WHERE token = $1",
+                )
+                .bind::<BigInt, _>(token)
+                .execute(conn)?;
             }
             Ok(Claimed::new(token, messages)
                 .with_lease_takeovers(u64::try_from(takeovers).unwrap_or(0)))

@@ -224,6 +224,25 @@ fn current_lease(conn: &mut SqliteConnection) -> Result<LeaseRow> {
     )
 }
 
+/// The outbox's lease row, restored (released) if it is missing: deleted by hand, or lost in a
+/// partial restore. Without it the outbox could never be leased. The caller holds the write lock.
+fn lease_or_restore(conn: &mut SqliteConnection) -> Result<LeaseRow> {
+    let lease =
+        diesel::sql_query("SELECT token, expires_at FROM outbox_relay_leases WHERE bucket = 0")
+            .get_result(conn)
+            .optional()?;
+    if let Some(lease) = lease {
+        return Ok(lease);
+    }
+    log::warn!("restoring the missing outbox lease row");
+    Ok(diesel::sql_query(
+        "INSERT INTO outbox_relay_leases (bucket, token, expires_at) VALUES (0, 0, ?) \
+         RETURNING token, expires_at",
+    )
+    .bind::<BigInt, _>(RELEASED)
+    .get_result(conn)?)
+}
+
 impl OutboxConnection for SqliteConnection {
     fn in_transaction(&mut self) -> Result<bool> {
         let status = AnsiTransactionManager::transaction_manager_status_mut(self);
@@ -294,7 +313,7 @@ impl OutboxConnection for SqliteConnection {
             .bind::<Text, _>(owner)
             .bind::<BigInt, _>(now)
             .get_result(conn)?;
-            let previous = current_lease(conn)?;
+            let previous = lease_or_restore(conn)?;
             if previous.expires_at > now {
                 return Ok(Claimed::new(token, Vec::new()));
             }
@@ -306,16 +325,28 @@ impl OutboxConnection for SqliteConnection {
             if rows.is_empty() {
                 return Ok(Claimed::new(token, Vec::new()));
             }
-            diesel::sql_query(
+            let leased = diesel::sql_query(
                 "UPDATE outbox_relay_leases SET token = ?, owner = ?, expires_at = ? WHERE bucket = 0",
             )
             .bind::<BigInt, _>(token)
             .bind::<Text, _>(owner)
             .bind::<BigInt, _>(now.saturating_add(micros(lease)))
             .execute(conn)?;
+            if leased != 1 {
+                // Fail closed: never hand out a message without its lease.
+                return Err(Error::MissingLeaseRows(vec![0]));
+            }
             let (messages, malformed) = into_messages(rows.into_iter().map(RawRow::from).collect());
             for (seq, reason) in &malformed {
                 park(conn, *seq, reason)?;
+            }
+            if messages.is_empty() {
+                // Nothing to publish, so no write-back will release the lease: release it now.
+                diesel::sql_query(
+                    "UPDATE outbox_relay_leases SET owner = NULL, expires_at = ? WHERE bucket = 0",
+                )
+                .bind::<BigInt, _>(RELEASED)
+                .execute(conn)?;
             }
             // A lease that ended without being released belonged to a relay that stopped short.
             let takeovers = u64::from(previous.expires_at != RELEASED);

@@ -502,6 +502,108 @@ fn unreadable_row_is_parked_and_others_flow<C: Backend>(db: TestDb<C>) {
     );
 }
 
+/// A row that cannot be read is parked inside the claim; a later message of its key in the same
+/// claim must wait behind it, or it goes out first and the key's order breaks once an operator
+/// fixes and requeues the unreadable one.
+fn an_unreadable_row_holds_back_the_rest_of_its_key<C: Backend>(db: TestDb<C>) {
+    let (first, second, other) = (msg("k", 0), msg("k", 1), msg("j", 0));
+    let mut conn = db.conn();
+    enqueue(&mut *conn, &first).unwrap();
+    // Valid JSON, not a string map: written by SQL, another language or a newer version.
+    conn.batch_execute("UPDATE outbox_messages SET headers = '[1, 2]' WHERE partition_key = 'k'")
+        .unwrap();
+    enqueue(&mut *conn, &second).unwrap();
+    enqueue(&mut *conn, &other).unwrap();
+    let publisher = InMemoryPublisher::new();
+    let mut relay = relay(&db, publisher.clone(), config());
+    let report = relay.run_once().unwrap();
+    let keys: Vec<String> = publisher
+        .published()
+        .iter()
+        .map(|m| m.partition_key.clone())
+        .collect();
+    assert_eq!(keys, ["j"], "k's second message waits behind its first");
+    assert_eq!(report.claimed, 1);
+    assert_eq!(pending_and_parked(&db), (1, 1));
+    assert_eq!(relay.run_once().unwrap().claimed, 0, "k stays blocked");
+    conn.batch_execute(
+        "UPDATE outbox_messages SET headers = '{}' WHERE partition_key = 'k' AND status = 2",
+    )
+    .unwrap();
+    assert!(requeue(&mut *conn, first.id()).unwrap());
+    drive(&mut relay, || pending_and_parked(&db) == (0, 0));
+    let of_k: Vec<usize> = publisher
+        .published()
+        .iter()
+        .filter(|m| m.partition_key == "k")
+        .map(index_of)
+        .collect();
+    assert_eq!(of_k, [0, 1], "k goes out First, Second");
+}
+
+/// A key bucket whose lease row is gone (deleted by hand, a partial restore) could not be
+/// leased: claims handed its messages to every relay at once, and their write-backs were
+/// refused, so they went out again and again. Claims restore the row (SQLite's claims failed
+/// for good instead).
+fn a_missing_lease_row_never_hands_out_an_unleased_message<C: Backend>(db: TestDb<C>) {
+    let messages = fill(&db, 8, 5);
+    db.conn()
+        .batch_execute("DELETE FROM outbox_relay_leases")
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let (mut a, mut b) = (db.conn(), db.conn());
+    let held = a.claim_outbox_messages(10, lease, "a", 0).unwrap();
+    assert!(!held.messages.is_empty(), "a claim finds the backlog");
+    let other = b.claim_outbox_messages(10, lease, "b", 0).unwrap();
+    let held_keys: HashSet<&str> = held
+        .messages
+        .iter()
+        .map(|m| m.partition_key.as_str())
+        .collect();
+    assert!(
+        other
+            .messages
+            .iter()
+            .all(|m| !held_keys.contains(m.partition_key.as_str())),
+        "b was handed keys a holds: {:?} and {:?}",
+        seqs_of(&held),
+        seqs_of(&other)
+    );
+    let mut sent: Vec<_> = held
+        .messages
+        .iter()
+        .chain(&other.messages)
+        .map(|m| m.id)
+        .collect();
+    for (conn, claimed) in [(&mut a, &held), (&mut b, &other)] {
+        let done = each(claimed, published);
+        let report = conn
+            .complete_outbox_messages(claimed.token, &done, Retention::Delete)
+            .unwrap();
+        assert_eq!(report.refused, 0, "the claim's leases hold");
+    }
+    // Gone again before two relays take turns on the rest.
+    db.conn()
+        .batch_execute("DELETE FROM outbox_relay_leases")
+        .unwrap();
+    let publisher = InMemoryPublisher::new();
+    let mut relays = [
+        relay(&db, publisher.clone(), config().batch_size(4).owner("r1")),
+        relay(&db, publisher.clone(), config().batch_size(4).owner("r2")),
+    ];
+    let deadline = Instant::now() + PATIENCE;
+    while pending_and_parked(&db).0 > 0 {
+        assert!(Instant::now() < deadline, "every message is published");
+        for relay in &mut relays {
+            assert_eq!(relay.run_once().unwrap().fenced_off, 0);
+        }
+    }
+    sent.extend(publisher.published().iter().map(|m| m.id));
+    let unique: HashSet<_> = sent.iter().copied().collect();
+    assert_eq!(sent.len(), unique.len(), "no message published twice");
+    assert_eq!(unique, messages.iter().map(|m| m.id()).collect());
+}
+
 struct IdleSignal(mpsc::Sender<()>);
 
 impl RelayHooks for IdleSignal {
@@ -814,6 +916,8 @@ backend_tests!(
     running_relays_wait_out_a_broker_outage_and_park_nothing,
     delayed_message_holds_back_only_its_key,
     unreadable_row_is_parked_and_others_flow,
+    an_unreadable_row_holds_back_the_rest_of_its_key,
+    a_missing_lease_row_never_hands_out_an_unleased_message,
     in_process_wake_reaches_an_idle_relay,
     stop_finishes_the_batch_in_hand_and_holds_nothing,
     retention_keeps_published_messages_until_purged,
@@ -1301,4 +1405,129 @@ fn the_write_back_does_not_wait_for_the_disk() {
         .unwrap();
     assert_eq!(report.applied, 4);
     assert_eq!(pending_and_parked(&db), (0, 0));
+}
+
+/// A claim that read a bucket's messages while the bucket's lease had expired unreleased, and
+/// leased it only after its late holder wrote back and released it, reads the bucket again:
+/// what it read may have been parked (or published, or put off for a backoff) since. Relay A
+/// holds `k`'s first message under a lease that has ended; A's write-back parks it and holds
+/// the bucket's lease row, uncommitted, until B's claim waits for that row (after B read its
+/// candidates); then A commits. `waits` tells whether the session with the given id waits for
+/// A's lease row.
+fn a_claim_rereads_a_bucket_a_late_write_back_released<C: Backend + Send>(
+    db: TestDb<C>,
+    session: impl Fn(&mut C) -> i64,
+    waits: impl Fn(&mut C, i64) -> bool,
+) {
+    let mut a = db.conn();
+    a.transaction(|conn| enqueue_all(conn, &[msg("k", 0), msg("k", 1)]))
+        .unwrap();
+    // Expired at once: stale, not released, when B reads its candidates.
+    let held = a.claim_outbox_messages(1, Duration::ZERO, "a", 0).unwrap();
+    assert_eq!(seqs_of(&held), vec![("k".to_owned(), 0)]);
+    // With A's liveness record gone, B counts itself alone (on PostgreSQL it then reads whole
+    // candidate rows and, unless told otherwise, keeps them).
+    a.retire_outbox_relay("a").unwrap();
+    let mut b = db.conn();
+    let b_id = session(&mut b);
+    let mut watcher = db.conn();
+    let claimer = a
+        .transaction::<_, waybill_diesel::Error, _>(|a| {
+            let park = [Completion::Park {
+                seq: held.messages[0].seq,
+                reason: "refused by the broker".into(),
+            }];
+            let report = a.complete_outbox_messages(held.token, &park, Retention::Delete)?;
+            assert_eq!(report.applied, 1);
+            let claimer = std::thread::spawn(move || {
+                b.claim_outbox_messages(10, Duration::from_secs(60), "b", 0)
+                    .unwrap()
+            });
+            let deadline = Instant::now() + PATIENCE;
+            while !waits(&mut watcher, b_id) {
+                assert!(
+                    Instant::now() < deadline,
+                    "B's claim waits for A's lease row"
+                );
+                std::thread::yield_now();
+            }
+            Ok(claimer)
+        })
+        .unwrap();
+    let claimed = claimer.join().unwrap();
+    assert_eq!(
+        seqs_of(&claimed),
+        vec![],
+        "k's first message is parked, its second waits behind it"
+    );
+    assert_eq!(pending_and_parked(&db), (1, 1));
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_claim_rereads_a_bucket_a_late_write_back_released() {
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        value: i64,
+    }
+    let Some(db) = common::postgres() else { return };
+    let value = |conn: &mut PgConnection, query: &str, id: i64| {
+        diesel::sql_query(query)
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .get_result::<Value>(conn)
+            .unwrap()
+            .value
+    };
+    a_claim_rereads_a_bucket_a_late_write_back_released(
+        db,
+        |conn| value(conn, "SELECT pg_backend_pid()::bigint + 0 * $1 AS value", 0),
+        |conn, pid| {
+            value(
+                conn,
+                "SELECT cardinality(pg_blocking_pids($1::int))::bigint AS value",
+                pid,
+            ) > 0
+        },
+    );
+}
+
+/// MySQL reads the chosen messages again after locking their lease rows on every claim, so it
+/// has no such window: pinned.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_claim_rereads_a_bucket_a_late_write_back_released() {
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        value: i64,
+    }
+    let Some(db) = common::mysql() else { return };
+    let value = |conn: &mut diesel::MysqlConnection, query: &str, id: i64| {
+        diesel::sql_query(query)
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .get_result::<Value>(conn)
+            .unwrap()
+            .value
+    };
+    a_claim_rereads_a_bucket_a_late_write_back_released(
+        db,
+        |conn| {
+            value(
+                conn,
+                "SELECT CAST(CONNECTION_ID() + 0 * ? AS SIGNED) AS value",
+                0,
+            )
+        },
+        // B's statement locking the lease rows: A's write-back holds them until it commits.
+        // (MariaDB's INNODB_TRX did not reliably show the lock wait.)
+        |conn, id| {
+            value(
+                conn,
+                "SELECT COUNT(*) AS value FROM information_schema.PROCESSLIST \
+                 WHERE ID = ? AND INFO LIKE '%FROM `outbox_relay_leases`%FOR UPDATE'",
+                id,
+            ) > 0
+        },
+    );
 }
