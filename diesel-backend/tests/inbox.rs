@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{Backend, TestDb};
+use diesel::migration::MigrationSource;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel::sql_types::BigInt;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use waybill_diesel::{
@@ -27,6 +29,8 @@ use waybill_outbox_core::{MessageId, NewOutboxMessage, Retryable};
 trait Ledger: Backend {
     fn exec(conn: &mut Self, sql: &str) -> QueryResult<usize>;
     fn count(conn: &mut Self, sql: &str) -> i64;
+    /// Reverts the embedded migration whose name contains `name`, and only that one.
+    fn revert_migration_named(conn: &mut Self, name: &str);
 
     fn create_ledger(conn: &mut Self) {
         Self::exec(conn, "CREATE TABLE ledger (k VARCHAR(100) NOT NULL)").expect("ledger");
@@ -46,7 +50,7 @@ struct Count {
 }
 
 macro_rules! ledger {
-    ($($conn:ty),*) => {$(
+    ($($conn:ty => $migrations:expr),*) => {$(
         impl Ledger for $conn {
             fn exec(conn: &mut Self, sql: &str) -> QueryResult<usize> {
                 diesel::sql_query(sql).execute(conn)
@@ -54,12 +58,22 @@ macro_rules! ledger {
             fn count(conn: &mut Self, sql: &str) -> i64 {
                 diesel::sql_query(sql).get_result::<Count>(conn).expect("count").n
             }
+            fn revert_migration_named(conn: &mut Self, name: &str) {
+                let source: EmbeddedMigrations = $migrations;
+                let migrations = MigrationSource::<<$conn as Connection>::Backend>::migrations(&source)
+                    .expect("embedded migrations");
+                let migration = migrations
+                    .iter()
+                    .find(|m| m.name().to_string().contains(name))
+                    .expect("the migration");
+                conn.revert_migration(migration.as_ref()).expect("reverted");
+            }
         }
     )*};
 }
-ledger!(SqliteConnection, PgConnection);
+ledger!(SqliteConnection => waybill_diesel::sqlite::MIGRATIONS, PgConnection => waybill_diesel::pg::MIGRATIONS);
 #[cfg(feature = "mysql")]
-ledger!(MysqlConnection);
+ledger!(MysqlConnection => waybill_diesel::mysql::MIGRATIONS);
 
 /// A handler's own error type, which `process_once` must hand back unchanged.
 #[derive(Debug)]
@@ -328,38 +342,122 @@ fn purge_deletes_old_records_in_bounded_batches<C: Ledger>(db: TestDb<C>) {
     assert_eq!(shipping.processed_count(conn).unwrap(), 0);
 }
 
-fn messages_older_than_the_window_are_expired_unless_accepted<C: Ledger>(db: TestDb<C>) {
+fn sent(offset: chrono::Duration) -> IncomingMessage {
+    delivery().with_sent_at(Utc::now() + offset)
+}
+
+/// Deletes every record of every consumer (they were all processed before `later`).
+fn purge_everything<C: Ledger>(conn: &mut C) -> u64 {
+    purge_processed_before(conn, Utc::now() + chrono::Duration::minutes(1), 100).unwrap()
+}
+
+fn late_first_delivery_is_processed_unless_a_purge_may_have_deleted_its_record<C: Ledger>(
+    db: TestDb<C>,
+) {
     setup(&db);
-    let old = delivery().with_sent_at(Utc::now() - chrono::Duration::days(8));
     let mut pooled = db.conn();
     let conn: &mut C = &mut pooled;
-    let handler = |conn: &mut C| {
-        C::record(conn, "old")?;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
         Ok::<_, Error>(())
     };
-    let inbox = Inbox::new("billing");
+    let billing = Inbox::new("billing");
+    let shipping = Inbox::new("shipping");
+    // Delayed, parked and requeued, or backlogged for a month: never delivered, so handled.
+    let month_old = sent(-chrono::Duration::days(30));
     assert_eq!(
-        inbox.process_once(conn, &old, handler).unwrap(),
-        Processed::Expired
-    );
-    assert_eq!(C::effects(conn), 0);
-    assert_eq!(inbox.processed_count(conn).unwrap(), 0);
-    let longer = Inbox::new("billing").retention(Duration::from_secs(30 * 24 * 3600));
-    assert_eq!(
-        longer.process_once(conn, &old, handler).unwrap(),
+        billing.process_once(conn, &month_old, record).unwrap(),
         Processed::Handled(())
     );
-    let replay = Inbox::new("billing").accept_expired(true);
     assert_eq!(
-        replay.process_once(conn, &old, handler).unwrap(),
+        billing.process_once(conn, &month_old, record).unwrap(),
         Processed::Duplicate
     );
-    let other = delivery().with_sent_at(Utc::now() - chrono::Duration::days(8));
+    let purged = sent(-chrono::Duration::days(2));
+    assert!(billing
+        .process_once(conn, &purged, record)
+        .unwrap()
+        .is_handled());
+    assert_eq!(purge_everything(conn), 2);
+    assert_eq!(C::effects(conn), 2);
+
+    // The purge deleted records processed just now: a message without a record sent before
+    // that may have been one of them.
+    for offset in [chrono::Duration::days(-30), chrono::Duration::hours(-1)] {
+        let late = sent(offset);
+        assert_eq!(
+            billing.process_once(conn, &late, record).unwrap(),
+            Processed::Expired,
+            "sent {offset} from now"
+        );
+        assert!(!billing
+            .is_processed(conn, &DedupKey::from(late.id))
+            .unwrap());
+        assert_eq!(
+            billing
+                .clone()
+                .accept_expired(true)
+                .process_once(conn, &late, record)
+                .unwrap(),
+            Processed::Handled(()),
+            "a replay the caller knows to be safe"
+        );
+    }
+    // Sent after the purge's reach (beyond the clock skew bound): it cannot have been purged.
+    let fresh = sent(chrono::Duration::minutes(6));
     assert_eq!(
-        replay.process_once(conn, &other, handler).unwrap(),
+        billing.process_once(conn, &fresh, record).unwrap(),
         Processed::Handled(())
     );
-    assert_eq!(C::effects(conn), 2);
+    // Another consumer lost no record to that purge: its late first delivery is handled.
+    assert_eq!(
+        shipping.process_once(conn, &month_old, record).unwrap(),
+        Processed::Handled(())
+    );
+    assert_eq!(C::effects(conn), 6);
+}
+
+fn redelivery_after_a_purge_is_refused_whichever_way_the_sender_clock_is_off<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let default_skew = Inbox::new("billing");
+    let wide_skew = Inbox::new("shipping").max_clock_skew(Duration::from_secs(3600));
+    let cases = [
+        (&default_skew, chrono::Duration::minutes(4)),
+        (&default_skew, chrono::Duration::minutes(-4)),
+        (&default_skew, chrono::Duration::days(-3)),
+        (&wide_skew, chrono::Duration::minutes(50)),
+    ];
+    let messages: Vec<_> = cases.iter().map(|(_, offset)| sent(*offset)).collect();
+    for ((inbox, _), msg) in cases.iter().zip(&messages) {
+        assert!(inbox.process_once(conn, msg, record).unwrap().is_handled());
+    }
+    // The consumer-wide purge and the all-consumers purge both leave their mark.
+    assert_eq!(
+        default_skew
+            .clone()
+            .retention(Duration::ZERO)
+            .purge_processed(conn, 2)
+            .unwrap(),
+        3
+    );
+    assert_eq!(purge_everything(conn), 1);
+    for ((inbox, offset), msg) in cases.iter().zip(&messages) {
+        assert_eq!(
+            inbox.process_once(conn, msg, record).unwrap(),
+            Processed::Expired,
+            "{} with the sender clock {offset} off",
+            inbox.consumer()
+        );
+    }
+    assert_eq!(C::effects(conn), 4, "each message took effect once");
 }
 
 fn business_key_deduplicates_messages_with_fresh_ids<C: Ledger>(db: TestDb<C>) {
@@ -391,6 +489,13 @@ fn business_key_deduplicates_messages_with_fresh_ids<C: Ledger>(db: TestDb<C>) {
         .is_processed(conn, &DedupKey::business("order:4231"))
         .unwrap());
     assert_eq!(C::effects(conn), 2);
+    // The longest key fits its column once prefixed, on every backend.
+    let longest = DedupKey::business("é".repeat(255));
+    for expected in [Processed::Handled(()), Processed::Duplicate] {
+        let outcome =
+            inbox.process_once_by(conn, longest.clone(), &delivery(), |_| Ok::<_, Error>(()));
+        assert_eq!(outcome.unwrap(), expected);
+    }
     let empty = inbox.process_once_by(conn, DedupKey::business(""), &delivery(), |_| {
         Ok::<_, Error>(())
     });
@@ -398,6 +503,96 @@ fn business_key_deduplicates_messages_with_fresh_ids<C: Ledger>(db: TestDb<C>) {
         matches!(empty, Err(Error::InvalidInboxKey { chars: 0, .. })),
         "{empty:?}"
     );
+}
+
+fn business_key_equal_to_another_messages_id_is_not_its_duplicate<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let by_id = delivery();
+    assert!(inbox
+        .process_once(conn, &by_id, record)
+        .unwrap()
+        .is_handled());
+    let its_id = DedupKey::business(by_id.id.to_string());
+    assert!(!inbox.is_processed(conn, &its_id).unwrap());
+    assert_eq!(
+        inbox
+            .process_once_by(conn, its_id.clone(), &delivery(), record)
+            .unwrap(),
+        Processed::Handled(())
+    );
+    // And the other way round: a business key first, then the message whose id it reads as.
+    let later = delivery();
+    let key = DedupKey::business(later.id.to_string());
+    assert!(inbox
+        .process_once_by(conn, key, &delivery(), record)
+        .unwrap()
+        .is_handled());
+    assert_eq!(
+        inbox.process_once(conn, &later, record).unwrap(),
+        Processed::Handled(())
+    );
+    assert_eq!(C::effects(conn), 4);
+    assert_eq!(inbox.processed_count(conn).unwrap(), 4);
+}
+
+fn records_written_before_the_key_namespaces_keep_deduplicating<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    C::revert_migration_named(conn, "inbox_key_namespaces");
+    // What the inbox wrote before: every key bare, the message id always recorded.
+    let (by_business, by_id, by_own_id) = (delivery(), delivery(), delivery());
+    let own_id = by_own_id.id.to_string();
+    for (key, msg) in [
+        ("order:1", &by_business),
+        (own_id.as_str(), &by_own_id),
+        (by_id.id.to_string().as_str(), &by_id),
+    ] {
+        assert!(conn
+            .insert_inbox_record("billing", key, Some(msg.id), None)
+            .unwrap());
+    }
+    waybill_diesel::run_migrations(conn).unwrap();
+
+    let inbox = Inbox::new("billing");
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let business = |key: &str| DedupKey::business(key);
+    assert_eq!(
+        inbox
+            .process_once_by(conn, business("order:1"), &delivery(), record)
+            .unwrap(),
+        Processed::Duplicate,
+        "a business key, on a fresh message"
+    );
+    assert_eq!(
+        inbox.process_once(conn, &by_id, record).unwrap(),
+        Processed::Duplicate,
+        "a message id"
+    );
+    assert_eq!(
+        inbox
+            .process_once_by(conn, business(&own_id), &by_own_id, record)
+            .unwrap(),
+        Processed::Duplicate,
+        "a business key equal to its own message's id"
+    );
+    assert!(inbox.is_processed(conn, &business("order:1")).unwrap());
+    // The old business-key row is not a record of its message's id.
+    assert_eq!(
+        inbox.process_once(conn, &by_business, record).unwrap(),
+        Processed::Handled(())
+    );
+    assert_eq!(C::effects(conn), 1);
 }
 
 fn caller_transaction_rollback_forgets_the_message<C: Ledger>(db: TestDb<C>) {
@@ -566,8 +761,11 @@ backend_tests!(
     failed_handler_records_nothing_and_redelivery_handles_it,
     any_sequence_of_deliveries_and_failures_takes_effect_once_per_success,
     purge_deletes_old_records_in_bounded_batches,
-    messages_older_than_the_window_are_expired_unless_accepted,
+    late_first_delivery_is_processed_unless_a_purge_may_have_deleted_its_record,
+    redelivery_after_a_purge_is_refused_whichever_way_the_sender_clock_is_off,
     business_key_deduplicates_messages_with_fresh_ids,
+    business_key_equal_to_another_messages_id_is_not_its_duplicate,
+    records_written_before_the_key_namespaces_keep_deduplicating,
     caller_transaction_rollback_forgets_the_message,
     handler_failure_inside_a_caller_transaction_rolls_back_only_its_savepoint,
     duplicate_inside_a_caller_transaction_keeps_it_usable,
