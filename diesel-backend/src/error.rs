@@ -75,6 +75,19 @@ pub enum Error {
     /// Running the embedded migrations failed.
     #[error("running migrations failed: {0}")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The inbox handler returned `Ok`, but one of its statements had failed and aborted the
+    /// PostgreSQL transaction (the handler ignored that error), so nothing of it could commit.
+    /// Everything was rolled back and nothing was recorded: do not acknowledge the delivery.
+    #[error(
+        "inbox {consumer}: the handler of message {message_id} returned Ok, but a failed \
+         statement had aborted its transaction; nothing was committed"
+    )]
+    HandlerTransactionAborted {
+        /// The consumer.
+        consumer: String,
+        /// The message whose handler ran.
+        message_id: MessageId,
+    },
 }
 
 /// The result type of this crate.

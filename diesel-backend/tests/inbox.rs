@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -595,6 +596,136 @@ fn records_written_before_the_key_namespaces_keep_deduplicating<C: Ledger>(db: T
     assert_eq!(C::effects(conn), 1);
 }
 
+fn handler_panic_rolls_back_and_the_same_connection_commits_the_next_message<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let (panicking, next) = (delivery(), delivery());
+    let unwound = catch_unwind(AssertUnwindSafe(|| {
+        inbox.process_once(conn, &panicking, |conn| {
+            C::record(conn, "panicked")?;
+            if C::NAME.is_empty() {
+                return Ok::<_, Error>(());
+            }
+            panic!("handler bug")
+        })
+    }));
+    let payload = unwound.expect_err("the handler's panic reaches the caller");
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"handler bug"));
+    assert!(!conn.in_transaction().unwrap(), "left no transaction open");
+    let outcome = inbox.process_once(conn, &next, |conn| {
+        C::record(conn, "next")?;
+        Ok::<_, Error>(())
+    });
+    assert_eq!(outcome.unwrap(), Processed::Handled(()));
+    // Seen from another connection: the next message committed, the panicked one did not.
+    let mut other = db.conn();
+    assert!(inbox
+        .is_processed(&mut other, &DedupKey::from(next.id))
+        .unwrap());
+    assert!(!inbox
+        .is_processed(&mut other, &DedupKey::from(panicking.id))
+        .unwrap());
+    assert_eq!(
+        C::count(
+            &mut other,
+            "SELECT COUNT(*) AS n FROM ledger WHERE k = 'next'"
+        ),
+        1
+    );
+    assert_eq!(C::effects(&mut other), 1);
+}
+
+/// A statement that fails on every backend; on PostgreSQL it also aborts the transaction.
+const FAILING: &str = "INSERT INTO no_such_table (k) VALUES ('x')";
+
+fn handled_means_committed_even_when_the_handler_ignores_a_failed_statement<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let msg = delivery();
+    let careless = |conn: &mut C| {
+        let _ignored = C::exec(conn, FAILING);
+        let _ignored = C::record(conn, "careless");
+        Ok::<_, Error>(())
+    };
+    let outcome = inbox.process_once(conn, &msg, careless);
+    let mut other = db.conn();
+    let committed = inbox
+        .is_processed(&mut other, &DedupKey::from(msg.id))
+        .unwrap();
+    match outcome {
+        Ok(Processed::Handled(())) => {
+            assert_ne!(C::NAME, "postgres", "an aborted transaction cannot commit");
+            assert!(committed, "Handled means committed");
+            assert_eq!(C::effects(&mut other), 1);
+        }
+        Err(Error::HandlerTransactionAborted {
+            consumer,
+            message_id,
+        }) => {
+            assert_eq!((consumer.as_str(), message_id), ("billing", msg.id));
+            assert!(!committed);
+            assert_eq!(C::effects(&mut other), 0);
+            // Nothing was acknowledged: the redelivery is handled on the same connection.
+            let again = inbox.process_once(conn, &msg, |conn| {
+                C::record(conn, "careful")?;
+                Ok::<_, Error>(())
+            });
+            assert_eq!(again.unwrap(), Processed::Handled(()));
+            assert_eq!(C::effects(&mut other), 1);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let msg = delivery();
+    let handled = conn
+        .transaction(|conn| {
+            C::record(conn, "outer")?;
+            let outcome = inbox.process_once(conn, &msg, |conn| {
+                let _ignored = C::exec(conn, FAILING);
+                let _ignored = C::record(conn, "inner");
+                Ok::<_, Error>(())
+            });
+            let handled = match outcome {
+                Ok(Processed::Handled(())) => true,
+                Err(Error::HandlerTransactionAborted { .. }) => false,
+                other => panic!("unexpected {other:?}"),
+            };
+            C::record(conn, "after")?;
+            Ok::<_, Error>(handled)
+        })
+        .expect("the caller's transaction commits");
+    assert_eq!(handled, C::NAME != "postgres");
+    assert_eq!(
+        C::count(conn, "SELECT COUNT(*) AS n FROM ledger WHERE k <> 'inner'"),
+        2,
+        "the caller's own writes committed"
+    );
+    assert_eq!(
+        C::count(conn, "SELECT COUNT(*) AS n FROM ledger WHERE k = 'inner'"),
+        i64::from(handled)
+    );
+    assert_eq!(
+        inbox.is_processed(conn, &DedupKey::from(msg.id)).unwrap(),
+        handled
+    );
+}
+
 fn caller_transaction_rollback_forgets_the_message<C: Ledger>(db: TestDb<C>) {
     setup(&db);
     let inbox = Inbox::new("billing");
@@ -766,6 +897,9 @@ backend_tests!(
     business_key_deduplicates_messages_with_fresh_ids,
     business_key_equal_to_another_messages_id_is_not_its_duplicate,
     records_written_before_the_key_namespaces_keep_deduplicating,
+    handler_panic_rolls_back_and_the_same_connection_commits_the_next_message,
+    handled_means_committed_even_when_the_handler_ignores_a_failed_statement,
+    aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint,
     caller_transaction_rollback_forgets_the_message,
     handler_failure_inside_a_caller_transaction_rolls_back_only_its_savepoint,
     duplicate_inside_a_caller_transaction_keeps_it_usable,

@@ -20,6 +20,7 @@ mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -115,6 +116,17 @@ pub trait InboxConnection: Connection {
     ///
     /// Database failures.
     fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>>;
+
+    /// Whether the current transaction can still commit: `false` on PostgreSQL when a failed
+    /// statement aborted it. Always `true` on SQLite and MySQL, where a failed statement
+    /// leaves the transaction usable.
+    ///
+    /// # Errors
+    ///
+    /// Database failures other than the aborted transaction (a lost connection).
+    fn probe_transaction(&mut self) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 /// One consumer's inbox: [`process_once`](Self::process_once) runs a handler at most once per
@@ -232,8 +244,12 @@ impl Inbox {
     /// The handler's writes, including messages it enqueues with
     /// [`enqueue`](crate::enqueue), commit with the record. When it returns `Err`, everything
     /// rolls back, nothing is recorded and its error is returned unchanged, so a redelivery
-    /// processes the message. Inside a caller's transaction, nothing is final until the caller
-    /// commits.
+    /// processes the message. When it panics, everything rolls back the same way and the panic
+    /// resumes, leaving the connection out of the transaction. On PostgreSQL, when it returns
+    /// `Ok` after one of its statements failed (aborting the transaction), everything rolls
+    /// back and [`Error::HandlerTransactionAborted`] is returned instead of a `Handled` that
+    /// could never commit. Inside a caller's transaction, all of this happens to a savepoint,
+    /// and nothing is final until the caller commits.
     ///
     /// Run it at the default `READ COMMITTED` (PostgreSQL) or `REPEATABLE READ` (MySQL)
     /// isolation. Under PostgreSQL's `REPEATABLE READ` or `SERIALIZABLE`, a duplicate that
@@ -248,7 +264,8 @@ impl Inbox {
     ///
     /// The handler's error; [`Error::InvalidInboxKey`] for an empty or over-long consumer
     /// name; [`Error::ConflictingDuplicate`] for a known id with another payload;
-    /// [`Error::Database`] (converted into `E`) when recording fails.
+    /// [`Error::HandlerTransactionAborted`] as above; [`Error::Database`] (converted into `E`)
+    /// when recording fails.
     pub fn process_once<C, T, E, F>(
         &self,
         conn: &mut C,
@@ -300,6 +317,7 @@ impl Inbox {
         };
         let key = stored_key(&key);
         let digest = payload_digest(&message.payload);
+        let mut panicked = None;
         let outcome = conn.transaction(|conn| {
             if !conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))? {
                 if by_id
@@ -342,8 +360,37 @@ impl Inbox {
                     }
                 }
             }
-            handler(conn).map_err(Abort::Failed)
+            let value = match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
+                Ok(Ok(value)) => value,
+                Ok(Err(error)) => return Err(Abort::Failed(error)),
+                Err(payload) => {
+                    panicked = Some(payload);
+                    return Err(Abort::Panicked);
+                }
+            };
+            // PostgreSQL would turn the COMMIT of an aborted transaction into a silent
+            // rollback; a savepoint's release would fail and leave the caller's one aborted.
+            if !conn.probe_transaction()? {
+                log::warn!(
+                    "inbox {}: the handler of message {} ignored a failed statement; rolled back",
+                    self.consumer,
+                    message.id
+                );
+                return Err(Abort::Failed(
+                    Error::HandlerTransactionAborted {
+                        consumer: self.consumer.clone(),
+                        message_id: message.id,
+                    }
+                    .into(),
+                ));
+            }
+            Ok(value)
         });
+        // Rolled back by now (or the rollback failed and the connection is broken, which its
+        // next use reports): the caller sees the handler's panic, not a rollback error.
+        if let Some(payload) = panicked {
+            resume_unwind(payload);
+        }
         match outcome {
             Ok(value) => Ok(Processed::Handled(value)),
             Err(Abort::Skipped(Skipped::Duplicate)) => {
@@ -356,6 +403,8 @@ impl Inbox {
             }
             Err(Abort::Skipped(Skipped::Expired)) => Ok(Processed::Expired),
             Err(Abort::Failed(error)) => Err(error),
+            // The payload resumed above; this arm only satisfies the match.
+            Err(Abort::Panicked) => resume_unwind(Box::new("inbox handler panicked")),
         }
     }
 
@@ -428,6 +477,8 @@ enum Abort<E> {
     Skipped(Skipped),
     /// The handler's error, or the inbox's converted into the handler's type.
     Failed(E),
+    /// The handler panicked; the payload is kept aside to resume after the rollback.
+    Panicked,
 }
 
 enum Skipped {
@@ -596,6 +647,9 @@ mod pooled {
         }
         fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>> {
             (**self).inbox_purged_through(consumer)
+        }
+        fn probe_transaction(&mut self) -> Result<bool> {
+            (**self).probe_transaction()
         }
     }
 }

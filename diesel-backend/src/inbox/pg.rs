@@ -8,7 +8,7 @@ use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use waybill_outbox_core::MessageId;
 
 use super::InboxConnection;
-use crate::Result;
+use crate::{Error, Result};
 
 mod schema {
     diesel::table! {
@@ -122,5 +122,21 @@ impl InboxConnection for PgConnection {
             .select(purges::purged_through)
             .first(self)
             .optional()?)
+    }
+
+    fn probe_transaction(&mut self) -> Result<bool> {
+        match diesel::sql_query("SELECT 1").execute(self) {
+            Ok(_) => Ok(true),
+            Err(error) => {
+                // On a live connection, `SELECT 1` fails only in an aborted transaction; a
+                // lost connection stays an error of its own.
+                let error = Error::from(error);
+                if waybill_outbox_core::Retryable::is_retryable(&error) {
+                    Err(error)
+                } else {
+                    Ok(false)
+                }
+            }
+        }
     }
 }
