@@ -75,6 +75,14 @@ pub enum Error {
     /// Running the embedded migrations failed.
     #[error("running migrations failed: {0}")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An inbox consumer name or dedup key contains a NUL byte, which PostgreSQL cannot store
+    /// in text; refused on every backend so code moves between them. The database was not
+    /// touched.
+    #[error("inbox {what} must not contain a NUL byte")]
+    InboxKeyWithNul {
+        /// `consumer name` or `dedup key`.
+        what: &'static str,
+    },
     /// The inbox handler returned `Ok`, but one of its statements had failed and aborted the
     /// PostgreSQL transaction (the handler ignored that error), so nothing of it could commit.
     /// Everything was rolled back and nothing was recorded: do not acknowledge the delivery.

@@ -596,6 +596,50 @@ fn records_written_before_the_key_namespaces_keep_deduplicating<C: Ledger>(db: T
     assert_eq!(C::effects(conn), 1);
 }
 
+fn nul_in_a_consumer_name_or_business_key_is_refused_before_the_database<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let msg = delivery();
+    // Inside a transaction: on PostgreSQL a statement the database refused would abort it.
+    conn.transaction(|conn| {
+        let bad_consumer = Inbox::new("bill\0ing");
+        let refused = bad_consumer.process_once(conn, &msg, record);
+        assert!(
+            matches!(
+                refused,
+                Err(Error::InboxKeyWithNul {
+                    what: "consumer name"
+                })
+            ),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            bad_consumer.processed_count(conn),
+            Err(Error::InboxKeyWithNul { .. })
+        ));
+        let inbox = Inbox::new("billing");
+        let key = DedupKey::business("order:\0:1");
+        let refused = inbox.process_once_by(conn, key.clone(), &msg, record);
+        assert!(
+            matches!(refused, Err(Error::InboxKeyWithNul { what: "dedup key" })),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            inbox.is_processed(conn, &key),
+            Err(Error::InboxKeyWithNul { .. })
+        ));
+        assert!(inbox.process_once(conn, &msg, record)?.is_handled());
+        Ok::<_, Error>(())
+    })
+    .expect("the transaction is still usable and commits");
+    assert_eq!(C::effects(conn), 1);
+}
+
 fn handler_panic_rolls_back_and_the_same_connection_commits_the_next_message<C: Ledger>(
     db: TestDb<C>,
 ) {
@@ -897,6 +941,7 @@ backend_tests!(
     business_key_deduplicates_messages_with_fresh_ids,
     business_key_equal_to_another_messages_id_is_not_its_duplicate,
     records_written_before_the_key_namespaces_keep_deduplicating,
+    nul_in_a_consumer_name_or_business_key_is_refused_before_the_database,
     handler_panic_rolls_back_and_the_same_connection_commits_the_next_message,
     handled_means_committed_even_when_the_handler_ignores_a_failed_statement,
     aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint,

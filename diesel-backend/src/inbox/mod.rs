@@ -168,7 +168,7 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// The inbox of `consumer`, e.g. `billing` (1 to 255 characters), with a retention
+    /// The inbox of `consumer`, e.g. `billing` (1 to 255 characters, no NUL), with a retention
     /// window of 7 days, a clock skew bound of 5 minutes, and messages whose record a purge
     /// may have deleted refused.
     pub fn new(consumer: impl Into<String>) -> Self {
@@ -263,7 +263,8 @@ impl Inbox {
     /// # Errors
     ///
     /// The handler's error; [`Error::InvalidInboxKey`] for an empty or over-long consumer
-    /// name; [`Error::ConflictingDuplicate`] for a known id with another payload;
+    /// name and [`Error::InboxKeyWithNul`] for one with a NUL byte, before any SQL;
+    /// [`Error::ConflictingDuplicate`] for a known id with another payload;
     /// [`Error::HandlerTransactionAborted`] as above; [`Error::Database`] (converted into `E`)
     /// when recording fails.
     pub fn process_once<C, T, E, F>(
@@ -289,7 +290,7 @@ impl Inbox {
     /// # Errors
     ///
     /// As [`process_once`](Self::process_once), plus [`Error::InvalidInboxKey`] for an empty
-    /// or over-long business key.
+    /// or over-long business key and [`Error::InboxKeyWithNul`] for one with a NUL byte.
     pub fn process_once_by<C, T, E, F>(
         &self,
         conn: &mut C,
@@ -432,7 +433,8 @@ impl Inbox {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInboxKey`] for a bad consumer name or key; [`Error::Database`].
+    /// [`Error::InvalidInboxKey`] or [`Error::InboxKeyWithNul`] for a bad consumer name or
+    /// key; [`Error::Database`].
     pub fn is_processed<C: InboxConnection>(&self, conn: &mut C, key: &DedupKey) -> Result<bool> {
         check_name("consumer name", &self.consumer)?;
         check_key(key)?;
@@ -443,7 +445,8 @@ impl Inbox {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInboxKey`] for a bad consumer name; [`Error::Database`].
+    /// [`Error::InvalidInboxKey`] or [`Error::InboxKeyWithNul`] for a bad consumer name;
+    /// [`Error::Database`].
     pub fn processed_count<C: InboxConnection>(&self, conn: &mut C) -> Result<u64> {
         check_name("consumer name", &self.consumer)?;
         conn.count_inbox_records(&self.consumer)
@@ -454,8 +457,8 @@ impl Inbox {
     ///
     /// # Errors
     ///
-    /// As [`purge_processed_before`], plus [`Error::InvalidInboxKey`] for a
-    /// bad consumer name.
+    /// As [`purge_processed_before`], plus [`Error::InvalidInboxKey`] or
+    /// [`Error::InboxKeyWithNul`] for a bad consumer name.
     pub fn purge_processed<C: InboxConnection>(
         &self,
         conn: &mut C,
@@ -606,6 +609,9 @@ fn check_name(what: &'static str, value: &str) -> Result<()> {
     if chars == 0 || chars > MAX_KEY_CHARS {
         return Err(Error::InvalidInboxKey { what, chars });
     }
+    if value.contains('\0') {
+        return Err(Error::InboxKeyWithNul { what });
+    }
     Ok(())
 }
 
@@ -701,6 +707,12 @@ mod tests {
         assert!(matches!(
             check_name("consumer name", ""),
             Err(Error::InvalidInboxKey { chars: 0, .. })
+        ));
+        assert!(matches!(
+            check_name("consumer name", "bill\0ing"),
+            Err(Error::InboxKeyWithNul {
+                what: "consumer name"
+            })
         ));
     }
 }
