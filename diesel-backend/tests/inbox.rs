@@ -594,6 +594,24 @@ fn records_written_before_the_key_namespaces_keep_deduplicating<C: Ledger>(db: T
         Processed::Handled(())
     );
     assert_eq!(C::effects(conn), 1);
+
+    // Down and up again, with a business key and an id that coincide once the prefix is gone:
+    // down.sql keeps one of them, and every record still deduplicates afterwards.
+    let its_id = business(&by_id.id.to_string());
+    assert!(inbox
+        .process_once_by(conn, its_id.clone(), &delivery(), record)
+        .unwrap()
+        .is_handled());
+    C::revert_migration_named(conn, "inbox_key_namespaces");
+    waybill_diesel::run_migrations(conn).unwrap();
+    for key in [
+        business("order:1"),
+        DedupKey::from(by_id.id),
+        DedupKey::from(by_business.id),
+    ] {
+        assert!(inbox.is_processed(conn, &key).unwrap(), "{key}");
+    }
+    assert_eq!(C::effects(conn), 2);
 }
 
 fn nul_in_a_consumer_name_or_business_key_is_refused_before_the_database<C: Ledger>(db: TestDb<C>) {
