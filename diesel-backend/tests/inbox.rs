@@ -32,6 +32,10 @@ trait Ledger: Backend {
     fn count(conn: &mut Self, sql: &str) -> i64;
     /// Reverts the embedded migration whose name contains `name`, and only that one.
     fn revert_migration_named(conn: &mut Self, name: &str);
+    /// This connection's session id, where the server can tell whether a session waits.
+    fn session(conn: &mut Self) -> Option<i64>;
+    /// Whether session `id` waits for a lock (MySQL: is inside an inbox statement).
+    fn waits_for_lock(conn: &mut Self, id: i64) -> bool;
 
     fn create_ledger(conn: &mut Self) {
         Self::exec(conn, "CREATE TABLE ledger (k VARCHAR(100) NOT NULL)").expect("ledger");
@@ -51,13 +55,19 @@ struct Count {
 }
 
 macro_rules! ledger {
-    ($($conn:ty => $migrations:expr),*) => {$(
+    ($($conn:ty => $migrations:expr, $session:expr, $waits:expr);*) => {$(
         impl Ledger for $conn {
             fn exec(conn: &mut Self, sql: &str) -> QueryResult<usize> {
                 diesel::sql_query(sql).execute(conn)
             }
             fn count(conn: &mut Self, sql: &str) -> i64 {
                 diesel::sql_query(sql).get_result::<Count>(conn).expect("count").n
+            }
+            fn session(conn: &mut Self) -> Option<i64> {
+                (!$session.is_empty()).then(|| Self::count(conn, $session))
+            }
+            fn waits_for_lock(conn: &mut Self, id: i64) -> bool {
+                Self::count(conn, &$waits.replace("{id}", &id.to_string())) > 0
             }
             fn revert_migration_named(conn: &mut Self, name: &str) {
                 let source: EmbeddedMigrations = $migrations;
@@ -72,9 +82,21 @@ macro_rules! ledger {
         }
     )*};
 }
-ledger!(SqliteConnection => waybill_diesel::sqlite::MIGRATIONS, PgConnection => waybill_diesel::pg::MIGRATIONS);
+ledger!(
+    SqliteConnection => waybill_diesel::sqlite::MIGRATIONS, "", "";
+    PgConnection => waybill_diesel::pg::MIGRATIONS,
+        "SELECT pg_backend_pid()::bigint AS n",
+        "SELECT COUNT(*) AS n FROM pg_locks WHERE pid = {id} AND NOT granted"
+);
 #[cfg(feature = "mysql")]
-ledger!(MysqlConnection => waybill_diesel::mysql::MIGRATIONS);
+ledger!(
+    MysqlConnection => waybill_diesel::mysql::MIGRATIONS,
+        "SELECT CAST(CONNECTION_ID() AS SIGNED) AS n",
+        // MariaDB leaves the waiting transaction out of INNODB_TRX; the session is seen
+        // inside an inbox statement instead (its insert, or a locking read of the mark).
+        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+         WHERE ID = {id} AND INFO LIKE '%inbox\\_p%'"
+);
 
 /// A handler's own error type, which `process_once` must hand back unchanged.
 #[derive(Debug)]
@@ -459,6 +481,57 @@ fn redelivery_after_a_purge_is_refused_whichever_way_the_sender_clock_is_off<C: 
         );
     }
     assert_eq!(C::effects(conn), 4, "each message took effect once");
+}
+
+/// A redelivery that arrives while a purge of its record is still uncommitted waits for the
+/// purge (its insert needs the deleted row's lock) and must then see the purge's mark, not a
+/// missing record. The purge commits only once the redelivery waits, where the server shows
+/// that; SQLite's single writer cannot interleave them.
+fn redelivery_racing_the_purge_of_its_record_is_refused<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let msg = delivery();
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    assert!(inbox
+        .process_once(&mut *db.conn(), &msg, record)
+        .unwrap()
+        .is_handled());
+    let (started_tx, started_rx) = mpsc::channel();
+    let (pool, inbox, msg) = (&db.pool, &inbox, &msg);
+    let outcome = std::thread::scope(|scope| {
+        let mut pooled = db.conn();
+        let purger: &mut C = &mut pooled;
+        purger
+            .transaction(|conn| {
+                assert_eq!(purge_everything(conn), 1);
+                let redelivery = scope.spawn(move || {
+                    let mut pooled = pool.get().unwrap();
+                    let conn: &mut C = &mut pooled;
+                    started_tx.send(C::session(conn)).unwrap();
+                    loop {
+                        // SQLite's busy timeout may run out while the purge holds the lock.
+                        match inbox.process_once(conn, msg, record) {
+                            Err(error) if error.is_retryable() => continue,
+                            other => break other,
+                        }
+                    }
+                });
+                if let Some(session) = started_rx.recv().unwrap() {
+                    while !redelivery.is_finished() && !C::waits_for_lock(conn, session) {
+                        std::thread::yield_now();
+                    }
+                }
+                Ok::<_, Error>(redelivery)
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    });
+    assert_eq!(outcome.unwrap(), Processed::Expired);
+    assert_eq!(effects(&db), 1);
 }
 
 fn business_key_deduplicates_messages_with_fresh_ids<C: Ledger>(db: TestDb<C>) {
@@ -956,6 +1029,7 @@ backend_tests!(
     purge_deletes_old_records_in_bounded_batches,
     late_first_delivery_is_processed_unless_a_purge_may_have_deleted_its_record,
     redelivery_after_a_purge_is_refused_whichever_way_the_sender_clock_is_off,
+    redelivery_racing_the_purge_of_its_record_is_refused,
     business_key_deduplicates_messages_with_fresh_ids,
     business_key_equal_to_another_messages_id_is_not_its_duplicate,
     records_written_before_the_key_namespaces_keep_deduplicating,
