@@ -105,6 +105,27 @@ pub enum Error {
     /// the next claim restores them.
     #[error("the lease rows of outbox buckets {0:?} are missing; nothing was claimed")]
     MissingLeaseRows(Vec<i16>),
+    /// An inbox consumer name or dedup key contains a NUL byte, which PostgreSQL cannot store
+    /// in text; refused on every backend so code moves between them. The database was not
+    /// touched.
+    #[error("inbox {what} must not contain a NUL byte")]
+    InboxKeyWithNul {
+        /// `consumer name` or `dedup key`.
+        what: &'static str,
+    },
+    /// The inbox handler returned `Ok`, but one of its statements had failed and aborted the
+    /// PostgreSQL transaction (the handler ignored that error), so nothing of it could commit.
+    /// Everything was rolled back and nothing was recorded: do not acknowledge the delivery.
+    #[error(
+        "inbox {consumer}: the handler of message {message_id} returned Ok, but a failed \
+         statement had aborted its transaction; nothing was committed"
+    )]
+    HandlerTransactionAborted {
+        /// The consumer.
+        consumer: String,
+        /// The message whose handler ran.
+        message_id: MessageId,
+    },
 }
 
 /// The result type of this crate.

@@ -5,15 +5,18 @@
 mod common;
 
 use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use chrono::Utc;
 use common::{Backend, TestDb};
+use diesel::migration::MigrationSource;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel::sql_types::BigInt;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use waybill_diesel::{
@@ -27,6 +30,12 @@ use waybill_outbox_core::{MessageId, NewOutboxMessage, Retryable};
 trait Ledger: Backend {
     fn exec(conn: &mut Self, sql: &str) -> QueryResult<usize>;
     fn count(conn: &mut Self, sql: &str) -> i64;
+    /// Reverts the embedded migration whose name contains `name`, and only that one.
+    fn revert_migration_named(conn: &mut Self, name: &str);
+    /// This connection's session id, where the server can tell whether a session waits.
+    fn session(conn: &mut Self) -> Option<i64>;
+    /// Whether session `id` waits for a lock (MySQL: is inside an inbox statement).
+    fn waits_for_lock(conn: &mut Self, id: i64) -> bool;
 
     fn create_ledger(conn: &mut Self) {
         Self::exec(conn, "CREATE TABLE ledger (k VARCHAR(100) NOT NULL)").expect("ledger");
@@ -46,7 +55,7 @@ struct Count {
 }
 
 macro_rules! ledger {
-    ($($conn:ty),*) => {$(
+    ($($conn:ty => $migrations:expr, $session:expr, $waits:expr);*) => {$(
         impl Ledger for $conn {
             fn exec(conn: &mut Self, sql: &str) -> QueryResult<usize> {
                 diesel::sql_query(sql).execute(conn)
@@ -54,12 +63,40 @@ macro_rules! ledger {
             fn count(conn: &mut Self, sql: &str) -> i64 {
                 diesel::sql_query(sql).get_result::<Count>(conn).expect("count").n
             }
+            fn session(conn: &mut Self) -> Option<i64> {
+                (!$session.is_empty()).then(|| Self::count(conn, $session))
+            }
+            fn waits_for_lock(conn: &mut Self, id: i64) -> bool {
+                Self::count(conn, &$waits.replace("{id}", &id.to_string())) > 0
+            }
+            fn revert_migration_named(conn: &mut Self, name: &str) {
+                let source: EmbeddedMigrations = $migrations;
+                let migrations = MigrationSource::<<$conn as Connection>::Backend>::migrations(&source)
+                    .expect("embedded migrations");
+                let migration = migrations
+                    .iter()
+                    .find(|m| m.name().to_string().contains(name))
+                    .expect("the migration");
+                conn.revert_migration(migration.as_ref()).expect("reverted");
+            }
         }
     )*};
 }
-ledger!(SqliteConnection, PgConnection);
+ledger!(
+    SqliteConnection => waybill_diesel::sqlite::MIGRATIONS, "", "";
+    PgConnection => waybill_diesel::pg::MIGRATIONS,
+        "SELECT pg_backend_pid()::bigint AS n",
+        "SELECT COUNT(*) AS n FROM pg_locks WHERE pid = {id} AND NOT granted"
+);
 #[cfg(feature = "mysql")]
-ledger!(MysqlConnection);
+ledger!(
+    MysqlConnection => waybill_diesel::mysql::MIGRATIONS,
+        "SELECT CAST(CONNECTION_ID() AS SIGNED) AS n",
+        // MariaDB leaves the waiting transaction out of INNODB_TRX; the session is seen
+        // inside an inbox statement instead (its insert, or a locking read of the mark).
+        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+         WHERE ID = {id} AND INFO LIKE '%inbox\\_p%'"
+);
 
 /// A handler's own error type, which `process_once` must hand back unchanged.
 #[derive(Debug)]
@@ -328,38 +365,173 @@ fn purge_deletes_old_records_in_bounded_batches<C: Ledger>(db: TestDb<C>) {
     assert_eq!(shipping.processed_count(conn).unwrap(), 0);
 }
 
-fn messages_older_than_the_window_are_expired_unless_accepted<C: Ledger>(db: TestDb<C>) {
+fn sent(offset: chrono::Duration) -> IncomingMessage {
+    delivery().with_sent_at(Utc::now() + offset)
+}
+
+/// Deletes every record of every consumer (they were all processed before `later`).
+fn purge_everything<C: Ledger>(conn: &mut C) -> u64 {
+    purge_processed_before(conn, Utc::now() + chrono::Duration::minutes(1), 100).unwrap()
+}
+
+fn late_first_delivery_is_processed_unless_a_purge_may_have_deleted_its_record<C: Ledger>(
+    db: TestDb<C>,
+) {
     setup(&db);
-    let old = delivery().with_sent_at(Utc::now() - chrono::Duration::days(8));
     let mut pooled = db.conn();
     let conn: &mut C = &mut pooled;
-    let handler = |conn: &mut C| {
-        C::record(conn, "old")?;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
         Ok::<_, Error>(())
     };
-    let inbox = Inbox::new("billing");
+    let billing = Inbox::new("billing");
+    let shipping = Inbox::new("shipping");
+    // Delayed, parked and requeued, or backlogged for a month: never delivered, so handled.
+    let month_old = sent(-chrono::Duration::days(30));
     assert_eq!(
-        inbox.process_once(conn, &old, handler).unwrap(),
-        Processed::Expired
-    );
-    assert_eq!(C::effects(conn), 0);
-    assert_eq!(inbox.processed_count(conn).unwrap(), 0);
-    let longer = Inbox::new("billing").retention(Duration::from_secs(30 * 24 * 3600));
-    assert_eq!(
-        longer.process_once(conn, &old, handler).unwrap(),
+        billing.process_once(conn, &month_old, record).unwrap(),
         Processed::Handled(())
     );
-    let replay = Inbox::new("billing").accept_expired(true);
     assert_eq!(
-        replay.process_once(conn, &old, handler).unwrap(),
+        billing.process_once(conn, &month_old, record).unwrap(),
         Processed::Duplicate
     );
-    let other = delivery().with_sent_at(Utc::now() - chrono::Duration::days(8));
+    let purged = sent(-chrono::Duration::days(2));
+    assert!(billing
+        .process_once(conn, &purged, record)
+        .unwrap()
+        .is_handled());
+    assert_eq!(purge_everything(conn), 2);
+    assert_eq!(C::effects(conn), 2);
+
+    // The purge deleted records processed just now: a message without a record sent before
+    // that may have been one of them.
+    for offset in [chrono::Duration::days(-30), chrono::Duration::hours(-1)] {
+        let late = sent(offset);
+        assert_eq!(
+            billing.process_once(conn, &late, record).unwrap(),
+            Processed::Expired,
+            "sent {offset} from now"
+        );
+        assert!(!billing
+            .is_processed(conn, &DedupKey::from(late.id))
+            .unwrap());
+        assert_eq!(
+            billing
+                .clone()
+                .accept_expired(true)
+                .process_once(conn, &late, record)
+                .unwrap(),
+            Processed::Handled(()),
+            "a replay the caller knows to be safe"
+        );
+    }
+    // Sent after the purge's reach (beyond the clock skew bound): it cannot have been purged.
+    let fresh = sent(chrono::Duration::minutes(6));
     assert_eq!(
-        replay.process_once(conn, &other, handler).unwrap(),
+        billing.process_once(conn, &fresh, record).unwrap(),
         Processed::Handled(())
     );
-    assert_eq!(C::effects(conn), 2);
+    // Another consumer lost no record to that purge: its late first delivery is handled.
+    assert_eq!(
+        shipping.process_once(conn, &month_old, record).unwrap(),
+        Processed::Handled(())
+    );
+    assert_eq!(C::effects(conn), 6);
+}
+
+fn redelivery_after_a_purge_is_refused_whichever_way_the_sender_clock_is_off<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let default_skew = Inbox::new("billing");
+    let wide_skew = Inbox::new("shipping").max_clock_skew(Duration::from_secs(3600));
+    let cases = [
+        (&default_skew, chrono::Duration::minutes(4)),
+        (&default_skew, chrono::Duration::minutes(-4)),
+        (&default_skew, chrono::Duration::days(-3)),
+        (&wide_skew, chrono::Duration::minutes(50)),
+    ];
+    let messages: Vec<_> = cases.iter().map(|(_, offset)| sent(*offset)).collect();
+    for ((inbox, _), msg) in cases.iter().zip(&messages) {
+        assert!(inbox.process_once(conn, msg, record).unwrap().is_handled());
+    }
+    // The consumer-wide purge and the all-consumers purge both leave their mark.
+    assert_eq!(
+        default_skew
+            .clone()
+            .retention(Duration::ZERO)
+            .purge_processed(conn, 2)
+            .unwrap(),
+        3
+    );
+    assert_eq!(purge_everything(conn), 1);
+    for ((inbox, offset), msg) in cases.iter().zip(&messages) {
+        assert_eq!(
+            inbox.process_once(conn, msg, record).unwrap(),
+            Processed::Expired,
+            "{} with the sender clock {offset} off",
+            inbox.consumer()
+        );
+    }
+    assert_eq!(C::effects(conn), 4, "each message took effect once");
+}
+
+/// A redelivery that arrives while a purge of its record is still uncommitted waits for the
+/// purge (its insert needs the deleted row's lock) and must then see the purge's mark, not a
+/// missing record. The purge commits only once the redelivery waits, where the server shows
+/// that; SQLite's single writer cannot interleave them.
+fn redelivery_racing_the_purge_of_its_record_is_refused<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let msg = delivery();
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    assert!(inbox
+        .process_once(&mut *db.conn(), &msg, record)
+        .unwrap()
+        .is_handled());
+    let (started_tx, started_rx) = mpsc::channel();
+    let (pool, inbox, msg) = (&db.pool, &inbox, &msg);
+    let outcome = std::thread::scope(|scope| {
+        let mut pooled = db.conn();
+        let purger: &mut C = &mut pooled;
+        purger
+            .transaction(|conn| {
+                assert_eq!(purge_everything(conn), 1);
+                let redelivery = scope.spawn(move || {
+                    let mut pooled = pool.get().unwrap();
+                    let conn: &mut C = &mut pooled;
+                    started_tx.send(C::session(conn)).unwrap();
+                    loop {
+                        // SQLite's busy timeout may run out while the purge holds the lock.
+                        match inbox.process_once(conn, msg, record) {
+                            Err(error) if error.is_retryable() => continue,
+                            other => break other,
+                        }
+                    }
+                });
+                if let Some(session) = started_rx.recv().unwrap() {
+                    while !redelivery.is_finished() && !C::waits_for_lock(conn, session) {
+                        std::thread::yield_now();
+                    }
+                }
+                Ok::<_, Error>(redelivery)
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    });
+    assert_eq!(outcome.unwrap(), Processed::Expired);
+    assert_eq!(effects(&db), 1);
 }
 
 fn business_key_deduplicates_messages_with_fresh_ids<C: Ledger>(db: TestDb<C>) {
@@ -391,12 +563,301 @@ fn business_key_deduplicates_messages_with_fresh_ids<C: Ledger>(db: TestDb<C>) {
         .is_processed(conn, &DedupKey::business("order:4231"))
         .unwrap());
     assert_eq!(C::effects(conn), 2);
+    // The longest key fits its column once prefixed, on every backend.
+    let longest = DedupKey::business("é".repeat(255));
+    for expected in [Processed::Handled(()), Processed::Duplicate] {
+        let outcome =
+            inbox.process_once_by(conn, longest.clone(), &delivery(), |_| Ok::<_, Error>(()));
+        assert_eq!(outcome.unwrap(), expected);
+    }
     let empty = inbox.process_once_by(conn, DedupKey::business(""), &delivery(), |_| {
         Ok::<_, Error>(())
     });
     assert!(
         matches!(empty, Err(Error::InvalidInboxKey { chars: 0, .. })),
         "{empty:?}"
+    );
+}
+
+fn business_key_equal_to_another_messages_id_is_not_its_duplicate<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let by_id = delivery();
+    assert!(inbox
+        .process_once(conn, &by_id, record)
+        .unwrap()
+        .is_handled());
+    let its_id = DedupKey::business(by_id.id.to_string());
+    assert!(!inbox.is_processed(conn, &its_id).unwrap());
+    assert_eq!(
+        inbox
+            .process_once_by(conn, its_id.clone(), &delivery(), record)
+            .unwrap(),
+        Processed::Handled(())
+    );
+    // And the other way round: a business key first, then the message whose id it reads as.
+    let later = delivery();
+    let key = DedupKey::business(later.id.to_string());
+    assert!(inbox
+        .process_once_by(conn, key, &delivery(), record)
+        .unwrap()
+        .is_handled());
+    assert_eq!(
+        inbox.process_once(conn, &later, record).unwrap(),
+        Processed::Handled(())
+    );
+    assert_eq!(C::effects(conn), 4);
+    assert_eq!(inbox.processed_count(conn).unwrap(), 4);
+}
+
+fn records_written_before_the_key_namespaces_keep_deduplicating<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    C::revert_migration_named(conn, "inbox_key_namespaces");
+    // What the inbox wrote before: every key bare, the message id always recorded.
+    let (by_business, by_id, by_own_id) = (delivery(), delivery(), delivery());
+    let own_id = by_own_id.id.to_string();
+    for (key, msg) in [
+        ("order:1", &by_business),
+        (own_id.as_str(), &by_own_id),
+        (by_id.id.to_string().as_str(), &by_id),
+    ] {
+        assert!(conn
+            .insert_inbox_record("billing", key, Some(msg.id), None)
+            .unwrap());
+    }
+    waybill_diesel::run_migrations(conn).unwrap();
+
+    let inbox = Inbox::new("billing");
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let business = |key: &str| DedupKey::business(key);
+    assert_eq!(
+        inbox
+            .process_once_by(conn, business("order:1"), &delivery(), record)
+            .unwrap(),
+        Processed::Duplicate,
+        "a business key, on a fresh message"
+    );
+    assert_eq!(
+        inbox.process_once(conn, &by_id, record).unwrap(),
+        Processed::Duplicate,
+        "a message id"
+    );
+    assert_eq!(
+        inbox
+            .process_once_by(conn, business(&own_id), &by_own_id, record)
+            .unwrap(),
+        Processed::Duplicate,
+        "a business key equal to its own message's id"
+    );
+    assert!(inbox.is_processed(conn, &business("order:1")).unwrap());
+    // The old business-key row is not a record of its message's id.
+    assert_eq!(
+        inbox.process_once(conn, &by_business, record).unwrap(),
+        Processed::Handled(())
+    );
+    assert_eq!(C::effects(conn), 1);
+
+    // Down and up again, with a business key and an id that coincide once the prefix is gone:
+    // down.sql keeps one of them, and every record still deduplicates afterwards.
+    let its_id = business(&by_id.id.to_string());
+    assert!(inbox
+        .process_once_by(conn, its_id.clone(), &delivery(), record)
+        .unwrap()
+        .is_handled());
+    C::revert_migration_named(conn, "inbox_key_namespaces");
+    waybill_diesel::run_migrations(conn).unwrap();
+    for key in [
+        business("order:1"),
+        DedupKey::from(by_id.id),
+        DedupKey::from(by_business.id),
+    ] {
+        assert!(inbox.is_processed(conn, &key).unwrap(), "{key}");
+    }
+    assert_eq!(C::effects(conn), 2);
+}
+
+fn nul_in_a_consumer_name_or_business_key_is_refused_before_the_database<C: Ledger>(db: TestDb<C>) {
+    setup(&db);
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let record = |conn: &mut C| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    };
+    let msg = delivery();
+    // Inside a transaction: on PostgreSQL a statement the database refused would abort it.
+    conn.transaction(|conn| {
+        let bad_consumer = Inbox::new("bill\0ing");
+        let refused = bad_consumer.process_once(conn, &msg, record);
+        assert!(
+            matches!(
+                refused,
+                Err(Error::InboxKeyWithNul {
+                    what: "consumer name"
+                })
+            ),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            bad_consumer.processed_count(conn),
+            Err(Error::InboxKeyWithNul { .. })
+        ));
+        let inbox = Inbox::new("billing");
+        let key = DedupKey::business("order:\0:1");
+        let refused = inbox.process_once_by(conn, key.clone(), &msg, record);
+        assert!(
+            matches!(refused, Err(Error::InboxKeyWithNul { what: "dedup key" })),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            inbox.is_processed(conn, &key),
+            Err(Error::InboxKeyWithNul { .. })
+        ));
+        assert!(inbox.process_once(conn, &msg, record)?.is_handled());
+        Ok::<_, Error>(())
+    })
+    .expect("the transaction is still usable and commits");
+    assert_eq!(C::effects(conn), 1);
+}
+
+fn handler_panic_rolls_back_and_the_same_connection_commits_the_next_message<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let (panicking, next) = (delivery(), delivery());
+    let unwound = catch_unwind(AssertUnwindSafe(|| {
+        inbox.process_once(conn, &panicking, |conn| {
+            C::record(conn, "panicked")?;
+            if C::NAME.is_empty() {
+                return Ok::<_, Error>(());
+            }
+            panic!("handler bug")
+        })
+    }));
+    let payload = unwound.expect_err("the handler's panic reaches the caller");
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"handler bug"));
+    assert!(!conn.in_transaction().unwrap(), "left no transaction open");
+    let outcome = inbox.process_once(conn, &next, |conn| {
+        C::record(conn, "next")?;
+        Ok::<_, Error>(())
+    });
+    assert_eq!(outcome.unwrap(), Processed::Handled(()));
+    // Seen from another connection: the next message committed, the panicked one did not.
+    let mut other = db.conn();
+    assert!(inbox
+        .is_processed(&mut other, &DedupKey::from(next.id))
+        .unwrap());
+    assert!(!inbox
+        .is_processed(&mut other, &DedupKey::from(panicking.id))
+        .unwrap());
+    assert_eq!(
+        C::count(
+            &mut other,
+            "SELECT COUNT(*) AS n FROM ledger WHERE k = 'next'"
+        ),
+        1
+    );
+    assert_eq!(C::effects(&mut other), 1);
+}
+
+/// A statement that fails on every backend; on PostgreSQL it also aborts the transaction.
+const FAILING: &str = "INSERT INTO no_such_table (k) VALUES ('x')";
+
+fn handled_means_committed_even_when_the_handler_ignores_a_failed_statement<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let msg = delivery();
+    let careless = |conn: &mut C| {
+        let _ignored = C::exec(conn, FAILING);
+        let _ignored = C::record(conn, "careless");
+        Ok::<_, Error>(())
+    };
+    let outcome = inbox.process_once(conn, &msg, careless);
+    let mut other = db.conn();
+    let committed = inbox
+        .is_processed(&mut other, &DedupKey::from(msg.id))
+        .unwrap();
+    match outcome {
+        Ok(Processed::Handled(())) => {
+            assert_ne!(C::NAME, "postgres", "an aborted transaction cannot commit");
+            assert!(committed, "Handled means committed");
+            assert_eq!(C::effects(&mut other), 1);
+        }
+        Err(Error::HandlerTransactionAborted {
+            consumer,
+            message_id,
+        }) => {
+            assert_eq!((consumer.as_str(), message_id), ("billing", msg.id));
+            assert!(!committed);
+            assert_eq!(C::effects(&mut other), 0);
+            // Nothing was acknowledged: the redelivery is handled on the same connection.
+            let again = inbox.process_once(conn, &msg, |conn| {
+                C::record(conn, "careful")?;
+                Ok::<_, Error>(())
+            });
+            assert_eq!(again.unwrap(), Processed::Handled(()));
+            assert_eq!(C::effects(&mut other), 1);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint<C: Ledger>(
+    db: TestDb<C>,
+) {
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let msg = delivery();
+    let handled = conn
+        .transaction(|conn| {
+            C::record(conn, "outer")?;
+            let outcome = inbox.process_once(conn, &msg, |conn| {
+                let _ignored = C::exec(conn, FAILING);
+                let _ignored = C::record(conn, "inner");
+                Ok::<_, Error>(())
+            });
+            let handled = match outcome {
+                Ok(Processed::Handled(())) => true,
+                Err(Error::HandlerTransactionAborted { .. }) => false,
+                other => panic!("unexpected {other:?}"),
+            };
+            C::record(conn, "after")?;
+            Ok::<_, Error>(handled)
+        })
+        .expect("the caller's transaction commits");
+    assert_eq!(handled, C::NAME != "postgres");
+    assert_eq!(
+        C::count(conn, "SELECT COUNT(*) AS n FROM ledger WHERE k <> 'inner'"),
+        2,
+        "the caller's own writes committed"
+    );
+    assert_eq!(
+        C::count(conn, "SELECT COUNT(*) AS n FROM ledger WHERE k = 'inner'"),
+        i64::from(handled)
+    );
+    assert_eq!(
+        inbox.is_processed(conn, &DedupKey::from(msg.id)).unwrap(),
+        handled
     );
 }
 
@@ -566,8 +1027,16 @@ backend_tests!(
     failed_handler_records_nothing_and_redelivery_handles_it,
     any_sequence_of_deliveries_and_failures_takes_effect_once_per_success,
     purge_deletes_old_records_in_bounded_batches,
-    messages_older_than_the_window_are_expired_unless_accepted,
+    late_first_delivery_is_processed_unless_a_purge_may_have_deleted_its_record,
+    redelivery_after_a_purge_is_refused_whichever_way_the_sender_clock_is_off,
+    redelivery_racing_the_purge_of_its_record_is_refused,
     business_key_deduplicates_messages_with_fresh_ids,
+    business_key_equal_to_another_messages_id_is_not_its_duplicate,
+    records_written_before_the_key_namespaces_keep_deduplicating,
+    nul_in_a_consumer_name_or_business_key_is_refused_before_the_database,
+    handler_panic_rolls_back_and_the_same_connection_commits_the_next_message,
+    handled_means_committed_even_when_the_handler_ignores_a_failed_statement,
+    aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint,
     caller_transaction_rollback_forgets_the_message,
     handler_failure_inside_a_caller_transaction_rolls_back_only_its_savepoint,
     duplicate_inside_a_caller_transaction_keeps_it_usable,

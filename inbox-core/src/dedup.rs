@@ -10,9 +10,9 @@ use waybill_outbox_core::MessageId;
 /// redeliveries. Where the sender gives no stable id (it builds a fresh id on each retry of its
 /// own), use a business key that names the effect instead, e.g. `order:4231`.
 ///
-/// The stored key is the [`Display`](fmt::Display) form: the id's hyphenated lowercase string
-/// or the business key as given. Both share one key space per consumer, so a business key
-/// should not look like a UUID.
+/// The [`Display`](fmt::Display) form is the id's hyphenated lowercase string or the business
+/// key as given. The inbox keeps the two kinds apart (it stores a business key behind a
+/// prefix), so a business key that reads like another message's id is not that message.
 ///
 /// ```
 /// use waybill_inbox_core::DedupKey;
@@ -70,7 +70,8 @@ pub enum Processed<T> {
     Handled(T),
     /// Already processed by this consumer: the handler did not run. Acknowledge the delivery.
     Duplicate,
-    /// Sent before the consumer's retention window: the inbox may have forgotten it, so it is
+    /// Not found, but sent before the newest record a purge of this consumer deleted (give or
+    /// take the clock skew bound): it may have been processed and its record purged, so it is
     /// neither treated as new nor recorded, and the handler did not run. Dead-letter it or
     /// opt in to accepting such messages.
     Expired,
@@ -95,7 +96,7 @@ impl<T> Processed<T> {
         matches!(self, Self::Duplicate)
     }
 
-    /// Whether the message was older than the retention window.
+    /// Whether the message was refused because a purge may have deleted its record.
     pub fn is_expired(&self) -> bool {
         matches!(self, Self::Expired)
     }

@@ -92,7 +92,8 @@ impl IncomingMessage {
         self
     }
 
-    /// Sets when the sender sent the message; the inbox's retention window is measured from it.
+    /// Sets when the sender sent the message; the inbox compares it with its last purge to
+    /// tell whether the message's record may have been purged.
     #[must_use]
     pub fn with_sent_at(mut self, at: DateTime<Utc>) -> Self {
         self.sent_at = at;

@@ -15,7 +15,8 @@ use crate::Error;
 ///
 /// - a topic outside [`only_topics`](Self::only_topics) -> [`Disposition::DeadLetter`]
 /// - handled or duplicate -> [`Disposition::Ack`]
-/// - older than the inbox's retention window -> [`Disposition::DeadLetter`]
+/// - not found but sent before the inbox's last purge reached, so its record may have been
+///   purged ([`Processed::Expired`]) -> [`Disposition::DeadLetter`]
 /// - an id already processed with a different payload
 ///   ([`Error::ConflictingDuplicate`](crate::Error::ConflictingDuplicate)) ->
 ///   [`Disposition::DeadLetter`] with the reason
@@ -124,9 +125,10 @@ where
                 Disposition::Ack
             }
             Ok(Processed::Expired) => Disposition::DeadLetter(format!(
-                "sent at {}, older than the {:?} inbox retention window",
+                "sent at {}, before the inbox's last purge reached (give or take {:?} of clock \
+                 skew): its record may have been purged, so it cannot be told from a new message",
                 message.sent_at,
-                self.inbox.retention_window()
+                self.inbox.clock_skew_bound()
             )),
             Err(error)
                 if self

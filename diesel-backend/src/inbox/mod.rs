@@ -6,6 +6,11 @@
 //! waits for the first and then sees a duplicate (first committed) or handles the message
 //! (first rolled back). A handler error rolls back the record with the handler's writes, so a
 //! redelivery processes the message again.
+//!
+//! Records are kept until a purge deletes them. A purge remembers, per consumer, the newest
+//! `processed_at` it deleted (`inbox_purges.purged_through`): a message without a record is new
+//! unless it was sent before that mark (plus [`Inbox::max_clock_skew`]), in which case its
+//! record may have been purged and it is refused as [`Processed::Expired`].
 
 mod handler;
 #[cfg(feature = "mysql")]
@@ -15,6 +20,7 @@ mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -32,6 +38,14 @@ pub const MAX_KEY_CHARS: usize = 255;
 
 /// The default retention window: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// The default bound on the difference between a sender's and the consumer's database clocks:
+/// 5 minutes.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// The prefix of a business key's stored form, so business keys and message ids (stored as
+/// the id's hyphenated lowercase form) never collide.
+const BUSINESS_PREFIX: &str = "b:";
 
 /// A diesel connection the inbox can work on: implemented for `PgConnection`,
 /// `SqliteConnection`, `MysqlConnection` (each behind its cargo feature) and for r2d2 pooled
@@ -80,17 +94,39 @@ pub trait InboxConnection: Connection {
     fn count_inbox_records(&mut self, consumer: &str) -> Result<u64>;
 
     /// Deletes up to `limit` records processed before `cutoff`, of `consumer` or of every
-    /// consumer, in one statement; returns how many.
+    /// consumer, oldest first; returns how many. Atomically with the delete, raises each
+    /// affected consumer's purge mark ([`inbox_purged_through`](Self::inbox_purged_through))
+    /// to the newest `processed_at` it deleted.
     ///
     /// # Errors
     ///
-    /// Database failures.
+    /// Database failures; nothing is deleted then.
     fn delete_inbox_records(
         &mut self,
         consumer: Option<&str>,
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<u64>;
+
+    /// The newest `processed_at` a purge deleted for `consumer`; `None` when none deleted any
+    /// of its records. Reads the latest committed mark, even inside a transaction that began
+    /// before it (MySQL's `REPEATABLE READ` uses a locking read for that).
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>>;
+
+    /// Whether the current transaction can still commit: `false` on PostgreSQL when a failed
+    /// statement aborted it. Always `true` on SQLite and MySQL, where a failed statement
+    /// leaves the transaction usable.
+    ///
+    /// # Errors
+    ///
+    /// Database failures other than the aborted transaction (a lost connection).
+    fn probe_transaction(&mut self) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 /// One consumer's inbox: [`process_once`](Self::process_once) runs a handler at most once per
@@ -127,32 +163,49 @@ pub trait InboxConnection: Connection {
 pub struct Inbox {
     consumer: String,
     retention: Duration,
+    max_clock_skew: Duration,
     accept_expired: bool,
 }
 
 impl Inbox {
-    /// The inbox of `consumer`, e.g. `billing` (1 to 255 characters), with a retention window
-    /// of 7 days that refuses expired messages.
+    /// The inbox of `consumer`, e.g. `billing` (1 to 255 characters, no NUL), with a retention
+    /// window of 7 days, a clock skew bound of 5 minutes, and messages whose record a purge
+    /// may have deleted refused.
     pub fn new(consumer: impl Into<String>) -> Self {
         Self {
             consumer: consumer.into(),
             retention: DEFAULT_RETENTION,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             accept_expired: false,
         }
     }
 
-    /// How long records are kept: [`purge_processed`](Self::purge_processed) deletes older
-    /// ones, and a message sent longer ago than this is [`Processed::Expired`] (its record
-    /// may be gone, so it cannot be told from a new one). Choose it longer than any
-    /// redelivery can be late. Defaults to 7 days.
+    /// How long records are kept: [`purge_processed`](Self::purge_processed) deletes the ones
+    /// processed longer ago. Once a purge deleted records, a message sent before the newest
+    /// of them (plus [`max_clock_skew`](Self::max_clock_skew)) and not found is
+    /// [`Processed::Expired`]: its record may be gone, so it cannot be told from a new one.
+    /// A message that was never processed is handled however old it is until then. Choose
+    /// it longer than any redelivery can be late. Defaults to 7 days.
     #[must_use]
     pub fn retention(mut self, window: Duration) -> Self {
         self.retention = window;
         self
     }
 
-    /// Processes messages sent before the retention window as if they were new instead of
-    /// returning [`Processed::Expired`]; for a replay the caller knows to be safe. Defaults
+    /// The most a sender's clock (which stamps `sent_at`) may differ from this consumer's
+    /// database clock (which stamps when a message was processed), either way. A message
+    /// without a record is refused when it was sent at or before the last purge's newest
+    /// deleted record plus this bound, since its record may have been that purge's; larger
+    /// values refuse more late first deliveries, smaller ones risk a purged message taking
+    /// effect twice when clocks drift further apart. Defaults to 5 minutes.
+    #[must_use]
+    pub fn max_clock_skew(mut self, skew: Duration) -> Self {
+        self.max_clock_skew = skew;
+        self
+    }
+
+    /// Processes messages whose record a purge may have deleted as if they were new instead
+    /// of returning [`Processed::Expired`]; for a replay the caller knows to be safe. Defaults
     /// to `false`.
     #[must_use]
     pub fn accept_expired(mut self, accept: bool) -> Self {
@@ -170,21 +223,33 @@ impl Inbox {
         self.retention
     }
 
+    /// The clock skew bound.
+    pub fn clock_skew_bound(&self) -> Duration {
+        self.max_clock_skew
+    }
+
     /// Runs `handler` once per message for this consumer, deduplicating on the message id.
     ///
     /// In one transaction on `conn` (diesel's `conn.transaction`, a savepoint when the caller
     /// already is in one): inserts the record, then runs `handler` on the same connection.
     /// Returns [`Processed::Handled`] with the handler's value once it committed;
     /// [`Processed::Duplicate`] without running the handler when the record exists; and
-    /// [`Processed::Expired`] without touching the database when the message was sent before
-    /// the retention window (unless [`accept_expired`](Self::accept_expired)). A concurrent
-    /// delivery of the same message waits for this one to commit or roll back.
+    /// [`Processed::Expired`] without running the handler or recording anything when there is
+    /// no record but a purge may have deleted it: the message was sent at or before this
+    /// consumer's purge mark plus [`max_clock_skew`](Self::max_clock_skew) (unless
+    /// [`accept_expired`](Self::accept_expired)). A message no purge can have forgotten is
+    /// handled however old it is. A concurrent delivery of the same message waits for this
+    /// one to commit or roll back.
     ///
     /// The handler's writes, including messages it enqueues with
     /// [`enqueue`](crate::enqueue), commit with the record. When it returns `Err`, everything
     /// rolls back, nothing is recorded and its error is returned unchanged, so a redelivery
-    /// processes the message. Inside a caller's transaction, nothing is final until the caller
-    /// commits.
+    /// processes the message. When it panics, everything rolls back the same way and the panic
+    /// resumes, leaving the connection out of the transaction. On PostgreSQL, when it returns
+    /// `Ok` after one of its statements failed (aborting the transaction), everything rolls
+    /// back and [`Error::HandlerTransactionAborted`] is returned instead of a `Handled` that
+    /// could never commit. Inside a caller's transaction, all of this happens to a savepoint,
+    /// and nothing is final until the caller commits.
     ///
     /// Run it at the default `READ COMMITTED` (PostgreSQL) or `REPEATABLE READ` (MySQL)
     /// isolation. Under PostgreSQL's `REPEATABLE READ` or `SERIALIZABLE`, a duplicate that
@@ -198,8 +263,10 @@ impl Inbox {
     /// # Errors
     ///
     /// The handler's error; [`Error::InvalidInboxKey`] for an empty or over-long consumer
-    /// name; [`Error::ConflictingDuplicate`] for a known id with another payload;
-    /// [`Error::Database`] (converted into `E`) when recording fails.
+    /// name and [`Error::InboxKeyWithNul`] for one with a NUL byte, before any SQL;
+    /// [`Error::ConflictingDuplicate`] for a known id with another payload;
+    /// [`Error::HandlerTransactionAborted`] as above; [`Error::Database`] (converted into `E`)
+    /// when recording fails.
     pub fn process_once<C, T, E, F>(
         &self,
         conn: &mut C,
@@ -217,10 +284,13 @@ impl Inbox {
     /// [`process_once`](Self::process_once) deduplicating on `key` instead of the message id,
     /// e.g. `DedupKey::business("order:4231")` when the sender assigns no stable id.
     ///
+    /// Business keys and message ids are separate namespaces: a business key that reads like
+    /// another message's id is not that message's record.
+    ///
     /// # Errors
     ///
     /// As [`process_once`](Self::process_once), plus [`Error::InvalidInboxKey`] for an empty
-    /// or over-long business key.
+    /// or over-long business key and [`Error::InboxKeyWithNul`] for one with a NUL byte.
     pub fn process_once_by<C, T, E, F>(
         &self,
         conn: &mut C,
@@ -234,22 +304,22 @@ impl Inbox {
         E: From<Error> + From<diesel::result::Error>,
     {
         check_name("consumer name", &self.consumer)?;
+        check_key(&key)?;
         // Only a message id promises the same content every time; a business key may be
         // shared by messages that differ.
         let by_id = matches!(key, DedupKey::MessageId(_));
-        let key = key.to_string();
-        check_name("dedup key", &key)?;
-        if !self.accept_expired && self.is_expired(message.sent_at, Utc::now()) {
-            log::warn!(
-                "inbox {}: message {} sent at {} is older than the retention window; not processed",
-                self.consumer,
-                message.id,
-                message.sent_at
-            );
-            return Ok(Processed::Expired);
-        }
+        // Before the namespaces, a business key equal to its own message's id was stored bare,
+        // like that id; such a row is this very message's record.
+        let legacy = match &key {
+            DedupKey::Business(business) if *business == message.id.to_string() => {
+                Some(business.clone())
+            }
+            _ => None,
+        };
+        let key = stored_key(&key);
         let digest = payload_digest(&message.payload);
-        conn.transaction(|conn| {
+        let mut panicked = None;
+        let outcome = conn.transaction(|conn| {
             if !conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))? {
                 if by_id
                     && conn
@@ -261,21 +331,82 @@ impl Inbox {
                         self.consumer,
                         message.id
                     );
-                    return Err(Error::ConflictingDuplicate {
+                    return Err(Abort::Failed(
+                        Error::ConflictingDuplicate {
+                            consumer: self.consumer.clone(),
+                            message_id: message.id,
+                        }
+                        .into(),
+                    ));
+                }
+                return Err(Abort::Skipped(Skipped::Duplicate));
+            }
+            if let Some(bare) = &legacy {
+                if conn.inbox_record_exists(&self.consumer, bare)? {
+                    return Err(Abort::Skipped(Skipped::Duplicate));
+                }
+            }
+            if !self.accept_expired {
+                if let Some(through) = conn.inbox_purged_through(&self.consumer)? {
+                    if may_have_been_purged(message.sent_at, through, self.max_clock_skew) {
+                        log::warn!(
+                            "inbox {}: message {} sent at {} has no record, but a purge deleted \
+                             records processed up to {through}; it may have been one, not \
+                             processed",
+                            self.consumer,
+                            message.id,
+                            message.sent_at
+                        );
+                        return Err(Abort::Skipped(Skipped::Expired));
+                    }
+                }
+            }
+            let value = match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
+                Ok(Ok(value)) => value,
+                Ok(Err(error)) => return Err(Abort::Failed(error)),
+                Err(payload) => {
+                    panicked = Some(payload);
+                    return Err(Abort::Panicked);
+                }
+            };
+            // PostgreSQL would turn the COMMIT of an aborted transaction into a silent
+            // rollback; a savepoint's release would fail and leave the caller's one aborted.
+            if !conn.probe_transaction()? {
+                log::warn!(
+                    "inbox {}: the handler of message {} ignored a failed statement; rolled back",
+                    self.consumer,
+                    message.id
+                );
+                return Err(Abort::Failed(
+                    Error::HandlerTransactionAborted {
                         consumer: self.consumer.clone(),
                         message_id: message.id,
                     }
-                    .into());
-                }
+                    .into(),
+                ));
+            }
+            Ok(value)
+        });
+        // Rolled back by now (or the rollback failed and the connection is broken, which its
+        // next use reports): the caller sees the handler's panic, not a rollback error.
+        if let Some(payload) = panicked {
+            resume_unwind(payload);
+        }
+        match outcome {
+            Ok(value) => Ok(Processed::Handled(value)),
+            Err(Abort::Skipped(Skipped::Duplicate)) => {
                 log::debug!(
                     "inbox {}: message {} (key {key}) already processed",
                     self.consumer,
                     message.id
                 );
-                return Ok(Processed::Duplicate);
+                Ok(Processed::Duplicate)
             }
-            handler(conn).map(Processed::Handled)
-        })
+            Err(Abort::Skipped(Skipped::Expired)) => Ok(Processed::Expired),
+            Err(Abort::Failed(error)) => Err(error),
+            // The payload resumed above; this arm only satisfies the match.
+            Err(Abort::Panicked) => resume_unwind(Box::new("inbox handler panicked")),
+        }
     }
 
     /// Whether this consumer already processed a message with `message`'s id but a different
@@ -291,7 +422,8 @@ impl Inbox {
         conn: &mut C,
         message: &IncomingMessage,
     ) -> Result<bool> {
-        let key = DedupKey::MessageId(message.id).to_string();
+        check_name("consumer name", &self.consumer)?;
+        let key = stored_key(&DedupKey::MessageId(message.id));
         Ok(conn
             .inbox_record_digest(&self.consumer, &key)?
             .is_some_and(|digest| digest != payload_digest(&message.payload)))
@@ -301,31 +433,38 @@ impl Inbox {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::InvalidInboxKey`] or [`Error::InboxKeyWithNul`] for a bad consumer name or
+    /// key; [`Error::Database`].
     pub fn is_processed<C: InboxConnection>(&self, conn: &mut C, key: &DedupKey) -> Result<bool> {
-        conn.inbox_record_exists(&self.consumer, &key.to_string())
+        check_name("consumer name", &self.consumer)?;
+        check_key(key)?;
+        conn.inbox_record_exists(&self.consumer, &stored_key(key))
     }
 
     /// How many records this consumer keeps.
     ///
     /// # Errors
     ///
+    /// [`Error::InvalidInboxKey`] or [`Error::InboxKeyWithNul`] for a bad consumer name;
     /// [`Error::Database`].
     pub fn processed_count<C: InboxConnection>(&self, conn: &mut C) -> Result<u64> {
+        check_name("consumer name", &self.consumer)?;
         conn.count_inbox_records(&self.consumer)
     }
 
     /// Deletes this consumer's records older than the retention window, `batch_size` rows per
-    /// statement; returns how many. See [`purge_processed_before`].
+    /// statement, and raises its purge mark; returns how many. See [`purge_processed_before`].
     ///
     /// # Errors
     ///
-    /// As [`purge_processed_before`].
+    /// As [`purge_processed_before`], plus [`Error::InvalidInboxKey`] or
+    /// [`Error::InboxKeyWithNul`] for a bad consumer name.
     pub fn purge_processed<C: InboxConnection>(
         &self,
         conn: &mut C,
         batch_size: usize,
     ) -> Result<u64> {
+        check_name("consumer name", &self.consumer)?;
         purge(
             conn,
             Some(&self.consumer),
@@ -333,9 +472,63 @@ impl Inbox {
             batch_size,
         )
     }
+}
 
-    fn is_expired(&self, sent_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        sent_at < cutoff(now, self.retention)
+/// What ends `process_once`'s transaction without committing it.
+enum Abort<E> {
+    /// Not handled, and nothing to record: roll back the record just inserted.
+    Skipped(Skipped),
+    /// The handler's error, or the inbox's converted into the handler's type.
+    Failed(E),
+    /// The handler panicked; the payload is kept aside to resume after the rollback.
+    Panicked,
+}
+
+enum Skipped {
+    Duplicate,
+    Expired,
+}
+
+impl<E: From<diesel::result::Error>> From<diesel::result::Error> for Abort<E> {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+impl<E: From<Error>> From<Error> for Abort<E> {
+    fn from(error: Error) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+/// Whether a purge that deleted records processed up to `purged_through` (consumer database
+/// clock) may have deleted the record of a message sent at `sent_at` (sender clock): it was
+/// processed after it was sent, give or take the clocks' difference.
+fn may_have_been_purged(
+    sent_at: DateTime<Utc>,
+    purged_through: DateTime<Utc>,
+    max_clock_skew: Duration,
+) -> bool {
+    let horizon = TimeDelta::from_std(max_clock_skew)
+        .ok()
+        .and_then(|skew| purged_through.checked_add_signed(skew))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    sent_at <= horizon
+}
+
+/// The form `key` is stored in: a message id as its hyphenated lowercase string, a business
+/// key behind a prefix no id starts with, so the two never collide.
+fn stored_key(key: &DedupKey) -> String {
+    match key {
+        DedupKey::MessageId(id) => id.to_string(),
+        DedupKey::Business(business) => format!("{BUSINESS_PREFIX}{business}"),
+    }
+}
+
+fn check_key(key: &DedupKey) -> Result<()> {
+    match key {
+        DedupKey::MessageId(_) => Ok(()),
+        DedupKey::Business(business) => check_name("dedup key", business),
     }
 }
 
@@ -343,9 +536,13 @@ impl Inbox {
 /// loop of `DELETE` statements of at most `batch_size` rows (at least 1) each, so no statement
 /// holds many locks for long. Returns the total deleted.
 ///
-/// Outside a transaction every batch commits on its own, and a failure keeps the batches
-/// deleted before it. Keep `cutoff` at least the consumers' retention window in the past:
-/// messages sent after it must still find their records.
+/// Each batch also raises the purge mark of every consumer it deleted records of to the newest
+/// `processed_at` it deleted, atomically with the delete: from then on that consumer refuses a
+/// message without a record that was sent before the mark (plus its clock skew bound) as
+/// [`Processed::Expired`], since it may have been one of the deleted. Outside a transaction
+/// every batch commits on its own, and a failure keeps the batches deleted before it. Keep
+/// `cutoff` at least the consumers' retention window in the past: redeliveries later than the
+/// purge's reach are refused.
 ///
 /// ```
 /// use diesel::prelude::*;
@@ -412,6 +609,9 @@ fn check_name(what: &'static str, value: &str) -> Result<()> {
     if chars == 0 || chars > MAX_KEY_CHARS {
         return Err(Error::InvalidInboxKey { what, chars });
     }
+    if value.contains('\0') {
+        return Err(Error::InboxKeyWithNul { what });
+    }
     Ok(())
 }
 
@@ -451,6 +651,12 @@ mod pooled {
         ) -> Result<u64> {
             (**self).delete_inbox_records(consumer, cutoff, limit)
         }
+        fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>> {
+            (**self).inbox_purged_through(consumer)
+        }
+        fn probe_transaction(&mut self) -> Result<bool> {
+            (**self).probe_transaction()
+        }
     }
 }
 
@@ -459,17 +665,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_older_than_the_window_are_expired() {
-        let inbox = Inbox::new("billing").retention(Duration::from_secs(60));
-        let now = Utc::now();
-        assert!(!inbox.is_expired(now - TimeDelta::seconds(59), now));
-        assert!(inbox.is_expired(now - TimeDelta::seconds(61), now));
-        assert!(
-            !inbox.is_expired(now + TimeDelta::hours(1), now),
-            "sender clock ahead"
+    fn only_messages_sent_before_the_purge_mark_plus_the_skew_may_have_been_purged() {
+        let mark = Utc::now();
+        let skew = Duration::from_secs(60);
+        assert!(may_have_been_purged(mark - TimeDelta::days(30), mark, skew));
+        assert!(may_have_been_purged(
+            mark + TimeDelta::seconds(60),
+            mark,
+            skew
+        ));
+        assert!(!may_have_been_purged(
+            mark + TimeDelta::seconds(61),
+            mark,
+            skew
+        ));
+        assert!(may_have_been_purged(
+            DateTime::<Utc>::MAX_UTC,
+            mark,
+            Duration::MAX
+        ));
+    }
+
+    #[test]
+    fn business_keys_and_message_ids_are_stored_apart() {
+        let id = MessageId::new();
+        assert_eq!(stored_key(&DedupKey::from(id)), id.to_string());
+        assert_eq!(
+            stored_key(&DedupKey::business(id.to_string())),
+            format!("b:{id}")
         );
-        let forever = Inbox::new("billing").retention(Duration::MAX);
-        assert!(!forever.is_expired(DateTime::<Utc>::MIN_UTC + TimeDelta::seconds(1), now));
     }
 
     #[test]
@@ -483,6 +707,12 @@ mod tests {
         assert!(matches!(
             check_name("consumer name", ""),
             Err(Error::InvalidInboxKey { chars: 0, .. })
+        ));
+        assert!(matches!(
+            check_name("consumer name", "bill\0ing"),
+            Err(Error::InboxKeyWithNul {
+                what: "consumer name"
+            })
         ));
     }
 }

@@ -3,8 +3,10 @@
 //! (the connection uses `CLIENT_FOUND_ROWS`), so the row count cannot tell. InnoDB rolls back
 //! only the failed statement, so the caller's transaction stays usable.
 
-use chrono::{DateTime, Utc};
-use diesel::mysql::MysqlConnection;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::mysql::{Mysql, MysqlConnection};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Datetime, Nullable, Text};
@@ -26,6 +28,25 @@ mod schema {
 }
 
 use schema::inbox_processed as p;
+
+#[derive(QueryableByName)]
+struct Oldest {
+    #[diesel(sql_type = Text)]
+    consumer: String,
+    #[diesel(sql_type = Text)]
+    dedup_key: String,
+    #[diesel(sql_type = Datetime)]
+    processed_at: NaiveDateTime,
+}
+
+#[derive(QueryableByName)]
+struct PurgeMark {
+    #[diesel(sql_type = Datetime)]
+    purged_through: NaiveDateTime,
+}
+
+/// Records deleted per `DELETE` statement: two bound values each, far below the limit.
+const DELETE_CHUNK: usize = 1_000;
 
 impl InboxConnection for MysqlConnection {
     fn insert_inbox_record(
@@ -86,16 +107,62 @@ impl InboxConnection for MysqlConnection {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<u64> {
-        let deleted = diesel::sql_query(
-            "DELETE FROM inbox_processed \
-             WHERE processed_at < ? AND (? IS NULL OR consumer = ?) \
-             ORDER BY processed_at LIMIT ?",
+        // MySQL has no `DELETE .. RETURNING`: a locking read picks and locks the oldest
+        // records (the latest committed ones, whatever the transaction's snapshot), so the
+        // mark is raised from exactly the rows deleted.
+        self.transaction(|conn| {
+            let rows: Vec<Oldest> = diesel::sql_query(
+                "SELECT consumer, dedup_key, processed_at FROM inbox_processed \
+                 WHERE processed_at < ? AND (? IS NULL OR consumer = ?) \
+                 ORDER BY processed_at LIMIT ? FOR UPDATE",
+            )
+            .bind::<Datetime, _>(cutoff.naive_utc())
+            .bind::<Nullable<Text>, _>(consumer)
+            .bind::<Nullable<Text>, _>(consumer)
+            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+            .load(conn)?;
+            let mut deleted = 0;
+            for chunk in rows.chunks(DELETE_CHUNK) {
+                let keys = vec!["(consumer = ? AND dedup_key = ?)"; chunk.len()].join(" OR ");
+                let mut delete =
+                    diesel::sql_query(format!("DELETE FROM inbox_processed WHERE {keys}"))
+                        .into_boxed::<Mysql>();
+                for row in chunk {
+                    delete = delete
+                        .bind::<Text, _>(&row.consumer)
+                        .bind::<Text, _>(&row.dedup_key);
+                }
+                deleted += delete.execute(conn)? as u64;
+            }
+            let mut newest = BTreeMap::<&str, NaiveDateTime>::new();
+            for row in &rows {
+                let through = newest.entry(&row.consumer).or_insert(row.processed_at);
+                *through = (*through).max(row.processed_at);
+            }
+            for (consumer, through) in newest {
+                diesel::sql_query(
+                    "INSERT INTO inbox_purges (consumer, purged_through) VALUES (?, ?) \
+                     ON DUPLICATE KEY UPDATE \
+                       purged_through = GREATEST(purged_through, VALUES(purged_through))",
+                )
+                .bind::<Text, _>(consumer)
+                .bind::<Datetime, _>(through)
+                .execute(conn)?;
+            }
+            Ok(deleted)
+        })
+    }
+
+    fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>> {
+        // A locking read sees the latest committed mark; a plain one would see the snapshot
+        // of a `REPEATABLE READ` transaction that began before the purge committed.
+        // (`LOCK IN SHARE MODE`: MariaDB has no `FOR SHARE`.)
+        let through: Option<PurgeMark> = diesel::sql_query(
+            "SELECT purged_through FROM inbox_purges WHERE consumer = ? LOCK IN SHARE MODE",
         )
-        .bind::<Datetime, _>(cutoff.naive_utc())
-        .bind::<Nullable<Text>, _>(consumer)
-        .bind::<Nullable<Text>, _>(consumer)
-        .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(self)?;
-        Ok(deleted as u64)
+        .bind::<Text, _>(consumer)
+        .get_result(self)
+        .optional()?;
+        Ok(through.map(|mark| mark.purged_through.and_utc()))
     }
 }

@@ -8,7 +8,7 @@ use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use waybill_outbox_core::MessageId;
 
 use super::InboxConnection;
-use crate::Result;
+use crate::{Error, Result};
 
 mod schema {
     diesel::table! {
@@ -20,9 +20,23 @@ mod schema {
             processed_at -> Timestamptz,
         }
     }
+
+    diesel::table! {
+        inbox_purges (consumer) {
+            consumer -> Text,
+            purged_through -> Timestamptz,
+        }
+    }
 }
 
 use schema::inbox_processed as p;
+use schema::inbox_purges as purges;
+
+#[derive(QueryableByName)]
+struct Deleted {
+    #[diesel(sql_type = BigInt)]
+    deleted: i64,
+}
 
 impl InboxConnection for PgConnection {
     fn insert_inbox_record(
@@ -79,16 +93,50 @@ impl InboxConnection for PgConnection {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<u64> {
-        let deleted = diesel::sql_query(
-            "DELETE FROM inbox_processed WHERE (consumer, dedup_key) IN (\
-               SELECT consumer, dedup_key FROM inbox_processed \
-               WHERE processed_at < $1 AND ($2::text IS NULL OR consumer = $2) \
-               ORDER BY processed_at LIMIT $3)",
+        // One statement: the mark is raised from exactly the rows this delete removed.
+        let deleted: Deleted = diesel::sql_query(
+            "WITH deleted AS (\
+               DELETE FROM inbox_processed WHERE (consumer, dedup_key) IN (\
+                 SELECT consumer, dedup_key FROM inbox_processed \
+                 WHERE processed_at < $1 AND ($2::text IS NULL OR consumer = $2) \
+                 ORDER BY processed_at LIMIT $3) \
+               RETURNING consumer, processed_at), \
+             marked AS (\
+               INSERT INTO inbox_purges (consumer, purged_through) \
+               SELECT consumer, max(processed_at) FROM deleted GROUP BY consumer \
+               ON CONFLICT (consumer) DO UPDATE SET purged_through = \
+                 greatest(inbox_purges.purged_through, EXCLUDED.purged_through)) \
+             SELECT count(*) AS deleted FROM deleted",
         )
         .bind::<Timestamptz, _>(cutoff)
         .bind::<Nullable<Text>, _>(consumer)
         .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(self)?;
-        Ok(deleted as u64)
+        .get_result(self)?;
+        Ok(deleted.deleted.unsigned_abs())
+    }
+
+    fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>> {
+        // READ COMMITTED: each statement sees the latest committed mark.
+        Ok(purges::table
+            .filter(purges::consumer.eq(consumer))
+            .select(purges::purged_through)
+            .first(self)
+            .optional()?)
+    }
+
+    fn probe_transaction(&mut self) -> Result<bool> {
+        match diesel::sql_query("SELECT 1").execute(self) {
+            Ok(_) => Ok(true),
+            Err(error) => {
+                // On a live connection, `SELECT 1` fails only in an aborted transaction; a
+                // lost connection stays an error of its own.
+                let error = Error::from(error);
+                if waybill_outbox_core::Retryable::is_retryable(&error) {
+                    Err(error)
+                } else {
+                    Ok(false)
+                }
+            }
+        }
     }
 }
