@@ -77,7 +77,7 @@ impl MemoryConfig {
         self
     }
 
-    /// How the consumer retries a message whose handler returned [`Disposition::Retry`] or
+    /// How the consumer retries a message whose handler returned [`Disposition::Retry`](waybill_inbox_core::Disposition::Retry) or
     /// panicked: in place, before the next message, up to the policy's max deliveries, then
     /// dead-lettered. Defaults to [`RetryPolicy::default`] (5 deliveries).
     #[must_use]
