@@ -42,4 +42,4 @@ pub use consumer::{ConsumeReport, DeliveryHandler, Disposition};
 pub use dedup::{DedupKey, Processed};
 pub use error::{DecodeError, Result};
 pub use incoming::{IncomingMessage, OCTET_STREAM};
-pub use retry::{Handled, Outcome, RetryPolicy};
+pub use retry::{Handled, Outcome, RetryPolicy, DEAD_LETTER_REASON};

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use crate::{DeliveryHandler, Disposition, IncomingMessage};
 
+/// The header every transport puts on a dead letter: why it was dead-lettered (one line).
+pub const DEAD_LETTER_REASON: &str = "waybill-dead-letter-reason";
+
 /// How often and how patiently a consumer loop calls its handler for one message.
 ///
 /// `max_deliveries` counts every handler call for a message, the first one included; a handler

@@ -28,7 +28,10 @@ pub const REDELIVERIES_HEADER: &str = "x-waybill-redeliveries";
 /// Header an earlier version put on a re-published copy: the reason of the last
 /// [`Disposition::Retry`]. No longer written.
 pub const RETRY_REASON_HEADER: &str = "x-waybill-retry-reason";
-/// Header on a dead letter: why it was dead-lettered.
+/// Header on a dead letter: why it was dead-lettered. The same name on every transport.
+pub use waybill_inbox_core::DEAD_LETTER_REASON;
+/// The name this crate used for [`DEAD_LETTER_REASON`] before the transports agreed on one;
+/// dead letters still carry it too, so existing readers keep working.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-waybill-dead-letter-reason";
 /// Header on a dead letter: the queue it was consumed from.
 pub const ORIGINAL_QUEUE_HEADER: &str = "x-waybill-original-queue";
@@ -663,6 +666,10 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<()> {
     let extra = [
+        (
+            DEAD_LETTER_REASON,
+            AMQPValue::LongString(LongString::from(reason)),
+        ),
         (
             DEAD_LETTER_REASON_HEADER,
             AMQPValue::LongString(LongString::from(reason)),

@@ -86,9 +86,10 @@
 //!   the whole budget again: classic queues keep no delivery count.
 //! - [`Disposition::DeadLetter`] and deliveries that do not decode (no message id, an id that
 //!   is not a UUID, a missing header, a payload that is not the JSON its content type
-//!   promises) -> a copy with [`DEAD_LETTER_REASON_HEADER`] is published (confirmed,
-//!   `mandatory`) to the dead-letter exchange, then the original is acknowledged. A
-//!   `basic.reject` would keep the original headers only and lose the reason.
+//!   promises) -> a copy with [`DEAD_LETTER_REASON`] (the header name every transport uses,
+//!   plus the older [`DEAD_LETTER_REASON_HEADER`]) is published (confirmed, `mandatory`) to
+//!   the dead-letter exchange, then the original is acknowledged. A `basic.reject` would keep
+//!   the original headers only and lose the reason.
 //!
 //! Copy first, acknowledge second: a crash in between leaves a duplicate (the inbox skips it),
 //! never a loss. When the broker does not take the copy, the original is not acknowledged and
@@ -113,8 +114,8 @@ mod link;
 mod publisher;
 
 pub use consumer::{
-    AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER,
-    REDELIVERIES_HEADER, RETRY_REASON_HEADER,
+    AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER, RETRY_REASON_HEADER,
 };
 pub use error::{redact, Error, Result};
 pub use publisher::{AmqpPublisher, PublisherConfig, Routing};

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use waybill_amqp::{
     AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig,
-    DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
+    DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
 };
 use waybill_inbox_core::{wire, DeliveryHandler, Disposition, IncomingMessage};
 use waybill_outbox_core::{MessageId, Publisher};
@@ -399,4 +399,38 @@ fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_go
         "{reason}"
     );
     assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn a_dead_letter_carries_its_reason_under_the_header_name_every_transport_uses() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue).bind(&topic, "#");
+    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let message = stored(1, &topic, "k", "{}");
+    assert_eq!(
+        publisher.publish(std::slice::from_ref(&message)),
+        vec![Ok(())]
+    );
+
+    let mut handler = |_: &IncomingMessage| Disposition::DeadLetter("expired offer".into());
+    consume_until(&mut consumer, &mut handler, |r| r.dead_lettered == 1);
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    assert_eq!(DEAD_LETTER_REASON, "waybill-dead-letter-reason");
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON),
+        Some("expired offer".into())
+    );
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON_HEADER),
+        Some("expired offer".into()),
+        "the older name stays readable"
+    );
 }

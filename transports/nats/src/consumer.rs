@@ -18,8 +18,8 @@ use crate::publisher::{error_chain, MSG_ID_HEADER};
 use crate::{Error, Result};
 use waybill_outbox_core::redact_url;
 
-/// Dead-letter header: why the message was dead-lettered.
-pub const DEAD_LETTER_REASON: &str = "waybill-dead-letter-reason";
+/// Dead-letter header: why the message was dead-lettered. The same name on every transport.
+pub use waybill_inbox_core::DEAD_LETTER_REASON;
 /// Dead-letter header: the stream the message came from.
 pub const DEAD_LETTER_STREAM: &str = "waybill-dead-letter-stream";
 /// Dead-letter header: the subject the message was published to.
