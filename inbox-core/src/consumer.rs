@@ -12,8 +12,9 @@ use crate::IncomingMessage;
 pub enum Disposition {
     /// Done (handled now, or a duplicate of something handled before): acknowledge.
     Ack,
-    /// Failed, may work later: negatively acknowledge so the broker redelivers, up to the
-    /// transport's redelivery limit, then dead-letter with the reason.
+    /// Failed, may work later: the consumer loop calls the handler again for the same delivery,
+    /// before the next message, up to its [`RetryPolicy`](crate::RetryPolicy)'s max
+    /// deliveries, then dead-letters it with the reason.
     Retry(String),
     /// Will never work (malformed, expired, refused): dead-letter at once with the reason.
     DeadLetter(String),
@@ -28,7 +29,7 @@ pub struct ConsumeReport {
     pub delivered: u64,
     /// Deliveries acknowledged after the handler returned [`Disposition::Ack`].
     pub acked: u64,
-    /// Deliveries sent back for another try after [`Disposition::Retry`].
+    /// In-place retries: handler calls repeated after [`Disposition::Retry`] or a panic.
     pub retried: u64,
     /// Deliveries dead-lettered: the handler's [`Disposition::DeadLetter`], redeliveries
     /// exhausted, or malformed.

@@ -35,9 +35,11 @@ mod dedup;
 mod error;
 mod incoming;
 pub mod metrics;
+mod retry;
 pub mod wire;
 
 pub use consumer::{ConsumeReport, DeliveryHandler, Disposition};
 pub use dedup::{DedupKey, Processed};
 pub use error::{DecodeError, Result};
 pub use incoming::{IncomingMessage, OCTET_STREAM};
+pub use retry::{Handled, Outcome, RetryPolicy, DEAD_LETTER_REASON};

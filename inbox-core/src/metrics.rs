@@ -12,7 +12,7 @@ use crate::ConsumeReport;
 pub const CONSUMER_HANDLED: &str = "waybill_consumer_handled_total";
 /// Counter: deliveries the inbox skipped as duplicates of messages it already processed.
 pub const CONSUMER_DUPLICATES_SKIPPED: &str = "waybill_consumer_duplicates_skipped_total";
-/// Counter: deliveries sent back for another try.
+/// Counter: in-place retries (handler calls repeated after a retry or a panic).
 pub const CONSUMER_RETRIED: &str = "waybill_consumer_retried_total";
 /// Counter: deliveries dead-lettered (refused, malformed or out of redeliveries).
 pub const CONSUMER_DEAD_LETTERED: &str = "waybill_consumer_dead_lettered_total";

@@ -13,18 +13,25 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Confirmation, ExchangeKind};
 use tokio::runtime::Runtime;
-use waybill_inbox_core::{wire, DeliveryHandler, Disposition};
+#[cfg(doc)]
+use waybill_inbox_core::Disposition;
+use waybill_inbox_core::{wire, DeliveryHandler, Outcome, RetryPolicy};
 
 use crate::fields::{self, short};
 use crate::link::{self, within, Link};
 use crate::{redact, Error, Result};
 
-/// Header that counts how often the consumer re-published a delivery after
-/// [`Disposition::Retry`].
+/// Header that counted how often an earlier version of the consumer re-published a delivery
+/// after [`Disposition::Retry`]. Retries now happen in place; a copy that still carries it
+/// counts that many handler calls against [`RetryPolicy`]'s max deliveries.
 pub const REDELIVERIES_HEADER: &str = "x-waybill-redeliveries";
-/// Header on a retried copy: the reason of the last [`Disposition::Retry`].
+/// Header an earlier version put on a re-published copy: the reason of the last
+/// [`Disposition::Retry`]. No longer written.
 pub const RETRY_REASON_HEADER: &str = "x-waybill-retry-reason";
-/// Header on a dead letter: why it was dead-lettered.
+/// Header on a dead letter: why it was dead-lettered. The same name on every transport.
+pub use waybill_inbox_core::DEAD_LETTER_REASON;
+/// The name this crate used for [`DEAD_LETTER_REASON`] before the transports agreed on one;
+/// dead letters still carry it too, so existing readers keep working.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-waybill-dead-letter-reason";
 /// Header on a dead letter: the queue it was consumed from.
 pub const ORIGINAL_QUEUE_HEADER: &str = "x-waybill-original-queue";
@@ -40,7 +47,7 @@ const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// let config = ConsumerConfig::new("billing.orders")
 ///     .bind("orders", "#")
 ///     .prefetch(64)
-///     .max_redeliveries(3);
+///     .max_deliveries(3);
 /// assert_eq!(config.dead_letter_queue_name(), "billing.orders.dead");
 /// ```
 #[derive(Clone, Debug)]
@@ -50,7 +57,7 @@ pub struct ConsumerConfig {
     bindings: Vec<(String, String)>,
     declare_exchanges: Option<ExchangeKind>,
     prefetch: u16,
-    max_redeliveries: u32,
+    retry: RetryPolicy,
     dead_letter_exchange: Option<String>,
     dead_letter_queue: Option<String>,
     connect_timeout: Duration,
@@ -68,7 +75,7 @@ impl ConsumerConfig {
             bindings: Vec::new(),
             declare_exchanges: Some(ExchangeKind::Topic),
             prefetch: 32,
-            max_redeliveries: 5,
+            retry: RetryPolicy::default(),
             dead_letter_exchange: None,
             dead_letter_queue: None,
             connect_timeout: Duration::from_secs(10),
@@ -102,12 +109,29 @@ impl ConsumerConfig {
         self
     }
 
-    /// How often a delivery whose handler returned [`Disposition::Retry`] is delivered again
-    /// before it is dead-lettered. Defaults to 5 (so the handler sees it at most 6 times).
+    /// How a delivery whose handler returned [`Disposition::Retry`] or panicked is retried: in
+    /// place, before the next delivery is taken, so a key's later message never overtakes
+    /// it; after the policy's max deliveries it is dead-lettered. Defaults to
+    /// [`RetryPolicy::default`] (5 handler calls).
     #[must_use]
-    pub fn max_redeliveries(mut self, count: u32) -> Self {
-        self.max_redeliveries = count;
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
+    }
+
+    /// Handler calls per message, the first included, before it is dead-lettered: the same
+    /// knob as on every transport. Defaults to 5.
+    #[must_use]
+    pub fn max_deliveries(mut self, max: u32) -> Self {
+        self.retry = self.retry.max_deliveries(max);
+        self
+    }
+
+    /// Calls after the first: `max_deliveries(count + 1)`, so the handler sees a message at
+    /// most `count + 1` times, as before. Defaults to 4.
+    #[must_use]
+    pub fn max_redeliveries(self, count: u32) -> Self {
+        self.max_deliveries(count.saturating_add(1))
     }
 
     /// The dead-letter exchange (fanout). Defaults to `<queue>.dead`.
@@ -545,7 +569,7 @@ async fn next(
     }
 }
 
-/// Runs the handler on one delivery and acknowledges, re-publishes or dead-letters it.
+/// Runs the handler on one delivery (retrying in place) and acknowledges or dead-letters it.
 fn dispose(
     runtime: &Runtime,
     current: &ConsumerLink,
@@ -573,42 +597,16 @@ fn dispose(
         }
     };
     let id = message.id.to_string();
-    let disposition = handler.handle(&message);
+    // Retried in place: the next delivery is taken only once this one is settled.
+    let handled = config.retry.handle(handler, &message, redeliveries);
+    report.retried += u64::from(handled.retries());
     runtime.block_on(async {
-        match disposition {
-            Disposition::Ack => {
+        match handled.outcome {
+            Outcome::Ack => {
                 ack(current, &delivery).await?;
                 report.acked += 1;
             }
-            Disposition::DeadLetter(reason) => {
-                log::error!(
-                    "queue {}: message {id} dead-lettered: {reason}",
-                    config.queue
-                );
-                dead_letter(current, config, &delivery, &id, &reason).await?;
-                report.dead_lettered += 1;
-            }
-            Disposition::Retry(reason) if redeliveries < config.max_redeliveries => {
-                log::warn!(
-                    "queue {}: message {id} failed, redelivery {}/{}: {reason}",
-                    config.queue,
-                    redeliveries + 1,
-                    config.max_redeliveries
-                );
-                redeliver(current, config, &delivery, &id, redeliveries + 1, &reason).await?;
-                report.retried += 1;
-            }
-            Disposition::Retry(reason) => {
-                let reason = format!("failed after {redeliveries} redeliveries: {reason}");
-                log::error!(
-                    "queue {}: message {id} dead-lettered: {reason}",
-                    config.queue
-                );
-                dead_letter(current, config, &delivery, &id, &reason).await?;
-                report.dead_lettered += 1;
-            }
-            other => {
-                let reason = format!("unknown disposition {other:?}");
+            Outcome::DeadLetter(reason) => {
                 log::error!(
                     "queue {}: message {id} dead-lettered: {reason}",
                     config.queue
@@ -658,43 +656,6 @@ async fn ack(current: &ConsumerLink, delivery: &Delivery) -> Result<()> {
     Ok(())
 }
 
-/// Publishes a copy to the back of the queue with the counter raised, then acknowledges the
-/// original. A crash in between leaves both: a duplicate the inbox skips, never a loss.
-async fn redeliver(
-    current: &ConsumerLink,
-    config: &ConsumerConfig,
-    delivery: &Delivery,
-    id: &str,
-    count: u32,
-    reason: &str,
-) -> Result<()> {
-    let extra = [
-        (
-            REDELIVERIES_HEADER,
-            AMQPValue::LongLongInt(i64::from(count)),
-        ),
-        (
-            RETRY_REASON_HEADER,
-            AMQPValue::LongString(LongString::from(reason)),
-        ),
-    ];
-    copy(
-        current,
-        config,
-        delivery,
-        ShortString::default(),
-        short("queue name", config.queue.as_str())?,
-        &extra,
-    )
-    .await
-    .map_err(|reason| Error::Refused {
-        what: "redelivery copy",
-        message: id.to_owned(),
-        reason,
-    })??;
-    ack(current, delivery).await
-}
-
 /// Publishes a copy with the reason to the dead-letter exchange, then acknowledges the
 /// original. If the dead-letter queue does not take it, the original stays unacknowledged.
 async fn dead_letter(
@@ -705,6 +666,10 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<()> {
     let extra = [
+        (
+            DEAD_LETTER_REASON,
+            AMQPValue::LongString(LongString::from(reason)),
+        ),
         (
             DEAD_LETTER_REASON_HEADER,
             AMQPValue::LongString(LongString::from(reason)),

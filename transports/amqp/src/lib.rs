@@ -74,8 +74,7 @@
 //! the same key that was already sent in the same batch. The later one is then delivered first
 //! and the earlier one after its retry. RabbitMQ nacks only on internal errors (e.g. a queue
 //! process crash), so this is rare; consumers that need strict order per key should check a
-//! per-key sequence. Retried deliveries on the consumer side also go to the back of the queue
-//! (see below).
+//! per-key sequence. Retries on the consumer side keep the order (see below).
 //!
 //! # Redeliveries and dead letters
 //!
@@ -85,16 +84,18 @@
 //! (e.g. a TTL) are kept.
 //!
 //! - [`Disposition::Ack`] -> `basic.ack`.
-//! - [`Disposition::Retry`] -> a copy with [`REDELIVERIES_HEADER`] raised by one is published
-//!   (confirmed) to the back of the same queue, then the original is acknowledged. Classic
-//!   queues keep no delivery count, and a `basic.nack` with requeue would loop on the same
-//!   message at once; counting in a header works on classic and quorum queues alike. After
-//!   [`ConsumerConfig::max_redeliveries`] redeliveries the message is dead-lettered.
+//! - [`Disposition::Retry`] or a panicking handler -> the handler is called again for the same
+//!   delivery after a short backoff, before the consumer takes the next one, so a key's later
+//!   message never overtakes it (a copy re-published to the queue's tail would). After the
+//!   [`ConsumerConfig::retry`] policy's max deliveries (handler calls, 5 by default) the
+//!   message is dead-lettered. A delivery the broker redelivers after a lost connection gets
+//!   the whole budget again: classic queues keep no delivery count.
 //! - [`Disposition::DeadLetter`] and deliveries that do not decode (no message id, an id that
 //!   is not a UUID, a missing header, a payload that is not the JSON its content type
-//!   promises) -> a copy with [`DEAD_LETTER_REASON_HEADER`] is published (confirmed,
-//!   `mandatory`) to the dead-letter exchange, then the original is acknowledged. A
-//!   `basic.reject` would keep the original headers only and lose the reason.
+//!   promises) -> a copy with [`DEAD_LETTER_REASON`] (the header name every transport uses,
+//!   plus the older [`DEAD_LETTER_REASON_HEADER`]) is published (confirmed, `mandatory`) to
+//!   the dead-letter exchange, then the original is acknowledged. A `basic.reject` would keep
+//!   the original headers only and lose the reason.
 //!
 //! Copy first, acknowledge second: a crash in between leaves a duplicate (the inbox skips it),
 //! never a loss. When the broker does not take the copy, the original is not acknowledged and
@@ -119,8 +120,8 @@ mod link;
 mod publisher;
 
 pub use consumer::{
-    AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER,
-    REDELIVERIES_HEADER, RETRY_REASON_HEADER,
+    AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER, RETRY_REASON_HEADER,
 };
 pub use error::{redact, Error, Result};
 pub use publisher::{AmqpPublisher, PublisherConfig, Routing};

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use waybill_amqp::{
     AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig,
-    DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
+    DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
 };
 use waybill_inbox_core::{wire, DeliveryHandler, Disposition, IncomingMessage};
 use waybill_outbox_core::{MessageId, Publisher};
@@ -77,10 +77,10 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     let report = consume_until(&mut consumer, &mut handler, |r| {
         r.acked == 9 && r.dead_lettered == 1
     });
-    assert_eq!(report.retried, 3);
-    assert_eq!(report.delivered, 13);
+    assert_eq!(report.retried, 3, "retried in place");
+    assert_eq!(report.delivered, 10);
     assert_eq!(report.malformed, 0);
-    assert_eq!(seen[&poison], 4, "first delivery + 3 redeliveries");
+    assert_eq!(seen[&poison], 4, "first call + 3 retries");
     assert!(
         seen.iter().all(|(id, n)| *id == poison || *n == 1),
         "{seen:?}"
@@ -89,9 +89,13 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     let dead = broker.drain(&format!("{queue}.dead"), 1);
     assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(poison.to_string()));
     let reason = header(&dead[0], DEAD_LETTER_REASON_HEADER).expect("reason header");
-    assert!(reason.contains("failed after 3 redeliveries"), "{reason}");
+    assert!(reason.contains("failed 4 deliveries"), "{reason}");
     assert!(reason.contains("the ledger is locked"), "{reason}");
-    assert_eq!(header(&dead[0], REDELIVERIES_HEADER), Some("3".into()));
+    assert_eq!(
+        header(&dead[0], REDELIVERIES_HEADER),
+        None,
+        "no re-published copies"
+    );
     assert_eq!(header(&dead[0], ORIGINAL_QUEUE_HEADER), Some(queue.clone()));
     assert_eq!(broker.depth(&queue), 0);
 }
@@ -310,4 +314,123 @@ fn after_a_lost_connection_the_consumer_reconnects_and_gets_the_unacknowledged_b
     assert!(consumer.is_connected());
     let expected: Vec<_> = (0..10).map(|i| format!("corr-{i}")).collect();
     assert_eq!(handled, expected);
+}
+
+#[test]
+fn a_retried_message_takes_effect_before_the_next_message_of_its_key() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue).bind(&topic, "#");
+    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch = [stored(1, &topic, "k", "{}"), stored(2, &topic, "k", "{}")];
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let mut failures = 0;
+    let mut effects = Vec::new();
+    let mut handler = |message: &IncomingMessage| {
+        let seq = message.headers["correlation-id"].clone();
+        if seq == "corr-1" && failures < 2 {
+            failures += 1;
+            return Disposition::Retry("deadlock detected".into());
+        }
+        effects.push(seq);
+        Disposition::Ack
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| r.acked == 2);
+    assert_eq!(effects, ["corr-1", "corr-2"]);
+    assert_eq!((report.retried, report.dead_lettered), (2, 0));
+    assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_goes_on() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue)
+        .bind(&topic, "#")
+        .max_deliveries(3);
+    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch = [
+        stored(1, &topic, "a", "{}"),
+        stored(2, &topic, "b", "{}"),
+        stored(3, &topic, "a", "{}"),
+    ];
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let mut calls = 0;
+    let mut handled = Vec::new();
+    let mut handler = |message: &IncomingMessage| {
+        let seq = message.headers["correlation-id"].clone();
+        if seq == "corr-1" {
+            calls += 1;
+            panic!("the handler has a bug");
+        }
+        handled.push(seq);
+        Disposition::Ack
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| {
+        r.acked == 2 && r.dead_lettered == 1
+    });
+    assert_eq!(calls, 3, "one call per allowed delivery");
+    assert_eq!(handled, ["corr-2", "corr-3"]);
+    assert_eq!(report.delivered, 3);
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    assert_eq!(
+        header(&dead[0], wire::MESSAGE_ID),
+        Some(batch[0].id.to_string())
+    );
+    let reason = header(&dead[0], DEAD_LETTER_REASON_HEADER).expect("reason header");
+    assert!(
+        reason.contains("handler panicked: the handler has a bug"),
+        "{reason}"
+    );
+    assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn a_dead_letter_carries_its_reason_under_the_header_name_every_transport_uses() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue).bind(&topic, "#");
+    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let message = stored(1, &topic, "k", "{}");
+    assert_eq!(
+        publisher.publish(std::slice::from_ref(&message)),
+        vec![Ok(())]
+    );
+
+    let mut handler = |_: &IncomingMessage| Disposition::DeadLetter("expired offer".into());
+    consume_until(&mut consumer, &mut handler, |r| r.dead_lettered == 1);
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    assert_eq!(DEAD_LETTER_REASON, "waybill-dead-letter-reason");
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON),
+        Some("expired offer".into())
+    );
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON_HEADER),
+        Some("expired offer".into()),
+        "the older name stays readable"
+    );
 }

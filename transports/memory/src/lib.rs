@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use waybill_inbox_core::{wire, DeliveryHandler, Disposition};
+use waybill_inbox_core::{wire, DeliveryHandler, Outcome, RetryPolicy};
 use waybill_outbox_core::{Headers, OutboxMessage, PublishError, Publisher};
 
 /// How the in-process broker behaves.
@@ -45,7 +45,7 @@ use waybill_outbox_core::{Headers, OutboxMessage, PublishError, Publisher};
 pub struct MemoryConfig {
     capacity: usize,
     redeliver_fraction: f64,
-    max_redeliveries: u32,
+    retry: RetryPolicy,
     seed: Option<u64>,
 }
 
@@ -54,7 +54,7 @@ impl Default for MemoryConfig {
         Self {
             capacity: 100_000,
             redeliver_fraction: 0.0,
-            max_redeliveries: 5,
+            retry: RetryPolicy::default(),
             seed: None,
         }
     }
@@ -77,11 +77,27 @@ impl MemoryConfig {
         self
     }
 
-    /// Redeliveries after [`Disposition::Retry`] before a message is dead-lettered. Defaults to 5.
+    /// How the consumer retries a message whose handler returned [`Disposition::Retry`](waybill_inbox_core::Disposition::Retry) or
+    /// panicked: in place, before the next message, up to the policy's max deliveries, then
+    /// dead-lettered. Defaults to [`RetryPolicy::default`] (5 deliveries).
     #[must_use]
-    pub fn max_redeliveries(mut self, redeliveries: u32) -> Self {
-        self.max_redeliveries = redeliveries;
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
+    }
+
+    /// Handler calls per message, the first included, before it is dead-lettered: the same
+    /// knob as on every transport. Defaults to 5.
+    #[must_use]
+    pub fn max_deliveries(mut self, max: u32) -> Self {
+        self.retry = self.retry.max_deliveries(max);
+        self
+    }
+
+    /// Retries after the first delivery: `max_deliveries(redeliveries + 1)`. Defaults to 4.
+    #[must_use]
+    pub fn max_redeliveries(self, redeliveries: u32) -> Self {
+        self.max_deliveries(redeliveries.saturating_add(1))
     }
 
     /// Seeds the fault injection so a run can be replayed. Defaults to a random seed.
@@ -128,7 +144,6 @@ pub use waybill_inbox_core::ConsumeReport;
 struct Envelope {
     headers: Headers,
     payload: Vec<u8>,
-    redeliveries: u32,
     /// An injected extra delivery; never duplicated again, so faults stay bounded.
     duplicate: bool,
 }
@@ -221,7 +236,6 @@ impl MemoryBroker {
             .push_back(Envelope {
                 headers,
                 payload,
-                redeliveries: 0,
                 duplicate: false,
             });
         state.stats.published += 1;
@@ -296,7 +310,6 @@ impl Publisher for MemoryPublisher {
                     .push_back(Envelope {
                         headers,
                         payload,
-                        redeliveries: 0,
                         duplicate: false,
                     });
                 state.stats.published += 1;
@@ -378,22 +391,27 @@ impl MemoryConsumer {
     fn deliver(&self, envelope: Envelope, handler: &mut impl DeliveryHandler) -> ConsumeReport {
         let mut report = ConsumeReport::default();
         report.delivered = 1;
-        let disposition = match wire::decode(envelope.headers.clone(), envelope.payload.clone()) {
+        let config = &self.broker.inner.config;
+        let outcome = match wire::decode(envelope.headers.clone(), envelope.payload.clone()) {
             // Only raw publishes can put a message of another topic on this queue.
-            Ok(message) if message.topic != self.topic => Disposition::DeadLetter(format!(
+            Ok(message) if message.topic != self.topic => Outcome::DeadLetter(format!(
                 "topic {:?} is not {:?}, the topic this consumer subscribed to",
                 message.topic, self.topic
             )),
-            Ok(message) => handler.handle(&message),
+            Ok(message) => {
+                // Retried in place, so the key's next message waits behind this one.
+                let handled = config.retry.handle(handler, &message, 0);
+                report.retried = u64::from(handled.retries());
+                handled.outcome
+            }
             Err(error) => {
                 report.malformed = 1;
-                Disposition::DeadLetter(format!("malformed message: {error}"))
+                Outcome::DeadLetter(format!("malformed message: {error}"))
             }
         };
-        let config = &self.broker.inner.config;
         let mut state = self.broker.lock();
-        match disposition {
-            Disposition::Ack => {
+        match outcome {
+            Outcome::Ack => {
                 report.acked = 1;
                 if !envelope.duplicate
                     && config.redeliver_fraction > 0.0
@@ -409,36 +427,9 @@ impl MemoryConsumer {
                     );
                 }
             }
-            Disposition::Retry(reason) if envelope.redeliveries >= config.max_redeliveries => {
-                report.dead_lettered = 1;
-                self.dead_letter(
-                    &mut state,
-                    envelope,
-                    format!(
-                        "gave up after {} redeliveries: {reason}",
-                        config.max_redeliveries
-                    ),
-                );
-            }
-            Disposition::Retry(_) => {
-                report.retried = 1;
-                let redeliveries = envelope.redeliveries + 1;
-                self.requeue(
-                    &mut state,
-                    Envelope {
-                        redeliveries,
-                        ..envelope
-                    },
-                );
-            }
-            Disposition::DeadLetter(reason) => {
+            Outcome::DeadLetter(reason) => {
                 report.dead_lettered = 1;
                 self.dead_letter(&mut state, envelope, reason);
-            }
-            other => {
-                report.retried = 1;
-                log::warn!("unknown disposition {other:?}; redelivering");
-                self.requeue(&mut state, envelope);
             }
         }
         report

@@ -341,3 +341,66 @@ fn hostile_deliveries_are_dead_lettered_with_their_reason_and_good_ones_flow_on(
     assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
     assert!(reasons[6].contains("\"payments\""), "{reasons:?}");
 }
+
+#[test]
+fn a_retried_message_takes_effect_before_the_next_message_of_its_key() {
+    let broker = MemoryBroker::new(MemoryConfig::default());
+    broker
+        .publisher()
+        .publish(&[stored(1, "order:1"), stored(2, "order:1")]);
+    let mut failures = 0;
+    let mut effects = Vec::new();
+    let mut handler = |m: &IncomingMessage| {
+        if m.payload == br#"{"seq":1}"# && failures < 2 {
+            failures += 1;
+            return Disposition::Retry("deadlock detected".into());
+        }
+        effects.push(m.payload.clone());
+        Disposition::Ack
+    };
+    let report = broker
+        .consumer("orders")
+        .run_once(&mut handler, 100, Duration::ZERO);
+    assert_eq!(
+        effects,
+        [br#"{"seq":1}"#.to_vec(), br#"{"seq":2}"#.to_vec()]
+    );
+    assert_eq!((report.acked, report.retried), (2, 2));
+    assert!(broker.dead_letters().is_empty());
+}
+
+#[test]
+fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_goes_on() {
+    let broker = MemoryBroker::new(MemoryConfig::default().max_deliveries(3));
+    broker
+        .publisher()
+        .publish(&[stored(1, "a"), stored(2, "b"), stored(3, "a")]);
+    let mut calls = 0;
+    let mut handled = Vec::new();
+    let mut handler = |m: &IncomingMessage| {
+        if m.payload == br#"{"seq":1}"# {
+            calls += 1;
+            panic!("the handler has a bug");
+        }
+        handled.push(m.payload.clone());
+        Disposition::Ack
+    };
+    let mut consumer = broker.consumer("orders");
+    let report = consumer.run_once(&mut handler, 100, Duration::ZERO);
+    assert_eq!(calls, 3, "one call per allowed delivery");
+    assert_eq!(
+        handled,
+        [br#"{"seq":2}"#.to_vec(), br#"{"seq":3}"#.to_vec()]
+    );
+    assert_eq!((report.acked, report.dead_lettered), (2, 1));
+    let dead = broker.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, br#"{"seq":1}"#);
+    assert!(
+        dead[0]
+            .reason
+            .contains("handler panicked: the handler has a bug"),
+        "{}",
+        dead[0].reason
+    );
+}

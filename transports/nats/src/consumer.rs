@@ -9,15 +9,17 @@ use async_nats::jetstream::{self, stream, AckKind};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use tokio::runtime::Runtime;
-use waybill_inbox_core::{wire, DeliveryHandler, Disposition};
+#[cfg(doc)]
+use waybill_inbox_core::Disposition;
+use waybill_inbox_core::{wire, DeliveryHandler, Outcome, RetryPolicy};
 use waybill_outbox_core::Headers;
 
 use crate::publisher::{error_chain, MSG_ID_HEADER};
 use crate::{Error, Result};
 use waybill_outbox_core::redact_url;
 
-/// Dead-letter header: why the message was dead-lettered.
-pub const DEAD_LETTER_REASON: &str = "waybill-dead-letter-reason";
+/// Dead-letter header: why the message was dead-lettered. The same name on every transport.
+pub use waybill_inbox_core::DEAD_LETTER_REASON;
 /// Dead-letter header: the stream the message came from.
 pub const DEAD_LETTER_STREAM: &str = "waybill-dead-letter-stream";
 /// Dead-letter header: the subject the message was published to.
@@ -28,7 +30,7 @@ pub const DEAD_LETTER_SEQUENCE: &str = "waybill-dead-letter-sequence";
 pub const DEAD_LETTER_DELIVERIES: &str = "waybill-dead-letter-deliveries";
 
 /// Deliveries the server may make beyond [`ConsumerConfig::max_deliver`]: they are used only
-/// when publishing the dead letter failed, to try that again, never to call the handler.
+/// when publishing the dead letter failed, to try that again (with one more handler call).
 const SPARE_DELIVERIES: i64 = 3;
 
 /// The longest reason kept in the dead-letter header.
@@ -53,7 +55,7 @@ pub struct ConsumerConfig {
     stream: String,
     durable_name: String,
     filter_subject: Option<String>,
-    max_deliver: u32,
+    retry: RetryPolicy,
     nak_delay: Duration,
     ack_wait: Duration,
     max_ack_pending: Option<i64>,
@@ -71,7 +73,7 @@ impl ConsumerConfig {
             stream: stream.into(),
             durable_name: durable_name.into(),
             filter_subject: None,
-            max_deliver: 5,
+            retry: RetryPolicy::default(),
             nak_delay: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: None,
@@ -90,16 +92,33 @@ impl ConsumerConfig {
         self
     }
 
-    /// How many times the handler sees a message before a [`Disposition::Retry`] dead-letters
-    /// it. Defaults to 5. Values below 1 count as 1.
+    /// How a message whose handler returned [`Disposition::Retry`] or panicked is retried: in
+    /// place, before the next message is handled, so a key's later message never overtakes it
+    /// (a `nak` would let it); after the policy's max deliveries it is dead-lettered. Earlier
+    /// server deliveries of the message (a crashed consumer) count against the budget, but the
+    /// handler always sees a delivery at least once. Defaults to [`RetryPolicy::default`].
     #[must_use]
-    pub fn max_deliver(mut self, max: u32) -> Self {
-        self.max_deliver = max.max(1);
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
     }
 
-    /// How long the server waits before redelivering a message the handler asked to retry.
-    /// Defaults to 1 second.
+    /// Handler calls per message, the first included, before it is dead-lettered: the same
+    /// knob as on every transport. Defaults to 5. Values below 1 count as 1.
+    #[must_use]
+    pub fn max_deliveries(mut self, max: u32) -> Self {
+        self.retry = self.retry.max_deliveries(max);
+        self
+    }
+
+    /// The same as [`max_deliveries`](Self::max_deliveries), by its JetStream name.
+    #[must_use]
+    pub fn max_deliver(self, max: u32) -> Self {
+        self.max_deliveries(max)
+    }
+
+    /// How long the server waits before redelivering a message whose dead letter could not be
+    /// published. Defaults to 1 second.
     #[must_use]
     pub fn nak_delay(mut self, delay: Duration) -> Self {
         self.nak_delay = delay;
@@ -107,8 +126,8 @@ impl ConsumerConfig {
     }
 
     /// How long the server waits for the ack of a delivery before redelivering it (a crashed
-    /// or stuck consumer). Must exceed the handler's longest run for a batch. Defaults to 30
-    /// seconds.
+    /// or stuck consumer). Must exceed the handler's longest run for a batch, in-place
+    /// retries included. Defaults to 30 seconds.
     #[must_use]
     pub fn ack_wait(mut self, wait: Duration) -> Self {
         self.ack_wait = wait;
@@ -266,7 +285,8 @@ impl NatsConsumer {
                         durable_name: Some(config.durable_name.clone()),
                         ack_policy: AckPolicy::Explicit,
                         ack_wait: config.ack_wait,
-                        max_deliver: i64::from(config.max_deliver) + SPARE_DELIVERIES,
+                        max_deliver: i64::from(config.retry.max_deliveries_allowed())
+                            + SPARE_DELIVERIES,
                         filter_subject: config.filter_subject.clone().unwrap_or_default(),
                         max_ack_pending: config.max_ack_pending.unwrap_or(0),
                         ..Default::default()
@@ -316,11 +336,12 @@ impl NatsConsumer {
     /// delivery order. Returns early when `max` messages arrived. The deterministic step that
     /// tests drive; [`run`](Self::run) is the loop around it.
     ///
-    /// Per delivery: the handler's [`Disposition::Ack`] -> ack; [`Disposition::Retry`] -> nak
-    /// with the [nak delay](ConsumerConfig::nak_delay), or, on the last allowed delivery,
-    /// dead-letter and `term`; [`Disposition::DeadLetter`] or undecodable data -> dead-letter
-    /// and `term`. A dead letter that cannot be published is nak'ed instead and counted as
-    /// retried, so it is tried again rather than lost.
+    /// Per delivery: the handler's [`Disposition::Ack`] -> ack; [`Disposition::Retry`] or a
+    /// panic -> the handler is called again in place (see [`ConsumerConfig::retry`]), and
+    /// after the last allowed call the message is dead-lettered and `term`ed;
+    /// [`Disposition::DeadLetter`] or undecodable data -> dead-letter and `term`. A dead letter
+    /// that cannot be published is nak'ed with the [nak delay](ConsumerConfig::nak_delay)
+    /// instead and counted as retried, so it is tried again rather than lost.
     ///
     /// # Errors
     ///
@@ -445,7 +466,6 @@ impl NatsConsumer {
                 return Ok(());
             }
         };
-        let max_deliver = i64::from(self.config.max_deliver);
         let headers = read_headers(message.headers.as_ref());
         let incoming = match wire::decode(headers, message.payload.to_vec()) {
             Ok(incoming) => incoming,
@@ -468,32 +488,18 @@ impl NatsConsumer {
                 return Ok(());
             }
         };
-        let disposition = if delivered > max_deliver {
-            // Its last delivery failed to dead-letter it; do that, without the handler.
-            Disposition::Retry(format!(
-                "delivered {delivered} times, more than the limit of {max_deliver}"
-            ))
-        } else {
-            handler.handle(&incoming)
-        };
-        let reason = match disposition {
-            Disposition::Ack => {
+        // Earlier server deliveries (a consumer that crashed or lost its connection).
+        let earlier = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+        // Retried in place: the next message is handled only once this one is settled.
+        let handled = self.config.retry.handle(handler, &incoming, earlier);
+        report.retried += u64::from(handled.retries());
+        let delivered = i64::from(earlier) + i64::from(handled.attempts);
+        let reason = match handled.outcome {
+            Outcome::Ack => {
                 report.acked += 1;
                 return self.acknowledge(message, sequence, AckKind::Ack).await;
             }
-            Disposition::Retry(reason) if delivered < max_deliver => {
-                log::warn!(
-                    "message {} failed (delivery {delivered}/{max_deliver}), will be redelivered: {reason}",
-                    incoming.id
-                );
-                report.retried += 1;
-                return self.acknowledge(message, sequence, self.nak()).await;
-            }
-            Disposition::Retry(reason) => {
-                format!("failed {delivered} deliveries, the limit; last error: {reason}")
-            }
-            Disposition::DeadLetter(reason) => reason,
-            other => format!("unknown disposition {other:?}"),
+            Outcome::DeadLetter(reason) => reason,
         };
         log::error!("message {} is dead-lettered: {reason}", incoming.id);
         if self
@@ -642,6 +648,6 @@ mod tests {
                 .dead_letter_stream_name(),
             None
         );
-        assert_eq!(config.max_deliver(0).max_deliver, 1);
+        assert_eq!(config.max_deliver(0).retry.max_deliveries_allowed(), 1);
     }
 }

@@ -66,15 +66,17 @@
 //! # Redelivery and dead letters
 //!
 //! The consumer acks a delivery only after the handler returned `Ack` (the inbox handler
-//! returns it after its transaction committed). `Retry(reason)` naks with
-//! [`ConsumerConfig::nak_delay`]; on its [`ConsumerConfig::max_deliver`]-th delivery (known
-//! from the delivery's metadata) a failing message is instead published to the dead-letter
-//! subject with a [`DEAD_LETTER_REASON`] header and then `term`ed, so the final failure is
-//! recorded and never silently dropped. `DeadLetter(reason)` and data that does not decode
-//! (no id, an id that is not a UUID, a JSON content type with a body that is not JSON) are
-//! dead-lettered at once. The durable consumer's server-side `max_deliver` is a few deliveries
-//! higher than the configured one: those spare deliveries only retry a dead letter whose
-//! publish failed, without calling the handler again.
+//! returns it after its transaction committed). `Retry(reason)` or a panicking handler ->
+//! the handler is called again for the same delivery after a short backoff, before the next
+//! message, so a key's later message never overtakes it (a `nak` would let it). After
+//! [`ConsumerConfig::max_deliveries`] handler calls (earlier server deliveries of the message
+//! included) a failing message is published to the dead-letter subject with a
+//! [`DEAD_LETTER_REASON`] header and then `term`ed, so the final failure is recorded and never
+//! silently dropped. `DeadLetter(reason)` and data that does not decode (no id, an id that is
+//! not a UUID, a JSON content type with a body that is not JSON) are dead-lettered at once.
+//! The durable consumer's server-side `max_deliver` is a few deliveries higher than the
+//! configured one: those spare deliveries retry a dead letter whose publish failed (nak'ed
+//! with [`ConsumerConfig::nak_delay`]).
 //!
 //! The dead-letter subject defaults to `waybill.dead.<stream>`, stored in a stream
 //! `<stream>_dead` the consumer creates on connect (see [`ConsumerConfig::dead_letter_stream`]).

@@ -52,9 +52,9 @@ fn a_message_that_always_fails_is_delivered_max_deliver_times_then_dead_lettered
         r.dead_lettered >= 1 && r.acked >= 11
     });
     assert_eq!(report.acked, 11);
-    assert_eq!(report.retried, 2);
+    assert_eq!(report.retried, 2, "retried in place");
     assert_eq!(report.dead_lettered, 1);
-    assert_eq!(report.delivered, 14);
+    assert_eq!(report.delivered, 12);
     assert_eq!(deliveries[&poison], 3);
     assert!(deliveries.iter().all(|(id, n)| *id == poison || *n == 1));
 
@@ -260,4 +260,75 @@ fn consuming_resumes_after_the_connection_is_cut() {
         }
     }
     assert_eq!(seen.len(), 40);
+}
+
+#[test]
+fn a_retried_message_takes_effect_before_the_next_message_of_its_key() {
+    let Some(mut nats) = nats() else { return };
+    let (stream, topic) = nats.stream();
+    let sent = [message(&topic, "k", 1), message(&topic, "k", 2)];
+    let mut publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
+    assert!(publisher.publish(&sent).iter().all(Result::is_ok));
+    let config = ConsumerConfig::new(&stream, unique("c")).nak_delay(Duration::from_millis(20));
+    let mut consumer = NatsConsumer::connect(&nats.url, config).unwrap();
+
+    let mut failures = 0;
+    let mut effects = Vec::new();
+    let mut handler = |m: &IncomingMessage| {
+        let seq = m.headers["correlation-id"].clone();
+        if seq == "c-1" && failures < 2 {
+            failures += 1;
+            return Disposition::Retry("deadlock detected".into());
+        }
+        effects.push(seq);
+        Disposition::Ack
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| r.acked >= 2);
+    assert_eq!(effects, ["c-1", "c-2"]);
+    assert_eq!((report.retried, report.dead_lettered), (2, 0));
+}
+
+#[test]
+fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_goes_on() {
+    let Some(mut nats) = nats() else { return };
+    let (stream, topic) = nats.stream();
+    let sent = [
+        message(&topic, "a", 1),
+        message(&topic, "b", 2),
+        message(&topic, "a", 3),
+    ];
+    let mut publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
+    assert!(publisher.publish(&sent).iter().all(Result::is_ok));
+    let config = ConsumerConfig::new(&stream, unique("c"))
+        .max_deliver(3)
+        .nak_delay(Duration::from_millis(20));
+    let dead_stream = config.dead_letter_stream_name().unwrap();
+    let mut consumer = NatsConsumer::connect(&nats.url, config).unwrap();
+
+    let mut calls = 0;
+    let mut handled = Vec::new();
+    let mut handler = |m: &IncomingMessage| {
+        let seq = m.headers["correlation-id"].clone();
+        if seq == "c-1" {
+            calls += 1;
+            panic!("the handler has a bug");
+        }
+        handled.push(seq);
+        Disposition::Ack
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| {
+        r.acked >= 2 && r.dead_lettered >= 1
+    });
+    assert_eq!(calls, 3, "one call per allowed delivery");
+    assert_eq!(handled, ["c-2", "c-3"]);
+    assert_eq!((report.acked, report.dead_lettered), (2, 1));
+    let dead = nats.messages(&dead_stream);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], wire::MESSAGE_ID), sent[0].id.to_string());
+    assert!(
+        header(&dead[0], DEAD_LETTER_REASON).contains("handler panicked: the handler has a bug"),
+        "{}",
+        header(&dead[0], DEAD_LETTER_REASON)
+    );
+    assert_eq!(header(&dead[0], DEAD_LETTER_DELIVERIES), "3");
 }
