@@ -22,6 +22,8 @@ pub(crate) enum Event {
     HandlerRetry,
     /// Injected handler panics the consumer side caught.
     HandlerPanic,
+    /// Injected failed statements the handler ignored.
+    HandlerIgnoredError,
     /// Deliveries reported handled on a connection still inside a transaction: never
     /// committed.
     HandledUncommitted,
@@ -35,6 +37,7 @@ impl Event {
             Self::DuplicateDropped => "duplicate",
             Self::HandlerRetry => "handler-retry",
             Self::HandlerPanic => "handler-panic",
+            Self::HandlerIgnoredError => "handler-ignored-error",
             Self::HandledUncommitted => "handled-uncommitted",
         }
     }
@@ -46,6 +49,7 @@ impl Event {
             Self::DuplicateDropped,
             Self::HandlerRetry,
             Self::HandlerPanic,
+            Self::HandlerIgnoredError,
             Self::HandledUncommitted,
         ]
         .into_iter()

@@ -99,6 +99,9 @@ pub(crate) trait AuditConnection:
     /// Overwrites the headers of the outbox row `id` by raw SQL, behind the library's back.
     fn set_headers(&mut self, id: uuid::Uuid, headers: &str) -> QueryResult<()>;
 
+    /// How many effects the message `message_id` has.
+    fn effects_of(&mut self, message_id: &str) -> QueryResult<i64>;
+
     /// Records that the message `message_id` was made unreadable.
     fn insert_unreadable(&mut self, message_id: &str) -> QueryResult<()>;
 
@@ -156,6 +159,13 @@ macro_rules! impl_queries {
                 .order(audit_effects::serial)
                 .select((audit_effects::msg_key, audit_effects::key_seq))
                 .load(self)
+        }
+
+        fn effects_of(&mut self, message_id: &str) -> QueryResult<i64> {
+            audit_effects::table
+                .filter(audit_effects::message_id.eq(message_id))
+                .count()
+                .get_result(self)
         }
 
         fn insert_unreadable(&mut self, message_id: &str) -> QueryResult<()> {

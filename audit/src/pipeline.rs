@@ -210,6 +210,9 @@ const HANDLER_RETRY_PROBABILITY: f64 = 0.01;
 /// Probability that a delivery's handler panics after applying its effect, inside the inbox's
 /// transaction.
 const HANDLER_PANIC_PROBABILITY: f64 = 0.005;
+/// Probability that a delivery's handler runs a failing statement after applying its effect
+/// and ignores the error (on PostgreSQL that aborts the transaction, and COMMIT rolls back).
+const HANDLER_IGNORED_ERROR_PROBABILITY: f64 = 0.005;
 
 /// A misbehaving handler, injected per delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +221,8 @@ enum HandlerFault {
     Transient,
     /// Panics; the consumer side catches it and asks for a retry.
     Panic,
+    /// Ignores a failed statement and returns success.
+    IgnoredError,
 }
 
 /// Restores the default panic output, but keeps injected crashes and panics off stderr.
@@ -300,6 +305,12 @@ impl<C: AuditConnection> AuditHandler<C> {
             Some(HandlerFault::Transient)
         } else if draw < HANDLER_RETRY_PROBABILITY + HANDLER_PANIC_PROBABILITY {
             Some(HandlerFault::Panic)
+        } else if draw
+            < HANDLER_RETRY_PROBABILITY
+                + HANDLER_PANIC_PROBABILITY
+                + HANDLER_IGNORED_ERROR_PROBABILITY
+        {
+            Some(HandlerFault::IgnoredError)
         } else {
             None
         }
@@ -335,6 +346,11 @@ impl<C: AuditConnection> AuditHandler<C> {
                 )
                 .into()),
                 Some(HandlerFault::Panic) => std::panic::panic_any(INJECTED_PANIC),
+                Some(HandlerFault::IgnoredError) => {
+                    // A sloppy handler: the statement fails and nobody looks.
+                    let _ = conn.run_statement("SELECT no_such_column FROM audit_effects");
+                    Ok(())
+                }
                 None => Ok(()),
             }
         };
@@ -344,6 +360,25 @@ impl<C: AuditConnection> AuditHandler<C> {
             return Ok(Processed::Handled(()));
         }
         Ok(self.inbox.process_once(conn, message, apply)?)
+    }
+
+    /// Whether the effect of `message` is in the database, as a delivery reported handled
+    /// promises. A database failure here counts as committed: it proves nothing.
+    fn committed(&mut self, message: &IncomingMessage) -> bool {
+        let id = message.id.to_string();
+        match kept_connection(&mut self.conn, &self.pool).and_then(|conn| Ok(conn.effects_of(&id)?))
+        {
+            Ok(effects) => {
+                if effects == 0 {
+                    log::warn!("message {id} reported handled, but its effect did not commit");
+                }
+                effects > 0
+            }
+            Err(error) => {
+                log::warn!("checking the effect of message {id} failed: {error}");
+                true
+            }
+        }
     }
 
     /// Leaves the kept connection inside a transaction, as an inbox that does not roll back
@@ -422,8 +457,15 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
             }
             return Disposition::Retry("the connection was left inside a transaction".to_owned());
         }
+        if fault == Some(HandlerFault::IgnoredError) {
+            self.counter.add(Event::HandlerIgnoredError, 1);
+        }
         match outcome {
             Ok(Processed::Handled(())) => {
+                if !self.committed(message) {
+                    self.counter.add(Event::HandledUncommitted, 1);
+                    return Disposition::Retry("handled, but the effect did not commit".to_owned());
+                }
                 self.crashes.maybe_crash("after-handler-commit");
                 Disposition::Ack
             }

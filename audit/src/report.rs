@@ -41,6 +41,9 @@ pub(crate) struct Faults {
     pub(crate) handler_panics: u64,
     /// Injected transient handler failures, answered with a retry.
     pub(crate) handler_retries: u64,
+    /// Injected failed statements the handler ignored before returning success (on
+    /// PostgreSQL the transaction is then aborted and COMMIT rolls back).
+    pub(crate) handler_ignored_errors: u64,
 }
 
 /// Everything the run measured.
@@ -96,6 +99,7 @@ impl Report {
         let count = |event| counts.get(&event).copied().unwrap_or(0);
         faults.handler_panics = count(Event::HandlerPanic);
         faults.handler_retries = count(Event::HandlerRetry);
+        faults.handler_ignored_errors = count(Event::HandlerIgnoredError);
         faults.unreadable_rows = outcome.unreadable;
         Self {
             setup,
@@ -162,7 +166,8 @@ impl Report {
                 format!(
                     "{} relay kills, {} consumer kills, {} crash points hit, {} relay pauses past the lease, \
                      {} broker cuts, {} broker outages ({} beyond the relays' retry budget), \
-                     {} pg_terminate_backend rounds, {} handler panics, {} handler retries \
+                     {} pg_terminate_backend rounds, {} handler panics, {} handler retries, \
+                     {} ignored failed statements \
                      ({} consumer exits for redelivery, {} worker exits on errors)",
                     f.relay_kills,
                     f.consumer_kills,
@@ -174,6 +179,7 @@ impl Report {
                     f.backend_terminations,
                     f.handler_panics,
                     f.handler_retries,
+                    f.handler_ignored_errors,
                     f.consumer_redelivery_exits,
                     f.worker_errors
                 ),
