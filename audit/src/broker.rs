@@ -6,7 +6,7 @@ use std::time::Duration;
 use waybill_inbox_core::DeliveryHandler;
 use waybill_outbox_core::Publisher;
 
-use crate::pipeline::TOPIC;
+use crate::pipeline::{PUBLISH_TIMEOUT, TOPIC};
 use crate::Error;
 
 /// Which broker a URL names.
@@ -152,8 +152,8 @@ impl Broker {
                 &self.url,
                 waybill_amqp::PublisherConfig::default()
                     .routing(waybill_amqp::Routing::Exchange(self.exchange()))
-                    .connect_timeout(Duration::from_secs(5))
-                    .confirm_timeout(Duration::from_secs(5)),
+                    .connect_timeout(PUBLISH_TIMEOUT)
+                    .confirm_timeout(PUBLISH_TIMEOUT),
             )?),
             Kind::Nats | Kind::Memory => Box::new(self.nats_publisher()?),
         })
@@ -199,7 +199,7 @@ impl Broker {
         // The publisher keeps one message per key in flight, so a message whose ack is lost (a
         // cut connection) stops its key before a later one is sent.
         let config = waybill_nats::PublisherConfig::default()
-            .ack_timeout(Duration::from_secs(5))
+            .ack_timeout(PUBLISH_TIMEOUT)
             .subject_mapping(waybill_nats::SubjectMapping::custom(move |topic, _key| {
                 format!("{namespace}.{topic}")
             }));

@@ -15,11 +15,12 @@ use rand::{Rng, SeedableRng};
 use crate::broker::Broker;
 use crate::counter;
 use crate::db::{self, AuditConnection, DbPool};
-use crate::pipeline::{EXIT_REDELIVER, LEASE};
+use crate::operator::Operator;
+use crate::pipeline::{retry_budget, EXIT_REDELIVER, LEASE, PUBLISH_TIMEOUT};
 use crate::proxy::{self, Proxy};
 use crate::report::{Faults, Report};
 use crate::worker::{BROKER_URL_ENV, DATABASE_URL_ENV};
-use crate::{Database, Error, Role};
+use crate::{Break, Database, Error, Role};
 
 /// The signal `std::process::abort` ends a process with.
 const SIGABRT: i32 = 6;
@@ -39,11 +40,26 @@ pub(crate) struct Plan {
     pub(crate) namespace: String,
     /// Keep the schema or file afterwards.
     pub(crate) keep: bool,
-    /// The consumer skips the inbox (self-test).
-    pub(crate) break_inbox: bool,
+    /// The bug the `--break` self-test reintroduces, if any.
+    pub(crate) broken: Option<Break>,
 }
 
 impl Plan {
+    /// How long the next outage beyond the relays' retry budget lasts: the budget when each
+    /// attempt takes up to `attempt_timeout`, plus the longest a relay is paused (so a relay
+    /// paused when the outage began spends its budget too), plus 1-3 s.
+    pub(crate) fn long_outage(rng: &mut StdRng, attempt_timeout: Duration) -> Duration {
+        retry_budget(attempt_timeout)
+            + LEASE
+            + Duration::from_secs(1)
+            + Duration::from_millis(rng.random_range(1000..3000))
+    }
+
+    /// How long after a long outage (or the start) the next one begins.
+    pub(crate) fn long_outage_gap(rng: &mut StdRng) -> Duration {
+        Duration::from_millis(rng.random_range(8000..16_000))
+    }
+
     /// How long the drain may take once the faults stopped.
     pub(crate) fn drain_timeout(&self) -> Duration {
         // A deadline, not a wait: generous, since a killed consumer stalls a NATS run.
@@ -271,6 +287,8 @@ fn run_on<C: AuditConnection>(
         timeline: Vec::new(),
         faults: Faults::default(),
         proxy,
+        down_until: None,
+        operator: Operator::new(),
     };
     let outcome = run.drive(target, &spawner, &pool, plan);
     run.stop_all();
@@ -286,6 +304,7 @@ fn run_on<C: AuditConnection>(
         &counts,
         plan.seed,
         run.faults,
+        &run.operator,
         started.elapsed(),
     );
     Ok(report)
@@ -395,8 +414,8 @@ impl Spawner {
             .args(["--rate", &plan.rate.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        if plan.break_inbox {
-            command.arg("--break");
+        if let Some(broken) = plan.broken {
+            command.args(["--break", broken.name()]);
         }
         command.spawn()
     }
@@ -474,6 +493,9 @@ struct Run {
     timeline: Vec<(Instant, Action)>,
     faults: Faults,
     proxy: Proxy,
+    /// While the broker is down: until when (outages may overlap).
+    down_until: Option<Instant>,
+    operator: Operator,
 }
 
 impl Run {
@@ -487,9 +509,13 @@ impl Run {
         plan: &Plan,
     ) -> Result<(), Error> {
         let mut next_fault = Instant::now() + Duration::from_secs(1);
+        let mut next_long_outage = Instant::now() + Duration::from_secs(2);
         let mut drain: Option<Drain> = None;
         loop {
             self.supervise(target, spawner)?;
+            if let Err(error) = self.operator.tend(pool, self.down_until.is_none()) {
+                log::warn!("the operator's check failed: {error}");
+            }
             let now = Instant::now();
             let due: Vec<Action> = self
                 .timeline
@@ -505,6 +531,12 @@ impl Run {
             if writing && now >= next_fault {
                 self.inject(target);
                 next_fault = now + Duration::from_millis(self.rng.random_range(300..1200));
+            }
+            if writing && now >= next_long_outage {
+                let down = Plan::long_outage(&mut self.rng, PUBLISH_TIMEOUT);
+                self.broker_down(down);
+                self.faults.outages_beyond_budget += 1;
+                next_long_outage = now + down + Plan::long_outage_gap(&mut self.rng);
             }
             if !writing && self.timeline.is_empty() && drain.is_none() {
                 log::info!("faults stopped; draining");
@@ -561,8 +593,22 @@ impl Run {
                     slot.paused = false;
                 }
             }
-            Action::BrokerBack => self.proxy.refuse(false),
+            Action::BrokerBack => {
+                if self.down_until.is_some_and(|until| until <= Instant::now()) {
+                    self.proxy.refuse(false);
+                    self.down_until = None;
+                }
+            }
         }
+    }
+
+    /// Makes the broker unreachable for `down` (or longer, when already down for longer).
+    fn broker_down(&mut self, down: Duration) {
+        self.proxy.refuse(true);
+        self.proxy.cut();
+        let until = Instant::now() + down;
+        self.down_until = Some(self.down_until.map_or(until, |current| current.max(until)));
+        self.timeline.push((until, Action::BrokerBack));
     }
 
     /// Injects one fault drawn from the schedule.
@@ -593,12 +639,9 @@ impl Run {
                 self.faults.broker_cuts += 1;
             }
             4 => {
-                self.proxy.refuse(true);
-                self.proxy.cut();
+                let down = Duration::from_millis(self.rng.random_range(1000..3000));
+                self.broker_down(down);
                 self.faults.broker_outages += 1;
-                let back =
-                    Instant::now() + Duration::from_millis(self.rng.random_range(1000..3000));
-                self.timeline.push((back, Action::BrokerBack));
             }
             _ => {
                 let role = [Role::Writer, Role::Relay, Role::Consumer][self.rng.random_range(0..3)];
@@ -625,6 +668,7 @@ impl Run {
             slot.done = true;
         }
         self.proxy.refuse(false);
+        self.down_until = None;
     }
 }
 

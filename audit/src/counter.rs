@@ -18,6 +18,15 @@ pub(crate) enum Event {
     Delivery,
     /// Deliveries the inbox dropped as duplicates.
     DuplicateDropped,
+    /// Injected transient handler failures, answered with a retry.
+    HandlerRetry,
+    /// Injected handler panics the consumer side caught.
+    HandlerPanic,
+    /// Injected failed statements the handler ignored.
+    HandlerIgnoredError,
+    /// Deliveries reported handled on a connection still inside a transaction: never
+    /// committed.
+    HandledUncommitted,
 }
 
 impl Event {
@@ -26,13 +35,25 @@ impl Event {
             Self::Published => "published",
             Self::Delivery => "delivery",
             Self::DuplicateDropped => "duplicate",
+            Self::HandlerRetry => "handler-retry",
+            Self::HandlerPanic => "handler-panic",
+            Self::HandlerIgnoredError => "handler-ignored-error",
+            Self::HandledUncommitted => "handled-uncommitted",
         }
     }
 
     fn from_tag(tag: &str) -> Option<Self> {
-        [Self::Published, Self::Delivery, Self::DuplicateDropped]
-            .into_iter()
-            .find(|event| event.tag() == tag)
+        [
+            Self::Published,
+            Self::Delivery,
+            Self::DuplicateDropped,
+            Self::HandlerRetry,
+            Self::HandlerPanic,
+            Self::HandlerIgnoredError,
+            Self::HandledUncommitted,
+        ]
+        .into_iter()
+        .find(|event| event.tag() == tag)
     }
 }
 

@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
 use diesel::sql_types::{BigInt, Text};
 use waybill_diesel::sqlite::SqliteOptions;
-use waybill_diesel::{InboxConnection, OutboxConnection};
+use waybill_diesel::{InboxConnection, OpsConnection, OutboxConnection};
 
 use crate::Error;
 
@@ -35,6 +35,13 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Every message the writer made unreadable behind the library's back.
+    audit_unreadable (message_id) {
+        message_id -> Text,
+    }
+}
+
 /// A pool of connections of type `C`.
 pub(crate) type DbPool<C> = Pool<ConnectionManager<C>>;
 
@@ -46,7 +53,14 @@ struct Count {
 
 /// A connection the audit runs on: outbox, inbox and the audit tables.
 pub(crate) trait AuditConnection:
-    Connection + R2D2Connection + OutboxConnection + InboxConnection + Send + Sized + 'static
+    Connection
+    + R2D2Connection
+    + OutboxConnection
+    + InboxConnection
+    + OpsConnection
+    + Send
+    + Sized
+    + 'static
 {
     /// The `CREATE TABLE` statements of the audit tables.
     const TABLES: &'static [&'static str];
@@ -81,6 +95,18 @@ pub(crate) trait AuditConnection:
 
     /// Every effect's key and sequence, in the order they were applied.
     fn applied_in_order(&mut self) -> QueryResult<Vec<(String, i64)>>;
+
+    /// Overwrites the headers of the outbox row `id` by raw SQL, behind the library's back.
+    fn set_headers(&mut self, id: uuid::Uuid, headers: &str) -> QueryResult<()>;
+
+    /// How many effects the message `message_id` has.
+    fn effects_of(&mut self, message_id: &str) -> QueryResult<i64>;
+
+    /// Records that the message `message_id` was made unreadable.
+    fn insert_unreadable(&mut self, message_id: &str) -> QueryResult<()>;
+
+    /// Every message made unreadable.
+    fn unreadable_ids(&mut self) -> QueryResult<Vec<String>>;
 }
 
 macro_rules! impl_queries {
@@ -134,6 +160,26 @@ macro_rules! impl_queries {
                 .select((audit_effects::msg_key, audit_effects::key_seq))
                 .load(self)
         }
+
+        fn effects_of(&mut self, message_id: &str) -> QueryResult<i64> {
+            audit_effects::table
+                .filter(audit_effects::message_id.eq(message_id))
+                .count()
+                .get_result(self)
+        }
+
+        fn insert_unreadable(&mut self, message_id: &str) -> QueryResult<()> {
+            diesel::insert_into(audit_unreadable::table)
+                .values(audit_unreadable::message_id.eq(message_id))
+                .execute(self)
+                .map(drop)
+        }
+
+        fn unreadable_ids(&mut self) -> QueryResult<Vec<String>> {
+            audit_unreadable::table
+                .select(audit_unreadable::message_id)
+                .load(self)
+        }
     };
 }
 
@@ -146,12 +192,21 @@ impl AuditConnection for PgConnection {
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq BIGINT NOT NULL)",
         // Not unique: the counts join and group on it.
         "CREATE INDEX IF NOT EXISTS audit_effects_message_id ON audit_effects (message_id)",
+        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id TEXT PRIMARY KEY)",
     ];
 
     fn pool(url: &str, size: u32) -> Result<DbPool<Self>, Error> {
         Ok(Pool::builder()
             .max_size(size)
             .build(ConnectionManager::new(url))?)
+    }
+
+    fn set_headers(&mut self, id: uuid::Uuid, headers: &str) -> QueryResult<()> {
+        diesel::sql_query("UPDATE outbox_messages SET headers = CAST($1 AS jsonb) WHERE id = $2")
+            .bind::<Text, _>(headers)
+            .bind::<diesel::sql_types::Uuid, _>(id)
+            .execute(self)
+            .map(drop)
     }
 
     impl_queries!();
@@ -166,12 +221,21 @@ impl AuditConnection for diesel::MysqlConnection {
         "CREATE TABLE IF NOT EXISTS audit_effects (serial BIGINT AUTO_INCREMENT PRIMARY KEY, \
          message_id VARCHAR(64) NOT NULL, msg_key VARCHAR(255) NOT NULL, key_seq BIGINT NOT NULL, \
          INDEX audit_effects_message_id (message_id))",
+        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id VARCHAR(64) PRIMARY KEY)",
     ];
 
     fn pool(url: &str, size: u32) -> Result<DbPool<Self>, Error> {
         Ok(Pool::builder()
             .max_size(size)
             .build(ConnectionManager::new(url))?)
+    }
+
+    fn set_headers(&mut self, id: uuid::Uuid, headers: &str) -> QueryResult<()> {
+        diesel::sql_query("UPDATE outbox_messages SET headers = ? WHERE id = ?")
+            .bind::<Text, _>(headers)
+            .bind::<diesel::sql_types::Binary, _>(id.as_bytes().to_vec())
+            .execute(self)
+            .map(drop)
     }
 
     impl_queries!();
@@ -186,6 +250,7 @@ impl AuditConnection for SqliteConnection {
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq INTEGER NOT NULL)",
         // Not unique: the counts join and group on it.
         "CREATE INDEX IF NOT EXISTS audit_effects_message_id ON audit_effects (message_id)",
+        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id TEXT PRIMARY KEY)",
     ];
 
     fn pool(path: &str, size: u32) -> Result<DbPool<Self>, Error> {
@@ -194,6 +259,14 @@ impl AuditConnection for SqliteConnection {
             .max_size(size)
             .connection_customizer(Box::new(SqliteOptions::default()))
             .build(ConnectionManager::new(path))?)
+    }
+
+    fn set_headers(&mut self, id: uuid::Uuid, headers: &str) -> QueryResult<()> {
+        diesel::sql_query("UPDATE outbox_messages SET headers = ? WHERE id = ?")
+            .bind::<Text, _>(headers)
+            .bind::<diesel::sql_types::Binary, _>(id.as_bytes().to_vec())
+            .execute(self)
+            .map(drop)
     }
 
     impl_queries!();
@@ -266,6 +339,8 @@ pub(crate) struct Outcome {
     pub(crate) phantom: u64,
     /// Effects applied after an effect of a later message of the same key.
     pub(crate) order_violations: u64,
+    /// Messages the writer made unreadable.
+    pub(crate) unreadable: u64,
 }
 
 const COUNT_MESSAGES: &str = "SELECT count(*) AS n FROM audit_messages";
@@ -276,6 +351,15 @@ const COUNT_DOUBLE: &str = "SELECT count(*) AS n FROM (SELECT message_id FROM au
      GROUP BY message_id HAVING count(*) > 1) doubled";
 const COUNT_PHANTOM: &str = "SELECT count(*) AS n FROM audit_effects e WHERE NOT EXISTS \
      (SELECT 1 FROM audit_messages m WHERE m.message_id = e.message_id)";
+
+/// How many messages the writer made unreadable.
+///
+/// # Errors
+///
+/// Database failures.
+pub(crate) fn count_unreadable<C: AuditConnection>(conn: &mut C) -> Result<u64, Error> {
+    count(conn, "SELECT count(*) AS n FROM audit_unreadable")
+}
 
 /// How many effects were applied (the drain's progress).
 ///
@@ -309,6 +393,7 @@ pub(crate) fn outcome<C: AuditConnection>(conn: &mut C) -> Result<Outcome, Error
         double_effects: count(conn, COUNT_DOUBLE)?,
         phantom: count(conn, COUNT_PHANTOM)?,
         order_violations: order_violations(applied.iter().map(|(key, seq)| (key.as_str(), *seq))),
+        unreadable: count_unreadable(conn)?,
     })
 }
 

@@ -20,12 +20,13 @@ use waybill_outbox_core::{Relay, RelayHandle};
 use crate::controller::{Drain, Plan, Target};
 use crate::counter::{self, Counter};
 use crate::db::{self, AuditConnection, DbPool};
+use crate::operator::Operator;
 use crate::pipeline::{
-    relay_config, write, AuditHandler, CountingPublisher, CrashMode, CrashPoints, OnFailure,
-    WritePlan, INJECTED_CRASH, TOPIC,
+    quiet_injected_panics, relay_config, write, AuditHandler, CountingPublisher, CrashMode,
+    CrashPoints, HandlerMode, OnFailure, WritePlan, TOPIC,
 };
 use crate::report::{Faults, Report};
-use crate::{Database, Error};
+use crate::{Break, Database, Error};
 
 /// Runs the audit on threads with the in-process broker.
 ///
@@ -61,6 +62,7 @@ struct RelayParts<C: AuditConnection> {
     counter: Counter,
     namespace: String,
     seed: u64,
+    charge_outages: bool,
 }
 
 impl<C: AuditConnection> RelayParts<C> {
@@ -76,7 +78,8 @@ impl<C: AuditConnection> RelayParts<C> {
             self.counter.clone(),
             crashes,
             Arc::clone(&stall),
-        );
+        )
+        .charging_outages(self.charge_outages);
         let owner = format!("{}-relay-{incarnation}", self.namespace);
         let mut relay = Relay::new(
             DieselStore::new(self.pool.clone()),
@@ -101,7 +104,7 @@ fn run_on<C: AuditConnection>(
     plan: &Plan,
     started: Instant,
 ) -> Result<Report, Error> {
-    quiet_injected_crashes();
+    quiet_injected_panics();
     let pool = C::pool(&target.pool_url(), 8)?;
     db::prepare(&mut *pool.get()?)?;
     let broker = MemoryBroker::new(
@@ -130,7 +133,11 @@ fn run_on<C: AuditConnection>(
             counter.clone(),
             Arc::new(CrashPoints::new(plan.seed, 0.0, CrashMode::Panic)),
             OnFailure::Retry,
-            plan.break_inbox,
+            HandlerMode {
+                without_inbox: plan.broken == Some(Break::Inbox),
+                leak_on_panic: plan.broken == Some(Break::Panic),
+            },
+            plan.seed,
         );
         let (mut consumer, stop) = (broker.consumer(TOPIC), Arc::clone(&stop));
         thread::Builder::new()
@@ -147,6 +154,7 @@ fn run_on<C: AuditConnection>(
         counter,
         namespace: plan.namespace.clone(),
         seed: plan.seed,
+        charge_outages: plan.broken == Some(Break::Outage),
     };
     let mut incarnations = 0;
     let mut relays = Vec::new();
@@ -158,9 +166,14 @@ fn run_on<C: AuditConnection>(
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut faults = Faults::default();
     let mut next_fault = Instant::now() + Duration::from_secs(1);
+    let mut next_long_outage = Instant::now() + Duration::from_secs(2);
     let mut broker_back: Option<Instant> = None;
     let mut drain: Option<Drain> = None;
+    let mut operator = Operator::new();
     loop {
+        if let Err(error) = operator.tend(&pool, broker_back.is_none()) {
+            log::warn!("the operator's check failed: {error}");
+        }
         for relay in &mut relays {
             if relay.thread.is_finished() {
                 faults.worker_crashes += 1;
@@ -186,6 +199,15 @@ fn run_on<C: AuditConnection>(
                 broker_back = Some(now + Duration::from_millis(rng.random_range(500..2000)));
             }
             next_fault = now + Duration::from_millis(rng.random_range(300..1200));
+        }
+        if writing && now >= next_long_outage {
+            // Publishing to the in-process broker fails at once: the budget is the backoffs.
+            let down = Plan::long_outage(&mut rng, Duration::ZERO);
+            broker.disconnect();
+            faults.outages_beyond_budget += 1;
+            let until = now + down;
+            broker_back = Some(broker_back.map_or(until, |back| back.max(until)));
+            next_long_outage = until + Plan::long_outage_gap(&mut rng);
         }
         if !writing && broker_back.is_none() {
             let drain = drain.get_or_insert_with(|| Drain::new(plan.drain_timeout()));
@@ -222,16 +244,7 @@ fn run_on<C: AuditConnection>(
         &counts,
         plan.seed,
         faults,
+        &operator,
         started.elapsed(),
     ))
-}
-
-/// Injected crashes are panics by design: keep them out of stderr, report every other panic.
-fn quiet_injected_crashes() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if info.payload().downcast_ref::<&str>() != Some(&INJECTED_CRASH) {
-            default(info);
-        }
-    }));
 }

@@ -22,6 +22,7 @@ mod controller;
 mod counter;
 mod db;
 mod embedded;
+mod operator;
 mod pipeline;
 mod proxy;
 mod report;
@@ -70,9 +71,17 @@ struct Args {
     /// Keeps the run's schema (or SQLite file) for inspection.
     #[arg(long)]
     keep: bool,
-    /// Self-test: the consumer skips the inbox, so duplicates must show as double effects.
-    #[arg(long = "break", hide = true)]
-    break_inbox: bool,
+    /// Self-test: reintroduce one bug's effect, which the audit must then report (`inbox`, the
+    /// default: the consumer skips the inbox; `outage`: broker outages are charged to the
+    /// messages; `panic`: a handler's panic leaves its connection inside a transaction).
+    #[arg(
+        long = "break",
+        hide = true,
+        value_enum,
+        num_args = 0..=1,
+        default_missing_value = "inbox"
+    )]
+    broken: Option<Break>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -102,6 +111,30 @@ impl Role {
             Self::Writer => "writer",
             Self::Relay => "relay",
             Self::Consumer => "consumer",
+        }
+    }
+}
+
+/// A bug the `--break` self-test reintroduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Break {
+    /// The consumer skips the inbox: redeliveries take effect twice.
+    Inbox,
+    /// The relays' publisher reports a broker outage as a failure of each message, so it is
+    /// charged an attempt and parked once the attempts run out.
+    Outage,
+    /// A handler's panic leaves the consumer's connection inside a transaction, so what it
+    /// handles next never commits.
+    Panic,
+}
+
+impl Break {
+    /// The value on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Inbox => "inbox",
+            Self::Outage => "outage",
+            Self::Panic => "panic",
         }
     }
 }
@@ -213,7 +246,7 @@ fn run(args: &Args) -> Result<bool, Error> {
         seed,
         namespace,
         keep: args.keep,
-        break_inbox: args.break_inbox,
+        broken: args.broken,
     };
     let database = Database::parse(&args.database_url)?;
     let report = match broker::Kind::of(&args.broker_url)? {

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use diesel::Connection;
+use diesel::connection::TransactionManager;
+use diesel::r2d2::{ConnectionManager, PooledConnection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use waybill_diesel::{enqueue, Inbox, Processed};
@@ -76,19 +77,41 @@ impl CrashPoints {
     }
 }
 
-/// The relay configuration of the audit: short lease, small batches, quick retries, and no
-/// parking after many attempts (a broker outage must delay messages, never drop them).
+/// Attempts the audit's relays make before they park a message: few, so that a broker outage
+/// outlasts the whole retry budget within seconds.
+pub(crate) const MAX_ATTEMPTS: u32 = 3;
+/// The relays' first retry delay.
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(10);
+/// The relays' longest retry delay.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// The longest one publish attempt may take: the publishers' connect and confirm timeouts.
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The relay configuration of the audit: short lease, small batches, and a small retry budget
+/// (few attempts, short backoff), so an outage longer than the budget is cheap to inject. A
+/// broker outage is no fault of a message: it must delay messages, never park them.
 pub(crate) fn relay_config(owner: &str) -> RelayConfig {
     RelayConfig::default()
         .batch_size(50)
         .lease(LEASE)
         .poll_interval(Duration::from_millis(100))
-        .backoff(Backoff::new(
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-        ))
-        .max_attempts(1_000_000)
+        .backoff(Backoff::new(BACKOFF_BASE, BACKOFF_MAX))
+        .max_attempts(MAX_ATTEMPTS)
         .owner(owner)
+}
+
+/// The longest a relay can take to spend a message's attempts on a broker that is down, when
+/// each attempt fails within `attempt_timeout`: the attempts plus the backoffs between them.
+/// An outage longer than this parks messages if outages are charged to them.
+pub(crate) fn retry_budget(attempt_timeout: Duration) -> Duration {
+    let backoffs: Duration = (1..MAX_ATTEMPTS)
+        .map(|attempt| {
+            BACKOFF_BASE
+                .saturating_mul(1 << (attempt - 1).min(31))
+                .min(BACKOFF_MAX)
+        })
+        .sum();
+    backoffs + attempt_timeout.saturating_mul(MAX_ATTEMPTS)
 }
 
 /// Wraps a broker's publisher: counts confirmed publishes and crashes between claim and
@@ -102,6 +125,8 @@ pub(crate) struct CountingPublisher<P> {
     /// While set, the publisher stalls past the lease before publishing (in-process mode's
     /// stand-in for SIGSTOP).
     stall: Arc<AtomicBool>,
+    /// Report "broker unavailable" as a retryable failure of the message (`--break outage`).
+    charge_outages: bool,
 }
 
 impl<P: Publisher> CountingPublisher<P> {
@@ -117,7 +142,15 @@ impl<P: Publisher> CountingPublisher<P> {
             counter,
             crashes,
             stall,
+            charge_outages: false,
         }
+    }
+
+    /// Reports a broker that could not be used as a retryable failure of each message, which
+    /// costs it an attempt: the outage bug the `--break outage` self-test brings back.
+    pub(crate) fn charging_outages(mut self, charge: bool) -> Self {
+        self.charge_outages = charge;
+        self
     }
 }
 
@@ -131,7 +164,23 @@ impl<P: Publisher> Publisher for CountingPublisher<P> {
             );
             std::thread::sleep(LEASE + Duration::from_secs(1));
         }
-        let outcomes = self.inner.publish(batch);
+        let mut outcomes = self.inner.publish(batch);
+        if self.charge_outages {
+            for outcome in &mut outcomes {
+                // Every variant that is not about the message itself (a broker that could
+                // not be used) becomes a failure of the message.
+                if let Err(error) = outcome {
+                    if !matches!(
+                        error,
+                        PublishError::Retryable(_)
+                            | PublishError::Fatal(_)
+                            | PublishError::NotAttempted
+                    ) {
+                        *outcome = Err(PublishError::Retryable(error.to_string()));
+                    }
+                }
+            }
+        }
         let confirmed = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
         self.counter.add(Event::Published, confirmed as u64);
         self.crashes.maybe_crash("after-confirm");
@@ -152,17 +201,70 @@ pub(crate) enum OnFailure {
 /// The exit code of a consumer that stopped for a redelivery.
 pub(crate) const EXIT_REDELIVER: i32 = 75;
 
+/// The panic message of an injected handler panic, so the panic hook can stay quiet.
+pub(crate) const INJECTED_PANIC: &str = "waybill-audit: injected handler panic";
+
+/// Probability that a delivery's handler fails transiently after applying its effect (so the
+/// transaction rolls back) and asks for a retry.
+const HANDLER_RETRY_PROBABILITY: f64 = 0.01;
+/// Probability that a delivery's handler panics after applying its effect, inside the inbox's
+/// transaction.
+const HANDLER_PANIC_PROBABILITY: f64 = 0.005;
+/// Probability that a delivery's handler runs a failing statement after applying its effect
+/// and ignores the error (on PostgreSQL that aborts the transaction, and COMMIT rolls back).
+const HANDLER_IGNORED_ERROR_PROBABILITY: f64 = 0.005;
+
+/// A misbehaving handler, injected per delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandlerFault {
+    /// Fails with a transient error; the handler returns [`Disposition::Retry`].
+    Transient,
+    /// Panics; the consumer side catches it and asks for a retry.
+    Panic,
+    /// Ignores a failed statement and returns success.
+    IgnoredError,
+}
+
+/// Restores the default panic output, but keeps injected crashes and panics off stderr.
+pub(crate) fn quiet_injected_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload().downcast_ref::<&str>();
+        if payload != Some(&INJECTED_CRASH) && payload != Some(&INJECTED_PANIC) {
+            default(info);
+        }
+    }));
+}
+
+/// How the consumer's handler misbehaves: what the `--break` self-tests and the seeded
+/// schedule ask of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HandlerMode {
+    /// Skip the inbox (`--break inbox`): duplicates then take effect twice.
+    pub(crate) without_inbox: bool,
+    /// After a caught panic, leave the connection inside a transaction (`--break panic`), as
+    /// an inbox that does not roll back on unwind would.
+    pub(crate) leak_on_panic: bool,
+}
+
 /// The consumer's handler: applies each message's effect (a row in `audit_effects`) inside
 /// `Inbox::process_once`, counts deliveries and dropped duplicates, and crashes after the
 /// commit but before the ack (`after-handler-commit`).
+///
+/// It keeps one connection for every delivery, as a consumer with a direct connection does, so
+/// a connection left inside a transaction shows: a delivery reported handled while its
+/// connection is still in a transaction never committed (`handled_uncommitted`). Seeded
+/// faults make the handler fail transiently (it returns a retry) or panic (caught here, as a
+/// consumer loop would, and retried) after applying the effect.
 pub(crate) struct AuditHandler<C: AuditConnection> {
     pool: DbPool<C>,
+    conn: Option<PooledConnection<ConnectionManager<C>>>,
     inbox: Inbox,
     counter: Counter,
     crashes: Arc<CrashPoints>,
     on_failure: OnFailure,
-    /// Skip the inbox (the `--break` self-test): duplicates then take effect twice.
-    without_inbox: bool,
+    mode: HandlerMode,
+    rng: StdRng,
 }
 
 impl<C: AuditConnection> std::fmt::Debug for AuditHandler<C> {
@@ -170,42 +272,139 @@ impl<C: AuditConnection> std::fmt::Debug for AuditHandler<C> {
         f.debug_struct("AuditHandler")
             .field("inbox", &self.inbox)
             .field("on_failure", &self.on_failure)
-            .field("without_inbox", &self.without_inbox)
+            .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
 }
 
 impl<C: AuditConnection> AuditHandler<C> {
-    /// A handler on `pool`'s database.
+    /// A handler on `pool`'s database whose injected faults follow `seed`.
     pub(crate) fn new(
         pool: DbPool<C>,
         counter: Counter,
         crashes: Arc<CrashPoints>,
         on_failure: OnFailure,
-        without_inbox: bool,
+        mode: HandlerMode,
+        seed: u64,
     ) -> Self {
         Self {
             pool,
+            conn: None,
             inbox: Inbox::new(CONSUMER),
             counter,
             crashes,
             on_failure,
-            without_inbox,
+            mode,
+            rng: StdRng::seed_from_u64(seed),
         }
     }
 
-    fn process(&self, message: &IncomingMessage, body: &Body) -> Result<Processed<()>, Error> {
-        let mut conn = self.pool.get()?;
+    fn draw_fault(&mut self) -> Option<HandlerFault> {
+        let draw: f64 = self.rng.random();
+        if draw < HANDLER_RETRY_PROBABILITY {
+            Some(HandlerFault::Transient)
+        } else if draw < HANDLER_RETRY_PROBABILITY + HANDLER_PANIC_PROBABILITY {
+            Some(HandlerFault::Panic)
+        } else if draw
+            < HANDLER_RETRY_PROBABILITY
+                + HANDLER_PANIC_PROBABILITY
+                + HANDLER_IGNORED_ERROR_PROBABILITY
+        {
+            Some(HandlerFault::IgnoredError)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the kept connection is inside a transaction (or its state is unknown).
+    fn in_transaction(&mut self) -> bool {
+        self.conn.as_mut().is_some_and(|conn| {
+            let conn: &mut C = conn;
+            !matches!(
+                <C::TransactionManager as TransactionManager<C>>::transaction_manager_status_mut(
+                    conn
+                )
+                .transaction_depth(),
+                Ok(None)
+            )
+        })
+    }
+
+    fn process(
+        &mut self,
+        message: &IncomingMessage,
+        body: &Body,
+        fault: Option<HandlerFault>,
+    ) -> Result<Processed<()>, Error> {
+        let without_inbox = self.mode.without_inbox;
         let id = message.id.to_string();
-        let apply = |conn: &mut C| db::apply_effect(conn, &id, &body.key, body.seq);
-        if self.without_inbox {
-            conn.transaction(|conn| apply(conn))?;
+        let apply = |conn: &mut C| -> Result<(), waybill_diesel::Error> {
+            db::apply_effect(conn, &id, &body.key, body.seq)?;
+            match fault {
+                Some(HandlerFault::Transient) => Err(diesel::result::Error::QueryBuilderError(
+                    "waybill-audit: injected transient failure".into(),
+                )
+                .into()),
+                Some(HandlerFault::Panic) => std::panic::panic_any(INJECTED_PANIC),
+                Some(HandlerFault::IgnoredError) => {
+                    // A sloppy handler: the statement fails and nobody looks.
+                    let _ = conn.run_statement("SELECT no_such_column FROM audit_effects");
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        };
+        let conn = kept_connection(&mut self.conn, &self.pool)?;
+        if without_inbox {
+            conn.transaction(apply)?;
             return Ok(Processed::Handled(()));
         }
-        Ok(self.inbox.process_once(&mut *conn, message, |conn| {
-            apply(conn).map_err(waybill_diesel::Error::from)
-        })?)
+        Ok(self.inbox.process_once(conn, message, apply)?)
     }
+
+    /// Whether the effect of `message` is in the database, as a delivery reported handled
+    /// promises. A database failure here counts as committed: it proves nothing.
+    fn committed(&mut self, message: &IncomingMessage) -> bool {
+        let id = message.id.to_string();
+        match kept_connection(&mut self.conn, &self.pool).and_then(|conn| Ok(conn.effects_of(&id)?))
+        {
+            Ok(effects) => {
+                if effects == 0 {
+                    log::warn!("message {id} reported handled, but its effect did not commit");
+                }
+                effects > 0
+            }
+            Err(error) => {
+                log::warn!("checking the effect of message {id} failed: {error}");
+                true
+            }
+        }
+    }
+
+    /// Leaves the kept connection inside a transaction, as an inbox that does not roll back
+    /// when its handler panics would (`--break panic`).
+    fn leak_transaction(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            let conn: &mut C = conn;
+            if let Err(error) =
+                <C::TransactionManager as TransactionManager<C>>::begin_transaction(conn)
+            {
+                log::warn!("leaving a transaction open failed: {error}");
+            }
+        }
+    }
+}
+
+/// The connection in `slot`, taken from `pool` when there is none.
+fn kept_connection<'a, C: AuditConnection>(
+    slot: &'a mut Option<PooledConnection<ConnectionManager<C>>>,
+    pool: &DbPool<C>,
+) -> Result<&'a mut C, Error> {
+    let conn = match slot.take() {
+        Some(conn) => conn,
+        None => pool.get()?,
+    };
+    Ok(&mut **slot.insert(conn))
 }
 
 /// The payload of an audit message.
@@ -226,8 +425,47 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
             Ok(body) => body,
             Err(error) => return Disposition::DeadLetter(format!("not an audit message: {error}")),
         };
-        match self.process(message, &body) {
+        let fault = self.draw_fault();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.process(message, &body, fault)
+        }));
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                if panic.downcast_ref::<&str>() != Some(&INJECTED_PANIC) {
+                    std::panic::resume_unwind(panic);
+                }
+                // The consumer side survives the panic and keeps its connection.
+                self.counter.add(Event::HandlerPanic, 1);
+                if self.mode.leak_on_panic {
+                    self.leak_transaction();
+                }
+                return Disposition::Retry("the handler panicked".to_owned());
+            }
+        };
+        if self.in_transaction() {
+            // Whatever it returned, nothing done on this connection since the transaction was
+            // left open has committed; dropping it (r2d2 discards a connection in a
+            // transaction) rolls it all back, and the retry does it again.
+            self.conn = None;
+            if matches!(outcome, Ok(Processed::Handled(()))) {
+                log::warn!(
+                    "message {} reported handled on a connection still inside a transaction",
+                    message.id
+                );
+                self.counter.add(Event::HandledUncommitted, 1);
+            }
+            return Disposition::Retry("the connection was left inside a transaction".to_owned());
+        }
+        if fault == Some(HandlerFault::IgnoredError) {
+            self.counter.add(Event::HandlerIgnoredError, 1);
+        }
+        match outcome {
             Ok(Processed::Handled(())) => {
+                if !self.committed(message) {
+                    self.counter.add(Event::HandledUncommitted, 1);
+                    return Disposition::Retry("handled, but the effect did not commit".to_owned());
+                }
                 self.crashes.maybe_crash("after-handler-commit");
                 Disposition::Ack
             }
@@ -236,8 +474,14 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
                 Disposition::Ack
             }
             Ok(_) => Disposition::DeadLetter("older than the inbox retention window".to_owned()),
+            Err(error) if fault == Some(HandlerFault::Transient) => {
+                self.counter.add(Event::HandlerRetry, 1);
+                Disposition::Retry(error.to_string())
+            }
             Err(error) => {
                 log::warn!("message {} failed: {error}", message.id);
+                // The connection may be the reason.
+                self.conn = None;
                 match self.on_failure {
                     OnFailure::Exit => std::process::exit(EXIT_REDELIVER),
                     OnFailure::Retry => Disposition::Retry(error.to_string()),
@@ -258,9 +502,24 @@ pub(crate) struct WritePlan {
     pub(crate) rate: u64,
 }
 
+/// Every this many messages, one is written unreadable.
+const UNREADABLE_EVERY: u64 = 250;
+/// The headers an unreadable row gets: valid JSON, but not the string map the library wrote.
+pub(crate) const UNREADABLE_HEADERS: &str = r#"{"waybill-audit": ["not", "a", "string", "map"]}"#;
+
+/// Whether the message `idx` is written unreadable.
+fn unreadable(idx: u64) -> bool {
+    idx % UNREADABLE_EVERY == UNREADABLE_EVERY / 2
+}
+
 /// Commits messages until the plan is done: each one's outbox row and `audit_messages` row
 /// in one transaction. A failed transaction is retried on a fresh connection; returns how
 /// many messages this call committed.
+///
+/// Now and then a message's headers are overwritten by raw SQL in its transaction with JSON
+/// that is not a string map (a row written by another program, or a newer version), and it
+/// is recorded in `audit_unreadable`; the next message of each key, its own successor
+/// included, commits with it, so a relay claims them together.
 ///
 /// # Errors
 ///
@@ -274,6 +533,7 @@ pub(crate) fn write<C: AuditConnection>(
     let started = Instant::now();
     let first = idx;
     let mut failing_since: Option<Instant> = None;
+    let keys = plan.keys.max(1);
     while idx < plan.messages && !stop.load(Ordering::SeqCst) {
         if plan.rate > 0 {
             let due = Duration::from_secs_f64((idx - first) as f64 / plan.rate as f64);
@@ -281,9 +541,14 @@ pub(crate) fn write<C: AuditConnection>(
                 std::thread::sleep(wait);
             }
         }
-        match write_one(pool, idx, plan.keys) {
+        let burst = if unreadable(idx) && idx + keys < plan.messages {
+            keys + 1
+        } else {
+            1
+        };
+        match write_burst(pool, idx, burst, keys) {
             Ok(()) => {
-                idx += 1;
+                idx += burst;
                 failing_since = None;
             }
             Err(error) => {
@@ -299,18 +564,58 @@ pub(crate) fn write<C: AuditConnection>(
     Ok(idx - first)
 }
 
-fn write_one<C: AuditConnection>(pool: &DbPool<C>, idx: u64, keys: u64) -> Result<(), Error> {
-    let body = Body {
-        idx,
-        key: format!("k{}", idx % keys.max(1)),
-        seq: idx / keys.max(1),
-    };
-    let message = NewOutboxMessage::json(TOPIC, body.key.as_str(), "AuditEvent", &body)?
-        .with_id(MessageId::new());
+/// Commits the messages `idx..idx + count` in one transaction; with more than one, the first
+/// is made unreadable.
+fn write_burst<C: AuditConnection>(
+    pool: &DbPool<C>,
+    idx: u64,
+    count: u64,
+    keys: u64,
+) -> Result<(), Error> {
+    let mut messages = Vec::new();
+    for idx in idx..idx + count {
+        let body = Body {
+            idx,
+            key: format!("k{}", idx % keys),
+            seq: idx / keys,
+        };
+        let message = NewOutboxMessage::json(TOPIC, body.key.as_str(), "AuditEvent", &body)?
+            .with_id(MessageId::new());
+        messages.push((body, message));
+    }
     let mut conn = pool.get()?;
     (*conn).transaction::<_, waybill_diesel::Error, _>(|conn| {
-        db::record_message(conn, idx, &message.id().to_string(), &body.key, body.seq)?;
-        enqueue(conn, &message)
+        for (n, (body, message)) in messages.iter().enumerate() {
+            let id = message.id().to_string();
+            db::record_message(conn, body.idx, &id, &body.key, body.seq)?;
+            enqueue(conn, message)?;
+            if n == 0 && count > 1 {
+                conn.set_headers(*message.id().as_uuid(), UNREADABLE_HEADERS)?;
+                conn.insert_unreadable(&id)?;
+            }
+        }
+        Ok(())
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_budget_is_every_attempt_plus_the_backoffs_between_them() {
+        // 3 attempts: backoffs of at most 10 ms and 20 ms between them.
+        assert_eq!(retry_budget(Duration::ZERO), Duration::from_millis(30));
+        assert_eq!(
+            retry_budget(Duration::from_secs(2)),
+            Duration::from_millis(6030)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_row_is_written_every_250_messages() {
+        let unreadable_rows: Vec<u64> = (0..1000).filter(|idx| unreadable(*idx)).collect();
+        assert_eq!(unreadable_rows, [125, 375, 625, 875]);
+    }
 }

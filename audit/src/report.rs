@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::counter::Event;
 use crate::db::Outcome;
+use crate::operator::Operator;
 
 /// Faults the run injected.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -30,6 +31,19 @@ pub(crate) struct Faults {
     pub(crate) broker_outages: u64,
     /// `pg_terminate_backend` rounds on the workers' backends.
     pub(crate) backend_terminations: u64,
+    /// Stretches with the broker unreachable for longer than the relays' whole retry budget
+    /// (every attempt and every backoff between them).
+    pub(crate) outages_beyond_budget: u64,
+    /// Messages the writer made unreadable: headers overwritten by raw SQL with JSON that is
+    /// not a string map.
+    pub(crate) unreadable_rows: u64,
+    /// Injected handler panics, caught on the consumer side, which kept its connection.
+    pub(crate) handler_panics: u64,
+    /// Injected transient handler failures, answered with a retry.
+    pub(crate) handler_retries: u64,
+    /// Injected failed statements the handler ignored before returning success (on
+    /// PostgreSQL the transaction is then aborted and COMMIT rolls back).
+    pub(crate) handler_ignored_errors: u64,
 }
 
 /// Everything the run measured.
@@ -55,6 +69,14 @@ pub(crate) struct Report {
     pub(crate) order_violations: u64,
     /// Effects of messages never committed.
     pub(crate) phantom_effects: u64,
+    /// Messages parked by a broker outage (found parked, not unreadable); the operator
+    /// requeued them so the run could drain.
+    pub(crate) parked_by_outage: u64,
+    /// Deliveries reported handled on a connection still inside a transaction: they never
+    /// committed.
+    pub(crate) handled_uncommitted: u64,
+    /// Unreadable rows the operator repaired and requeued.
+    pub(crate) unreadable_requeued: u64,
     /// The fault schedule's seed.
     pub(crate) seed: u64,
     /// The faults injected.
@@ -70,10 +92,15 @@ impl Report {
         outcome: Outcome,
         counts: &HashMap<Event, u64>,
         seed: u64,
-        faults: Faults,
+        mut faults: Faults,
+        operator: &Operator,
         elapsed: Duration,
     ) -> Self {
         let count = |event| counts.get(&event).copied().unwrap_or(0);
+        faults.handler_panics = count(Event::HandlerPanic);
+        faults.handler_retries = count(Event::HandlerRetry);
+        faults.handler_ignored_errors = count(Event::HandlerIgnoredError);
+        faults.unreadable_rows = outcome.unreadable;
         Self {
             setup,
             messages: outcome.messages,
@@ -85,18 +112,24 @@ impl Report {
             double_effects: outcome.double_effects,
             order_violations: outcome.order_violations,
             phantom_effects: outcome.phantom,
+            parked_by_outage: operator.parked_by_outage,
+            handled_uncommitted: count(Event::HandledUncommitted),
+            unreadable_requeued: operator.unreadable_requeued,
             seed,
             faults,
             elapsed_secs: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
         }
     }
 
-    /// Nothing lost, doubled, reordered or invented.
+    /// Nothing lost, doubled, reordered or invented; nothing parked by an outage, nothing
+    /// reported handled that never committed.
     pub(crate) fn passed(&self) -> bool {
         self.lost == 0
             && self.double_effects == 0
             && self.order_violations == 0
             && self.phantom_effects == 0
+            && self.parked_by_outage == 0
+            && self.handled_uncommitted == 0
     }
 
     /// Prints the table, then the JSON line last.
@@ -119,11 +152,22 @@ impl Report {
             ("**double effects**", self.double_effects.to_string()),
             ("**per-key order violations**", self.order_violations.to_string()),
             ("effects of uncommitted messages", self.phantom_effects.to_string()),
+            ("**messages parked by an outage**", self.parked_by_outage.to_string()),
+            (
+                "**deliveries handled but never committed**",
+                self.handled_uncommitted.to_string(),
+            ),
+            (
+                "unreadable rows repaired and requeued",
+                format!("{} of {}", self.unreadable_requeued, f.unreadable_rows),
+            ),
             (
                 "faults",
                 format!(
                     "{} relay kills, {} consumer kills, {} crash points hit, {} relay pauses past the lease, \
-                     {} broker cuts, {} broker outages, {} pg_terminate_backend rounds \
+                     {} broker cuts, {} broker outages ({} beyond the relays' retry budget), \
+                     {} pg_terminate_backend rounds, {} handler panics, {} handler retries, \
+                     {} ignored failed statements \
                      ({} consumer exits for redelivery, {} worker exits on errors)",
                     f.relay_kills,
                     f.consumer_kills,
@@ -131,7 +175,11 @@ impl Report {
                     f.relay_pauses,
                     f.broker_cuts,
                     f.broker_outages,
+                    f.outages_beyond_budget,
                     f.backend_terminations,
+                    f.handler_panics,
+                    f.handler_retries,
+                    f.handler_ignored_errors,
                     f.consumer_redelivery_exits,
                     f.worker_errors
                 ),

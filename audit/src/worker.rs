@@ -13,9 +13,10 @@ use crate::broker::Broker;
 use crate::counter::Counter;
 use crate::db::AuditConnection;
 use crate::pipeline::{
-    relay_config, AuditHandler, CountingPublisher, CrashMode, CrashPoints, OnFailure, WritePlan,
+    quiet_injected_panics, relay_config, AuditHandler, CountingPublisher, CrashMode, CrashPoints,
+    HandlerMode, OnFailure, WritePlan,
 };
-use crate::{Database, Error, Role};
+use crate::{Break, Database, Error, Role};
 
 /// The variable that hands a worker its database URL.
 pub(crate) const DATABASE_URL_ENV: &str = "WAYBILL_AUDIT_WORKER_DATABASE_URL";
@@ -47,9 +48,9 @@ pub(crate) struct WorkerArgs {
     /// How likely each crash point fires.
     #[arg(long, default_value_t = 0.0)]
     crash_probability: f64,
-    /// The consumer skips the inbox (the audit's self-test).
-    #[arg(long = "break")]
-    break_inbox: bool,
+    /// The bug the audit's self-test reintroduces, if any.
+    #[arg(long = "break", value_enum)]
+    broken: Option<Break>,
     /// The writer's total.
     #[arg(long, default_value_t = 0)]
     messages: u64,
@@ -108,13 +109,19 @@ fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error>
                 counter,
                 crashes,
                 Arc::new(AtomicBool::new(false)),
-            );
+            )
+            .charging_outages(args.broken == Some(Break::Outage));
             let owner = format!("{}-relay-{}", args.namespace, std::process::id());
             Relay::new(DieselStore::new(pool), publisher, relay_config(&owner)).run_pipelined();
         }
         Role::Consumer => {
+            quiet_injected_panics();
+            let mode = HandlerMode {
+                without_inbox: args.broken == Some(Break::Inbox),
+                leak_on_panic: args.broken == Some(Break::Panic),
+            };
             let mut handler =
-                AuditHandler::new(pool, counter, crashes, OnFailure::Exit, args.break_inbox);
+                AuditHandler::new(pool, counter, crashes, OnFailure::Exit, mode, args.seed);
             broker.consume(&mut handler, &stop)?;
         }
     }

@@ -79,9 +79,20 @@ fn audit(args: &[&str]) -> (Output, Value) {
         "lost",
         "double_effects",
         "order_violations",
+        "parked_by_outage",
+        "handled_uncommitted",
+        "unreadable_requeued",
         "seed",
     ] {
         assert!(json[field].is_u64(), "{field} missing in {json}");
+    }
+    for fault in [
+        "outages_beyond_budget",
+        "unreadable_rows",
+        "handler_panics",
+        "handler_retries",
+    ] {
+        assert!(json["faults"][fault].is_u64(), "{fault} missing in {json}");
     }
     println!("{stdout}");
     (output, json)
@@ -99,6 +110,20 @@ fn assert_clean_run(database: &str, broker: &str) {
     assert_eq!(json["lost"], 0, "{json}");
     assert_eq!(json["double_effects"], 0, "{json}");
     assert_eq!(json["order_violations"], 0, "{json}");
+    assert_eq!(json["parked_by_outage"], 0, "{json}");
+    assert_eq!(json["handled_uncommitted"], 0, "{json}");
+    assert!(
+        json["faults"]["outages_beyond_budget"].as_u64() > Some(0),
+        "{json}"
+    );
+    assert!(
+        json["faults"]["unreadable_rows"].as_u64() > Some(0),
+        "{json}"
+    );
+    assert_eq!(
+        json["unreadable_requeued"], json["faults"]["unreadable_rows"],
+        "{json}"
+    );
     assert_eq!(json["messages"], 1000, "{json}");
     assert_eq!(json["messages"], json["effects"], "{json}");
     assert!(
@@ -164,6 +189,55 @@ fn without_the_inbox_the_audit_reports_double_effects_and_fails() {
     assert_eq!(json["duplicates_dropped"], 0, "{json}");
     assert_eq!(output.status.code(), Some(1), "{json}");
     assert_eq!(json["seed"], 11);
+}
+
+/// With a broker outage charged to the messages (`--break outage`: the publisher reports "broker
+/// unavailable" as a failure of each message), an outage longer than the relays' retry budget
+/// parks messages: the audit counts them and fails.
+#[test]
+fn an_outage_charged_to_the_messages_parks_them_and_fails_the_audit() {
+    let (output, json) = audit(&[
+        "--database-url",
+        "sqlite",
+        "--broker-url",
+        "memory",
+        "--messages",
+        "600",
+        "--seed",
+        "12",
+        "--break",
+        "outage",
+    ]);
+    assert!(
+        json["faults"]["outages_beyond_budget"].as_u64() > Some(0),
+        "{json}"
+    );
+    assert!(json["parked_by_outage"].as_u64() > Some(0), "{json}");
+    assert_eq!(output.status.code(), Some(1), "{json}");
+}
+
+/// With a panicking handler's connection left inside a transaction (`--break panic`), what
+/// the consumer handles next on that connection never commits: the audit counts it and fails.
+#[test]
+fn a_connection_left_in_a_transaction_by_a_panic_fails_the_audit() {
+    let (output, json) = audit(&[
+        "--database-url",
+        "sqlite",
+        "--broker-url",
+        "memory",
+        "--messages",
+        "600",
+        "--seed",
+        "13",
+        "--break",
+        "panic",
+    ]);
+    assert!(
+        json["faults"]["handler_panics"].as_u64() > Some(0),
+        "{json}"
+    );
+    assert!(json["handled_uncommitted"].as_u64() > Some(0), "{json}");
+    assert_eq!(output.status.code(), Some(1), "{json}");
 }
 
 #[test]
