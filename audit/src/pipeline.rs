@@ -473,7 +473,9 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
                 self.counter.add(Event::DuplicateDropped, 1);
                 Disposition::Ack
             }
-            Ok(_) => Disposition::DeadLetter("older than the inbox retention window".to_owned()),
+            Ok(_) => Disposition::DeadLetter(
+                "sent before the inbox's last purge, so its record may be gone".to_owned(),
+            ),
             Err(error) if fault == Some(HandlerFault::Transient) => {
                 self.counter.add(Event::HandlerRetry, 1);
                 Disposition::Retry(error.to_string())

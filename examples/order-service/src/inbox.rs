@@ -68,9 +68,9 @@ where
 {
     fn handle(&mut self, message: &IncomingMessage) -> Disposition {
         match self.process(message) {
-            Ok(Processed::Expired) => {
-                Disposition::DeadLetter("older than the inbox retention window".to_owned())
-            }
+            Ok(Processed::Expired) => Disposition::DeadLetter(
+                "sent before the inbox's last purge, so its record may be gone".to_owned(),
+            ),
             Ok(_) => Disposition::Ack,
             Err(error) => {
                 log::warn!(
