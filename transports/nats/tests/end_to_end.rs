@@ -30,8 +30,8 @@ mod schema {
 
 use schema::effects;
 
-/// Hands each delivery to the inbox, then asks for a redelivery of each message the first time
-/// it is seen, as a consumer that crashed between commit and ack would.
+/// Hands each delivery to the inbox, then asks for a retry of each message the first time it is
+/// seen, after its commit: the retry must find the record and take no second effect.
 struct NakOnce<H> {
     inner: H,
     seen: HashSet<MessageId>,
@@ -114,9 +114,10 @@ fn relay_to_inbox_has_one_effect_per_message_despite_redelivery() {
         seen: HashSet::new(),
     };
     let report = consume_until(&mut consumer, &mut handler, |r| r.acked >= 40);
+    // Each message comes once from the server; its retry runs in place and finds the record.
     assert_eq!(
         (report.delivered, report.retried, report.acked),
-        (80, 40, 40)
+        (40, 40, 40)
     );
     assert_eq!(report.dead_lettered + report.malformed, 0);
 

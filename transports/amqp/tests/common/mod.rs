@@ -11,6 +11,8 @@
     clippy::unwrap_used
 )]
 
+pub mod proxy;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
