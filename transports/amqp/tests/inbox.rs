@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::Text;
 use waybill_amqp::{AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig};
 use waybill_diesel::{enqueue_all, DieselStore, Inbox, InboxHandler};
@@ -43,16 +42,8 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let path = std::env::temp_dir().join(format!("{}.db", unique("inbox")));
-    let pool = Pool::builder()
-        .max_size(4)
-        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(
-            path.to_string_lossy(),
-        ))
-        .expect("pool");
+    let (pool, _database) = common::sqlite("inbox", 4);
     let mut conn = pool.get().expect("conn");
-    waybill_diesel::run_migrations(&mut conn).expect("migrations");
     conn.batch_execute("CREATE TABLE effects (message_id TEXT NOT NULL)")
         .expect("effects table");
 
@@ -127,8 +118,4 @@ fn a_batch_published_twice_has_exactly_one_effect_per_message() {
     assert_eq!(got, expected);
 
     drop(conn);
-    drop(pool);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
 }

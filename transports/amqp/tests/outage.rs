@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
 use waybill_amqp::{AmqpConsumer, AmqpPublisher, ConsumerConfig, PublisherConfig};
 use waybill_diesel::{enqueue_all, topic_stats, DieselStore};
 use waybill_inbox_core::{Disposition, IncomingMessage};
@@ -113,16 +112,8 @@ fn a_relay_behind_a_cut_connection_parks_nothing_and_delivers_everything_after()
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let path = std::env::temp_dir().join(format!("{}.db", unique("outage")));
-    let pool = Pool::builder()
-        .max_size(2)
-        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(
-            path.to_string_lossy(),
-        ))
-        .unwrap();
+    let (pool, _database) = common::sqlite("outage", 2);
     let mut conn = pool.get().unwrap();
-    waybill_diesel::run_migrations(&mut conn).unwrap();
     let topic = unique("orders");
     let queue = unique("q");
     broker.cleanup_exchange(&topic);
@@ -188,9 +179,5 @@ fn a_relay_behind_a_cut_connection_parks_nothing_and_delivers_everything_after()
             indexes.windows(2).all(|w| w[0] < w[1]),
             "{key} in order: {indexes:?}"
         );
-    }
-    drop(pool);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }

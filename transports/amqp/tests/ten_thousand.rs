@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel::r2d2::{ConnectionManager, PooledConnection};
 use diesel::sql_types::{BigInt, Text};
 use waybill_amqp::{AmqpConsumer, AmqpPublisher, ConsumerConfig, PublisherConfig};
 use waybill_diesel::{enqueue_all, DieselStore, Inbox, InboxHandler};
@@ -16,7 +16,7 @@ use waybill_inbox_core::{DeliveryHandler, IncomingMessage};
 use waybill_outbox_core::{NewOutboxMessage, Relay, RelayConfig};
 
 use common::proxy::{host_port, Proxy};
-use common::{unique, PATIENCE};
+use common::{unique, SqlitePool, PATIENCE};
 
 const MESSAGES: usize = 10_000;
 const KILL_AFTER: usize = 3_000;
@@ -36,7 +36,7 @@ struct Count {
     n: i64,
 }
 
-fn count(pool: &Pool<ConnectionManager<SqliteConnection>>, sql: &str) -> i64 {
+fn count(pool: &SqlitePool, sql: &str) -> i64 {
     diesel::sql_query(sql)
         .get_result::<Count>(&mut pool.get().unwrap())
         .unwrap()
@@ -48,16 +48,8 @@ fn ten_thousand_messages_take_effect_once_across_a_consumer_killed_mid_stream() 
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let path = std::env::temp_dir().join(format!("{}.db", unique("ten-thousand")));
-    let pool = Pool::builder()
-        .max_size(4)
-        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(
-            path.to_string_lossy(),
-        ))
-        .unwrap();
+    let (pool, _database) = common::sqlite("ten-thousand", 4);
     let mut conn = pool.get().unwrap();
-    waybill_diesel::run_migrations(&mut conn).unwrap();
     conn.batch_execute("CREATE TABLE effects (message_id TEXT NOT NULL)")
         .unwrap();
 
@@ -162,9 +154,4 @@ fn ten_thousand_messages_take_effect_once_across_a_consumer_killed_mid_stream() 
         count(&pool, "SELECT count(DISTINCT message_id) AS n FROM effects"),
         MESSAGES as i64
     );
-
-    drop(pool);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
 }

@@ -15,8 +15,11 @@ pub mod proxy;
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::SqliteConnection;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -232,4 +235,34 @@ pub fn header(message: &Delivery, name: &str) -> Option<String> {
         lapin::types::AMQPValue::LongLongInt(n) => Some(n.to_string()),
         other => Some(format!("{other:?}")),
     }
+}
+
+/// A pool on a migrated SQLite database of its own.
+pub type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
+
+/// Removes a test's SQLite database file, and its WAL files, when dropped.
+pub struct TempDatabase(PathBuf);
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// A pool of `max_size` connections on a new, migrated SQLite database in a temporary file
+/// named after `prefix`; keep the guard alive as long as the database is used.
+pub fn sqlite(prefix: &str, max_size: u32) -> (SqlitePool, TempDatabase) {
+    let path = std::env::temp_dir().join(format!("{}.db", unique(prefix)));
+    let pool = Pool::builder()
+        .max_size(max_size)
+        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            path.to_string_lossy(),
+        ))
+        .expect("sqlite pool");
+    waybill_diesel::run_migrations(&mut pool.get().expect("sqlite connection"))
+        .expect("migrations");
+    (pool, TempDatabase(path))
 }
