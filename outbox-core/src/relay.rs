@@ -967,16 +967,14 @@ fn publish_claimed<P: Publisher>(
                     "publisher returned no outcome".into(),
                 ))
             });
-            match outcome {
-                Err(PublishError::Unavailable(reason)) => {
-                    // Not the message's fault: hand it back as it is, still first in its key.
-                    log::debug!("message {} not sent, broker unavailable: {reason}", msg.id);
-                    report.unavailable += 1;
-                    unavailable.get_or_insert(reason);
-                    Completion::Release { seq: msg.seq }
-                }
-                outcome => completion(config, rng, msg, outcome),
+            if let Err(PublishError::Unavailable(reason)) = &outcome {
+                // Not the message's fault: `completion` hands it back as it is, still first in
+                // its key; only counted here.
+                log::debug!("message {} not sent, broker unavailable: {reason}", msg.id);
+                report.unavailable += 1;
+                unavailable.get_or_insert_with(|| reason.clone());
             }
+            completion(config, rng, msg, outcome)
         })
         .collect();
     (completions, unavailable)
