@@ -72,7 +72,14 @@ fn keys_and_consumers_differing_by_trailing_spaces_are_distinct<C: Backend>(db: 
     let delivery = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}");
     let billing = Inbox::new("billing");
     let mut outcomes = Vec::new();
-    for key in ["order:42", "order:42 ", "order:42  ", "order:42"] {
+    // Case counts too: a case-insensitive collation would merge `ORDER:42` into `order:42`.
+    for key in [
+        "order:42",
+        "order:42 ",
+        "order:42  ",
+        "ORDER:42",
+        "order:42",
+    ] {
         outcomes.push(
             billing
                 .process_once_by(&mut *conn, DedupKey::business(key), &delivery, |_| {
@@ -87,9 +94,10 @@ fn keys_and_consumers_differing_by_trailing_spaces_are_distinct<C: Backend>(db: 
             Processed::Handled(8),
             Processed::Handled(9),
             Processed::Handled(10),
+            Processed::Handled(8),
             Processed::Duplicate
         ],
-        "three distinct business keys"
+        "four distinct business keys"
     );
 
     let by_id = |inbox: &Inbox, conn: &mut C| {
@@ -105,7 +113,7 @@ fn keys_and_consumers_differing_by_trailing_spaces_are_distinct<C: Backend>(db: 
         "another consumer"
     );
     assert_eq!(by_id(&padded, &mut conn), Processed::Duplicate);
-    assert_eq!(billing.processed_count(&mut *conn).unwrap(), 4);
+    assert_eq!(billing.processed_count(&mut *conn).unwrap(), 5);
     assert_eq!(padded.processed_count(&mut *conn).unwrap(), 1);
 }
 
