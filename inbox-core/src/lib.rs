@@ -31,15 +31,19 @@
 //! ```
 
 mod consumer;
+mod consumer_loop;
 mod dedup;
 mod error;
 mod incoming;
 pub mod metrics;
 mod retry;
+mod subscription;
 pub mod wire;
 
 pub use consumer::{ConsumeReport, DeliveryHandler, Disposition};
+pub use consumer_loop::ConsumerLoop;
 pub use dedup::{DedupKey, Processed};
 pub use error::{DecodeError, Result};
 pub use incoming::{IncomingMessage, OCTET_STREAM};
 pub use retry::{Handled, Outcome, RetryPolicy, DEAD_LETTER_REASON};
+pub use subscription::{DeadLetter, Subscription};

@@ -1,7 +1,6 @@
 //! The relay: claims committed messages, publishes them and writes back what happened.
 
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -10,7 +9,7 @@ use rand::SeedableRng;
 use crate::pace::Pace;
 use crate::{
     Backoff, Claimed, CompleteReport, Completion, LeaseToken, OutboxMessage, OutboxStore,
-    PublishError, Publisher, Retention, Retryable,
+    PublishError, Publisher, Retention, Retryable, StopHandle,
 };
 
 /// How a relay behaves. Every setting has a default suited to a small service.
@@ -239,75 +238,6 @@ pub struct NoHooks;
 
 impl RelayHooks for NoHooks {}
 
-/// Stops or wakes a running [`Relay`] from another thread. Cheap to clone.
-///
-/// ```
-/// use waybill_outbox_core::RelayHandle;
-///
-/// let handle = RelayHandle::default();
-/// handle.stop();
-/// assert!(handle.is_stopped());
-/// ```
-#[derive(Clone, Debug, Default)]
-pub struct RelayHandle {
-    inner: Arc<HandleInner>,
-}
-
-#[derive(Debug, Default)]
-struct HandleInner {
-    state: Mutex<HandleState>,
-    signal: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct HandleState {
-    stopped: bool,
-    woken: bool,
-}
-
-impl RelayHandle {
-    /// Asks the relay to stop: it finishes the batch in hand, hands back what it has not sent and
-    /// returns from [`Relay::run`].
-    pub fn stop(&self) {
-        self.lock().stopped = true;
-        self.inner.signal.notify_all();
-    }
-
-    /// Wakes an idle relay at once, e.g. right after the writer in the same process committed.
-    pub fn wake(&self) {
-        self.lock().woken = true;
-        self.inner.signal.notify_all();
-    }
-
-    /// `true` once [`stop`](Self::stop) was called.
-    pub fn is_stopped(&self) -> bool {
-        self.lock().stopped
-    }
-
-    /// Waits up to `timeout` for a stop or wake signal; returns whether one came.
-    fn wait(&self, timeout: Duration) -> bool {
-        let mut state = self.lock();
-        if !state.stopped && !state.woken {
-            state = self
-                .inner
-                .signal
-                .wait_timeout_while(state, timeout, |s| !s.stopped && !s.woken)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        let signalled = state.stopped || state.woken;
-        state.woken = false;
-        signalled
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HandleState> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 /// Moves committed messages from the outbox to a broker.
 ///
 /// Each round claims a batch under a lease (no transaction stays open while the broker works),
@@ -345,7 +275,7 @@ pub struct Relay<S, P> {
     store: S,
     publisher: P,
     config: RelayConfig,
-    handle: RelayHandle,
+    handle: StopHandle,
     hooks: Box<dyn RelayHooks>,
     rng: SmallRng,
     last_purge: Option<Instant>,
@@ -368,7 +298,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             store,
             publisher,
             config,
-            handle: RelayHandle::default(),
+            handle: StopHandle::default(),
             hooks: Box::new(NoHooks),
             rng: SmallRng::from_rng(&mut rand::rng()),
             last_purge: None,
@@ -384,7 +314,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     }
 
     /// A handle to stop or wake this relay from another thread.
-    pub fn handle(&self) -> RelayHandle {
+    pub fn handle(&self) -> StopHandle {
         self.handle.clone()
     }
 
@@ -460,10 +390,10 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
         Ok((report, unavailable))
     }
 
-    /// Runs rounds until [`RelayHandle::stop`] is called, then returns [`totals`](Self::totals).
+    /// Runs rounds until [`StopHandle::stop`] is called, then returns [`totals`](Self::totals).
     ///
     /// A full batch is followed at once by the next; an empty one by an idle wait that doubles
-    /// up to the poll interval and ends early on a wake-up (`NOTIFY`, [`RelayHandle::wake`]).
+    /// up to the poll interval and ends early on a wake-up (`NOTIFY`, [`StopHandle::wake`]).
     /// Database failures are logged and retried with backoff; they never end the loop. While the
     /// broker is unavailable the relay hands its messages back uncharged and pauses between
     /// rounds, longer each time (see [`RelayConfig::backoff`]), until a round reaches the broker.
@@ -853,7 +783,7 @@ fn announce_idle<S: OutboxStore>(store: &S, idle: bool) {
 /// Waits up to `timeout`, ending early on a wake-up from the store or the handle.
 fn wait_idle<S: OutboxStore>(
     store: &S,
-    handle: &RelayHandle,
+    handle: &StopHandle,
     config: &RelayConfig,
     timeout: Duration,
 ) {
@@ -874,7 +804,7 @@ fn wait_idle<S: OutboxStore>(
 /// Under retention, deletes what is past the window once per purge interval, in bounded batches.
 fn purge_if_due<S: OutboxStore>(
     store: &S,
-    handle: &RelayHandle,
+    handle: &StopHandle,
     config: &RelayConfig,
     last_purge: &mut Option<Instant>,
 ) {
@@ -927,7 +857,7 @@ fn publish_claimed<P: Publisher>(
     publisher: &mut P,
     config: &RelayConfig,
     rng: &mut SmallRng,
-    handle: &RelayHandle,
+    handle: &StopHandle,
     claimed: &Claimed,
     report: &mut RelayReport,
 ) -> (Vec<Completion>, Option<String>) {
