@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use waybill_diesel::DieselStore;
 use waybill_memory::{MemoryBroker, MemoryConfig};
-use waybill_outbox_core::{Relay, RelayHandle};
+use waybill_outbox_core::{Relay, RelayHandle, StopHandle};
 
 use crate::controller::{Drain, Plan, Target};
 use crate::counter::{self, Counter};
@@ -115,6 +115,7 @@ fn run_on<C: AuditConnection>(
     let events = std::env::temp_dir().join(format!("{}-events", plan.namespace));
     let counter = Counter::create(&events, "embedded")?;
     let stop = Arc::new(AtomicBool::new(false));
+    let consumer_stop = StopHandle::new();
 
     let writer = {
         let (pool, stop) = (pool.clone(), Arc::clone(&stop));
@@ -139,7 +140,7 @@ fn run_on<C: AuditConnection>(
             },
             plan.seed,
         );
-        let (mut consumer, stop) = (broker.consumer(TOPIC), Arc::clone(&stop));
+        let (mut consumer, stop) = (broker.consumer(TOPIC), consumer_stop.clone());
         thread::Builder::new()
             .name("audit-consumer".into())
             .spawn(move || {
@@ -221,6 +222,7 @@ fn run_on<C: AuditConnection>(
         relay.handle.stop();
     }
     stop.store(true, Ordering::SeqCst);
+    consumer_stop.stop();
     for relay in relays {
         // A relay that crashed at the very end has nothing left to report.
         let _ = relay.thread.join();

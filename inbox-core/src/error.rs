@@ -61,6 +61,19 @@ pub enum DecodeError {
         #[source]
         source: serde_json::Error,
     },
+    /// The message names another topic than the one it was consumed from (a raw publish to
+    /// the wrong queue).
+    #[error(
+        "message {id}: topic {topic:?} is not {expected:?}, the topic this consumer subscribed to"
+    )]
+    UnexpectedTopic {
+        /// The message.
+        id: MessageId,
+        /// The topic the message names.
+        topic: String,
+        /// The topic consumed.
+        expected: String,
+    },
 }
 
 /// The result type of this crate.

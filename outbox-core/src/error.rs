@@ -25,3 +25,10 @@ pub trait Retryable {
     /// `true` when the failure is transient.
     fn is_retryable(&self) -> bool;
 }
+
+/// Nothing to retry: the error of a source that cannot fail (the in-process broker).
+impl Retryable for std::convert::Infallible {
+    fn is_retryable(&self) -> bool {
+        match *self {}
+    }
+}

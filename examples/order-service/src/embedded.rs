@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use waybill_diesel::{run_migrations, DieselStore, IncomingMessage};
 use waybill_inbox_core::{DeliveryHandler, Disposition};
 use waybill_memory::{MemoryBroker, MemoryConfig};
-use waybill_outbox_core::{Relay, RelayConfig, RelayHandle, RelayReport};
+use waybill_outbox_core::{Relay, RelayConfig, RelayHandle, RelayReport, StopHandle};
 
 use crate::billing::{self, BILLING_CONSUMER, PAYMENTS_TOPIC};
 use crate::broker::Broker;
@@ -337,6 +337,8 @@ fn print_audit(report: &Report, traffic: &Traffic, elapsed: Duration) {
 struct Workers {
     events: Sender<Event>,
     stop: Arc<AtomicBool>,
+    /// Stops the in-process consumers (the server transports still take the flag).
+    memory_stop: StopHandle,
     relays: Vec<RelayHandle>,
     threads: Vec<JoinHandle<Traffic>>,
     delivered: Arc<AtomicU64>,
@@ -347,6 +349,7 @@ impl Workers {
         Self {
             events,
             stop: Arc::new(AtomicBool::new(false)),
+            memory_stop: StopHandle::new(),
             relays: Vec::new(),
             threads: Vec::new(),
             delivered: Arc::new(AtomicU64::new(0)),
@@ -414,6 +417,7 @@ impl Workers {
         let work: Box<dyn FnOnce() -> Result<(), Error> + Send> = match transport {
             Transport::Memory(broker) => {
                 let mut consumer = broker.consumer(topic);
+                let stop = self.memory_stop.clone();
                 Box::new(move || {
                     consumer.run(&mut handler(), &stop);
                     Ok(())
@@ -459,6 +463,7 @@ impl Workers {
     /// Stops every worker and returns what the relays published and the consumers received.
     fn stop(self) -> Traffic {
         self.stop.store(true, Ordering::SeqCst);
+        self.memory_stop.stop();
         for relay in &self.relays {
             relay.stop();
         }

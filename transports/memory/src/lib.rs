@@ -29,6 +29,7 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -36,7 +37,11 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use waybill_inbox_core::{wire, DeliveryHandler, Outcome, RetryPolicy};
+use waybill_inbox_core::{
+    wire, ConsumerLoop, DeadLetter as Letter, DecodeError, DeliveryHandler, IncomingMessage,
+    RetryPolicy, Subscription,
+};
+pub use waybill_outbox_core::StopHandle;
 use waybill_outbox_core::{Headers, OutboxMessage, PublishError, Publisher};
 
 /// How the in-process broker behaves.
@@ -140,7 +145,7 @@ pub struct BrokerStats {
 
 pub use waybill_inbox_core::ConsumeReport;
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct Envelope {
     headers: Headers,
     payload: Vec<u8>,
@@ -209,9 +214,13 @@ impl MemoryBroker {
 
     /// A consumer of `topic`'s queue. Several consumers of one topic compete for its messages.
     pub fn consumer(&self, topic: impl Into<String>) -> MemoryConsumer {
-        MemoryConsumer {
+        let queue = TopicQueue {
             broker: self.clone(),
             topic: topic.into(),
+        };
+        MemoryConsumer {
+            consumer: ConsumerLoop::new(queue, self.inner.config.retry)
+                .batch(100, Duration::from_millis(50)),
         }
     }
 
@@ -322,11 +331,11 @@ impl Publisher for MemoryPublisher {
     }
 }
 
-/// A consumer loop over one topic's queue of a [`MemoryBroker`].
-#[derive(Clone, Debug)]
+/// A consumer of one topic's queue of a [`MemoryBroker`], on the shared
+/// [`ConsumerLoop`]: in-place retries, panics caught, dead letters kept in the broker.
+#[derive(Debug)]
 pub struct MemoryConsumer {
-    broker: MemoryBroker,
-    topic: String,
+    consumer: ConsumerLoop<TopicQueue>,
 }
 
 impl MemoryConsumer {
@@ -338,32 +347,38 @@ impl MemoryConsumer {
         max: usize,
         wait: Duration,
     ) -> ConsumeReport {
-        let mut report = ConsumeReport::default();
+        self.consumer
+            .run_once(handler, max, wait)
+            .unwrap_or_else(|never| match never {})
+    }
+
+    /// Handles deliveries until `stop` is stopped; an idle wait lasts at most 50 ms between
+    /// checks.
+    pub fn run(&mut self, handler: &mut impl DeliveryHandler, stop: &StopHandle) -> ConsumeReport {
+        self.consumer
+            .run(handler, stop)
+            .unwrap_or_else(|never| match never {})
+    }
+}
+
+/// One topic's queue as a [`Subscription`]: the memory broker never fails, so its error type
+/// is [`Infallible`].
+#[derive(Debug)]
+struct TopicQueue {
+    broker: MemoryBroker,
+    topic: String,
+}
+
+impl Subscription for TopicQueue {
+    type Delivery = Envelope;
+    type Error = Infallible;
+
+    fn name(&self) -> &str {
+        &self.topic
+    }
+
+    fn next(&mut self, wait: Duration, _wanted: usize) -> Result<Option<Envelope>, Infallible> {
         let deadline = Instant::now() + wait;
-        while (report.delivered as usize) < max {
-            let Some(envelope) = self.next(if report.delivered == 0 {
-                deadline
-            } else {
-                Instant::now()
-            }) else {
-                break;
-            };
-            report.add(&self.deliver(envelope, handler));
-        }
-        report.record(&self.topic);
-        report
-    }
-
-    /// Handles deliveries until `stop` is set; an idle wait lasts at most 50 ms between checks.
-    pub fn run(&mut self, handler: &mut impl DeliveryHandler, stop: &AtomicBool) -> ConsumeReport {
-        let mut report = ConsumeReport::default();
-        while !stop.load(Ordering::SeqCst) {
-            report.add(&self.run_once(handler, 100, Duration::from_millis(50)));
-        }
-        report
-    }
-
-    fn next(&self, deadline: Instant) -> Option<Envelope> {
         let mut state = self.broker.lock();
         loop {
             if let Some(envelope) = state
@@ -372,11 +387,11 @@ impl MemoryConsumer {
                 .and_then(VecDeque::pop_front)
             {
                 state.stats.delivered += 1;
-                return Some(envelope);
+                return Ok(Some(envelope));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return Ok(None);
             }
             state = self
                 .broker
@@ -388,53 +403,65 @@ impl MemoryConsumer {
         }
     }
 
-    fn deliver(&self, envelope: Envelope, handler: &mut impl DeliveryHandler) -> ConsumeReport {
-        let mut report = ConsumeReport::default();
-        report.delivered = 1;
-        let config = &self.broker.inner.config;
-        let outcome = match wire::decode(envelope.headers.clone(), envelope.payload.clone()) {
-            // Only raw publishes can put a message of another topic on this queue.
-            Ok(message) if message.topic != self.topic => Outcome::DeadLetter(format!(
-                "topic {:?} is not {:?}, the topic this consumer subscribed to",
-                message.topic, self.topic
-            )),
-            Ok(message) => {
-                // Retried in place, so the key's next message waits behind this one.
-                let handled = config.retry.handle(handler, &message, 0);
-                report.retried = u64::from(handled.retries());
-                handled.outcome
-            }
-            Err(error) => {
-                report.malformed = 1;
-                Outcome::DeadLetter(format!("malformed message: {error}"))
-            }
-        };
-        let mut state = self.broker.lock();
-        match outcome {
-            Outcome::Ack => {
-                report.acked = 1;
-                if !envelope.duplicate
-                    && config.redeliver_fraction > 0.0
-                    && state.rng.random_bool(config.redeliver_fraction)
-                {
-                    state.stats.duplicated += 1;
-                    self.requeue(
-                        &mut state,
-                        Envelope {
-                            duplicate: true,
-                            ..envelope
-                        },
-                    );
-                }
-            }
-            Outcome::DeadLetter(reason) => {
-                report.dead_lettered = 1;
-                self.dead_letter(&mut state, envelope, reason);
-            }
+    fn decode(&self, envelope: &Envelope) -> Result<IncomingMessage, DecodeError> {
+        let message = wire::decode(envelope.headers.clone(), envelope.payload.clone())?;
+        // Only raw publishes can put a message of another topic on this queue.
+        if message.topic != self.topic {
+            return Err(DecodeError::UnexpectedTopic {
+                id: message.id,
+                topic: message.topic,
+                expected: self.topic.clone(),
+            });
         }
-        report
+        Ok(message)
     }
 
+    fn ack(&mut self, envelope: Envelope) -> Result<(), Infallible> {
+        let fraction = self.broker.inner.config.redeliver_fraction;
+        let mut state = self.broker.lock();
+        if !envelope.duplicate && fraction > 0.0 && state.rng.random_bool(fraction) {
+            state.stats.duplicated += 1;
+            self.requeue(
+                &mut state,
+                Envelope {
+                    duplicate: true,
+                    ..envelope
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&mut self, envelope: &Envelope, letter: &Letter<'_>) -> Result<(), Infallible> {
+        let mut state = self.broker.lock();
+        state.stats.dead_lettered += 1;
+        state.dead_letters.push(DeadLetter {
+            topic: self.topic.clone(),
+            headers: envelope.headers.clone(),
+            payload: envelope.payload.clone(),
+            reason: letter.reason.to_owned(),
+        });
+        Ok(())
+    }
+
+    fn discard(&mut self, _: Envelope) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn release(&mut self, envelope: Envelope) -> Result<(), Infallible> {
+        let mut state = self.broker.lock();
+        state
+            .queues
+            .entry(self.topic.clone())
+            .or_default()
+            .push_front(envelope);
+        drop(state);
+        self.broker.inner.arrived.notify_all();
+        Ok(())
+    }
+}
+
+impl TopicQueue {
     fn requeue(&self, state: &mut State, envelope: Envelope) {
         state
             .queues
@@ -442,16 +469,5 @@ impl MemoryConsumer {
             .or_default()
             .push_back(envelope);
         self.broker.inner.arrived.notify_all();
-    }
-
-    fn dead_letter(&self, state: &mut State, envelope: Envelope, reason: String) {
-        log::warn!("dead-lettering a message of topic {}: {reason}", self.topic);
-        state.stats.dead_lettered += 1;
-        state.dead_letters.push(DeadLetter {
-            topic: self.topic.clone(),
-            headers: envelope.headers,
-            payload: envelope.payload,
-            reason,
-        });
     }
 }

@@ -202,7 +202,7 @@ fn malformed_deliveries_are_dead_lettered_and_the_rest_flow() {
         .map(|d| d.reason)
         .collect();
     assert!(
-        reasons.iter().all(|r| r.starts_with("malformed message")),
+        reasons.iter().all(|r| r.starts_with("malformed: ")),
         "{reasons:?}"
     );
 }
