@@ -71,6 +71,30 @@ pub trait InboxConnection: Connection {
         payload_digest: Option<&[u8]>,
     ) -> Result<bool>;
 
+    /// [`insert_inbox_record`](Self::insert_inbox_record), also reading `consumer`'s purge
+    /// mark ([`inbox_purged_through`](Self::inbox_purged_through)) when it inserted: `None`
+    /// for a duplicate. The mark is the latest committed once the insert went through, so a
+    /// purge of this very key that the insert waited for is seen. PostgreSQL does both in one
+    /// statement; the default runs the two.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn insert_inbox_record_with_mark(
+        &mut self,
+        consumer: &str,
+        key: &str,
+        message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
+    ) -> Result<Option<Inserted>> {
+        if !self.insert_inbox_record(consumer, key, message_id, payload_digest)? {
+            return Ok(None);
+        }
+        Ok(Some(Inserted {
+            purged_through: self.inbox_purged_through(consumer)?,
+        }))
+    }
+
     /// The payload digest recorded with `key` for `consumer`: `None` when there is no record,
     /// or it was written before digests were kept.
     ///
@@ -127,6 +151,14 @@ pub trait InboxConnection: Connection {
     fn probe_transaction(&mut self) -> Result<bool> {
         Ok(true)
     }
+}
+
+/// A record [`InboxConnection::insert_inbox_record_with_mark`] inserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inserted {
+    /// The consumer's purge mark, read after the insert: the newest `processed_at` a purge
+    /// deleted, `None` when none deleted any of its records.
+    pub purged_through: Option<DateTime<Utc>>,
 }
 
 /// One consumer's inbox: [`process_once`](Self::process_once) runs a handler at most once per
@@ -320,7 +352,20 @@ impl Inbox {
         let digest = payload_digest(&message.payload);
         let mut panicked = None;
         let outcome = conn.transaction(|conn| {
-            if !conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))? {
+            let recorded = if self.accept_expired {
+                // No purge mark is needed: an inserted record is simply new.
+                conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))?
+                    .then_some(None)
+            } else {
+                conn.insert_inbox_record_with_mark(
+                    &self.consumer,
+                    &key,
+                    Some(message.id),
+                    Some(&digest),
+                )?
+                .map(|inserted| inserted.purged_through)
+            };
+            let Some(purged_through) = recorded else {
                 if by_id
                     && conn
                         .inbox_record_digest(&self.consumer, &key)?
@@ -340,25 +385,23 @@ impl Inbox {
                     ));
                 }
                 return Err(Abort::Skipped(Skipped::Duplicate));
-            }
+            };
             if let Some(bare) = &legacy {
                 if conn.inbox_record_exists(&self.consumer, bare)? {
                     return Err(Abort::Skipped(Skipped::Duplicate));
                 }
             }
-            if !self.accept_expired {
-                if let Some(through) = conn.inbox_purged_through(&self.consumer)? {
-                    if may_have_been_purged(message.sent_at, through, self.max_clock_skew) {
-                        log::warn!(
-                            "inbox {}: message {} sent at {} has no record, but a purge deleted \
-                             records processed up to {through}; it may have been one, not \
-                             processed",
-                            self.consumer,
-                            message.id,
-                            message.sent_at
-                        );
-                        return Err(Abort::Skipped(Skipped::Expired));
-                    }
+            if let Some(through) = purged_through {
+                if may_have_been_purged(message.sent_at, through, self.max_clock_skew) {
+                    log::warn!(
+                        "inbox {}: message {} sent at {} has no record, but a purge deleted \
+                         records processed up to {through}; it may have been one, not \
+                         processed",
+                        self.consumer,
+                        message.id,
+                        message.sent_at
+                    );
+                    return Err(Abort::Skipped(Skipped::Expired));
                 }
             }
             let value = match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
@@ -633,6 +676,15 @@ mod pooled {
             payload_digest: Option<&[u8]>,
         ) -> Result<bool> {
             (**self).insert_inbox_record(consumer, key, message_id, payload_digest)
+        }
+        fn insert_inbox_record_with_mark(
+            &mut self,
+            consumer: &str,
+            key: &str,
+            message_id: Option<MessageId>,
+            payload_digest: Option<&[u8]>,
+        ) -> Result<Option<Inserted>> {
+            (**self).insert_inbox_record_with_mark(consumer, key, message_id, payload_digest)
         }
         fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
             (**self).inbox_record_digest(consumer, key)

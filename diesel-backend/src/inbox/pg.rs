@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use waybill_outbox_core::MessageId;
 
-use super::InboxConnection;
+use super::{InboxConnection, Inserted};
 use crate::{Error, Result};
 
 mod schema {
@@ -27,9 +27,19 @@ mod schema {
             purged_through -> Timestamptz,
         }
     }
+
+    #[diesel::declare_sql_function]
+    extern "SQL" {
+        /// The consumer's purge mark, read on a fresh snapshot (migration
+        /// `2026-12-05-000010_inbox_purge_mark_function` says why it is `VOLATILE`).
+        fn inbox_purged_through(
+            consumer: diesel::sql_types::Text,
+        ) -> diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>;
+    }
 }
 
 use schema::inbox_processed as p;
+use schema::inbox_purged_through;
 use schema::inbox_purges as purges;
 
 #[derive(QueryableByName)]
@@ -58,6 +68,30 @@ impl InboxConnection for PgConnection {
             .on_conflict_do_nothing()
             .execute(self)?;
         Ok(inserted == 1)
+    }
+
+    fn insert_inbox_record_with_mark(
+        &mut self,
+        consumer: &str,
+        key: &str,
+        message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
+    ) -> Result<Option<Inserted>> {
+        // One round trip: a row comes back only when inserted, with the mark read by a
+        // VOLATILE function after any wait on a concurrent purge of this key (a subquery here
+        // would read the snapshot taken before that wait, and miss the purge's mark).
+        let inserted: Option<Option<DateTime<Utc>>> = diesel::insert_into(p::table)
+            .values((
+                p::consumer.eq(consumer),
+                p::dedup_key.eq(key),
+                p::message_id.eq(message_id.map(|id| *id.as_uuid())),
+                p::payload_digest.eq(payload_digest),
+            ))
+            .on_conflict_do_nothing()
+            .returning(inbox_purged_through(p::consumer))
+            .get_result(self)
+            .optional()?;
+        Ok(inserted.map(|purged_through| Inserted { purged_through }))
     }
 
     fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
