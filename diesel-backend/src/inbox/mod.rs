@@ -24,6 +24,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use diesel::connection::TransactionManager;
 use diesel::Connection;
 pub use waybill_inbox_core::{DedupKey, IncomingMessage, Processed};
 use waybill_outbox_core::MessageId;
@@ -141,14 +142,19 @@ pub trait InboxConnection: Connection {
     /// Database failures.
     fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>>;
 
-    /// Whether the current transaction can still commit: `false` on PostgreSQL when a failed
-    /// statement aborted it. Always `true` on SQLite and MySQL, where a failed statement
-    /// leaves the transaction usable.
+    /// Commits the transaction (or, inside the caller's, releases the savepoint) that
+    /// [`Inbox::process_once`] began, unless a failed statement aborted it: PostgreSQL would
+    /// turn that `COMMIT` into a silent rollback. Then it rolls back (the savepoint only,
+    /// leaving the caller's transaction usable) and returns `false`. The default commits as
+    /// [`Connection::transaction`] does, right where a failed statement leaves the transaction
+    /// usable (SQLite, MySQL).
     ///
     /// # Errors
     ///
-    /// Database failures other than the aborted transaction (a lost connection).
-    fn probe_transaction(&mut self) -> Result<bool> {
+    /// Database failures, the commit's included: the transaction is rolled back then, or the
+    /// connection is broken.
+    fn commit_inbox_transaction(&mut self) -> Result<bool> {
+        <Self::TransactionManager as TransactionManager<Self>>::commit_transaction(self)?;
         Ok(true)
     }
 }
@@ -262,8 +268,9 @@ impl Inbox {
 
     /// Runs `handler` once per message for this consumer, deduplicating on the message id.
     ///
-    /// In one transaction on `conn` (diesel's `conn.transaction`, a savepoint when the caller
-    /// already is in one): inserts the record, then runs `handler` on the same connection.
+    /// In one transaction on `conn` (begun, committed and rolled back as diesel's
+    /// `conn.transaction` does: a savepoint when the caller already is in one): inserts the
+    /// record, then runs `handler` on the same connection.
     /// Returns [`Processed::Handled`] with the handler's value once it committed;
     /// [`Processed::Duplicate`] without running the handler when the record exists; and
     /// [`Processed::Expired`] without running the handler or recording anything when there is
@@ -350,8 +357,11 @@ impl Inbox {
         };
         let key = stored_key(&key);
         let digest = payload_digest(&message.payload);
+        // Begun, committed and rolled back as `conn.transaction` would, except that the commit
+        // also tells an aborted transaction (PostgreSQL) from a committed one.
+        <C::TransactionManager as TransactionManager<C>>::begin_transaction(conn)?;
         let mut panicked = None;
-        let outcome = conn.transaction(|conn| {
+        let body = (|| -> std::result::Result<T, Abort<E>> {
             let recorded = if self.accept_expired {
                 // No purge mark is needed: an inserted record is simply new.
                 conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))?
@@ -404,32 +414,45 @@ impl Inbox {
                     return Err(Abort::Skipped(Skipped::Expired));
                 }
             }
-            let value = match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
-                Ok(Ok(value)) => value,
-                Ok(Err(error)) => return Err(Abort::Failed(error)),
+            match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(error)) => Err(Abort::Failed(error)),
                 Err(payload) => {
                     panicked = Some(payload);
-                    return Err(Abort::Panicked);
+                    Err(Abort::Panicked)
                 }
-            };
-            // PostgreSQL would turn the COMMIT of an aborted transaction into a silent
-            // rollback; a savepoint's release would fail and leave the caller's one aborted.
-            if !conn.probe_transaction()? {
-                log::warn!(
-                    "inbox {}: the handler of message {} ignored a failed statement; rolled back",
-                    self.consumer,
-                    message.id
-                );
-                return Err(Abort::Failed(
-                    Error::HandlerTransactionAborted {
-                        consumer: self.consumer.clone(),
-                        message_id: message.id,
-                    }
-                    .into(),
-                ));
             }
-            Ok(value)
-        });
+        })();
+        let outcome = match body {
+            Ok(value) => match conn.commit_inbox_transaction() {
+                Ok(true) => Ok(value),
+                // Rolled back already: an aborted transaction could never commit.
+                Ok(false) => {
+                    log::warn!(
+                        "inbox {}: the handler of message {} ignored a failed statement; rolled \
+                         back",
+                        self.consumer,
+                        message.id
+                    );
+                    Err(Abort::Failed(
+                        Error::HandlerTransactionAborted {
+                            consumer: self.consumer.clone(),
+                            message_id: message.id,
+                        }
+                        .into(),
+                    ))
+                }
+                Err(error) => Err(Abort::Failed(error.into())),
+            },
+            Err(abort) => {
+                match <C::TransactionManager as TransactionManager<C>>::rollback_transaction(conn) {
+                    // A broken transaction manager is the connection's to report; the cause of the
+                    // rollback matters more, as in `conn.transaction`.
+                    Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(abort),
+                    Err(rollback_error) => Err(Abort::Failed(rollback_error.into())),
+                }
+            }
+        };
         // Rolled back by now (or the rollback failed and the connection is broken, which its
         // next use reports): the caller sees the handler's panic, not a rollback error.
         if let Some(payload) = panicked {
@@ -706,8 +729,8 @@ mod pooled {
         fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>> {
             (**self).inbox_purged_through(consumer)
         }
-        fn probe_transaction(&mut self) -> Result<bool> {
-            (**self).probe_transaction()
+        fn commit_inbox_transaction(&mut self) -> Result<bool> {
+            (**self).commit_inbox_transaction()
         }
     }
 }

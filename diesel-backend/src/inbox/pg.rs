@@ -1,7 +1,12 @@
 //! PostgreSQL: `INSERT .. ON CONFLICT DO NOTHING` and the row count. A failed statement would
 //! abort the caller's transaction, so a duplicate must not be detected by a unique violation.
+//!
+//! A handled message costs `BEGIN`, the insert (which also returns the purge mark), the
+//! handler's statements and `SELECT 1; COMMIT` in one round trip: four plus the handler's, as
+//! the hand-written floor.
 
 use chrono::{DateTime, Utc};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
@@ -158,19 +163,40 @@ impl InboxConnection for PgConnection {
             .optional()?)
     }
 
-    fn probe_transaction(&mut self) -> Result<bool> {
-        match diesel::sql_query("SELECT 1").execute(self) {
-            Ok(_) => Ok(true),
-            Err(error) => {
-                // On a live connection, `SELECT 1` fails only in an aborted transaction; a
-                // lost connection stays an error of its own.
-                let error = Error::from(error);
-                if waybill_outbox_core::Retryable::is_retryable(&error) {
-                    Err(error)
-                } else {
-                    Ok(false)
+    fn commit_inbox_transaction(&mut self) -> Result<bool> {
+        match AnsiTransactionManager::transaction_manager_status_mut(self).transaction_depth()? {
+            // Our own transaction. `COMMIT` would turn an aborted one into a silent rollback;
+            // `SELECT 1` fails in it instead, and the rest of the string is then not run. One
+            // round trip for both; diesel sees the transaction end in the connection's status.
+            Some(depth) if depth.get() == 1 => match self.batch_execute("SELECT 1; COMMIT") {
+                Ok(()) => Ok(true),
+                Err(error) => match AnsiTransactionManager::rollback_transaction(self) {
+                    // Still open: `SELECT 1` failed on a live connection, so the transaction
+                    // was aborted; rolled back now.
+                    Ok(()) => Ok(false),
+                    // `COMMIT` itself failed (it ended the transaction), or the connection
+                    // broke: the statement's error is the one to report.
+                    Err(_) => Err(error.into()),
+                },
+            },
+            // A savepoint in the caller's transaction: releasing it fails when the transaction
+            // is aborted, and diesel then rolls back to the savepoint, which leaves the
+            // caller's transaction usable. Any other failure is an error of its own (a broken
+            // connection, or a rollback to the savepoint that failed as well).
+            Some(_) => match AnsiTransactionManager::commit_transaction(self) {
+                Ok(()) => Ok(true),
+                Err(error @ diesel::result::Error::DatabaseError(..)) => {
+                    let error = Error::from(error);
+                    if waybill_outbox_core::Retryable::is_retryable(&error) {
+                        Err(error)
+                    } else {
+                        Ok(false)
+                    }
                 }
-            }
+                Err(error) => Err(error.into()),
+            },
+            // The handler ended the transaction with SQL of its own.
+            None => Err(diesel::result::Error::NotInTransaction.into()),
         }
     }
 }
