@@ -15,7 +15,7 @@ use common::{Backend, TestDb};
 use diesel::connection::InstrumentationEvent;
 use diesel::migration::MigrationSource;
 use diesel::prelude::*;
-use diesel::result::Error as DieselError;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::BigInt;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 use proptest::prelude::*;
@@ -821,6 +821,79 @@ fn handled_means_committed_even_when_the_handler_ignores_a_failed_statement<C: L
     }
 }
 
+/// A commit that fails on its own (here a deferred unique constraint, checked at `COMMIT`) is
+/// that error, not a handler that ignored a failed statement; nothing is recorded and the
+/// redelivery is handled on the same connection. PostgreSQL only: MySQL has no deferred
+/// constraints, SQLite defers only foreign keys.
+fn failed_commit_is_its_own_error_and_records_nothing<C: Ledger>(db: TestDb<C>) {
+    if C::NAME != "postgres" {
+        return;
+    }
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    C::exec(
+        conn,
+        "CREATE TABLE deferred_unique (k INT UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .unwrap();
+    let msg = delivery();
+    let outcome = inbox.process_once(conn, &msg, |conn| {
+        C::record(conn, "effect")?;
+        C::exec(conn, "INSERT INTO deferred_unique (k) VALUES (1), (1)")?;
+        Ok::<_, Error>(())
+    });
+    assert!(
+        matches!(
+            outcome,
+            Err(Error::Database(DieselError::DatabaseError(
+                DatabaseErrorKind::UniqueViolation,
+                _
+            )))
+        ),
+        "{outcome:?}"
+    );
+    assert!(!conn.in_transaction().unwrap(), "left no transaction open");
+    assert!(!inbox.is_processed(conn, &DedupKey::from(msg.id)).unwrap());
+    assert_eq!(C::effects(conn), 0);
+    let redelivery = inbox.process_once(conn, &msg, |conn| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    });
+    assert_eq!(redelivery.unwrap(), Processed::Handled(()));
+    assert_eq!(C::effects(conn), 1);
+}
+
+/// A handler that ends the transaction with a `ROLLBACK` of its own took the record with its
+/// writes: that is an error, never `Handled`, and the redelivery is handled. Not on MySQL:
+/// diesel cannot see the transaction end there, and its `COMMIT` of no transaction succeeds.
+fn handler_that_rolls_back_the_transaction_itself_is_not_handled<C: Ledger>(db: TestDb<C>) {
+    if C::NAME == "mysql" {
+        return;
+    }
+    setup(&db);
+    let inbox = Inbox::new("billing");
+    let mut pooled = db.conn();
+    let conn: &mut C = &mut pooled;
+    let msg = delivery();
+    let outcome = inbox.process_once(conn, &msg, |conn| {
+        C::record(conn, "effect")?;
+        C::exec(conn, "ROLLBACK")?;
+        Ok::<_, Error>(())
+    });
+    let committed = inbox.is_processed(conn, &DedupKey::from(msg.id)).unwrap();
+    assert!(outcome.is_err(), "{outcome:?}, committed: {committed}");
+    assert!(!committed);
+    assert_eq!(C::effects(conn), 0);
+    let redelivery = inbox.process_once(conn, &msg, |conn| {
+        C::record(conn, "effect")?;
+        Ok::<_, Error>(())
+    });
+    assert_eq!(redelivery.unwrap(), Processed::Handled(()));
+    assert_eq!(C::effects(conn), 1);
+}
+
 fn aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint<C: Ledger>(
     db: TestDb<C>,
 ) {
@@ -1105,6 +1178,8 @@ backend_tests!(
     nul_in_a_consumer_name_or_business_key_is_refused_before_the_database,
     handler_panic_rolls_back_and_the_same_connection_commits_the_next_message,
     handled_means_committed_even_when_the_handler_ignores_a_failed_statement,
+    failed_commit_is_its_own_error_and_records_nothing,
+    handler_that_rolls_back_the_transaction_itself_is_not_handled,
     aborted_handler_inside_a_caller_transaction_rolls_back_only_its_savepoint,
     caller_transaction_rollback_forgets_the_message,
     handler_failure_inside_a_caller_transaction_rolls_back_only_its_savepoint,
