@@ -110,7 +110,7 @@ pub use connection::OutboxConnection;
 pub use error::{Error, Result};
 pub use inbox::{
     purge_processed_before, DedupKey, Inbox, InboxConnection, InboxHandler, IncomingMessage,
-    Processed,
+    Inserted, Processed,
 };
 pub use ops::{
     inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases, requeue_all_parked,

@@ -24,6 +24,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use diesel::connection::TransactionManager;
 use diesel::Connection;
 pub use waybill_inbox_core::{DedupKey, IncomingMessage, Processed};
 use waybill_outbox_core::MessageId;
@@ -71,6 +72,30 @@ pub trait InboxConnection: Connection {
         payload_digest: Option<&[u8]>,
     ) -> Result<bool>;
 
+    /// [`insert_inbox_record`](Self::insert_inbox_record), also reading `consumer`'s purge
+    /// mark ([`inbox_purged_through`](Self::inbox_purged_through)) when it inserted: `None`
+    /// for a duplicate. The mark is the latest committed once the insert went through, so a
+    /// purge of this very key that the insert waited for is seen. PostgreSQL does both in one
+    /// statement; the default runs the two.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn insert_inbox_record_with_mark(
+        &mut self,
+        consumer: &str,
+        key: &str,
+        message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
+    ) -> Result<Option<Inserted>> {
+        if !self.insert_inbox_record(consumer, key, message_id, payload_digest)? {
+            return Ok(None);
+        }
+        Ok(Some(Inserted {
+            purged_through: self.inbox_purged_through(consumer)?,
+        }))
+    }
+
     /// The payload digest recorded with `key` for `consumer`: `None` when there is no record,
     /// or it was written before digests were kept.
     ///
@@ -117,16 +142,29 @@ pub trait InboxConnection: Connection {
     /// Database failures.
     fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>>;
 
-    /// Whether the current transaction can still commit: `false` on PostgreSQL when a failed
-    /// statement aborted it. Always `true` on SQLite and MySQL, where a failed statement
-    /// leaves the transaction usable.
+    /// Commits the transaction (or, inside the caller's, releases the savepoint) that
+    /// [`Inbox::process_once`] began, unless a failed statement aborted it: PostgreSQL would
+    /// turn that `COMMIT` into a silent rollback. Then it rolls back (the savepoint only,
+    /// leaving the caller's transaction usable) and returns `false`. The default commits as
+    /// [`Connection::transaction`] does, right where a failed statement leaves the transaction
+    /// usable (SQLite, MySQL).
     ///
     /// # Errors
     ///
-    /// Database failures other than the aborted transaction (a lost connection).
-    fn probe_transaction(&mut self) -> Result<bool> {
+    /// Database failures, the commit's included: the transaction is rolled back then, or the
+    /// connection is broken.
+    fn commit_inbox_transaction(&mut self) -> Result<bool> {
+        <Self::TransactionManager as TransactionManager<Self>>::commit_transaction(self)?;
         Ok(true)
     }
+}
+
+/// A record [`InboxConnection::insert_inbox_record_with_mark`] inserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inserted {
+    /// The consumer's purge mark, read after the insert: the newest `processed_at` a purge
+    /// deleted, `None` when none deleted any of its records.
+    pub purged_through: Option<DateTime<Utc>>,
 }
 
 /// One consumer's inbox: [`process_once`](Self::process_once) runs a handler at most once per
@@ -230,8 +268,9 @@ impl Inbox {
 
     /// Runs `handler` once per message for this consumer, deduplicating on the message id.
     ///
-    /// In one transaction on `conn` (diesel's `conn.transaction`, a savepoint when the caller
-    /// already is in one): inserts the record, then runs `handler` on the same connection.
+    /// In one transaction on `conn` (begun, committed and rolled back as diesel's
+    /// `conn.transaction` does: a savepoint when the caller already is in one): inserts the
+    /// record, then runs `handler` on the same connection.
     /// Returns [`Processed::Handled`] with the handler's value once it committed;
     /// [`Processed::Duplicate`] without running the handler when the record exists; and
     /// [`Processed::Expired`] without running the handler or recording anything when there is
@@ -318,9 +357,25 @@ impl Inbox {
         };
         let key = stored_key(&key);
         let digest = payload_digest(&message.payload);
+        // Begun, committed and rolled back as `conn.transaction` would, except that the commit
+        // also tells an aborted transaction (PostgreSQL) from a committed one.
+        <C::TransactionManager as TransactionManager<C>>::begin_transaction(conn)?;
         let mut panicked = None;
-        let outcome = conn.transaction(|conn| {
-            if !conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))? {
+        let body = (|| -> std::result::Result<T, Abort<E>> {
+            let recorded = if self.accept_expired {
+                // No purge mark is needed: an inserted record is simply new.
+                conn.insert_inbox_record(&self.consumer, &key, Some(message.id), Some(&digest))?
+                    .then_some(None)
+            } else {
+                conn.insert_inbox_record_with_mark(
+                    &self.consumer,
+                    &key,
+                    Some(message.id),
+                    Some(&digest),
+                )?
+                .map(|inserted| inserted.purged_through)
+            };
+            let Some(purged_through) = recorded else {
                 if by_id
                     && conn
                         .inbox_record_digest(&self.consumer, &key)?
@@ -340,53 +395,64 @@ impl Inbox {
                     ));
                 }
                 return Err(Abort::Skipped(Skipped::Duplicate));
-            }
+            };
             if let Some(bare) = &legacy {
                 if conn.inbox_record_exists(&self.consumer, bare)? {
                     return Err(Abort::Skipped(Skipped::Duplicate));
                 }
             }
-            if !self.accept_expired {
-                if let Some(through) = conn.inbox_purged_through(&self.consumer)? {
-                    if may_have_been_purged(message.sent_at, through, self.max_clock_skew) {
-                        log::warn!(
-                            "inbox {}: message {} sent at {} has no record, but a purge deleted \
-                             records processed up to {through}; it may have been one, not \
-                             processed",
-                            self.consumer,
-                            message.id,
-                            message.sent_at
-                        );
-                        return Err(Abort::Skipped(Skipped::Expired));
-                    }
+            if let Some(through) = purged_through {
+                if may_have_been_purged(message.sent_at, through, self.max_clock_skew) {
+                    log::warn!(
+                        "inbox {}: message {} sent at {} has no record, but a purge deleted \
+                         records processed up to {through}; it may have been one, not \
+                         processed",
+                        self.consumer,
+                        message.id,
+                        message.sent_at
+                    );
+                    return Err(Abort::Skipped(Skipped::Expired));
                 }
             }
-            let value = match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
-                Ok(Ok(value)) => value,
-                Ok(Err(error)) => return Err(Abort::Failed(error)),
+            match catch_unwind(AssertUnwindSafe(|| handler(conn))) {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(error)) => Err(Abort::Failed(error)),
                 Err(payload) => {
                     panicked = Some(payload);
-                    return Err(Abort::Panicked);
+                    Err(Abort::Panicked)
                 }
-            };
-            // PostgreSQL would turn the COMMIT of an aborted transaction into a silent
-            // rollback; a savepoint's release would fail and leave the caller's one aborted.
-            if !conn.probe_transaction()? {
-                log::warn!(
-                    "inbox {}: the handler of message {} ignored a failed statement; rolled back",
-                    self.consumer,
-                    message.id
-                );
-                return Err(Abort::Failed(
-                    Error::HandlerTransactionAborted {
-                        consumer: self.consumer.clone(),
-                        message_id: message.id,
-                    }
-                    .into(),
-                ));
             }
-            Ok(value)
-        });
+        })();
+        let outcome = match body {
+            Ok(value) => match conn.commit_inbox_transaction() {
+                Ok(true) => Ok(value),
+                // Rolled back already: an aborted transaction could never commit.
+                Ok(false) => {
+                    log::warn!(
+                        "inbox {}: the handler of message {} ignored a failed statement; rolled \
+                         back",
+                        self.consumer,
+                        message.id
+                    );
+                    Err(Abort::Failed(
+                        Error::HandlerTransactionAborted {
+                            consumer: self.consumer.clone(),
+                            message_id: message.id,
+                        }
+                        .into(),
+                    ))
+                }
+                Err(error) => Err(Abort::Failed(error.into())),
+            },
+            Err(abort) => {
+                match <C::TransactionManager as TransactionManager<C>>::rollback_transaction(conn) {
+                    // A broken transaction manager is the connection's to report; the cause of the
+                    // rollback matters more, as in `conn.transaction`.
+                    Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(abort),
+                    Err(rollback_error) => Err(Abort::Failed(rollback_error.into())),
+                }
+            }
+        };
         // Rolled back by now (or the rollback failed and the connection is broken, which its
         // next use reports): the caller sees the handler's panic, not a rollback error.
         if let Some(payload) = panicked {
@@ -634,6 +700,15 @@ mod pooled {
         ) -> Result<bool> {
             (**self).insert_inbox_record(consumer, key, message_id, payload_digest)
         }
+        fn insert_inbox_record_with_mark(
+            &mut self,
+            consumer: &str,
+            key: &str,
+            message_id: Option<MessageId>,
+            payload_digest: Option<&[u8]>,
+        ) -> Result<Option<Inserted>> {
+            (**self).insert_inbox_record_with_mark(consumer, key, message_id, payload_digest)
+        }
         fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
             (**self).inbox_record_digest(consumer, key)
         }
@@ -654,8 +729,8 @@ mod pooled {
         fn inbox_purged_through(&mut self, consumer: &str) -> Result<Option<DateTime<Utc>>> {
             (**self).inbox_purged_through(consumer)
         }
-        fn probe_transaction(&mut self) -> Result<bool> {
-            (**self).probe_transaction()
+        fn commit_inbox_transaction(&mut self) -> Result<bool> {
+            (**self).commit_inbox_transaction()
         }
     }
 }

@@ -1,13 +1,18 @@
 //! PostgreSQL: `INSERT .. ON CONFLICT DO NOTHING` and the row count. A failed statement would
 //! abort the caller's transaction, so a duplicate must not be detected by a unique violation.
+//!
+//! A handled message costs `BEGIN`, the insert (which also returns the purge mark), the
+//! handler's statements and `SELECT 1; COMMIT` in one round trip: four plus the handler's, as
+//! the hand-written floor.
 
 use chrono::{DateTime, Utc};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use waybill_outbox_core::MessageId;
 
-use super::InboxConnection;
+use super::{InboxConnection, Inserted};
 use crate::{Error, Result};
 
 mod schema {
@@ -27,9 +32,19 @@ mod schema {
             purged_through -> Timestamptz,
         }
     }
+
+    #[diesel::declare_sql_function]
+    extern "SQL" {
+        /// The consumer's purge mark, read on a fresh snapshot (migration
+        /// `2026-12-05-000010_inbox_purge_mark_function` says why it is `VOLATILE`).
+        fn inbox_purged_through(
+            consumer: diesel::sql_types::Text,
+        ) -> diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>;
+    }
 }
 
 use schema::inbox_processed as p;
+use schema::inbox_purged_through;
 use schema::inbox_purges as purges;
 
 #[derive(QueryableByName)]
@@ -58,6 +73,30 @@ impl InboxConnection for PgConnection {
             .on_conflict_do_nothing()
             .execute(self)?;
         Ok(inserted == 1)
+    }
+
+    fn insert_inbox_record_with_mark(
+        &mut self,
+        consumer: &str,
+        key: &str,
+        message_id: Option<MessageId>,
+        payload_digest: Option<&[u8]>,
+    ) -> Result<Option<Inserted>> {
+        // One round trip: a row comes back only when inserted, with the mark read by a
+        // VOLATILE function after any wait on a concurrent purge of this key (a subquery here
+        // would read the snapshot taken before that wait, and miss the purge's mark).
+        let inserted: Option<Option<DateTime<Utc>>> = diesel::insert_into(p::table)
+            .values((
+                p::consumer.eq(consumer),
+                p::dedup_key.eq(key),
+                p::message_id.eq(message_id.map(|id| *id.as_uuid())),
+                p::payload_digest.eq(payload_digest),
+            ))
+            .on_conflict_do_nothing()
+            .returning(inbox_purged_through(p::consumer))
+            .get_result(self)
+            .optional()?;
+        Ok(inserted.map(|purged_through| Inserted { purged_through }))
     }
 
     fn inbox_record_digest(&mut self, consumer: &str, key: &str) -> Result<Option<Vec<u8>>> {
@@ -124,19 +163,40 @@ impl InboxConnection for PgConnection {
             .optional()?)
     }
 
-    fn probe_transaction(&mut self) -> Result<bool> {
-        match diesel::sql_query("SELECT 1").execute(self) {
-            Ok(_) => Ok(true),
-            Err(error) => {
-                // On a live connection, `SELECT 1` fails only in an aborted transaction; a
-                // lost connection stays an error of its own.
-                let error = Error::from(error);
-                if waybill_outbox_core::Retryable::is_retryable(&error) {
-                    Err(error)
-                } else {
-                    Ok(false)
+    fn commit_inbox_transaction(&mut self) -> Result<bool> {
+        match AnsiTransactionManager::transaction_manager_status_mut(self).transaction_depth()? {
+            // Our own transaction. `COMMIT` would turn an aborted one into a silent rollback;
+            // `SELECT 1` fails in it instead, and the rest of the string is then not run. One
+            // round trip for both; diesel sees the transaction end in the connection's status.
+            Some(depth) if depth.get() == 1 => match self.batch_execute("SELECT 1; COMMIT") {
+                Ok(()) => Ok(true),
+                Err(error) => match AnsiTransactionManager::rollback_transaction(self) {
+                    // Still open: `SELECT 1` failed on a live connection, so the transaction
+                    // was aborted; rolled back now.
+                    Ok(()) => Ok(false),
+                    // `COMMIT` itself failed (it ended the transaction), or the connection
+                    // broke: the statement's error is the one to report.
+                    Err(_) => Err(error.into()),
+                },
+            },
+            // A savepoint in the caller's transaction: releasing it fails when the transaction
+            // is aborted, and diesel then rolls back to the savepoint, which leaves the
+            // caller's transaction usable. Any other failure is an error of its own (a broken
+            // connection, or a rollback to the savepoint that failed as well).
+            Some(_) => match AnsiTransactionManager::commit_transaction(self) {
+                Ok(()) => Ok(true),
+                Err(error @ diesel::result::Error::DatabaseError(..)) => {
+                    let error = Error::from(error);
+                    if waybill_outbox_core::Retryable::is_retryable(&error) {
+                        Err(error)
+                    } else {
+                        Ok(false)
+                    }
                 }
-            }
+                Err(error) => Err(error.into()),
+            },
+            // The handler ended the transaction with SQL of its own.
+            None => Err(diesel::result::Error::NotInTransaction.into()),
         }
     }
 }

@@ -1,0 +1,1 @@
+DROP FUNCTION IF EXISTS inbox_purged_through(TEXT);
