@@ -44,4 +44,4 @@ pub use relay::{NoHooks, Relay, RelayConfig, RelayHooks, RelayReport};
 pub use stop::{RelayHandle, StopHandle};
 pub use store::{Claimed, CompleteReport, Completion, LeaseToken, OutboxStore, Retention};
 pub use trace::{is_valid_traceparent, TRACEPARENT};
-pub use validate::{Limits, ValidationError};
+pub use validate::{BrokerLimits, Limits, ValidationError};
