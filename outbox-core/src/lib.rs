@@ -38,7 +38,7 @@ pub use backoff::Backoff;
 pub use error::{Error, Retryable};
 pub use id::MessageId;
 pub use message::{Headers, NewOutboxMessage, OutboxMessage, Status, JSON_CONTENT_TYPE};
-pub use publisher::{InMemoryPublisher, PublishError, Publisher};
+pub use publisher::{InMemoryPublisher, PublishError, Publisher, Unroutable};
 pub use redact::redact_url;
 pub use relay::{NoHooks, Relay, RelayConfig, RelayHooks, RelayReport};
 pub use stop::{RelayHandle, StopHandle};

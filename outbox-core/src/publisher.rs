@@ -71,6 +71,41 @@ pub enum PublishError {
     NotAttempted,
 }
 
+/// What a publisher reports for a message the broker cannot route anywhere: no queue is bound
+/// to its exchange and routing key, or its exchange does not exist (AMQP), or no stream captures
+/// its subject (NATS). Transports offer it as `PublisherConfig::unroutable`.
+///
+/// ```
+/// use waybill_outbox_core::{PublishError, Unroutable};
+///
+/// assert_eq!(Unroutable::default(), Unroutable::Retry);
+/// assert!(matches!(Unroutable::Park.error("no stream".into()), PublishError::Fatal(_)));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unroutable {
+    /// [`PublishError::Retryable`]: the relay retries the message with backoff, counting an
+    /// attempt each time, so it goes out once a queue or stream appears, and is parked with the
+    /// reason after the relay's max attempts if none does. The default: queues and streams are
+    /// often created by their consumers, which may start after the first messages were
+    /// enqueued.
+    #[default]
+    Retry,
+    /// [`PublishError::Fatal`]: the relay parks the message at once (and the rest of its key
+    /// behind it) for an operator to requeue once the routing exists.
+    Park,
+}
+
+impl Unroutable {
+    /// The outcome of an unroutable message under this policy, with the `reason`.
+    pub fn error(self, reason: String) -> PublishError {
+        match self {
+            Self::Retry => PublishError::Retryable(reason),
+            Self::Park => PublishError::Fatal(reason),
+        }
+    }
+}
+
 impl crate::Retryable for PublishError {
     /// `true` for [`Retryable`](Self::Retryable), [`Unavailable`](Self::Unavailable) and
     /// [`NotAttempted`](Self::NotAttempted); `false` for [`Fatal`](Self::Fatal).
