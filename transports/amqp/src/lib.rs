@@ -61,8 +61,8 @@
 //!   queues are often declared by their consumers, which may start after the relay, so the
 //!   relay retries with backoff and delivers the message once a queue is bound; one that stays
 //!   unroutable is parked after the relay's max attempts, with the reason. With
-//!   [`Unroutable::Park`] it is parked at once. Either way one warning per exchange and routing
-//!   key says that no queue is bound;
+//!   [`Unroutable::Park`] it is parked at once. Either way one warning per exchange and batch
+//!   says that no queue is bound, for which routing keys;
 //! - properties and headers too large for one frame (the negotiated
 //!   [`frame_max`](AmqpPublisher::frame_max)), or a name longer than 255 bytes -> **fatal**,
 //!   found before anything is sent. [`Publisher::limits`](waybill_outbox_core::Publisher::limits)

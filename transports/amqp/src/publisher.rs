@@ -104,7 +104,7 @@ impl PublisherConfig {
     /// `NOT_FOUND`). Defaults to [`Unroutable::Retry`]: retryable, so the relay retries it with
     /// backoff and delivers it once a queue is bound, and parks it after its max attempts if
     /// none ever is. [`Unroutable::Park`] reports it fatal: parked at once. Either way the
-    /// publisher logs one warning per exchange and routing key and batch.
+    /// publisher logs one warning per exchange and batch, naming a routing key.
     #[must_use]
     pub fn unroutable(mut self, unroutable: Unroutable) -> Self {
         self.unroutable = unroutable;
@@ -323,6 +323,8 @@ struct Unrouted {
     routing_keys: BTreeSet<String>,
     /// The first one's reason.
     reason: String,
+    /// The exchange does not exist (rather than has no queue bound for the routing key).
+    missing: bool,
 }
 
 impl<'a> Run<'a> {
@@ -358,12 +360,13 @@ impl<'a> Run<'a> {
         *at = (*at).min(i);
     }
 
-    /// Fails `i` as unroutable under `policy`, counting it for the warning.
+    /// Fails `i` as unroutable under `policy`, counting it for the warning: its exchange is
+    /// `missing`, or has no queue bound for the routing key.
     fn unroutable(
         &mut self,
         i: usize,
         policy: Unroutable,
-        destination: (&str, &str),
+        (destination, missing): ((&str, &str), bool),
         reason: String,
     ) {
         let (exchange, routing_key) = destination;
@@ -374,6 +377,7 @@ impl<'a> Run<'a> {
                 messages: 0,
                 routing_keys: BTreeSet::new(),
                 reason: reason.clone(),
+                missing,
             });
         entry.messages += 1;
         entry.routing_keys.insert(routing_key.to_owned());
@@ -421,9 +425,14 @@ impl<'a> Run<'a> {
                 0 => String::new(),
                 n => format!(" (and {n} other routing keys)"),
             };
+            let why = if unrouted.missing {
+                "does not exist, so no queue is bound to it"
+            } else {
+                "has no queue bound"
+            };
             log::warn!(
-                "no queue is bound to exchange {exchange:?} for routing key {first:?}{others}: \
-                 {} message(s) unroutable, e.g. {}; {then}",
+                "exchange {exchange:?} {why} for routing key {first:?}{others}: {} message(s) \
+                 unroutable, e.g. {}; {then}",
                 unrouted.messages,
                 unrouted.reason
             );
@@ -657,7 +666,12 @@ impl State {
                 }
                 if missing {
                     let destination = (exchange, other.routing_key.as_str());
-                    run.unroutable(j, self.config.unroutable, destination, reason.clone());
+                    run.unroutable(
+                        j,
+                        self.config.unroutable,
+                        (destination, true),
+                        reason.clone(),
+                    );
                 } else {
                     run.fail(j, PublishError::Retryable(reason.clone()));
                 }
@@ -780,7 +794,7 @@ impl State {
                     returned.delivery.routing_key.as_str(),
                 );
                 let destination = (message.exchange.as_str(), message.routing_key.as_str());
-                run.unroutable(i, self.config.unroutable, destination, reason);
+                run.unroutable(i, self.config.unroutable, (destination, false), reason);
             }
             Ok(Ok(Confirmation::Nack(None))) => {
                 log::warn!(
@@ -814,9 +828,10 @@ impl State {
             refusal_reason(error)
         );
         match soft_error(error) {
+            // Publishing to an exchange that does not exist (any more).
             Some(AMQPSoftError::NOTFOUND) => {
                 let destination = (message.exchange.as_str(), message.routing_key.as_str());
-                run.unroutable(i, self.config.unroutable, destination, reason);
+                run.unroutable(i, self.config.unroutable, (destination, true), reason);
             }
             // E.g. larger than the broker's `max_message_size`.
             Some(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::CONTENTTOOLARGE) => {

@@ -78,6 +78,36 @@ fn drain_indexes(broker: &common::Broker, queue: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Every warning logged by this test binary (each test picks out its own by a unique name).
+fn warnings() -> &'static std::sync::Mutex<Vec<String>> {
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                warnings().lock().unwrap().push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static WARNINGS: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> =
+        std::sync::OnceLock::new();
+    static LOGGER: Capture = Capture;
+    WARNINGS.get_or_init(|| {
+        let _ = log::set_logger(&LOGGER);
+        log::set_max_level(log::LevelFilter::Warn);
+        std::sync::Mutex::default()
+    })
+}
+
+/// The warnings so far that mention `name`.
+fn warnings_about(name: &str) -> Vec<String> {
+    let all = warnings().lock().unwrap();
+    all.iter().filter(|w| w.contains(name)).cloned().collect()
+}
+
 #[test]
 fn a_message_to_a_missing_exchange_is_charged_alone_and_its_batch_mates_go_out() {
     let Some(mut broker) = common::broker() else {
@@ -274,6 +304,7 @@ fn an_unroutable_message_is_retried_with_backoff_and_delivered_once_a_queue_is_b
     let publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
     let mut relay = new_relay(&pool, publisher);
+    warnings();
 
     // No queue is bound yet (the consumer has not started): retried, charged, never parked.
     for round in 1..=2 {
@@ -297,6 +328,17 @@ fn an_unroutable_message_is_retried_with_backoff_and_delivered_once_a_queue_is_b
             );
         }
     }
+
+    // One warning per round saying so, however many messages and routing keys.
+    let said: Vec<_> = warnings_about(&topic)
+        .into_iter()
+        .filter(|w| w.contains("message(s) unroutable"))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(
+        said[0].contains("has no queue bound") && said[0].contains("1 other routing keys"),
+        "{said:?}"
+    );
 
     broker.bind_queue(&queue, &topic, "#");
     let report = relay.run_once().unwrap();

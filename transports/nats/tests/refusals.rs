@@ -95,6 +95,36 @@ fn new_relay(
     )
 }
 
+/// Every warning logged by this test binary (each test picks out its own by a unique name).
+fn warnings() -> &'static std::sync::Mutex<Vec<String>> {
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                warnings().lock().unwrap().push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static WARNINGS: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> =
+        std::sync::OnceLock::new();
+    static LOGGER: Capture = Capture;
+    WARNINGS.get_or_init(|| {
+        let _ = log::set_logger(&LOGGER);
+        log::set_max_level(log::LevelFilter::Warn);
+        std::sync::Mutex::default()
+    })
+}
+
+/// The warnings so far that mention `name`.
+fn warnings_about(name: &str) -> Vec<String> {
+    let all = warnings().lock().unwrap();
+    all.iter().filter(|w| w.contains(name)).cloned().collect()
+}
+
 #[test]
 fn a_subject_without_a_stream_is_retried_with_backoff_and_delivered_once_a_stream_captures_it() {
     let Some(mut nats) = nats() else { return };
@@ -110,6 +140,7 @@ fn a_subject_without_a_stream_is_retried_with_backoff_and_delivered_once_a_strea
     );
     let publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
     let mut relay = new_relay(&pool, publisher);
+    warnings();
 
     // No stream yet (its operator or consumer has not created it): each key's head is retried
     // and charged, the rest of the key waits uncharged, nothing is parked.
@@ -144,6 +175,14 @@ fn a_subject_without_a_stream_is_retried_with_backoff_and_delivered_once_a_strea
             "the reason names the subject: {reason}"
         );
     }
+
+    // One warning per round saying so.
+    let said: Vec<_> = warnings_about(&topic)
+        .into_iter()
+        .filter(|w| w.contains("message(s) unroutable"))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(said[0].contains("no stream captures subject"), "{said:?}");
 
     let name = unique("WB");
     nats.forget_later(&name);
