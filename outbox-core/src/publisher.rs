@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::OutboxMessage;
+use crate::{BrokerLimits, OutboxMessage};
 
 /// Sends batches of messages to a broker. Synchronous: it returns only after the broker has
 /// confirmed, or failed, each message.
@@ -19,16 +19,32 @@ use crate::OutboxMessage;
 /// - A failure that is not about the message (the broker cannot be reached, the connection or
 ///   channel is gone, no answer in time) is [`PublishError::Unavailable`]: only failures about
 ///   the message itself count toward parking it.
+/// - One message's failure is charged to that message only: a broker that refuses one message
+///   (even by closing the channel the batch travels on) never costs the other keys of the
+///   batch an attempt; the publisher sends them on, or reports them uncharged.
+/// - A message larger than the broker takes ([`limits`](Self::limits)) is refused before it
+///   is sent, as [`PublishError::Fatal`] naming its size and the limit.
 ///
 /// [`InMemoryPublisher`] is the reference implementation of this contract.
 pub trait Publisher {
     /// Publishes `batch` and reports each message's outcome.
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>>;
+
+    /// The largest messages the broker takes, for
+    /// [`Limits::capped_by`](crate::Limits::capped_by) at enqueue time. Defaults to
+    /// [`BrokerLimits::default`]: nothing known.
+    fn limits(&self) -> BrokerLimits {
+        BrokerLimits::default()
+    }
 }
 
 impl<P: Publisher + ?Sized> Publisher for Box<P> {
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         (**self).publish(batch)
+    }
+
+    fn limits(&self) -> BrokerLimits {
+        (**self).limits()
     }
 }
 
@@ -49,9 +65,45 @@ pub enum PublishError {
     #[error("fatal: {0}")]
     Fatal(String),
     /// Not sent because an earlier message with the same partition key failed in this batch. The
-    /// relay releases it without counting an attempt.
+    /// relay releases it without counting an attempt (and, unlike
+    /// [`Unavailable`](Self::Unavailable), without pausing).
     #[error("not attempted: an earlier message with the same partition key failed")]
     NotAttempted,
+}
+
+/// What a publisher reports for a message the broker cannot route anywhere: no queue is bound
+/// to its exchange and routing key, or its exchange does not exist (AMQP), or no stream captures
+/// its subject (NATS). Transports offer it as `PublisherConfig::unroutable`.
+///
+/// ```
+/// use waybill_outbox_core::{PublishError, Unroutable};
+///
+/// assert_eq!(Unroutable::default(), Unroutable::Retry);
+/// assert!(matches!(Unroutable::Park.error("no stream".into()), PublishError::Fatal(_)));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unroutable {
+    /// [`PublishError::Retryable`]: the relay retries the message with backoff, counting an
+    /// attempt each time, so it goes out once a queue or stream appears, and is parked with the
+    /// reason after the relay's max attempts if none does. The default: queues and streams are
+    /// often created by their consumers, which may start after the first messages were
+    /// enqueued.
+    #[default]
+    Retry,
+    /// [`PublishError::Fatal`]: the relay parks the message at once (and the rest of its key
+    /// behind it) for an operator to requeue once the routing exists.
+    Park,
+}
+
+impl Unroutable {
+    /// The outcome of an unroutable message under this policy, with the `reason`.
+    pub fn error(self, reason: String) -> PublishError {
+        match self {
+            Self::Retry => PublishError::Retryable(reason),
+            Self::Park => PublishError::Fatal(reason),
+        }
+    }
 }
 
 impl crate::Retryable for PublishError {

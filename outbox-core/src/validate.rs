@@ -17,6 +17,8 @@ pub struct Limits {
     max_name_bytes: usize,
     max_headers: usize,
     max_header_value_bytes: usize,
+    max_header_bytes: Option<usize>,
+    max_message_bytes: Option<usize>,
 }
 
 impl Default for Limits {
@@ -26,6 +28,8 @@ impl Default for Limits {
             max_name_bytes: 255,
             max_headers: 64,
             max_header_value_bytes: 8 * 1024,
+            max_header_bytes: None,
+            max_message_bytes: None,
         }
     }
 }
@@ -60,9 +64,58 @@ impl Limits {
         self
     }
 
+    /// The most header bytes of one message, counted as [`BrokerLimits`] explains (names and
+    /// headers together). Defaults to no limit beyond the others.
+    #[must_use]
+    pub fn max_header_bytes(mut self, bytes: usize) -> Self {
+        self.max_header_bytes = Some(bytes);
+        self
+    }
+
+    /// The largest message, payload and header bytes together, counted as [`BrokerLimits`]
+    /// explains. Defaults to no limit beyond the others.
+    #[must_use]
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = Some(bytes);
+        self
+    }
+
+    /// These limits, lowered to what a broker takes: the publisher's
+    /// [`limits`](crate::Publisher::limits). Checking messages against the result at enqueue
+    /// time refuses there, in the writer's transaction, a message the broker would refuse at
+    /// publish time (the relay would park it).
+    ///
+    /// ```
+    /// use waybill_outbox_core::{BrokerLimits, Limits, NewOutboxMessage, ValidationError};
+    ///
+    /// // What a NATS publisher reports for a server with the default `max_payload` of 1 MiB.
+    /// let broker = BrokerLimits::default().max_message_bytes(1024 * 1024 - 512);
+    /// let limits = Limits::default().capped_by(broker);
+    ///
+    /// let big = NewOutboxMessage::bytes("orders", "k", "T", "application/octet-stream", vec![0; 2 << 20]);
+    /// assert!(Limits::default().check(&big).is_ok());
+    /// assert!(matches!(limits.check(&big), Err(ValidationError::MessageTooLarge { .. })));
+    /// ```
+    #[must_use]
+    pub fn capped_by(mut self, broker: BrokerLimits) -> Self {
+        self.max_header_bytes = min_limit(self.max_header_bytes, broker.max_header_bytes);
+        self.max_message_bytes = min_limit(self.max_message_bytes, broker.max_message_bytes);
+        self
+    }
+
     /// The payload limit in force.
     pub fn payload_limit(&self) -> usize {
         self.max_payload_bytes
+    }
+
+    /// The header bytes limit in force, if any.
+    pub fn header_bytes_limit(&self) -> Option<usize> {
+        self.max_header_bytes
+    }
+
+    /// The message size limit in force, if any.
+    pub fn message_bytes_limit(&self) -> Option<usize> {
+        self.max_message_bytes
     }
 
     /// Checks `msg` against these limits.
@@ -105,6 +158,17 @@ impl Limits {
                 return Err(ValidationError::InvalidHeaderValue(name.clone()));
             }
         }
+        let header_bytes = header_bytes(msg);
+        if let Some(limit) = self.max_header_bytes.filter(|limit| header_bytes > *limit) {
+            return Err(ValidationError::HeadersTooLarge {
+                size: header_bytes,
+                limit,
+            });
+        }
+        let size = header_bytes.saturating_add(msg.payload().len());
+        if let Some(limit) = self.max_message_bytes.filter(|limit| size > *limit) {
+            return Err(ValidationError::MessageTooLarge { size, limit });
+        }
         Ok(())
     }
 
@@ -123,6 +187,87 @@ impl Limits {
             return Err(ValidationError::ControlCharacter { field });
         }
         Ok(())
+    }
+}
+
+fn min_limit(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The header bytes of `msg` as [`BrokerLimits`] counts them.
+fn header_bytes(msg: &NewOutboxMessage) -> usize {
+    let names = msg.topic().len()
+        + msg.partition_key().len()
+        + msg.message_type().len()
+        + msg.content_type().len();
+    msg.headers().iter().fold(names, |sum, (name, value)| {
+        sum.saturating_add(name.len() + value.len() + BrokerLimits::PER_HEADER_BYTES)
+    })
+}
+
+/// What a broker takes, as its publisher reports it ([`Publisher::limits`]); `None` where the
+/// publisher knows no limit. Apply it at enqueue time with [`Limits::capped_by`].
+///
+/// Sizes are counted from the outbox message, the same way on every broker:
+///
+/// - its **header bytes** are the lengths of its topic, partition key, message type and content
+///   type, plus for each header its name, its value and [`PER_HEADER_BYTES`](Self::PER_HEADER_BYTES);
+/// - its **size** is its payload plus its header bytes.
+///
+/// A publisher reports its broker's limits minus what its own encoding adds to every message
+/// (message id, send time, the names of the reserved headers, framing), so a message within
+/// them is not refused by the broker for its size. A publisher still checks each message's
+/// exact encoded size before sending, and refuses one that is too large as
+/// [`PublishError::Fatal`](crate::PublishError::Fatal) naming both sizes.
+///
+/// [`Publisher::limits`]: crate::Publisher::limits
+///
+/// ```
+/// use waybill_outbox_core::BrokerLimits;
+///
+/// let limits = BrokerLimits::default().max_message_bytes(1 << 20);
+/// assert_eq!(limits.message_limit(), Some(1 << 20));
+/// assert_eq!(limits.header_limit(), None);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerLimits {
+    max_header_bytes: Option<usize>,
+    max_message_bytes: Option<usize>,
+}
+
+impl BrokerLimits {
+    /// What each header counts beyond its name and value: more than AMQP (6 bytes) or NATS
+    /// (4 bytes) add to encode one, so a transport's reserve need not depend on the number of
+    /// headers.
+    pub const PER_HEADER_BYTES: usize = 8;
+
+    /// The most header bytes the broker takes in one message. Defaults to unknown (`None`).
+    #[must_use]
+    pub fn max_header_bytes(mut self, bytes: usize) -> Self {
+        self.max_header_bytes = Some(bytes);
+        self
+    }
+
+    /// The largest message the broker takes, payload and header bytes together. Defaults to
+    /// unknown (`None`).
+    #[must_use]
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = Some(bytes);
+        self
+    }
+
+    /// The header bytes limit, if known.
+    pub fn header_limit(&self) -> Option<usize> {
+        self.max_header_bytes
+    }
+
+    /// The message size limit, if known.
+    pub fn message_limit(&self) -> Option<usize> {
+        self.max_message_bytes
     }
 }
 
@@ -162,6 +307,24 @@ pub enum ValidationError {
     #[error("payload is {size} bytes; the limit is {limit}")]
     PayloadTooLarge {
         /// The payload's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The header bytes (see [`BrokerLimits`]) are more than the limit.
+    #[error(
+        "headers (with topic, key, type and content type) are {size} bytes; the limit is {limit}"
+    )]
+    HeadersTooLarge {
+        /// The message's header bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Payload and header bytes (see [`BrokerLimits`]) together are more than the limit.
+    #[error("message is {size} bytes (payload and headers); the limit is {limit}")]
+    MessageTooLarge {
+        /// The message's size in bytes.
         size: usize,
         /// The limit in bytes.
         limit: usize,
@@ -236,6 +399,52 @@ mod tests {
         for (message, expected) in cases {
             assert_eq!(limits.check(&message), Err(expected));
         }
+    }
+
+    #[test]
+    fn broker_limits_count_names_headers_and_payload_and_only_ever_lower_the_limits() {
+        // topic 6 + key 7 + type 11 + content type 16 = 40; one header 4 + 5 + 8 = 17.
+        let m = msg().with_header("x-id", "12345");
+        let (headers, size) = (40 + 17, 40 + 17 + 2);
+        assert_eq!(header_bytes(&m), headers);
+
+        let exact = Limits::default().capped_by(
+            BrokerLimits::default()
+                .max_header_bytes(headers)
+                .max_message_bytes(size),
+        );
+        assert_eq!(exact.check(&m), Ok(()));
+        let below = Limits::default().capped_by(
+            BrokerLimits::default()
+                .max_header_bytes(headers - 1)
+                .max_message_bytes(size),
+        );
+        assert_eq!(
+            below.check(&m),
+            Err(ValidationError::HeadersTooLarge {
+                size: headers,
+                limit: headers - 1
+            })
+        );
+        let small =
+            Limits::default().capped_by(BrokerLimits::default().max_message_bytes(size - 1));
+        assert_eq!(
+            small.check(&m),
+            Err(ValidationError::MessageTooLarge {
+                size,
+                limit: size - 1
+            })
+        );
+
+        // Capping never raises a limit, and an unknown broker limit keeps the outbox's own.
+        let own = Limits::default().max_message_bytes(100);
+        assert_eq!(
+            own.capped_by(BrokerLimits::default().max_message_bytes(1000))
+                .message_bytes_limit(),
+            Some(100)
+        );
+        assert_eq!(own.capped_by(BrokerLimits::default()), own);
+        assert_eq!(Limits::default().message_bytes_limit(), None);
     }
 
     #[test]

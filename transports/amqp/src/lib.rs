@@ -55,18 +55,29 @@
 //! - ack -> published;
 //! - nack -> retryable (the relay counts an attempt);
 //! - no confirm within [`PublisherConfig::confirm_timeout`] -> the broker is unavailable;
-//! - returned with 312 NO_ROUTE (a `mandatory` message no queue took; RabbitMQ then still
-//!   acks it) -> **fatal**: the relay parks it. A missing binding is a deployment mistake that
-//!   retrying does not fix, and parking keeps the message (and, behind it, the rest of its key)
-//!   visible for an operator instead of burning attempts; requeue it once the binding exists;
-//! - connecting fails, or the connection or channel is lost ->
+//! - unroutable: returned with 312 NO_ROUTE (a `mandatory` message no queue took; RabbitMQ
+//!   then still acks it), or its exchange does not exist (404 NOT_FOUND) -> as
+//!   [`PublisherConfig::unroutable`] says. By default **retryable** ([`Unroutable::Retry`]):
+//!   queues are often declared by their consumers, which may start after the relay, so the
+//!   relay retries with backoff and delivers the message once a queue is bound; one that stays
+//!   unroutable is parked after the relay's max attempts, with the reason. With
+//!   [`Unroutable::Park`] it is parked at once. Either way one warning per exchange and batch
+//!   says that no queue is bound, for which routing keys;
+//! - properties and headers too large for one frame (the negotiated
+//!   [`frame_max`](AmqpPublisher::frame_max)), or a name longer than 255 bytes -> **fatal**,
+//!   found before anything is sent. [`Publisher::limits`](waybill_outbox_core::Publisher::limits)
+//!   reports the limit, so `Limits::capped_by` can refuse such messages at enqueue time;
+//! - the broker closes the channel over one message (its exchange was deleted since the
+//!   publisher declared it, or it is larger than the broker's `max_message_size`) -> only that
+//!   message is charged: the publisher opens a fresh channel, sends the rest of the batch one
+//!   message at a time to find it, and reports everything else as usual. A message whose
+//!   confirm the closed channel lost may be delivered twice (at least once, never lost);
+//! - connecting fails, the connection is lost, or no confirm comes in time ->
 //!   [`PublishError::Unavailable`](waybill_outbox_core::PublishError::Unavailable) for the
 //!   message at hand and
 //!   [`PublishError::NotAttempted`](waybill_outbox_core::PublishError::NotAttempted) for the
 //!   later messages of the same key that were not sent yet: the relay charges no attempt and
-//!   pauses, so an outage of any length parks nothing. The next `publish` reconnects. A
-//!   channel the broker closed over what was sent (e.g. a missing exchange) is retryable for
-//!   that message.
+//!   pauses, so an outage of any length parks nothing. The next `publish` reconnects.
 //!
 //! Per-key order holds whenever a batch publishes cleanly, and when the connection fails
 //! (later messages of the key are not sent). It can break in one place that pipelining
@@ -125,3 +136,12 @@ pub use consumer::{
 };
 pub use error::{redact, Error, Result};
 pub use publisher::{AmqpPublisher, PublisherConfig, Routing};
+
+/// The AMQP client this transport is built on, for its types in this crate's API
+/// ([`Error::Amqp`] wraps a `lapin::Error`) at the exact version the transport uses.
+pub use lapin;
+/// The kind of exchange [`PublisherConfig::declare_exchanges`] (and the consumer's
+/// `declare_exchanges`) declares.
+pub use lapin::ExchangeKind;
+/// What the publisher reports for an unroutable message ([`PublisherConfig::unroutable`]).
+pub use waybill_outbox_core::Unroutable;

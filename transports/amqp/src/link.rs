@@ -35,6 +35,18 @@ pub(crate) async fn within<T>(
     }
 }
 
+/// A new channel on `connection`, in confirm mode.
+async fn confirmed_channel(connection: &Connection, timeout: Duration) -> Result<Channel> {
+    let channel = within("opening a channel", timeout, connection.create_channel()).await?;
+    within(
+        "enabling publisher confirms",
+        timeout,
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(channel)
+}
+
 /// An open connection and one channel on it, in confirm mode.
 #[derive(Debug)]
 pub(crate) struct Link {
@@ -51,18 +63,24 @@ impl Link {
             Connection::connect(addr, ConnectionProperties::default()),
         )
         .await?;
-        let channel = within("opening a channel", timeout, connection.create_channel()).await?;
-        within(
-            "enabling publisher confirms",
-            timeout,
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
+        let channel = confirmed_channel(&connection, timeout).await?;
         log::debug!("connected to {}", redact(addr));
         Ok(Self {
             connection,
             channel,
         })
+    }
+
+    /// Replaces a channel the broker closed with a new one on the same connection, in confirm
+    /// mode.
+    pub(crate) async fn reopen_channel(&mut self, timeout: Duration) -> Result<()> {
+        self.channel = confirmed_channel(&self.connection, timeout).await?;
+        Ok(())
+    }
+
+    /// The largest frame the connection negotiated, in bytes (overhead included).
+    pub(crate) fn frame_max(&self) -> usize {
+        self.connection.configuration().frame_max() as usize
     }
 
     /// `true` while both the connection and the channel are usable.

@@ -1,6 +1,6 @@
 //! The publisher against a real RabbitMQ: confirmed batches that decode back unchanged and in
-//! key order, unroutable messages reported as failures, and reconnecting after a lost
-//! connection.
+//! key order, unroutable messages and missing exchanges reported as failures of their own
+//! messages only, and reconnecting after a lost connection.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use waybill_amqp::{AmqpConsumer, AmqpPublisher, ConsumerConfig, PublisherConfig, Routing};
 use waybill_inbox_core::{Disposition, IncomingMessage};
-use waybill_outbox_core::{PublishError, Publisher};
+use waybill_outbox_core::{PublishError, Publisher, Unroutable};
 
 use common::{stored, unique, PATIENCE};
 
@@ -148,18 +148,32 @@ fn an_unroutable_message_is_a_failure_not_a_success() {
     };
     let topic = unique("nobody-listens");
     broker.cleanup_exchange(&topic);
+    let batch = [stored(1, &topic, "k", "{}"), stored(2, &topic, "k", "{}")];
+    // By default retryable: the relay retries it until a queue is bound.
     let mut publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
-    let outcomes = publisher.publish(&[stored(1, &topic, "k", "{}"), stored(2, &topic, "k", "{}")]);
+    let outcomes = publisher.publish(&batch);
     assert_eq!(outcomes.len(), 2);
     for outcome in &outcomes {
         assert!(
-            matches!(outcome, Err(PublishError::Fatal(reason)) if reason.contains("NO_ROUTE")),
+            matches!(outcome, Err(PublishError::Retryable(reason)) if reason.contains("NO_ROUTE")),
             "{outcome:?}"
         );
     }
     // The channel is still usable afterwards.
     assert!(publisher.is_connected());
+
+    let mut publisher = AmqpPublisher::connect(
+        &broker.addr,
+        PublisherConfig::default().unroutable(Unroutable::Park),
+    )
+    .expect("publisher");
+    for outcome in publisher.publish(&batch) {
+        assert!(
+            matches!(&outcome, Err(PublishError::Fatal(reason)) if reason.contains("NO_ROUTE")),
+            "{outcome:?}"
+        );
+    }
 }
 
 #[test]
@@ -211,7 +225,7 @@ fn a_lost_connection_reports_the_broker_unavailable_and_the_next_publish_reconne
 }
 
 #[test]
-fn a_channel_error_fails_the_batch_retryably_and_the_next_publish_reopens_the_channel() {
+fn a_missing_exchange_fails_only_its_messages_and_the_channel_is_reopened_at_once() {
     let Some(mut broker) = common::broker() else {
         return;
     };
@@ -224,7 +238,7 @@ fn a_channel_error_fails_the_batch_retryably_and_the_next_publish_reopens_the_ch
         AmqpConsumer::connect(&broker.addr, ConsumerConfig::new(&queue).bind(&topic, "#"))
             .expect("consumer");
     // Without declaring, publishing to an exchange that does not exist closes the channel
-    // (404 NOT_FOUND).
+    // (404 NOT_FOUND): the publisher checks each exchange first and reopens the channel.
     let mut publisher = AmqpPublisher::connect(
         &broker.addr,
         PublisherConfig::default().declare_exchanges(None),
@@ -234,22 +248,21 @@ fn a_channel_error_fails_the_batch_retryably_and_the_next_publish_reopens_the_ch
         stored(1, &missing, "a", "{}"),
         stored(2, &missing, "a", "{}"),
         stored(3, &missing, "b", "{}"),
+        stored(4, &topic, "c", "{}"),
     ]);
-    assert!(
-        outcomes.iter().all(|o| matches!(
-            o,
-            Err(PublishError::Retryable(_)
-                | PublishError::Unavailable(_)
-                | PublishError::NotAttempted)
-        )),
-        "{outcomes:?}"
-    );
-    assert!(matches!(outcomes[0], Err(PublishError::Retryable(_))));
-    assert!(!publisher.is_connected());
+    for i in [0, 2] {
+        assert!(
+            matches!(&outcomes[i], Err(PublishError::Retryable(reason)) if reason.contains("404")),
+            "{outcomes:?}"
+        );
+    }
+    assert_eq!(outcomes[1], Err(PublishError::NotAttempted));
+    assert_eq!(outcomes[3], Ok(()));
+    assert!(publisher.is_connected());
 
     assert_eq!(
-        publisher.publish(&[stored(4, &topic, "a", "{}")]),
+        publisher.publish(&[stored(5, &topic, "a", "{}")]),
         vec![Ok(())]
     );
-    assert_eq!(consume_all(&mut consumer, 1).len(), 1);
+    assert_eq!(consume_all(&mut consumer, 2).len(), 2);
 }

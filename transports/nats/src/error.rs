@@ -121,15 +121,16 @@ impl waybill_outbox_core::Retryable for Error {
 
 /// The JetStream publish errors that no retry can fix:
 ///
-/// - the message exceeds the server's `max_payload` (the client refuses it before sending),
+/// - the message exceeds the server's `max_payload` (the publisher, and the client after it,
+///   refuse it before sending),
 /// - the stream refuses it as larger than its `max_msg_size` or its headers as too large,
 /// - the subject is invalid,
 /// - the stream is sealed.
 ///
-/// Everything else is retryable: no responders (no stream captures the subject *yet*: streams
-/// are created by operators, and in a cluster a stream can be briefly leaderless), a full
-/// stream with the `discard new` policy, storage exhausted; the relay's attempt limit bounds
-/// those retries. A timeout or a broken connection is retryable too, but says the server is
+/// Everything else is retryable: a full stream with the `discard new` policy, storage
+/// exhausted, a briefly leaderless stream in a cluster; the relay's attempt limit bounds those
+/// retries. No responders (no stream captures the subject) is unroutable, which the publisher
+/// reports as `PublisherConfig::unroutable` says (retryable by default). A timeout or a broken connection is retryable too, but says the server is
 /// unavailable ([`publish_error_is_unavailable`]), which charges no attempt.
 pub(crate) fn publish_error_is_fatal(error: &PublishError) -> bool {
     match error.kind() {

@@ -51,6 +51,20 @@
 //! its longest backoff. A retry after the window is stored again; the consumer's inbox then
 //! drops it, so the effect still happens once.
 //!
+//! # Unroutable and oversized messages
+//!
+//! A message whose subject no stream captures (JetStream answers "no responders") is
+//! unroutable: by default retryable ([`Unroutable::Retry`]), so the relay retries it with backoff
+//! and delivers it once a stream captures the subject, and parks it after its max attempts if
+//! none ever does; [`PublisherConfig::unroutable`] with [`Unroutable::Park`] parks it at once.
+//! Either way the publisher logs one warning per subject and batch.
+//!
+//! A message larger than the server's `max_payload` (1 MiB by default, headers included) is
+//! refused before it is sent, as fatal, naming both sizes. The outbox accepts 4 MiB by default;
+//! [`Publisher::limits`](waybill_outbox_core::Publisher::limits) reports the server's limit so
+//! that `Limits::default().capped_by(publisher.limits())` refuses such a message at enqueue
+//! time, in the writer's transaction, instead.
+//!
 //! # Ordering
 //!
 //! A partition key has at most one message awaiting its ack: its next message is sent once
@@ -97,6 +111,12 @@ pub use consumer::{
 pub use error::{Error, Result};
 pub use publisher::{NatsPublisher, PublisherConfig, MSG_ID_HEADER};
 pub use subject::{sanitize_token, SubjectFn, SubjectMapping};
+
+/// The NATS client this transport is built on, for its types in this crate's API (the sources
+/// of [`Error`]'s variants) at the exact version the transport uses.
+pub use async_nats;
+/// What the publisher reports for an unroutable message ([`PublisherConfig::unroutable`]).
+pub use waybill_outbox_core::Unroutable;
 
 /// The private runtime a publisher or consumer drives its client on.
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -1,16 +1,19 @@
 //! [`NatsPublisher`]: the outbox relay's [`Publisher`] for NATS JetStream.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
-use waybill_outbox_core::{redact_url, OutboxMessage, PublishError, Publisher};
+use waybill_outbox_core::{
+    redact_url, BrokerLimits, OutboxMessage, PublishError, Publisher, Unroutable,
+};
 
 use crate::error::{publish_error_is_fatal, publish_error_is_unavailable};
 use crate::subject::invalid_publish_subject;
@@ -18,6 +21,11 @@ use crate::{Error, Result, SubjectMapping};
 
 /// The JetStream header that carries the message id JetStream deduplicates on.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// What this transport adds to every message beyond the bytes [`BrokerLimits`] counts: the
+/// header block's first and last lines, the reserved `waybill-*` headers' names, the message id
+/// and send time, and `Nats-Msg-Id`. About 270 bytes; rounded up.
+const MESSAGE_RESERVE: usize = 512;
 
 /// How a [`NatsPublisher`] publishes. `Default` gives the documented defaults.
 ///
@@ -38,6 +46,7 @@ pub struct PublisherConfig {
     subject_mapping: SubjectMapping,
     max_in_flight: usize,
     duplicate_window: Duration,
+    unroutable: Unroutable,
 }
 
 impl Default for PublisherConfig {
@@ -47,6 +56,7 @@ impl Default for PublisherConfig {
             subject_mapping: SubjectMapping::Topic,
             max_in_flight: 1024,
             duplicate_window: Duration::from_secs(120),
+            unroutable: Unroutable::Retry,
         }
     }
 }
@@ -86,6 +96,17 @@ impl PublisherConfig {
     #[must_use]
     pub fn duplicate_window(mut self, window: Duration) -> Self {
         self.duplicate_window = window;
+        self
+    }
+
+    /// What to report for a message no stream captures (JetStream's "no responders": no stream
+    /// listens on its subject). Defaults to [`Unroutable::Retry`]: retryable, so the relay
+    /// retries it with backoff and delivers it once a stream captures the subject, and parks it
+    /// after its max attempts if none ever does. [`Unroutable::Park`] reports it fatal: parked
+    /// at once. Either way the publisher logs one warning per subject and batch.
+    #[must_use]
+    pub fn unroutable(mut self, unroutable: Unroutable) -> Self {
+        self.unroutable = unroutable;
         self
     }
 }
@@ -190,6 +211,15 @@ impl NatsPublisher {
         Ok(())
     }
 
+    /// The largest message the server takes, headers and payload together, in bytes: its
+    /// `max_payload` (1 MiB by default), from the `INFO` it sent when the client connected.
+    pub fn max_payload(&self) -> usize {
+        match self.client.server_info().max_payload {
+            0 => self.client.max_payload(),
+            max => max,
+        }
+    }
+
     /// `true` while the client is connected to a server.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
@@ -235,14 +265,23 @@ impl NatsPublisher {
         }
         let task = self.runtime.spawn(send_per_key(
             self.jetstream.clone(),
-            self.config.subject_mapping.clone(),
-            self.config.max_in_flight,
+            Settings {
+                mapping: self.config.subject_mapping.clone(),
+                max_in_flight: self.config.max_in_flight,
+                max_payload: self.max_payload(),
+                unroutable: self.config.unroutable,
+            },
             batch.to_vec(),
             next_in_key,
             firsts,
         ));
+        let mut unroutable = HashSet::new();
         let outcomes = match self.runtime.block_on(task) {
-            Ok(outcomes) => outcomes,
+            Ok(sent) => {
+                self.warn_unroutable(&sent.unroutable_subjects);
+                unroutable = sent.unroutable;
+                sent.outcomes
+            }
             // The task panicked or the runtime is shutting down: nothing is known to be stored,
             // so everything is retried (JetStream drops what it already has).
             Err(error) => none_published(
@@ -250,10 +289,13 @@ impl NatsPublisher {
                 PublishError::Retryable(format!("the publishing task ended: {error}")),
             ),
         };
+        // Unroutable messages had their warning; the others get one.
         let failed: Vec<_> = outcomes
             .iter()
             .zip(batch)
-            .filter_map(|(outcome, msg)| match outcome {
+            .enumerate()
+            .filter(|(i, _)| !unroutable.contains(i))
+            .filter_map(|(_, (outcome, msg))| match outcome {
                 Err(
                     error @ (PublishError::Retryable(_)
                     | PublishError::Unavailable(_)
@@ -273,6 +315,40 @@ impl NatsPublisher {
         log::debug!("published a batch of {} messages to NATS", batch.len());
         outcomes
     }
+
+    /// One warning per subject that no stream captures.
+    fn warn_unroutable(&self, unroutable: &BTreeMap<String, usize>) {
+        let then = match self.config.unroutable {
+            Unroutable::Park => "they are parked (Unroutable::Park)",
+            _ => "the relay retries them with backoff until a stream captures the subject",
+        };
+        for (subject, count) in unroutable {
+            log::warn!(
+                "no stream captures subject {subject:?} on NATS at {}: {count} message(s) \
+                 unroutable; {then}",
+                self.url
+            );
+        }
+    }
+}
+
+/// What [`send_per_key`] found out.
+struct Sent {
+    /// One per message, in batch order.
+    outcomes: Vec<Result<(), PublishError>>,
+    /// The messages no stream captured.
+    unroutable: HashSet<usize>,
+    /// How many of them per subject.
+    unroutable_subjects: BTreeMap<String, usize>,
+}
+
+/// What [`send_per_key`] needs of the configuration and the server.
+struct Settings {
+    mapping: SubjectMapping,
+    max_in_flight: usize,
+    /// The server's `max_payload`.
+    max_payload: usize,
+    unroutable: Unroutable,
 }
 
 /// The outcomes of a batch of which nothing was published: the first message of each key fails
@@ -291,12 +367,13 @@ fn none_published(batch: &[OutboxMessage], error: PublishError) -> Vec<Result<()
         .collect()
 }
 
-/// The subject, headers and body of `msg`, or why it can never be published.
+/// The subject, headers and body of `msg`, or why it can never be published: among others, a
+/// message larger than the server's `max_payload`, refused before it is sent.
 fn prepare(
-    mapping: &SubjectMapping,
+    settings: &Settings,
     msg: &OutboxMessage,
 ) -> Result<(String, HeaderMap, Vec<u8>), String> {
-    let subject = mapping.subject(&msg.topic, &msg.partition_key);
+    let subject = settings.mapping.subject(&msg.topic, &msg.partition_key);
     if let Some(why) = invalid_publish_subject(&subject) {
         return Err(format!("invalid subject {subject:?}: {why}"));
     }
@@ -315,7 +392,29 @@ fn prepare(
         map.insert(name.as_str(), value.as_str());
     }
     map.insert(MSG_ID_HEADER, msg.id.to_string());
+    let headers = wire_len(&map);
+    let size = headers + body.len();
+    if size > settings.max_payload {
+        return Err(format!(
+            "message is {size} bytes as sent ({} bytes of payload, {headers} of headers), more \
+             than the NATS server's max_payload of {} bytes",
+            body.len(),
+            settings.max_payload
+        ));
+    }
     Ok((subject, map, body))
+}
+
+/// The size of `headers` on the wire: `NATS/1.0`, a `name: value` line per value, a blank line.
+fn wire_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .fold(b"NATS/1.0\r\n\r\n".len(), |len, (name, values)| {
+            values.iter().fold(len, |len, value| {
+                let name: &str = name.as_ref();
+                len + name.len() + b": ".len() + value.as_str().len() + b"\r\n".len()
+            })
+        })
 }
 
 /// Sends `batch` and collects the outcomes, in batch order. Each key's messages go one at a
@@ -331,12 +430,11 @@ fn prepare(
 /// sends, and each yield cost a write of its own, on both sides of the connection.)
 async fn send_per_key(
     jetstream: jetstream::Context,
-    mapping: SubjectMapping,
-    max_in_flight: usize,
+    settings: Settings,
     batch: Vec<OutboxMessage>,
     next_in_key: Vec<Option<usize>>,
     firsts: Vec<usize>,
-) -> Vec<Result<(), PublishError>> {
+) -> Sent {
     let mut outcomes: Vec<Result<(), PublishError>> = batch
         .iter()
         .map(|_| Err(PublishError::NotAttempted))
@@ -344,10 +442,12 @@ async fn send_per_key(
     // Messages whose key has nothing awaiting an ack, in the order they became ready.
     let mut ready: VecDeque<usize> = firsts.into();
     let mut acks = FuturesUnordered::new();
+    let mut unroutable = HashSet::new();
+    let mut unroutable_subjects = BTreeMap::new();
     loop {
-        while acks.len() < max_in_flight {
+        while acks.len() < settings.max_in_flight {
             let Some(i) = ready.pop_front() else { break };
-            match send(&jetstream, &mapping, &batch[i]).await {
+            match send(&jetstream, &settings, &batch[i]).await {
                 Ok(ack) => acks.push(async move { (i, ack.await) }),
                 // The rest of the key stays `NotAttempted`.
                 Err(error) => outcomes[i] = Err(error),
@@ -369,10 +469,23 @@ async fn send_per_key(
                 outcomes[i] = Ok(());
                 ready.extend(next_in_key[i]);
             }
+            Err(error) if matches!(error.kind(), PublishErrorKind::StreamNotFound) => {
+                let subject = settings
+                    .mapping
+                    .subject(&batch[i].topic, &batch[i].partition_key);
+                let reason = format!("no stream captures subject {subject:?} ({error})");
+                *unroutable_subjects.entry(subject).or_insert(0) += 1;
+                unroutable.insert(i);
+                outcomes[i] = Err(settings.unroutable.error(reason));
+            }
             Err(error) => outcomes[i] = Err(classify(&error)),
         }
     }
-    outcomes
+    Sent {
+        outcomes,
+        unroutable,
+        unroutable_subjects,
+    }
 }
 
 /// Encodes `msg` and hands it to the client; the returned future awaits its ack. The context
@@ -380,10 +493,10 @@ async fn send_per_key(
 /// backpressure); [`send_per_key`] keeps below that on its own.
 async fn send(
     jetstream: &jetstream::Context,
-    mapping: &SubjectMapping,
+    settings: &Settings,
     msg: &OutboxMessage,
 ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
-    let (subject, headers, body) = prepare(mapping, msg).map_err(PublishError::Fatal)?;
+    let (subject, headers, body) = prepare(settings, msg).map_err(PublishError::Fatal)?;
     jetstream
         .publish_with_headers(subject, headers, body.into())
         .await
@@ -423,10 +536,34 @@ impl Publisher for NatsPublisher {
     /// - ack, including a duplicate ack (already stored) -> `Ok`
     /// - not connected, connection lost, no ack in time -> `Unavailable`: the relay charges no
     ///   attempt and pauses, so an outage of any length parks nothing
-    /// - no responders (no stream for the subject), stream full -> `Retryable`
-    /// - too large, invalid subject or header, sealed stream -> `Fatal`
+    /// - no stream captures the subject (no responders) -> as [`PublisherConfig::unroutable`]
+    ///   says: `Retryable` by default, or `Fatal`
+    /// - stream full -> `Retryable`
+    /// - larger than the server's [`max_payload`](NatsPublisher::max_payload) (refused before
+    ///   sending, naming both sizes) or the stream's maximum, invalid subject or header, sealed
+    ///   stream -> `Fatal`
     /// - an earlier message of the same key failed -> `NotAttempted`
     fn publish(&mut self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         self.publish_batch(batch)
+    }
+
+    /// The largest message (payload and header bytes, see [`BrokerLimits`]) the server takes:
+    /// its [`max_payload`](NatsPublisher::max_payload) less what this transport adds to every
+    /// message. A stream's own `max_msg_size`, if lower, is not known to the publisher.
+    ///
+    /// ```no_run
+    /// use waybill_nats::{NatsPublisher, PublisherConfig};
+    /// use waybill_outbox_core::{Limits, Publisher};
+    ///
+    /// let publisher = NatsPublisher::connect("nats://127.0.0.1:4222", PublisherConfig::default())?;
+    /// // Refuse at enqueue time what the server would refuse at publish time: pass these to
+    /// // `waybill_diesel::Outbox::new(limits)`.
+    /// let limits = Limits::default().capped_by(publisher.limits());
+    /// assert!(limits.message_bytes_limit() < Some(publisher.max_payload()));
+    /// # Ok::<(), waybill_nats::Error>(())
+    /// ```
+    fn limits(&self) -> BrokerLimits {
+        BrokerLimits::default()
+            .max_message_bytes(self.max_payload().saturating_sub(MESSAGE_RESERVE))
     }
 }

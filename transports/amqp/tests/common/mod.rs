@@ -165,6 +165,63 @@ impl Broker {
         })
     }
 
+    /// Declares a durable topic exchange and a durable queue bound to it with `routing_key`
+    /// (both deleted at the end of the test).
+    pub fn bind_queue(&mut self, queue: &str, exchange: &str, routing_key: &str) {
+        self.cleanup_exchange(exchange);
+        self.cleanup_queue(queue);
+        self.runtime.block_on(async {
+            self.channel
+                .exchange_declare(
+                    exchange.into(),
+                    lapin::ExchangeKind::Topic,
+                    lapin::options::ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("exchange.declare");
+            self.channel
+                .queue_declare(
+                    queue.into(),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("queue.declare");
+            self.channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    routing_key.into(),
+                    lapin::options::QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("queue.bind");
+        });
+    }
+
+    /// Deletes `exchange` now.
+    pub fn delete_exchange(&self, exchange: &str) {
+        self.runtime.block_on(async {
+            self.channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await
+                .expect("exchange.delete");
+        });
+    }
+
+    /// The frame size this connection negotiated with the broker.
+    pub fn frame_max(&self) -> usize {
+        self.connection.configuration().frame_max() as usize
+    }
+
     /// How many messages `queue` holds, without consuming them.
     pub fn depth(&self, queue: &str) -> u32 {
         self.runtime.block_on(async {
