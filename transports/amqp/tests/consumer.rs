@@ -5,14 +5,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use waybill_amqp::{
-    AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig,
-    DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
+    AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig, StopHandle,
+    DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER,
 };
 use waybill_inbox_core::{wire, DeliveryHandler, Disposition, IncomingMessage};
 use waybill_outbox_core::{MessageId, Publisher};
@@ -54,7 +53,7 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
         &broker.addr,
         ConsumerConfig::new(&queue)
             .bind(&topic, "#")
-            .max_redeliveries(3),
+            .max_deliveries(4),
     )
     .expect("consumer");
     let mut publisher =
@@ -92,7 +91,7 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     assert!(reason.contains("failed 4 deliveries"), "{reason}");
     assert!(reason.contains("the ledger is locked"), "{reason}");
     assert_eq!(
-        header(&dead[0], REDELIVERIES_HEADER),
+        header(&dead[0], "x-waybill-redeliveries"),
         None,
         "no re-published copies"
     );
@@ -257,12 +256,12 @@ fn run_consumes_until_stopped() {
     let batch: Vec<_> = (0..20).map(|i| stored(i, &topic, "k", "{}")).collect();
     assert!(publisher.publish(&batch).iter().all(Result::is_ok));
 
-    let stop = AtomicBool::new(false);
+    let stop = StopHandle::new();
     let mut count = 0;
     let mut handler = |_: &IncomingMessage| {
         count += 1;
         if count == batch.len() {
-            stop.store(true, Ordering::Relaxed);
+            stop.stop();
         }
         Disposition::Ack
     };
