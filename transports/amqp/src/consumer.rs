@@ -111,12 +111,15 @@ impl ConsumerConfig {
     }
 
     /// Uses topology that someone else declared (an operator, a policy, another team) as it
-    /// is: the queue, the exchanges named in [`bind`](Self::bind) and the dead-letter exchange
-    /// are only checked with passive declares, whatever arguments and kinds they have; the
-    /// dead-letter queue is not touched (the dead-letter exchange routes where its owner
-    /// bound it) and [`queue_arguments`](Self::queue_arguments) are not used. Only the bindings
-    /// are made. Without it, a queue that exists with other arguments (e.g. `x-max-length`)
-    /// fails to connect with `PRECONDITION_FAILED`. Defaults to `false`.
+    /// is: the queue and the exchanges named in [`bind`](Self::bind) are only checked with
+    /// passive declares, whatever arguments and kinds they have, and only the bindings are
+    /// made. The dead-letter exchange is checked by [`AmqpConsumer::connect`] (a wrong name
+    /// fails at once) but not when reconnecting: while its owner recreates it, only the message
+    /// to dead-letter waits in the queue. The dead-letter queue is not touched (the dead-letter
+    /// exchange routes where its owner bound it) and
+    /// [`queue_arguments`](Self::queue_arguments) are not used. Without it, a queue that exists
+    /// with other arguments (e.g. `x-max-length`) fails to connect with `PRECONDITION_FAILED`.
+    /// Defaults to `false`.
     #[must_use]
     pub fn passive(mut self, passive: bool) -> Self {
         self.passive = passive;
@@ -272,7 +275,7 @@ impl AmqpConsumer {
     /// connecting) and [`Error::Runtime`] when the private runtime cannot start.
     pub fn connect(addr: &str, config: ConsumerConfig) -> Result<Self> {
         let runtime = link::runtime()?;
-        let link = runtime.block_on(topology::open(addr, &config))?;
+        let link = runtime.block_on(topology::open(addr, &config, true))?;
         let (retry, batch, poll) = (
             config.retry,
             usize::from(config.prefetch),
@@ -440,7 +443,7 @@ impl Subscription for AmqpSubscription {
                 if let Some(stale) = link.take() {
                     runtime.block_on(stale.link.close());
                 }
-                link.insert(runtime.block_on(topology::open(addr, config))?)
+                link.insert(runtime.block_on(topology::open(addr, config, false))?)
             }
         };
         runtime.block_on(async {

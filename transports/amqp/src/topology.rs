@@ -118,22 +118,56 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(config: &ConsumerConfig) -> Result<Self> {
+    /// In passive mode the dead-letter exchange is checked on the `first` connect only: it
+    /// belongs to someone else, and while it is missing later only dead letters wait.
+    fn new(config: &ConsumerConfig, first: bool) -> Result<Self> {
+        let declare = !config.passive;
         let queue = short("queue name", config.queue.as_str())?;
         let dlx = short(
             "dead-letter exchange name",
             config.dead_letter_exchange_name(),
         )?;
-        let declare = !config.passive;
+        let mut arguments = config.queue_arguments.clone();
+        if !arguments.inner().contains_key("x-dead-letter-exchange") {
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from(dlx.as_str())),
+            );
+        }
         let mut entities = vec![(
-            Entity::Exchange {
-                name: dlx.clone(),
-                kind: ExchangeKind::Fanout,
+            Entity::Queue {
+                name: queue.clone(),
+                arguments,
             },
             declare,
         )];
         let mut bindings = Vec::new();
-        let mut arguments = config.queue_arguments.clone();
+        let mut exchanges = Vec::new();
+        for (exchange, routing_key) in &config.bindings {
+            let exchange = short("exchange name", exchange.as_str())?;
+            let routing_key = short("routing key", routing_key.as_str())?;
+            if !exchanges.contains(&exchange) {
+                exchanges.push(exchange.clone());
+                let kind = config.declare_exchanges.clone();
+                entities.push((
+                    Entity::Exchange {
+                        name: exchange.clone(),
+                        kind: kind.clone().unwrap_or(ExchangeKind::Topic),
+                    },
+                    declare && kind.is_some(),
+                ));
+            }
+            bindings.push((queue.clone(), exchange, routing_key));
+        }
+        if declare || first {
+            entities.push((
+                Entity::Exchange {
+                    name: dlx.clone(),
+                    kind: ExchangeKind::Fanout,
+                },
+                declare,
+            ));
+        }
         if declare {
             let dlq = short("dead-letter queue name", config.dead_letter_queue_name())?;
             entities.push((
@@ -143,37 +177,7 @@ impl Plan {
                 },
                 true,
             ));
-            bindings.push((dlq, dlx.clone(), ShortString::default()));
-            if !arguments.inner().contains_key("x-dead-letter-exchange") {
-                arguments.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString(LongString::from(dlx.as_str())),
-                );
-            }
-        }
-        entities.push((
-            Entity::Queue {
-                name: queue.clone(),
-                arguments,
-            },
-            declare,
-        ));
-        for (exchange, routing_key) in &config.bindings {
-            let exchange = short("exchange name", exchange.as_str())?;
-            let routing_key = short("routing key", routing_key.as_str())?;
-            if !entities.iter().any(|(e, _)| e.name() == &exchange) {
-                entities.push((
-                    Entity::Exchange {
-                        name: exchange.clone(),
-                        kind: config
-                            .declare_exchanges
-                            .clone()
-                            .unwrap_or(ExchangeKind::Topic),
-                    },
-                    declare && config.declare_exchanges.is_some(),
-                ));
-            }
-            bindings.push((queue.clone(), exchange, routing_key));
+            bindings.push((dlq, dlx, ShortString::default()));
         }
         Ok(Self {
             entities,
@@ -183,9 +187,10 @@ impl Plan {
     }
 }
 
-/// Connects, makes sure of the topology (see the module docs) and starts consuming.
-pub(crate) async fn open(addr: &str, config: &ConsumerConfig) -> Result<ConsumerLink> {
-    let plan = Plan::new(config)?;
+/// Connects, makes sure of the topology (see the module docs) and starts consuming; `first`
+/// for [`AmqpConsumer::connect`](crate::AmqpConsumer::connect), `false` when reconnecting.
+pub(crate) async fn open(addr: &str, config: &ConsumerConfig, first: bool) -> Result<ConsumerLink> {
+    let plan = Plan::new(config, first)?;
     let link = Link::open(addr, config.connect_timeout).await?;
     let mut created = Vec::new();
     match consume(&link, config, &plan, &mut created).await {
