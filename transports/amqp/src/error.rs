@@ -195,7 +195,45 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use lapin::protocol::AMQPError;
+
     use super::*;
+
+    fn soft(kind: AMQPSoftError) -> lapin::Error {
+        ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(kind), "refused".into())).into()
+    }
+
+    #[test]
+    fn a_refused_topology_is_final_and_says_what_to_do_and_a_failed_dead_letter_is_retryable() {
+        let refused = Error::Topology {
+            operation: "declaring the queue",
+            name: "billing".into(),
+            source: soft(AMQPSoftError::PRECONDITIONFAILED),
+        };
+        assert!(!refused.is_retryable());
+        assert!(
+            refused
+                .to_string()
+                .starts_with("declaring the queue billing failed (it exists"),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("passive"), "{refused}");
+        let missing = Error::Topology {
+            operation: "checking the queue",
+            name: "billing".into(),
+            source: soft(AMQPSoftError::NOTFOUND),
+        };
+        assert!(!missing.is_retryable());
+        assert!(
+            missing.to_string().ends_with("(it does not exist)"),
+            "{missing}"
+        );
+        let dead_letter = Error::DeadLetter {
+            message: "-".into(),
+            source: soft(AMQPSoftError::NOTFOUND),
+        };
+        assert!(dead_letter.is_retryable());
+    }
 
     #[test]
     fn timeouts_are_retryable_and_long_names_are_not() {

@@ -420,3 +420,83 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(plan: &Plan) -> Vec<(String, bool)> {
+        plan.entities
+            .iter()
+            .map(|(e, ours)| (format!("{} {}", e.what(), e.name()), *ours))
+            .collect()
+    }
+
+    #[test]
+    fn the_default_plan_declares_everything_queue_first() -> Result<()> {
+        let config = ConsumerConfig::new("q")
+            .bind("orders", "#")
+            .bind("orders", "eu.#");
+        let plan = Plan::new(&config, true)?;
+        let expected = [
+            ("queue q", true),
+            ("exchange orders", true),
+            ("exchange q.dead", true),
+            ("queue q.dead", true),
+        ];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(n, o)| ((*n).to_owned(), *o))
+            .collect();
+        assert_eq!(names(&plan), expected);
+        assert_eq!(
+            plan.bindings.len(),
+            3,
+            "two for the queue, one for the dead letters"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn passive_plans_only_check_and_the_dead_letter_exchange_only_on_the_first_connect(
+    ) -> Result<()> {
+        let config = ConsumerConfig::new("q").bind("orders", "#").passive(true);
+        let first = Plan::new(&config, true)?;
+        let expected = [
+            ("queue q", false),
+            ("exchange orders", false),
+            ("exchange q.dead", false),
+        ];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(n, o)| ((*n).to_owned(), *o))
+            .collect();
+        assert_eq!(names(&first), expected);
+        assert_eq!(first.bindings.len(), 1, "the queue's binding only");
+        assert_eq!(names(&Plan::new(&config, false)?).len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn undeclared_exchanges_are_checked_and_a_queue_may_share_an_exchange_name() -> Result<()> {
+        let config = ConsumerConfig::new("q")
+            .bind("q.dead", "#")
+            .declare_exchanges(None);
+        let plan = Plan::new(&config, true)?;
+        assert!(names(&plan).contains(&("exchange q.dead".to_owned(), false)));
+        assert!(names(&plan).contains(&("queue q.dead".to_owned(), true)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_long_name_fails_before_connecting() {
+        let config = ConsumerConfig::new("q").bind("x".repeat(256), "#");
+        assert!(matches!(
+            Plan::new(&config, true),
+            Err(Error::TooLong {
+                what: "exchange name",
+                ..
+            })
+        ));
+    }
+}
