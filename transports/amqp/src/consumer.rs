@@ -276,22 +276,19 @@ impl AmqpConsumer {
     pub fn connect(addr: &str, config: ConsumerConfig) -> Result<Self> {
         let runtime = link::runtime()?;
         let link = runtime.block_on(topology::open(addr, &config, true))?;
-        let (retry, batch, poll) = (
+        let inner = ConsumerLoop::new(
+            AmqpSubscription {
+                runtime,
+                addr: addr.to_owned(),
+                config: config.clone(),
+                link: Some(link),
+            },
             config.retry,
-            usize::from(config.prefetch),
-            config.poll_timeout,
         );
-        let max_delay = config.max_reconnect_delay;
-        let subscription = AmqpSubscription {
-            runtime,
-            addr: addr.to_owned(),
-            config,
-            link: Some(link),
-        };
         Ok(Self {
-            inner: ConsumerLoop::new(subscription, retry)
-                .batch(batch, poll)
-                .reconnect_delay(FIRST_RECONNECT_DELAY, max_delay),
+            inner: inner
+                .batch(usize::from(config.prefetch), config.poll_timeout)
+                .reconnect_delay(FIRST_RECONNECT_DELAY, config.max_reconnect_delay),
         })
     }
 
@@ -302,11 +299,7 @@ impl AmqpConsumer {
 
     /// `true` while the consumer holds an open connection and channel.
     pub fn is_connected(&self) -> bool {
-        self.inner
-            .subscription()
-            .link
-            .as_ref()
-            .is_some_and(|l| l.link.is_open())
+        self.inner.subscription().is_connected()
     }
 
     /// Closes the connection under the consumer without telling it, as a broker restart or a
@@ -397,15 +390,16 @@ impl fmt::Debug for AmqpSubscription {
         f.debug_struct("AmqpSubscription")
             .field("addr", &redact(&self.addr))
             .field("config", &self.config)
-            .field(
-                "connected",
-                &self.link.as_ref().is_some_and(|l| l.link.is_open()),
-            )
+            .field("connected", &self.is_connected())
             .finish()
     }
 }
 
 impl AmqpSubscription {
+    fn is_connected(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.link.is_open())
+    }
+
     /// The live link, for settling a delivery it handed out.
     fn live(&self) -> Result<&ConsumerLink> {
         self.link.as_ref().ok_or(Error::ConnectionLost)

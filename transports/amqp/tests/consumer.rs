@@ -439,44 +439,49 @@ fn a_dead_letter_carries_its_reason_under_the_header_name_every_transport_uses()
 
 #[test]
 fn run_returns_after_the_delivery_in_hand_once_stopped_and_hands_back_what_was_sent_ahead() {
-    let Some(mut broker) = common::broker() else {
-        return;
-    };
-    let topic = unique("orders");
-    let queue = unique("q");
-    broker.cleanup_exchange(&topic);
-    broker.cleanup_queue(&queue);
-    // The broker sends all ten ahead: a step could take them all.
-    let config = ConsumerConfig::new(&queue).bind(&topic, "#").prefetch(32);
-    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
-    let mut publisher =
-        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
-    let batch: Vec<_> = (0..10).map(|i| stored(i, &topic, "k", "{}")).collect();
-    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+    // Stopped mid-step (a step may take all ten the broker sent ahead), then at the end of a
+    // step of three (with more sent ahead after its acknowledgements).
+    for prefetch in [32, 3] {
+        let Some(mut broker) = common::broker() else {
+            return;
+        };
+        let topic = unique("orders");
+        let queue = unique("q");
+        broker.cleanup_exchange(&topic);
+        broker.cleanup_queue(&queue);
+        let config = ConsumerConfig::new(&queue)
+            .bind(&topic, "#")
+            .prefetch(prefetch);
+        let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+        let mut publisher =
+            AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+        let batch: Vec<_> = (0..10).map(|i| stored(i, &topic, "k", "{}")).collect();
+        assert!(publisher.publish(&batch).iter().all(Result::is_ok));
 
-    let stop = StopHandle::new();
-    let mut handled = Vec::new();
-    let mut handler = |message: &IncomingMessage| {
-        handled.push(message.headers["correlation-id"].clone());
-        if handled.len() == 3 {
-            stop.stop();
-        }
-        Disposition::Ack
-    };
-    let report = consumer.run(&mut handler, &stop).expect("run");
-    assert_eq!((report.delivered, report.acked), (3, 3), "{report:?}");
-    assert_eq!(handled, ["corr-0", "corr-1", "corr-2"]);
+        let stop = StopHandle::new();
+        let mut handled = Vec::new();
+        let mut handler = |message: &IncomingMessage| {
+            handled.push(message.headers["correlation-id"].clone());
+            if handled.len() == 3 {
+                stop.stop();
+            }
+            Disposition::Ack
+        };
+        let report = consumer.run(&mut handler, &stop).expect("run");
+        assert_eq!((report.delivered, report.acked), (3, 3), "{report:?}");
+        assert_eq!(handled, ["corr-0", "corr-1", "corr-2"]);
 
-    // The consumer is still alive, yet holds none of the rest: they went back, in order.
-    let rest: Vec<_> = broker
-        .drain(&queue, 7)
-        .iter()
-        .map(|d| header(d, "correlation-id").expect("correlation id"))
-        .collect();
-    let expected: Vec<_> = (3..10).map(|i| format!("corr-{i}")).collect();
-    assert_eq!(rest, expected);
-    drop(consumer);
-    assert_eq!(broker.depth(&queue), 0);
+        // The consumer is still alive, yet holds none of the rest: they went back, in order.
+        let rest: Vec<_> = broker
+            .drain(&queue, 7)
+            .iter()
+            .map(|d| header(d, "correlation-id").expect("correlation id"))
+            .collect();
+        let expected: Vec<_> = (3..10).map(|i| format!("corr-{i}")).collect();
+        assert_eq!(rest, expected, "prefetch {prefetch}");
+        drop(consumer);
+        assert_eq!(broker.depth(&queue), 0);
+    }
 }
 
 #[test]
