@@ -1,10 +1,10 @@
 //! The real brokers, with every name prefixed by the run's namespace so runs never collide.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
-use waybill_outbox_core::Publisher;
+use waybill_outbox_core::{Publisher, StopHandle};
 
 use crate::pipeline::{PUBLISH_TIMEOUT, TOPIC};
 use crate::Error;
@@ -159,7 +159,7 @@ impl Broker {
         })
     }
 
-    /// Consumes the audit topic with `handler` until `stop` is set.
+    /// Consumes the audit topic with `handler` until `stop` is stopped.
     ///
     /// # Errors
     ///
@@ -167,7 +167,7 @@ impl Broker {
     pub(crate) fn consume(
         &self,
         handler: &mut impl DeliveryHandler,
-        stop: &AtomicBool,
+        stop: &StopHandle,
     ) -> Result<(), Error> {
         match self.kind {
             Kind::Amqp => {
@@ -178,8 +178,9 @@ impl Broker {
                 waybill_amqp::AmqpConsumer::connect(&self.url, config)?.run(handler, stop)?;
             }
             Kind::Nats | Kind::Memory => {
-                waybill_nats::NatsConsumer::connect(&self.url, self.nats_consumer())?
-                    .run(handler, stop)?;
+                let mut consumer =
+                    waybill_nats::NatsConsumer::connect(&self.url, self.nats_consumer())?;
+                with_stop_flag(stop, |flag| consumer.run(handler, flag))?;
             }
         }
         Ok(())
@@ -225,3 +226,22 @@ impl Broker {
 }
 
 const CONSUMER_NAME: &str = "audit";
+
+/// Runs `run` with a flag that is set once `stop` is stopped, for the NATS consumer, whose
+/// `run` still takes an `AtomicBool` (until it runs on the shared consumer loop too).
+fn with_stop_flag<T>(stop: &StopHandle, run: impl FnOnce(&AtomicBool) -> T) -> T {
+    let (flag, finished) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !finished.load(Ordering::SeqCst) {
+                if stop.wait(Duration::from_millis(50)) && stop.is_stopped() {
+                    flag.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
+        let result = run(&flag);
+        finished.store(true, Ordering::SeqCst);
+        result
+    })
+}

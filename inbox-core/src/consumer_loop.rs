@@ -99,7 +99,8 @@ impl<S: Subscription> ConsumerLoop<S> {
     /// (a lost connection, a dead-letter destination that is missing) is logged, paused on
     /// (the reconnect delay, ending early on stop) and retried: the loop never exits on a
     /// broker that is down. On stop it settles the delivery in hand and hands back what it
-    /// fetched ahead.
+    /// fetched ahead ([`Subscription::release_fetched`], also when the stop came between
+    /// steps).
     ///
     /// # Errors
     ///
@@ -136,6 +137,15 @@ impl<S: Subscription> ConsumerLoop<S> {
                     return Err(error);
                 }
             }
+        }
+        // Whether the stop came mid-step or between steps, nothing fetched ahead stays held.
+        if let Err(error) = self.subscription.release_fetched() {
+            log::warn!(
+                "{}: handing back deliveries fetched ahead failed, the broker redelivers them \
+                 later: {}",
+                self.subscription.name(),
+                chain(&error)
+            );
         }
         Ok(total)
     }
@@ -175,7 +185,7 @@ impl<S: Subscription> ConsumerLoop<S> {
     ) -> Result<(), S::Error> {
         for taken in 0..max {
             if taken > 0 && stop.is_some_and(StopHandle::is_stopped) {
-                return self.subscription.release_fetched();
+                break; // `run` hands back what was fetched ahead
             }
             let timeout = if taken == 0 { wait } else { Duration::ZERO };
             let Some(delivery) = self.subscription.next(timeout, max - taken)? else {
@@ -303,6 +313,7 @@ mod tests {
         dead_letter_missing: bool,
         released: usize,
         resets: usize,
+        fetched_released: usize,
     }
 
     impl Queue {
@@ -362,6 +373,11 @@ mod tests {
         fn release(&mut self, delivery: Self::Delivery) -> Result<(), BrokerError> {
             self.released += 1;
             self.queued.push_front(delivery);
+            Ok(())
+        }
+
+        fn release_fetched(&mut self) -> Result<(), BrokerError> {
+            self.fetched_released += 1;
             Ok(())
         }
 
@@ -483,5 +499,33 @@ mod tests {
         assert_eq!(report.map(|r| r.dead_lettered), Some(0));
         assert_eq!(consumer.subscription().queued.len(), 1);
         assert_eq!(consumer.subscription().resets, 3);
+    }
+
+    #[test]
+    fn run_hands_back_what_was_fetched_ahead_whenever_it_stops() {
+        // Stopped mid-step (two of three taken) and at the end of a step.
+        for stop_at in [2, 3] {
+            let mut queue = Queue::default();
+            for k in 0..5 {
+                queue.push(&format!("k#{k}"));
+            }
+            let stop = StopHandle::new();
+            let mut consumer = ConsumerLoop::new(queue, quick()).batch(3, Duration::ZERO);
+            let mut handled = 0;
+            let mut handler = |_: &IncomingMessage| {
+                handled += 1;
+                if handled == stop_at {
+                    stop.stop();
+                }
+                Disposition::Ack
+            };
+            let report = consumer.run(&mut handler, &stop).ok();
+            assert_eq!(report.map(|r| r.acked), Some(stop_at));
+            assert_eq!(
+                consumer.subscription().fetched_released,
+                1,
+                "stop at {stop_at}"
+            );
+        }
     }
 }

@@ -5,11 +5,11 @@
 //! bound with `#`; NATS: the subject is the topic, streams `ORDERS` and `PAYMENTS`). A
 //! namespace prefixes every name, so several deployments (or tests) share one server.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
-use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport};
+use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport, StopHandle};
 
 use crate::db::{AppConnection, DbPool};
 use crate::Error;
@@ -122,7 +122,7 @@ impl Broker {
     }
 
     /// Consumes `topic` as `consumer` (a queue or durable consumer of that name) with
-    /// `handler` until `stop` is set.
+    /// `handler` until `stop` is stopped.
     ///
     /// # Errors
     ///
@@ -132,7 +132,7 @@ impl Broker {
         topic: &str,
         consumer: &str,
         handler: &mut impl DeliveryHandler,
-        stop: &AtomicBool,
+        stop: &StopHandle,
     ) -> Result<(), Error> {
         let (url, namespace) = (&self.url, &self.namespace);
         match self.transport {
@@ -152,7 +152,8 @@ impl Broker {
                     consumer,
                 )
                 .ack_wait(self.timing.ack_wait);
-                waybill_nats::NatsConsumer::connect(url, config)?.run(handler, stop)?;
+                let mut consumer = waybill_nats::NatsConsumer::connect(url, config)?;
+                with_stop_flag(stop, |flag| consumer.run(handler, flag))?;
             }
         }
         Ok(())
@@ -248,4 +249,23 @@ fn ensure_streams(
         publisher.ensure_stream(&stream(namespace, topic), &[&subject(namespace, topic)])?;
     }
     Ok(())
+}
+
+/// Runs `run` with a flag that is set once `stop` is stopped, for the NATS consumer, whose
+/// `run` still takes an `AtomicBool` (until it runs on the shared consumer loop too).
+fn with_stop_flag<T>(stop: &StopHandle, run: impl FnOnce(&AtomicBool) -> T) -> T {
+    let (flag, finished) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !finished.load(Ordering::SeqCst) {
+                if stop.wait(Duration::from_millis(50)) && stop.is_stopped() {
+                    flag.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
+        let result = run(&flag);
+        finished.store(true, Ordering::SeqCst);
+        result
+    })
 }

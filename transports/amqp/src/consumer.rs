@@ -1,33 +1,27 @@
-//! [`AmqpConsumer`]: a consumer loop over a RabbitMQ queue that feeds a [`DeliveryHandler`].
+//! [`AmqpConsumer`]: the shared [`ConsumerLoop`] over a RabbitMQ queue.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Confirmation, ExchangeKind};
 use tokio::runtime::Runtime;
 #[cfg(doc)]
 use waybill_inbox_core::Disposition;
-use waybill_inbox_core::{wire, DeliveryHandler, Outcome, RetryPolicy};
+use waybill_inbox_core::{
+    wire, ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
+    Subscription,
+};
+use waybill_outbox_core::StopHandle;
 
 use crate::fields::{self, short};
-use crate::link::{self, within, Link};
+use crate::link::{self, within};
+use crate::topology::{self, ConsumerLink};
 use crate::{redact, Error, Result};
 
-/// Header that counted how often an earlier version of the consumer re-published a delivery
-/// after [`Disposition::Retry`]. Retries now happen in place; a copy that still carries it
-/// counts that many handler calls against [`RetryPolicy`]'s max deliveries.
-pub const REDELIVERIES_HEADER: &str = "x-waybill-redeliveries";
-/// Header an earlier version put on a re-published copy: the reason of the last
-/// [`Disposition::Retry`]. No longer written.
-pub const RETRY_REASON_HEADER: &str = "x-waybill-retry-reason";
 /// Header on a dead letter: why it was dead-lettered. The same name on every transport.
 pub use waybill_inbox_core::DEAD_LETTER_REASON;
 /// The name this crate used for [`DEAD_LETTER_REASON`] before the transports agreed on one;
@@ -35,6 +29,9 @@ pub use waybill_inbox_core::DEAD_LETTER_REASON;
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-waybill-dead-letter-reason";
 /// Header on a dead letter: the queue it was consumed from.
 pub const ORIGINAL_QUEUE_HEADER: &str = "x-waybill-original-queue";
+/// Header RabbitMQ's quorum queues put on a redelivered message: how often it was delivered
+/// before and came back unsettled. Classic queues keep no such count.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 /// The first pause before reconnecting in [`AmqpConsumer::run`]; it doubles up to the limit.
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -42,10 +39,13 @@ const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// What a consumer consumes and how. Built with [`ConsumerConfig::new`] and by-value setters.
 ///
 /// ```
-/// use waybill_amqp::ConsumerConfig;
+/// use waybill_amqp::{AMQPValue, ConsumerConfig, FieldTable, LongString};
 ///
+/// let mut arguments = FieldTable::default();
+/// arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
 /// let config = ConsumerConfig::new("billing.orders")
 ///     .bind("orders", "#")
+///     .queue_arguments(arguments)
 ///     .prefetch(64)
 ///     .max_deliveries(3);
 /// assert_eq!(config.dead_letter_queue_name(), "billing.orders.dead");
@@ -53,14 +53,16 @@ const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ConsumerConfig {
-    queue: String,
-    bindings: Vec<(String, String)>,
-    declare_exchanges: Option<ExchangeKind>,
-    prefetch: u16,
+    pub(crate) queue: String,
+    pub(crate) bindings: Vec<(String, String)>,
+    pub(crate) declare_exchanges: Option<ExchangeKind>,
+    pub(crate) passive: bool,
+    pub(crate) queue_arguments: FieldTable,
+    pub(crate) prefetch: u16,
     retry: RetryPolicy,
     dead_letter_exchange: Option<String>,
     dead_letter_queue: Option<String>,
-    connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     confirm_timeout: Duration,
     poll_timeout: Duration,
     max_reconnect_delay: Duration,
@@ -68,12 +70,15 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     /// Consumes `queue`, which the consumer declares (durable, dead-lettering to the
-    /// dead-letter exchange) together with the dead-letter exchange and queue.
+    /// dead-letter exchange) together with the dead-letter exchange and queue, unless
+    /// [`passive`](Self::passive).
     pub fn new(queue: impl Into<String>) -> Self {
         Self {
             queue: queue.into(),
             bindings: Vec::new(),
             declare_exchanges: Some(ExchangeKind::Topic),
+            passive: false,
+            queue_arguments: FieldTable::default(),
             prefetch: 32,
             retry: RetryPolicy::default(),
             dead_letter_exchange: None,
@@ -86,23 +91,52 @@ impl ConsumerConfig {
     }
 
     /// Binds the queue to `exchange` with `routing_key` (e.g. `#` for everything on a topic
-    /// exchange). May be called several times. Defaults to no bindings (only the default
-    /// exchange reaches the queue).
+    /// exchange). May be called several times. Binding is idempotent, so this is done in
+    /// [`passive`](Self::passive) mode too. Defaults to no bindings (only the default exchange
+    /// reaches the queue).
     #[must_use]
     pub fn bind(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
         self.bindings.push((exchange.into(), routing_key.into()));
         self
     }
 
-    /// Declares the exchanges named in [`bind`](Self::bind) (durable, of this kind), or not at
-    /// all with `None`. Defaults to `Some(ExchangeKind::Topic)`, as the publisher does.
+    /// Declares the exchanges named in [`bind`](Self::bind) (durable, of this kind), or, with
+    /// `None`, only checks that they exist (a passive declare), whatever their kind and
+    /// arguments: for an exchange another team owns. Defaults to `Some(ExchangeKind::Topic)`, as
+    /// the publisher does.
     #[must_use]
     pub fn declare_exchanges(mut self, kind: Option<ExchangeKind>) -> Self {
         self.declare_exchanges = kind;
         self
     }
 
-    /// How many unacknowledged deliveries the broker sends ahead (`basic.qos`). Defaults to 32.
+    /// Uses topology that someone else declared (an operator, a policy, another team) as it
+    /// is: the queue and the exchanges named in [`bind`](Self::bind) are only checked with
+    /// passive declares, whatever arguments and kinds they have, and only the bindings are
+    /// made. The dead-letter exchange is checked by [`AmqpConsumer::connect`] (a wrong name
+    /// fails at once) but not when reconnecting: while its owner recreates it, only the message
+    /// to dead-letter waits in the queue. The dead-letter queue is not touched (the dead-letter
+    /// exchange routes where its owner bound it) and
+    /// [`queue_arguments`](Self::queue_arguments) are not used. Without it, a queue that exists
+    /// with other arguments (e.g. `x-max-length`) fails to connect with `PRECONDITION_FAILED`.
+    /// Defaults to `false`.
+    #[must_use]
+    pub fn passive(mut self, passive: bool) -> Self {
+        self.passive = passive;
+        self
+    }
+
+    /// Arguments the queue is declared with, e.g. `x-queue-type = quorum` or `x-max-length`.
+    /// The consumer adds `x-dead-letter-exchange` (the [dead-letter
+    /// exchange](Self::dead_letter_exchange)) unless given here. Defaults to none.
+    #[must_use]
+    pub fn queue_arguments(mut self, arguments: FieldTable) -> Self {
+        self.queue_arguments = arguments;
+        self
+    }
+
+    /// How many unacknowledged deliveries the broker sends ahead (`basic.qos`), and the most
+    /// deliveries one step of [`AmqpConsumer::run`] handles. Defaults to 32.
     #[must_use]
     pub fn prefetch(mut self, count: u16) -> Self {
         self.prefetch = count;
@@ -127,13 +161,6 @@ impl ConsumerConfig {
         self
     }
 
-    /// Calls after the first: `max_deliveries(count + 1)`, so the handler sees a message at
-    /// most `count + 1` times, as before. Defaults to 4.
-    #[must_use]
-    pub fn max_redeliveries(self, count: u32) -> Self {
-        self.max_deliveries(count.saturating_add(1))
-    }
-
     /// The dead-letter exchange (fanout). Defaults to `<queue>.dead`.
     #[must_use]
     pub fn dead_letter_exchange(mut self, name: impl Into<String>) -> Self {
@@ -155,15 +182,14 @@ impl ConsumerConfig {
         self
     }
 
-    /// How long the broker may take to confirm a redelivery copy or a dead letter. Defaults to
-    /// 30 seconds.
+    /// How long the broker may take to confirm a dead letter. Defaults to 30 seconds.
     #[must_use]
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
     }
 
-    /// How long [`AmqpConsumer::run`] waits for a delivery before it looks at its stop flag
+    /// How long [`AmqpConsumer::run`] waits for a delivery before it looks at its stop handle
     /// again. Defaults to 1 second.
     #[must_use]
     pub fn poll_timeout(mut self, timeout: Duration) -> Self {
@@ -202,10 +228,11 @@ impl ConsumerConfig {
 pub use waybill_inbox_core::ConsumeReport;
 
 /// Consumes a RabbitMQ queue with manual acknowledgements and hands each decoded delivery to a
-/// [`DeliveryHandler`], e.g. waybill-diesel's `InboxHandler`.
+/// [`DeliveryHandler`], e.g. waybill-diesel's `InboxHandler`: the shared [`ConsumerLoop`] of
+/// every waybill transport, over this queue.
 ///
 /// A delivery is acknowledged only after the handler returned [`Disposition::Ack`]. See the
-/// [crate docs](crate) for the redelivery and dead-letter design.
+/// [crate docs](crate) for the retry, dead-letter and topology design.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -222,57 +249,57 @@ pub use waybill_inbox_core::ConsumeReport;
 /// println!("{report:?}");
 /// # Ok::<(), waybill_amqp::Error>(())
 /// ```
+#[derive(Debug)]
 pub struct AmqpConsumer {
-    runtime: Runtime,
-    addr: String,
-    config: ConsumerConfig,
-    link: Option<ConsumerLink>,
-}
-
-struct ConsumerLink {
-    link: Link,
-    consumer: lapin::Consumer,
-}
-
-impl fmt::Debug for AmqpConsumer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConsumer")
-            .field("addr", &redact(&self.addr))
-            .field("config", &self.config)
-            .field("connected", &self.is_connected())
-            .finish()
-    }
+    inner: ConsumerLoop<AmqpSubscription>,
 }
 
 impl AmqpConsumer {
-    /// Connects to the broker at `addr`, declares the queue, the dead-letter exchange and
-    /// queue and the bindings, sets the prefetch and starts consuming.
+    /// Connects to the broker at `addr`, declares (or, [passive](ConsumerConfig::passive),
+    /// checks) the queue, the dead-letter exchange and queue and the exchanges to bind to,
+    /// binds the queue, sets the prefetch and starts consuming.
+    ///
+    /// Whatever must exist already is checked, and whatever exists is declared again (which
+    /// verifies its arguments), before anything is created; if creating, binding or consuming
+    /// then fails, the queues and exchanges this call created are deleted again (only while
+    /// empty and unused). So a failed connect leaves nothing new behind, except when the broker
+    /// goes away in the middle (then what stays is what the next connect declares anyway).
     ///
     /// # Errors
     ///
-    /// [`Error::Amqp`] when connecting or declaring fails (e.g. the queue exists with other
-    /// arguments), [`Error::Timeout`] when the broker does not answer within the connect
-    /// timeout, [`Error::TooLong`] for a name over 255 bytes and [`Error::Runtime`] when the
-    /// private runtime cannot start.
+    /// [`Error::Topology`] when the broker refuses the topology (a queue or exchange that
+    /// exists with other arguments or another kind: `PRECONDITION_FAILED`; one that is missing
+    /// where it is only checked: `NOT_FOUND`), [`Error::Amqp`] when connecting fails (refused,
+    /// wrong credentials), [`Error::Timeout`] when the broker does not answer within the
+    /// connect timeout, [`Error::TooLong`] for a name over 255 bytes (checked before
+    /// connecting) and [`Error::Runtime`] when the private runtime cannot start.
     pub fn connect(addr: &str, config: ConsumerConfig) -> Result<Self> {
         let runtime = link::runtime()?;
-        let link = runtime.block_on(open(addr, &config))?;
+        let link = runtime.block_on(topology::open(addr, &config, true))?;
+        let inner = ConsumerLoop::new(
+            AmqpSubscription {
+                runtime,
+                addr: addr.to_owned(),
+                config: config.clone(),
+                link: Some(link),
+            },
+            config.retry,
+        );
         Ok(Self {
-            runtime,
-            addr: addr.to_owned(),
-            config,
-            link: Some(link),
+            inner: inner
+                .batch(usize::from(config.prefetch), config.poll_timeout)
+                .reconnect_delay(FIRST_RECONNECT_DELAY, config.max_reconnect_delay),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &ConsumerConfig {
-        &self.config
+        &self.inner.subscription().config
     }
 
     /// `true` while the consumer holds an open connection and channel.
     pub fn is_connected(&self) -> bool {
-        self.link.as_ref().is_some_and(|l| l.link.is_open())
+        self.inner.subscription().is_connected()
     }
 
     /// Closes the connection under the consumer without telling it, as a broker restart or a
@@ -287,37 +314,54 @@ impl AmqpConsumer {
     /// # Ok::<(), waybill_amqp::Error>(())
     /// ```
     pub fn simulate_connection_loss(&mut self) {
-        if let Some(link) = &self.link {
-            self.runtime.block_on(link.link.close());
+        let subscription = self.inner.subscription_mut();
+        if let Some(current) = &subscription.link {
+            subscription.runtime.block_on(current.link.close());
         }
     }
 
     /// Handles up to `max` deliveries: waits at most `wait` for the first, then takes only
     /// those already at hand. Reconnects first if an earlier call lost the connection. The
-    /// deterministic step that [`run`](Self::run) loops over.
+    /// deterministic step that [`run`](Self::run) loops over
+    /// ([`ConsumerLoop::run_once`]).
     ///
     /// # Errors
     ///
-    /// A lost connection or channel ([`Error::ConnectionLost`], [`Error::Amqp`]), a broker that
-    /// refused a redelivery copy or dead letter ([`Error::Refused`]), an answer that timed out
-    /// ([`Error::Timeout`]) or a cancelled consumer ([`Error::ConsumerCancelled`]). The
-    /// delivery at hand was then not acknowledged, so the broker delivers it again; the next
-    /// call reconnects.
+    /// A lost connection or channel ([`Error::ConnectionLost`], [`Error::Amqp`]), a dead letter
+    /// the broker did not store ([`Error::Refused`], [`Error::DeadLetter`]: the original was
+    /// handed back), an answer that timed out ([`Error::Timeout`]), a cancelled consumer
+    /// ([`Error::ConsumerCancelled`]) or a refused topology on reconnecting
+    /// ([`Error::Topology`]). A delivery not settled went back to the queue; the next call
+    /// reconnects.
     pub fn run_once(
         &mut self,
         handler: &mut impl DeliveryHandler,
         max: usize,
         wait: Duration,
     ) -> Result<ConsumeReport> {
-        let mut report = ConsumeReport::default();
-        let outcome = self.step(handler, max, wait, &mut report);
-        report.record(&self.config.queue);
-        outcome.map(|()| report)
+        self.inner.run_once(handler, max, wait)
     }
 
-    /// Consumes until `stop` is set, in steps of up to `prefetch` deliveries. After a
-    /// connection loss or any other retryable error it logs, pauses (100 ms, doubling up to the
-    /// configured limit) and reconnects: it never exits on a broker that is down.
+    /// Consumes until `stop` is stopped, in steps of up to `prefetch` deliveries
+    /// ([`ConsumerLoop::run`]). After a connection loss or any other retryable error (a missing
+    /// dead-letter exchange included) it logs, pauses (100 ms, doubling up to the configured
+    /// limit) and reconnects: it never exits on a broker that is down. Once stopped, it settles
+    /// the delivery in hand and hands back what the broker sent ahead (by closing the
+    /// connection; the next call reconnects).
+    ///
+    /// ```no_run
+    /// use waybill_amqp::{AmqpConsumer, ConsumerConfig, StopHandle};
+    /// use waybill_inbox_core::{Disposition, IncomingMessage};
+    ///
+    /// let mut consumer = AmqpConsumer::connect("amqp://127.0.0.1:5672/%2f",
+    ///     ConsumerConfig::new("billing.orders").bind("orders", "#"))?;
+    /// let stop = StopHandle::new();
+    /// let stopper = stop.clone(); // e.g. for a signal handler
+    /// # stopper.stop();
+    /// let report = consumer.run(&mut |_: &IncomingMessage| Disposition::Ack, &stop)?;
+    /// # let _ = report;
+    /// # Ok::<(), waybill_amqp::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -326,72 +370,61 @@ impl AmqpConsumer {
     pub fn run(
         &mut self,
         handler: &mut impl DeliveryHandler,
-        stop: &AtomicBool,
+        stop: &StopHandle,
     ) -> Result<ConsumeReport> {
-        let mut total = ConsumeReport::default();
-        let mut delay = FIRST_RECONNECT_DELAY;
-        let max = usize::from(self.config.prefetch.max(1));
-        while !stop.load(Ordering::Relaxed) {
-            let mut report = ConsumeReport::default();
-            let outcome = self.step(handler, max, self.config.poll_timeout, &mut report);
-            report.record(&self.config.queue);
-            total.add(&report);
-            match outcome {
-                Ok(()) => {
-                    delay = FIRST_RECONNECT_DELAY;
-                    if report.delivered == 0 {
-                        log::trace!("queue {}: nothing to consume", self.config.queue);
-                    }
-                }
-                Err(error) if error.is_retryable() => {
-                    log::warn!(
-                        "consuming {} from {} failed, reconnecting in {delay:?}: {error}",
-                        self.config.queue,
-                        redact(&self.addr)
-                    );
-                    pause(delay, stop);
-                    delay = (delay * 2).min(self.config.max_reconnect_delay);
-                }
-                Err(error) => {
-                    log::error!(
-                        "consuming {} from {} failed for good: {error}",
-                        self.config.queue,
-                        redact(&self.addr)
-                    );
-                    return Err(error);
-                }
-            }
-        }
-        Ok(total)
+        self.inner.run(handler, stop)
+    }
+}
+
+/// The queue as the shared loop sees it: a connection (opened again after a failure) and a
+/// lapin consumer on it.
+struct AmqpSubscription {
+    runtime: Runtime,
+    addr: String,
+    config: ConsumerConfig,
+    link: Option<ConsumerLink>,
+}
+
+impl fmt::Debug for AmqpSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSubscription")
+            .field("addr", &redact(&self.addr))
+            .field("config", &self.config)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl AmqpSubscription {
+    fn is_connected(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.link.is_open())
     }
 
-    fn step(
-        &mut self,
-        handler: &mut impl DeliveryHandler,
-        max: usize,
-        wait: Duration,
-        report: &mut ConsumeReport,
-    ) -> Result<()> {
-        let result = self.consume(handler, max, wait, report);
-        if result.is_err() {
-            // Unacknowledged deliveries go back to the queue when the connection closes.
-            if let Some(link) = self.link.take() {
-                self.runtime.block_on(link.link.close());
-            }
-        }
-        if report.delivered > 0 {
-            log::debug!("queue {}: {report:?}", self.config.queue);
-        }
-        result
+    /// The live link, for settling a delivery it handed out.
+    fn live(&self) -> Result<&ConsumerLink> {
+        self.link.as_ref().ok_or(Error::ConnectionLost)
     }
 
-    fn consume(
-        &mut self,
-        handler: &mut impl DeliveryHandler,
-        max: usize,
-        wait: Duration,
-        report: &mut ConsumeReport,
-    ) -> Result<()> {
+    /// Closes the connection, if any: the broker takes back every unsettled delivery.
+    fn close(&mut self) {
+        if let Some(current) = self.link.take() {
+            self.runtime.block_on(current.link.close());
+        }
+    }
+}
+
+impl Subscription for AmqpSubscription {
+    type Delivery = Delivery;
+    type Error = Error;
+
+    fn name(&self) -> &str {
+        &self.config.queue
+    }
+
+    /// The next delivery the broker pushed. The broker sends up to `prefetch` deliveries ahead
+    /// whatever `wanted` is; those not taken in this step wait, unacknowledged, on this
+    /// consumer's channel for the next one (or go back when the connection closes).
+    fn next(&mut self, wait: Duration, _wanted: usize) -> Result<Option<Delivery>> {
         let Self {
             runtime,
             addr,
@@ -404,222 +437,138 @@ impl AmqpConsumer {
                 if let Some(stale) = link.take() {
                     runtime.block_on(stale.link.close());
                 }
-                link.insert(runtime.block_on(open(addr, config))?)
+                link.insert(runtime.block_on(topology::open(addr, config, false))?)
             }
         };
-        for n in 0..max {
-            let timeout = if n == 0 { wait } else { Duration::ZERO };
-            let Some(delivery) = runtime.block_on(next(current, &config.queue, timeout))? else {
-                break;
-            };
-            report.delivered += 1;
-            dispose(runtime, current, config, handler, delivery, report)?;
-        }
-        Ok(())
+        runtime.block_on(async {
+            match tokio::time::timeout(wait, current.consumer.next()).await {
+                Err(_) if current.link.is_open() => Ok(None),
+                Err(_) => Err(Error::ConnectionLost),
+                Ok(Some(delivery)) => Ok(Some(delivery?)),
+                Ok(None) if current.link.is_open() => Err(Error::ConsumerCancelled {
+                    queue: config.queue.clone(),
+                }),
+                Ok(None) => Err(Error::ConnectionLost),
+            }
+        })
     }
-}
 
-impl Drop for AmqpConsumer {
-    fn drop(&mut self) {
-        if let Some(link) = self.link.take() {
-            self.runtime.block_on(link.link.close());
-        }
+    /// [`wire::decode`] of the string headers (this transport's `x-waybill-*` ones and
+    /// RabbitMQ's nested `x-death` left out) and the body.
+    fn decode(&self, delivery: &Delivery) -> Result<IncomingMessage, DecodeError> {
+        let headers = fields::from_table(delivery.properties.headers().as_ref());
+        wire::decode(headers, delivery.data.clone())
     }
-}
 
-/// Sleeps `delay` in short steps, returning early once `stop` is set.
-fn pause(delay: Duration, stop: &AtomicBool) {
-    let step = Duration::from_millis(50);
-    let mut left = delay;
-    while !left.is_zero() && !stop.load(Ordering::Relaxed) {
-        let now = left.min(step);
-        std::thread::sleep(now);
-        left -= now;
-    }
-}
-
-/// Connects, declares the topology and starts consuming.
-async fn open(addr: &str, config: &ConsumerConfig) -> Result<ConsumerLink> {
-    let link = Link::open(addr, config.connect_timeout).await?;
-    let timeout = config.connect_timeout;
-    let channel = &link.channel;
-    let queue = short("queue name", config.queue.as_str())?;
-    let dlx = short(
-        "dead-letter exchange name",
-        config.dead_letter_exchange_name(),
-    )?;
-    let dlq = short("dead-letter queue name", config.dead_letter_queue_name())?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-
-    within(
-        "declaring the dead-letter exchange",
-        timeout,
-        channel.exchange_declare(
-            dlx.clone(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    within(
-        "declaring the dead-letter queue",
-        timeout,
-        channel.queue_declare(dlq.clone(), durable, FieldTable::default()),
-    )
-    .await?;
-    within(
-        "binding the dead-letter queue",
-        timeout,
-        channel.queue_bind(
-            dlq,
-            dlx.clone(),
-            ShortString::default(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(dlx.as_str())),
-    );
-    within(
-        "declaring the queue",
-        timeout,
-        channel.queue_declare(queue.clone(), durable, arguments),
-    )
-    .await?;
-    for (exchange, routing_key) in &config.bindings {
-        let exchange = short("exchange name", exchange.as_str())?;
-        if let Some(kind) = &config.declare_exchanges {
-            within(
-                "declaring an exchange",
-                timeout,
-                channel.exchange_declare(
-                    exchange.clone(),
-                    kind.clone(),
-                    durable_exchange,
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
-        }
-        within(
-            "binding the queue",
-            timeout,
-            channel.queue_bind(
-                queue.clone(),
-                exchange,
-                short("routing key", routing_key.as_str())?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
+    /// The quorum queue's [`DELIVERY_COUNT_HEADER`], else 0 (classic queues count nothing: the
+    /// `redelivered` flag says only "maybe seen before"). The count includes deliveries the
+    /// broker sent ahead that no handler saw before they came back, so it may overstate the
+    /// handler calls; it only shrinks the calls left, and the handler always gets one.
+    fn earlier_deliveries(&self, delivery: &Delivery) -> u32 {
+        fields::count(
+            delivery.properties.headers().as_ref(),
+            DELIVERY_COUNT_HEADER,
         )
-        .await?;
     }
-    within(
-        "setting the prefetch",
-        timeout,
-        channel.basic_qos(config.prefetch, BasicQosOptions::default()),
-    )
-    .await?;
-    let consumer = within(
-        "starting the consumer",
-        timeout,
-        channel.basic_consume(
-            queue,
-            ShortString::default(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    log::debug!(
-        "consuming {} from {} (prefetch {})",
-        config.queue,
-        redact(addr),
-        config.prefetch
-    );
-    Ok(ConsumerLink { link, consumer })
-}
 
-/// The next delivery, or `None` when none came within `timeout`.
-async fn next(
-    current: &mut ConsumerLink,
-    queue: &str,
-    timeout: Duration,
-) -> Result<Option<Delivery>> {
-    match tokio::time::timeout(timeout, current.consumer.next()).await {
-        Err(_) if current.link.is_open() => Ok(None),
-        Err(_) => Err(Error::ConnectionLost),
-        Ok(Some(delivery)) => Ok(Some(delivery?)),
-        Ok(None) if current.link.is_open() => Err(Error::ConsumerCancelled {
-            queue: queue.to_owned(),
-        }),
-        Ok(None) => Err(Error::ConnectionLost),
-    }
-}
-
-/// Runs the handler on one delivery (retrying in place) and acknowledges or dead-letters it.
-fn dispose(
-    runtime: &Runtime,
-    current: &ConsumerLink,
-    config: &ConsumerConfig,
-    handler: &mut impl DeliveryHandler,
-    delivery: Delivery,
-    report: &mut ConsumeReport,
-) -> Result<()> {
-    let table = delivery.properties.headers().as_ref();
-    let redeliveries = fields::count(table, REDELIVERIES_HEADER);
-    let headers = fields::from_table(table);
-    let message = match wire::decode(headers, delivery.data.clone()) {
-        Ok(message) => message,
-        Err(error) => {
-            let id = delivery_id(&delivery);
-            let reason = format!("malformed: {}", chain(&error));
-            log::error!(
-                "queue {}: message {id} dead-lettered: {reason}",
-                config.queue
-            );
-            runtime.block_on(dead_letter(current, config, &delivery, &id, &reason))?;
-            report.malformed += 1;
-            report.dead_lettered += 1;
-            return Ok(());
-        }
-    };
-    let id = message.id.to_string();
-    // Retried in place: the next delivery is taken only once this one is settled.
-    let handled = config.retry.handle(handler, &message, redeliveries);
-    report.retried += u64::from(handled.retries());
-    runtime.block_on(async {
-        match handled.outcome {
-            Outcome::Ack => {
-                ack(current, &delivery).await?;
-                report.acked += 1;
-            }
-            Outcome::DeadLetter(reason) => {
-                log::error!(
-                    "queue {}: message {id} dead-lettered: {reason}",
-                    config.queue
-                );
-                dead_letter(current, config, &delivery, &id, &reason).await?;
-                report.dead_lettered += 1;
-            }
-        }
+    fn ack(&mut self, delivery: Delivery) -> Result<()> {
+        let channel = &self.live()?.link.channel;
+        self.runtime
+            .block_on(channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()))?;
         Ok(())
-    })
+    }
+
+    /// Publishes a copy with the reason ([`DEAD_LETTER_REASON`], [`DEAD_LETTER_REASON_HEADER`])
+    /// and [`ORIGINAL_QUEUE_HEADER`] to the dead-letter exchange (`mandatory`, routing key =
+    /// the queue) and waits for the broker's confirm. A `basic.reject` would dead-letter the
+    /// original headers only and lose the reason.
+    fn dead_letter(&mut self, delivery: &Delivery, letter: &DeadLetter<'_>) -> Result<()> {
+        let id = delivery_id(delivery);
+        let exchange = short(
+            "dead-letter exchange name",
+            self.config.dead_letter_exchange_name(),
+        )?;
+        let routing_key = short("queue name", self.config.queue.as_str())?;
+        let mut table = delivery.properties.headers().clone().unwrap_or_default();
+        for (name, value) in [
+            (DEAD_LETTER_REASON, letter.reason),
+            (DEAD_LETTER_REASON_HEADER, letter.reason),
+            (ORIGINAL_QUEUE_HEADER, self.config.queue.as_str()),
+        ] {
+            table.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+        let properties = delivery.properties.clone().with_headers(table);
+        let channel = &self.live()?.link.channel;
+        let failed = |source| Error::DeadLetter {
+            message: id.clone(),
+            source,
+        };
+        let confirmation = self.runtime.block_on(async {
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let confirm = channel
+                .basic_publish(exchange, routing_key, options, &delivery.data, properties)
+                .await
+                .map_err(failed)?;
+            within(
+                "confirming a dead letter",
+                self.config.confirm_timeout,
+                confirm,
+            )
+            .await
+            .map_err(|error| match error {
+                Error::Amqp(source) => failed(source),
+                other => other,
+            })
+        })?;
+        let refused = |reason: String| Error::Refused {
+            what: "dead letter",
+            message: id.clone(),
+            reason,
+        };
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(refused(
+                format!("returned: {} {}", returned.reply_code, returned.reply_text),
+            )),
+            Confirmation::Nack(None) => Err(refused("negatively confirmed (nack)".into())),
+            Confirmation::NotRequested => Err(refused("the channel is not in confirm mode".into())),
+        }
+    }
+
+    /// `basic.nack` with requeue: RabbitMQ puts the message back at its place in the queue
+    /// where it can, so it comes again before the later messages of its key.
+    fn release(&mut self, delivery: Delivery) -> Result<()> {
+        let channel = &self.live()?.link.channel;
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        self.runtime
+            .block_on(channel.basic_nack(delivery.delivery_tag, requeue))?;
+        Ok(())
+    }
+
+    /// Closes the connection: the deliveries the broker sent ahead go back to the queue.
+    fn release_fetched(&mut self) -> Result<()> {
+        self.close();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.close();
+    }
 }
 
-/// The id a delivery claims to have, for logs: the wire header, else the AMQP message id.
+impl Drop for AmqpSubscription {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The id a delivery claims to have, for errors: the wire header, else the AMQP message id.
 fn delivery_id(delivery: &Delivery) -> String {
     let table = delivery.properties.headers().as_ref();
     table
@@ -633,114 +582,4 @@ fn delivery_id(delivery: &Delivery) -> String {
                 .map(|id| id.to_string())
         })
         .unwrap_or_else(|| "-".to_owned())
-}
-
-/// An error and its sources, joined with `: `.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-async fn ack(current: &ConsumerLink, delivery: &Delivery) -> Result<()> {
-    current
-        .link
-        .channel
-        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-        .await?;
-    Ok(())
-}
-
-/// Publishes a copy with the reason to the dead-letter exchange, then acknowledges the
-/// original. If the dead-letter queue does not take it, the original stays unacknowledged.
-async fn dead_letter(
-    current: &ConsumerLink,
-    config: &ConsumerConfig,
-    delivery: &Delivery,
-    id: &str,
-    reason: &str,
-) -> Result<()> {
-    let extra = [
-        (
-            DEAD_LETTER_REASON,
-            AMQPValue::LongString(LongString::from(reason)),
-        ),
-        (
-            DEAD_LETTER_REASON_HEADER,
-            AMQPValue::LongString(LongString::from(reason)),
-        ),
-        (
-            ORIGINAL_QUEUE_HEADER,
-            AMQPValue::LongString(LongString::from(config.queue.as_str())),
-        ),
-    ];
-    copy(
-        current,
-        config,
-        delivery,
-        short(
-            "dead-letter exchange name",
-            config.dead_letter_exchange_name(),
-        )?,
-        short("queue name", config.queue.as_str())?,
-        &extra,
-    )
-    .await
-    .map_err(|reason| Error::Refused {
-        what: "dead letter",
-        message: id.to_owned(),
-        reason,
-    })??;
-    ack(current, delivery).await
-}
-
-/// Publishes `delivery` again (mandatory, confirmed) with `extra` headers. The outer error is a
-/// refusal by the broker (nack, return), the inner one a failure of the client.
-async fn copy(
-    current: &ConsumerLink,
-    config: &ConsumerConfig,
-    delivery: &Delivery,
-    exchange: ShortString,
-    routing_key: ShortString,
-    extra: &[(&str, AMQPValue)],
-) -> std::result::Result<Result<()>, String> {
-    let mut table = delivery.properties.headers().clone().unwrap_or_default();
-    for (name, value) in extra {
-        table.insert((*name).into(), value.clone());
-    }
-    let properties = delivery.properties.clone().with_headers(table);
-    let sent = async {
-        let confirm = current
-            .link
-            .channel
-            .basic_publish(
-                exchange,
-                routing_key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &delivery.data,
-                properties,
-            )
-            .await?;
-        within("confirming a copy", config.confirm_timeout, confirm).await
-    };
-    Ok(match sent.await {
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
-            return Err(format!(
-                "returned: {} {}",
-                returned.reply_code, returned.reply_text
-            ))
-        }
-        Ok(Confirmation::Nack(None)) => return Err("negatively confirmed (nack)".into()),
-        Ok(Confirmation::NotRequested) => return Err("the channel is not in confirm mode".into()),
-        Err(error) => Err(error),
-    })
 }

@@ -33,12 +33,12 @@ pub enum Error {
         #[source]
         source: lapin::types::ShortStringError,
     },
-    /// The broker did not take a copy the consumer published (a redelivery or a dead letter):
-    /// it was negatively acknowledged or returned as unroutable. The original delivery was not
-    /// acknowledged, so the broker delivers it again.
+    /// The broker did not take a dead letter the consumer published: it was negatively
+    /// acknowledged or returned as unroutable. The original delivery was handed back, so the
+    /// broker delivers it again.
     #[error("the broker did not take the {what} of message {message}: {reason}")]
     Refused {
-        /// `"redelivery copy"` or `"dead letter"`.
+        /// `"dead letter"`.
         what: &'static str,
         /// The message id, or `"-"` when the delivery had none.
         message: String,
@@ -48,6 +48,32 @@ pub enum Error {
     /// The connection or channel closed under the consumer (broker restart, network failure).
     #[error("the connection to the broker was lost")]
     ConnectionLost,
+    /// The consumer could not store a dead letter: the dead-letter exchange is missing (the
+    /// broker closed the channel with `NOT_FOUND`) or the channel failed while publishing it.
+    /// The original delivery was handed back, so the broker delivers it again. Retryable: the
+    /// message waits, in its place, until the dead-letter exchange exists.
+    #[error("dead-lettering message {message} failed")]
+    DeadLetter {
+        /// The message id, or `"-"` when the delivery had none.
+        message: String,
+        /// The client's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused a queue, exchange or binding the consumer declares or checks: it
+    /// exists with other arguments or of another kind (`PRECONDITION_FAILED`; see
+    /// [`ConsumerConfig::passive`](crate::ConsumerConfig::passive)), or it is missing where the
+    /// consumer only checks it (`NOT_FOUND`). Retryable only when the connection failed.
+    #[error("{operation} {name} failed{}", topology_hint(.source))]
+    Topology {
+        /// What was done, e.g. `"declaring the queue"` or `"checking the exchange"`.
+        operation: &'static str,
+        /// The queue or exchange (for a binding: `queue to exchange (routing key)`).
+        name: String,
+        /// The broker's refusal.
+        #[source]
+        source: lapin::Error,
+    },
     /// The broker cancelled the consumer, e.g. because its queue was deleted.
     #[error("the broker cancelled the consumer of queue {queue}")]
     ConsumerCancelled {
@@ -66,7 +92,10 @@ impl Error {
     /// a queue declared again with different arguments, or a name that is too long.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Amqp(error) => lapin_error_is_retryable(error),
+            Self::Amqp(error) | Self::Topology { source: error, .. } => {
+                lapin_error_is_retryable(error)
+            }
+            Self::DeadLetter { .. } => true,
             Self::Timeout { .. }
             | Self::Refused { .. }
             | Self::ConnectionLost
@@ -79,6 +108,21 @@ impl Error {
 impl waybill_outbox_core::Retryable for Error {
     fn is_retryable(&self) -> bool {
         Error::is_retryable(self)
+    }
+}
+
+/// What to do about a refused topology, for [`Error::Topology`]'s message.
+fn topology_hint(error: &lapin::Error) -> &'static str {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
+                " (it exists with other arguments or of another kind; to use it as it is, \
+                 configure the consumer as passive)"
+            }
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => " (it does not exist)",
+            _ => "",
+        },
+        _ => "",
     }
 }
 
@@ -151,7 +195,45 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use lapin::protocol::AMQPError;
+
     use super::*;
+
+    fn soft(kind: AMQPSoftError) -> lapin::Error {
+        ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(kind), "refused".into())).into()
+    }
+
+    #[test]
+    fn a_refused_topology_is_final_and_says_what_to_do_and_a_failed_dead_letter_is_retryable() {
+        let refused = Error::Topology {
+            operation: "declaring the queue",
+            name: "billing".into(),
+            source: soft(AMQPSoftError::PRECONDITIONFAILED),
+        };
+        assert!(!refused.is_retryable());
+        assert!(
+            refused
+                .to_string()
+                .starts_with("declaring the queue billing failed (it exists"),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("passive"), "{refused}");
+        let missing = Error::Topology {
+            operation: "checking the queue",
+            name: "billing".into(),
+            source: soft(AMQPSoftError::NOTFOUND),
+        };
+        assert!(!missing.is_retryable());
+        assert!(
+            missing.to_string().ends_with("(it does not exist)"),
+            "{missing}"
+        );
+        let dead_letter = Error::DeadLetter {
+            message: "-".into(),
+            source: soft(AMQPSoftError::NOTFOUND),
+        };
+        assert!(dead_letter.is_retryable());
+    }
 
     #[test]
     fn timeouts_are_retryable_and_long_names_are_not() {

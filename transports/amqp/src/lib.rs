@@ -87,36 +87,58 @@
 //! process crash), so this is rare; consumers that need strict order per key should check a
 //! per-key sequence. Retries on the consumer side keep the order (see below).
 //!
-//! # Redeliveries and dead letters
+//! # Retries, dead letters and hand-backs
 //!
-//! [`AmqpConsumer`] declares its queue durable with `x-dead-letter-exchange` pointing to a
-//! fanout dead-letter exchange, plus a dead-letter queue bound to it (both named
-//! `<queue>.dead` unless configured), so even messages the broker dead-letters by itself
-//! (e.g. a TTL) are kept.
+//! [`AmqpConsumer`] runs the shared [`ConsumerLoop`](waybill_inbox_core::ConsumerLoop) of every
+//! waybill transport over its queue. It declares the queue durable with
+//! `x-dead-letter-exchange` pointing to a fanout dead-letter exchange, plus a dead-letter queue
+//! bound to it (both named `<queue>.dead` unless configured), so even messages the broker
+//! dead-letters by itself (e.g. a TTL) are kept.
 //!
 //! - [`Disposition::Ack`] -> `basic.ack`.
 //! - [`Disposition::Retry`] or a panicking handler -> the handler is called again for the same
 //!   delivery after a short backoff, before the consumer takes the next one, so a key's later
-//!   message never overtakes it (a copy re-published to the queue's tail would). After the
-//!   [`ConsumerConfig::retry`] policy's max deliveries (handler calls, 5 by default) the
-//!   message is dead-lettered. A delivery the broker redelivers after a lost connection gets
-//!   the whole budget again: classic queues keep no delivery count.
+//!   message never overtakes it (a copy re-published to the queue's tail would). After
+//!   [`ConsumerConfig::max_deliveries`] handler calls (5 by default) the message is
+//!   dead-lettered. A message the broker delivers again after a lost connection gets the
+//!   whole budget again on a classic queue, which keeps no delivery count; on a quorum queue
+//!   its [`DELIVERY_COUNT_HEADER`] counts against the budget (the handler always gets at least
+//!   one call).
 //! - [`Disposition::DeadLetter`] and deliveries that do not decode (no message id, an id that
 //!   is not a UUID, a missing header, a payload that is not the JSON its content type
 //!   promises) -> a copy with [`DEAD_LETTER_REASON`] (the header name every transport uses,
 //!   plus the older [`DEAD_LETTER_REASON_HEADER`]) is published (confirmed, `mandatory`) to
 //!   the dead-letter exchange, then the original is acknowledged. A `basic.reject` would keep
 //!   the original headers only and lose the reason.
+//! - A dead letter the broker does not store (the dead-letter exchange is missing, no queue is
+//!   bound to it) -> the original is handed back with `basic.nack` + requeue (RabbitMQ puts it
+//!   back in its place), the step fails with a retryable error ([`Error::DeadLetter`],
+//!   [`Error::Refused`]) and the connection is reopened. [`AmqpConsumer::run`] goes on: the
+//!   message waits, ahead of its key's later messages, until the exchange is back, and is then
+//!   dead-lettered once. `dead_lettered` in the report counts only stored dead letters.
 //!
 //! Copy first, acknowledge second: a crash in between leaves a duplicate (the inbox skips it),
-//! never a loss. When the broker does not take the copy, the original is not acknowledged and
-//! the consumer reconnects, so the broker delivers it again.
+//! never a loss.
+//!
+//! # Topology someone else owns
+//!
+//! By default the consumer declares what it consumes, and a queue or exchange that exists with
+//! other arguments (a queue with `x-max-length`, another team's fanout exchange) fails the
+//! connect with [`Error::Topology`] (`PRECONDITION_FAILED`). [`ConsumerConfig::passive`] uses
+//! the queue, the bound exchanges and the dead-letter exchange as they are (passive declares
+//! only check that they exist) and only makes the bindings;
+//! [`ConsumerConfig::declare_exchanges`]`(None)` does that for the bound exchanges alone.
+//!
+//! A connect checks everything before it creates anything, and deletes what it created when a
+//! later step fails, so a failed connect leaves no half topology behind (see
+//! [`AmqpConsumer::connect`]).
 //!
 //! # Connection loss
 //!
 //! The publisher reports the broker unavailable and reconnects (channel, confirm mode) on the
 //! next `publish`. [`AmqpConsumer::run_once`] returns the error and reconnects on the next
-//! call; [`AmqpConsumer::run`] does that by itself with a capped backoff. Unacknowledged
+//! call; [`AmqpConsumer::run`] does that by itself with a capped backoff until its
+//! [`StopHandle`] is stopped. Unacknowledged
 //! deliveries return to the queue when a connection closes. Passwords are redacted from every
 //! address this crate logs ([`redact`]).
 //!
@@ -129,19 +151,24 @@ mod error;
 mod fields;
 mod link;
 mod publisher;
+mod topology;
 
 pub use consumer::{
     AmqpConsumer, ConsumeReport, ConsumerConfig, DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER, RETRY_REASON_HEADER,
+    DELIVERY_COUNT_HEADER, ORIGINAL_QUEUE_HEADER,
 };
 pub use error::{redact, Error, Result};
+/// The lapin types the configurations take: exchange kinds for
+/// [`ConsumerConfig::declare_exchanges`] and [`PublisherConfig::declare_exchanges`], field
+/// tables and values for [`ConsumerConfig::queue_arguments`].
+pub use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+pub use lapin::ExchangeKind;
 pub use publisher::{AmqpPublisher, PublisherConfig, Routing};
 
 /// The AMQP client this transport is built on, for its types in this crate's API
 /// ([`Error::Amqp`] wraps a `lapin::Error`) at the exact version the transport uses.
 pub use lapin;
-/// The kind of exchange [`PublisherConfig::declare_exchanges`] (and the consumer's
-/// `declare_exchanges`) declares.
-pub use lapin::ExchangeKind;
 /// What the publisher reports for an unroutable message ([`PublisherConfig::unroutable`]).
 pub use waybill_outbox_core::Unroutable;
+/// Stops [`AmqpConsumer::run`] (and a relay) from another thread.
+pub use waybill_outbox_core::StopHandle;

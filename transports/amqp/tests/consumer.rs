@@ -1,18 +1,20 @@
-//! The consumer loop against a real RabbitMQ: bounded redeliveries, dead letters with a
-//! reason, malformed deliveries that do not stop the loop, and `run` with a stop flag.
+//! The consumer loop against a real RabbitMQ: bounded retries in place, dead letters with a
+//! reason (and what happens while the dead-letter exchange is missing), malformed deliveries
+//! that do not stop the loop, panicking handlers on competing consumers, a quorum queue's
+//! delivery count, and `run` with a stop handle.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use waybill_amqp::{
-    AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, PublisherConfig,
-    DEAD_LETTER_REASON, DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER, REDELIVERIES_HEADER,
+    AMQPValue, AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, ExchangeKind,
+    FieldTable, LongString, PublisherConfig, StopHandle, DEAD_LETTER_REASON,
+    DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER,
 };
 use waybill_inbox_core::{wire, DeliveryHandler, Disposition, IncomingMessage};
 use waybill_outbox_core::{MessageId, Publisher};
@@ -54,7 +56,7 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
         &broker.addr,
         ConsumerConfig::new(&queue)
             .bind(&topic, "#")
-            .max_redeliveries(3),
+            .max_deliveries(4),
     )
     .expect("consumer");
     let mut publisher =
@@ -92,7 +94,7 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     assert!(reason.contains("failed 4 deliveries"), "{reason}");
     assert!(reason.contains("the ledger is locked"), "{reason}");
     assert_eq!(
-        header(&dead[0], REDELIVERIES_HEADER),
+        header(&dead[0], "x-waybill-redeliveries"),
         None,
         "no re-published copies"
     );
@@ -257,12 +259,12 @@ fn run_consumes_until_stopped() {
     let batch: Vec<_> = (0..20).map(|i| stored(i, &topic, "k", "{}")).collect();
     assert!(publisher.publish(&batch).iter().all(Result::is_ok));
 
-    let stop = AtomicBool::new(false);
+    let stop = StopHandle::new();
     let mut count = 0;
     let mut handler = |_: &IncomingMessage| {
         count += 1;
         if count == batch.len() {
-            stop.store(true, Ordering::Relaxed);
+            stop.stop();
         }
         Disposition::Ack
     };
@@ -433,4 +435,327 @@ fn a_dead_letter_carries_its_reason_under_the_header_name_every_transport_uses()
         Some("expired offer".into()),
         "the older name stays readable"
     );
+}
+
+#[test]
+fn run_returns_after_the_delivery_in_hand_once_stopped_and_hands_back_what_was_sent_ahead() {
+    // Stopped mid-step (a step may take all ten the broker sent ahead), then at the end of a
+    // step of three (with more sent ahead after its acknowledgements).
+    for prefetch in [32, 3] {
+        let Some(mut broker) = common::broker() else {
+            return;
+        };
+        let topic = unique("orders");
+        let queue = unique("q");
+        broker.cleanup_exchange(&topic);
+        broker.cleanup_queue(&queue);
+        let config = ConsumerConfig::new(&queue)
+            .bind(&topic, "#")
+            .prefetch(prefetch);
+        let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+        let mut publisher =
+            AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+        let batch: Vec<_> = (0..10).map(|i| stored(i, &topic, "k", "{}")).collect();
+        assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+        let stop = StopHandle::new();
+        let mut handled = Vec::new();
+        let mut handler = |message: &IncomingMessage| {
+            handled.push(message.headers["correlation-id"].clone());
+            if handled.len() == 3 {
+                stop.stop();
+            }
+            Disposition::Ack
+        };
+        let report = consumer.run(&mut handler, &stop).expect("run");
+        assert_eq!((report.delivered, report.acked), (3, 3), "{report:?}");
+        assert_eq!(handled, ["corr-0", "corr-1", "corr-2"]);
+
+        // The consumer is still alive, yet holds none of the rest: they went back, in order.
+        let rest: Vec<_> = broker
+            .drain(&queue, 7)
+            .iter()
+            .map(|d| header(d, "correlation-id").expect("correlation id"))
+            .collect();
+        let expected: Vec<_> = (3..10).map(|i| format!("corr-{i}")).collect();
+        assert_eq!(rest, expected, "prefetch {prefetch}");
+        drop(consumer);
+        assert_eq!(broker.depth(&queue), 0);
+    }
+}
+
+#[test]
+fn a_panicking_handler_on_competing_consumers_is_dead_lettered_once_and_every_consumer_survives() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue)
+        .bind(&topic, "#")
+        .prefetch(2)
+        .poll_timeout(Duration::from_millis(100))
+        .retry(
+            waybill_inbox_core::RetryPolicy::default()
+                .max_deliveries(3)
+                .backoff(Duration::ZERO, Duration::ZERO),
+        );
+    let consumers: Vec<_> = (0..2)
+        .map(|_| AmqpConsumer::connect(&broker.addr, config.clone()).expect("consumer"))
+        .collect();
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch: Vec<_> = (0..10)
+        .map(|i| stored(i, &topic, &format!("k{}", i % 3), "{}"))
+        .collect();
+    let poison = batch[4].id;
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let stop = StopHandle::new();
+    let poisoned = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (handled, seen) = mpsc::channel();
+    let workers: Vec<_> = consumers
+        .into_iter()
+        .map(|mut consumer| {
+            let (stop, poisoned, handled) = (stop.clone(), poisoned.clone(), handled.clone());
+            std::thread::spawn(move || {
+                let mut handler = |message: &IncomingMessage| {
+                    if message.id == poison {
+                        poisoned.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        panic!("the handler has a bug");
+                    }
+                    let _ = handled.send(message.id);
+                    Disposition::Ack
+                };
+                consumer.run(&mut handler, &stop)
+            })
+        })
+        .collect();
+    let mut ids: Vec<_> = (0..9)
+        .map(|_| seen.recv_timeout(PATIENCE).expect("a handled message"))
+        .collect();
+    // Blocks until the dead letter is there.
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    stop.stop();
+    let mut total = ConsumeReport::default();
+    for worker in workers {
+        let report = worker
+            .join()
+            .expect("the consumer thread survived")
+            .expect("run returned normally");
+        total.add(&report);
+    }
+    ids.sort_unstable();
+    let mut expected: Vec<_> = batch
+        .iter()
+        .map(|m| m.id)
+        .filter(|id| *id != poison)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "the messages behind it were handled");
+    assert_eq!(
+        poisoned.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "max_deliveries handler calls"
+    );
+    assert_eq!((total.acked, total.dead_lettered), (9, 1), "{total:?}");
+    assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(poison.to_string()));
+    assert_eq!(
+        broker.depth(&format!("{queue}.dead")),
+        0,
+        "the dead-letter queue held exactly what the reports counted"
+    );
+    assert!(header(&dead[0], DEAD_LETTER_REASON)
+        .expect("reason")
+        .contains("handler panicked: the handler has a bug"));
+}
+
+/// Runs `consumer` on a thread with a handler that refuses message `corr-1` and acknowledges
+/// the rest, reporting every call on the returned channel.
+fn refusing_first(
+    mut consumer: AmqpConsumer,
+    stop: &StopHandle,
+) -> (
+    mpsc::Receiver<String>,
+    std::thread::JoinHandle<waybill_amqp::Result<ConsumeReport>>,
+) {
+    let (calls, seen) = mpsc::channel();
+    let stop = stop.clone();
+    let worker = std::thread::spawn(move || {
+        let mut handler = |message: &IncomingMessage| {
+            let seq = message.headers["correlation-id"].clone();
+            let refused = seq == "corr-1";
+            let _ = calls.send(seq);
+            if refused {
+                Disposition::DeadLetter("refused by the handler".into())
+            } else {
+                Disposition::Ack
+            }
+        };
+        consumer.run(&mut handler, &stop)
+    });
+    (seen, worker)
+}
+
+#[test]
+fn run_survives_a_deleted_dead_letter_exchange_and_dead_letters_exactly_once() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let topic = unique("orders");
+    let queue = unique("q");
+    broker.cleanup_exchange(&topic);
+    broker.cleanup_queue(&queue);
+    let config = ConsumerConfig::new(&queue)
+        .bind(&topic, "#")
+        .poll_timeout(Duration::from_millis(100))
+        .max_reconnect_delay(Duration::from_millis(200));
+    let consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    broker.delete_exchange(&format!("{queue}.dead"));
+    let mut publisher =
+        AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
+    let batch = [stored(1, &topic, "k", "{}"), stored(2, &topic, "k", "{}")];
+    assert!(publisher.publish(&batch).iter().all(Result::is_ok));
+
+    let stop = StopHandle::new();
+    let (seen, worker) = refusing_first(consumer, &stop);
+    // The first dead letter fails; the message is handed back ahead of corr-2, the consumer
+    // reconnects and declares the dead-letter exchange again.
+    let mut calls = Vec::new();
+    while calls.last().map(String::as_str) != Some("corr-2") {
+        calls.push(seen.recv_timeout(PATIENCE).expect("a handler call"));
+    }
+    stop.stop();
+    let report = worker
+        .join()
+        .expect("no panic")
+        .expect("run went on after the failed dead letter");
+    assert_eq!(calls, ["corr-1", "corr-1", "corr-2"]);
+    assert_eq!((report.dead_lettered, report.acked), (1, 1), "{report:?}");
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    assert_eq!(header(&dead[0], "correlation-id"), Some("corr-1".into()));
+    assert_eq!(
+        broker.depth(&format!("{queue}.dead")),
+        0,
+        "dead-lettered once"
+    );
+}
+
+#[test]
+fn a_message_waits_in_the_queue_while_a_foreign_dead_letter_exchange_is_missing() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let queue = unique("q");
+    let (dlx, dlq) = (unique("dlx"), unique("dlq"));
+    broker.cleanup_queue(&queue);
+    // Someone else's topology: the consumer only checks it.
+    broker.declare_queue(&queue, FieldTable::default());
+    broker.declare_exchange(&dlx, ExchangeKind::Fanout, FieldTable::default());
+    broker.declare_queue(&dlq, FieldTable::default());
+    broker.bind(&dlq, &dlx, "");
+    let config = ConsumerConfig::new(&queue)
+        .passive(true)
+        .dead_letter_exchange(&dlx)
+        .poll_timeout(Duration::from_millis(100))
+        .max_reconnect_delay(Duration::from_millis(200));
+    let consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+    broker.delete_exchange(&dlx);
+    for seq in [1, 2] {
+        let (headers, body) = wire::encode(&stored(seq, "orders", "k", "{}"));
+        let mut table = FieldTable::default();
+        for (name, value) in &headers {
+            table.insert(
+                name.as_str().into(),
+                AMQPValue::LongString(LongString::from(value.as_str())),
+            );
+        }
+        broker.publish_raw(
+            &queue,
+            BasicProperties::default().with_headers(table),
+            &body,
+        );
+    }
+
+    let stop = StopHandle::new();
+    let (seen, worker) = refusing_first(consumer, &stop);
+    // Each time the dead letter fails, the message goes back ahead of corr-2.
+    for _ in 0..3 {
+        assert_eq!(seen.recv_timeout(PATIENCE).ok().as_deref(), Some("corr-1"));
+    }
+    broker.declare_exchange(&dlx, ExchangeKind::Fanout, FieldTable::default());
+    broker.bind(&dlq, &dlx, "");
+    let mut calls = Vec::new();
+    while calls.last().map(String::as_str) != Some("corr-2") {
+        calls.push(seen.recv_timeout(PATIENCE).expect("a handler call"));
+    }
+    stop.stop();
+    let report = worker.join().expect("no panic").expect("run went on");
+    assert!(
+        calls[..calls.len() - 1].iter().all(|c| c == "corr-1"),
+        "nothing overtook it: {calls:?}"
+    );
+    assert_eq!(
+        (report.dead_lettered, report.acked),
+        (1, 1),
+        "only the stored dead letter counts: {report:?}"
+    );
+    let dead = broker.drain(&dlq, 1);
+    assert_eq!(header(&dead[0], "correlation-id"), Some("corr-1".into()));
+    assert_eq!(broker.depth(&dlq), 0, "dead-lettered exactly once");
+    assert_eq!(broker.depth(&queue), 0);
+}
+
+#[test]
+fn a_quorum_queue_delivery_count_counts_against_max_deliveries() {
+    let Some(mut broker) = common::broker() else {
+        return;
+    };
+    let queue = unique("q");
+    broker.cleanup_queue(&queue);
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let config = ConsumerConfig::new(&queue)
+        .queue_arguments(arguments)
+        .retry(
+            waybill_inbox_core::RetryPolicy::default()
+                .max_deliveries(3)
+                .backoff(Duration::ZERO, Duration::ZERO),
+        );
+    // Declares the queue, then lets go of it, so that the test's own client can take the
+    // message first.
+    drop(AmqpConsumer::connect(&broker.addr, config.clone()).expect("consumer"));
+    let (headers, body) = wire::encode(&stored(1, "orders", "k", "{}"));
+    let mut table = FieldTable::default();
+    for (name, value) in &headers {
+        table.insert(
+            name.as_str().into(),
+            AMQPValue::LongString(LongString::from(value.as_str())),
+        );
+    }
+    broker.publish_raw(
+        &queue,
+        BasicProperties::default().with_headers(table),
+        &body,
+    );
+    // An earlier consumer got it and gave it back unsettled.
+    broker.return_once(&queue);
+    let mut consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
+
+    let mut calls = 0;
+    let mut handler = |_: &IncomingMessage| {
+        calls += 1;
+        Disposition::Retry("still failing".into())
+    };
+    let report = consume_until(&mut consumer, &mut handler, |r| r.dead_lettered == 1);
+    assert_eq!(calls, 2, "3 deliveries allowed, 1 already made");
+    let dead = broker.drain(&format!("{queue}.dead"), 1);
+    let reason = header(&dead[0], DEAD_LETTER_REASON).expect("reason");
+    assert!(reason.contains("failed 3 deliveries"), "{reason}");
+    assert_eq!(report.retried, 1);
 }

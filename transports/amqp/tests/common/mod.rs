@@ -23,11 +23,12 @@ use diesel::SqliteConnection;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::runtime::Runtime;
 use waybill_outbox_core::{MessageId, OutboxMessage, Status};
 
@@ -238,6 +239,123 @@ impl Broker {
                 .expect("passive declare")
                 .message_count()
         })
+    }
+}
+
+/// A queue or an exchange, for [`Broker::exists`].
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Queue,
+    Exchange,
+}
+
+impl Broker {
+    /// Whether the queue or exchange exists (a passive declare on a channel of its own, since
+    /// a missing one closes the channel).
+    pub fn exists(&self, kind: Kind, name: &str) -> bool {
+        self.runtime.block_on(async {
+            let channel = self.connection.create_channel().await.expect("channel");
+            let found = match kind {
+                Kind::Queue => channel
+                    .queue_declare(
+                        name.into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map(drop),
+                Kind::Exchange => {
+                    channel
+                        .exchange_declare(
+                            name.into(),
+                            ExchangeKind::Fanout,
+                            ExchangeDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                }
+            };
+            if channel.status().connected() {
+                let _ = channel.close(200, "OK".into()).await;
+            }
+            match found {
+                Ok(()) => true,
+                Err(error) if error.to_string().contains("NOT_FOUND") => false,
+                Err(error) => panic!("looking up {name}: {error}"),
+            }
+        })
+    }
+
+    /// Declares a durable queue with `arguments`; deleted at the end of the test.
+    pub fn declare_queue(&mut self, name: &str, arguments: FieldTable) {
+        self.queues.insert(name.to_owned());
+        self.runtime
+            .block_on(self.channel.queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            ))
+            .expect("queue.declare");
+    }
+
+    /// Declares a durable exchange; deleted at the end of the test.
+    pub fn declare_exchange(&mut self, name: &str, kind: ExchangeKind, arguments: FieldTable) {
+        self.exchanges.insert(name.to_owned());
+        self.runtime
+            .block_on(self.channel.exchange_declare(
+                name.into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            ))
+            .expect("exchange.declare");
+    }
+
+    pub fn bind(&self, queue: &str, exchange: &str, routing_key: &str) {
+        self.runtime
+            .block_on(self.channel.queue_bind(
+                queue.into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ))
+            .expect("queue.bind");
+    }
+
+    /// Takes the head of `queue` and hands it back unsettled (`basic.get`, then `basic.nack`
+    /// with requeue), as a consumer that lost its connection would.
+    pub fn return_once(&self, queue: &str) {
+        self.runtime.block_on(async {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get")
+                .expect("a message in the queue");
+            self.channel
+                .basic_nack(
+                    got.delivery.delivery_tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await
+                .expect("basic.nack");
+        });
     }
 }
 
