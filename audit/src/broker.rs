@@ -1,10 +1,10 @@
 //! The real brokers, with every name prefixed by the run's namespace so runs never collide.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
-use waybill_outbox_core::Publisher;
+use waybill_outbox_core::{Publisher, StopHandle};
 
 use crate::pipeline::{PUBLISH_TIMEOUT, TOPIC};
 use crate::Error;
@@ -159,7 +159,7 @@ impl Broker {
         })
     }
 
-    /// Consumes the audit topic with `handler` until `stop` is set.
+    /// Consumes the audit topic with `handler` until `stop` is stopped.
     ///
     /// # Errors
     ///
@@ -167,7 +167,7 @@ impl Broker {
     pub(crate) fn consume(
         &self,
         handler: &mut impl DeliveryHandler,
-        stop: &AtomicBool,
+        stop: &StopHandle,
     ) -> Result<(), Error> {
         match self.kind {
             Kind::Amqp => {
@@ -175,7 +175,8 @@ impl Broker {
                     .amqp_queue()
                     .max_reconnect_delay(Duration::from_secs(1))
                     .connect_timeout(Duration::from_secs(5));
-                waybill_amqp::AmqpConsumer::connect(&self.url, config)?.run(handler, stop)?;
+                let mut consumer = waybill_amqp::AmqpConsumer::connect(&self.url, config)?;
+                with_stop_flag(stop, |stop| consumer.run(handler, stop))?;
             }
             Kind::Nats | Kind::Memory => {
                 waybill_nats::NatsConsumer::connect(&self.url, self.nats_consumer())?
@@ -225,3 +226,21 @@ impl Broker {
 }
 
 const CONSUMER_NAME: &str = "audit";
+
+/// Runs `consume` with a flag that is set once `stop` is stopped: the AMQP consumer still takes
+/// an `AtomicBool` until it runs on the shared consumer loop.
+fn with_stop_flag<R>(stop: &StopHandle, consume: impl FnOnce(&AtomicBool) -> R) -> R {
+    let flag = AtomicBool::new(false);
+    let finished = StopHandle::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.is_stopped() && !finished.is_stopped() {
+                finished.wait(Duration::from_millis(50));
+            }
+            flag.store(true, Ordering::SeqCst);
+        });
+        let result = consume(&flag);
+        finished.stop();
+        result
+    })
+}

@@ -5,11 +5,11 @@
 //! bound with `#`; NATS: the subject is the topic, streams `ORDERS` and `PAYMENTS`). A
 //! namespace prefixes every name, so several deployments (or tests) share one server.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
-use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport};
+use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport, StopHandle};
 
 use crate::db::{AppConnection, DbPool};
 use crate::Error;
@@ -122,7 +122,7 @@ impl Broker {
     }
 
     /// Consumes `topic` as `consumer` (a queue or durable consumer of that name) with
-    /// `handler` until `stop` is set.
+    /// `handler` until `stop` is stopped.
     ///
     /// # Errors
     ///
@@ -132,13 +132,14 @@ impl Broker {
         topic: &str,
         consumer: &str,
         handler: &mut impl DeliveryHandler,
-        stop: &AtomicBool,
+        stop: &StopHandle,
     ) -> Result<(), Error> {
         let (url, namespace) = (&self.url, &self.namespace);
         match self.transport {
             Transport::Amqp => {
                 let config = amqp_queue(namespace.as_deref(), topic, consumer);
-                waybill_amqp::AmqpConsumer::connect(url, config)?.run(handler, stop)?;
+                let mut consumer = waybill_amqp::AmqpConsumer::connect(url, config)?;
+                with_stop_flag(stop, |stop| consumer.run(handler, stop))?;
             }
             Transport::Nats => {
                 // The stream must exist before a durable consumer can be created on it.
@@ -248,4 +249,22 @@ fn ensure_streams(
         publisher.ensure_stream(&stream(namespace, topic), &[&subject(namespace, topic)])?;
     }
     Ok(())
+}
+
+/// Runs `consume` with a flag that is set once `stop` is stopped: the AMQP consumer still takes
+/// an `AtomicBool` until it runs on the shared consumer loop.
+fn with_stop_flag<R>(stop: &StopHandle, consume: impl FnOnce(&AtomicBool) -> R) -> R {
+    let flag = AtomicBool::new(false);
+    let finished = StopHandle::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.is_stopped() && !finished.is_stopped() {
+                finished.wait(Duration::from_millis(50));
+            }
+            flag.store(true, Ordering::SeqCst);
+        });
+        let result = consume(&flag);
+        finished.stop();
+        result
+    })
 }

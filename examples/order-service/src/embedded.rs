@@ -3,7 +3,7 @@
 //! messages twice; with `--orders-db`, `--billing-db` and `--broker`, on real servers.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -332,13 +332,13 @@ fn print_audit(report: &Report, traffic: &Traffic, elapsed: Duration) {
     println!("throughput:                    {throughput:.0} orders/s");
 }
 
-/// The background threads: relays stopped through their handles, consumers through a flag.
+/// The background threads: relays stopped through their handles, consumers through one stop
+/// handle.
 /// Each reports a failure on `events` as soon as it happens.
 struct Workers {
     events: Sender<Event>,
-    stop: Arc<AtomicBool>,
-    /// Stops the in-process consumers (the server transports still take the flag).
-    memory_stop: StopHandle,
+    /// Stops every consumer.
+    stop: StopHandle,
     relays: Vec<RelayHandle>,
     threads: Vec<JoinHandle<Traffic>>,
     delivered: Arc<AtomicU64>,
@@ -348,8 +348,7 @@ impl Workers {
     fn new(events: Sender<Event>) -> Self {
         Self {
             events,
-            stop: Arc::new(AtomicBool::new(false)),
-            memory_stop: StopHandle::new(),
+            stop: StopHandle::new(),
             relays: Vec::new(),
             threads: Vec::new(),
             delivered: Arc::new(AtomicU64::new(0)),
@@ -412,12 +411,11 @@ impl Workers {
         H: DeliveryHandler,
         F: FnOnce() -> H + Send + 'static,
     {
-        let stop = Arc::clone(&self.stop);
+        let stop = self.stop.clone();
         let delivered = Arc::clone(&self.delivered);
         let work: Box<dyn FnOnce() -> Result<(), Error> + Send> = match transport {
             Transport::Memory(broker) => {
                 let mut consumer = broker.consumer(topic);
-                let stop = self.memory_stop.clone();
                 Box::new(move || {
                     consumer.run(&mut handler(), &stop);
                     Ok(())
@@ -462,8 +460,7 @@ impl Workers {
 
     /// Stops every worker and returns what the relays published and the consumers received.
     fn stop(self) -> Traffic {
-        self.stop.store(true, Ordering::SeqCst);
-        self.memory_stop.stop();
+        self.stop.stop();
         for relay in &self.relays {
             relay.stop();
         }

@@ -1,9 +1,9 @@
 //! One role per process, on real databases and a real broker.
 
-use std::sync::atomic::AtomicBool;
 use std::thread;
 
 use tiny_http::Server;
+use waybill_outbox_core::StopHandle;
 
 use crate::billing::{self, BILLING_CONSUMER};
 use crate::broker::Broker;
@@ -40,7 +40,7 @@ pub(crate) fn billing<C: AppConnection>(url: &str, broker: &Broker) -> Result<()
         ORDERS_TOPIC,
         BILLING_CONSUMER,
         &mut inbox,
-        &AtomicBool::new(false),
+        &StopHandle::new(),
     )
 }
 
@@ -89,7 +89,7 @@ pub(crate) fn serve_orders<C: AppConnection>(
                 .name("orders consumer".into())
                 .spawn(move || {
                     let mut inbox = CountingInbox::new(db, ORDERS_CONSUMER, orders::mark_paid);
-                    let stop = AtomicBool::new(false);
+                    let stop = StopHandle::new();
                     if let Err(error) =
                         broker.consume(PAYMENTS_TOPIC, ORDERS_CONSUMER, &mut inbox, &stop)
                     {
