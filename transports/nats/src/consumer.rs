@@ -354,10 +354,6 @@ struct Durable {
     /// having seen it (pulled ahead when a step failed). The server counts those deliveries;
     /// [`earlier_deliveries`](Subscription::earlier_deliveries) does not.
     unseen: HashMap<u64, u32>,
-    /// After a failed step, pull one message at a time until one is settled, so that a broken
-    /// dead-letter stream does not make the server count deliveries of messages no handler
-    /// saw.
-    careful: bool,
     // Last: dropped after the client, whose tasks it runs.
     runtime: Runtime,
 }
@@ -455,7 +451,6 @@ impl Durable {
             fetched: VecDeque::new(),
             renewed: Instant::now(),
             unseen: HashMap::new(),
-            careful: false,
             runtime,
         })
     }
@@ -501,7 +496,6 @@ impl Durable {
         if let Ok(info) = message.info() {
             self.unseen.remove(&info.stream_sequence);
         }
-        self.careful = false;
     }
 }
 
@@ -547,11 +541,7 @@ impl Subscription for Durable {
             self.renew_if_due();
             return Ok(self.fetched.pop_front());
         }
-        let max = if self.careful {
-            1
-        } else {
-            wanted.min(self.max_pull)
-        };
+        let max = wanted.min(self.max_pull);
         let linger = if wait.is_zero() { AT_HAND } else { wait };
         let expires = linger.min(self.ack_wait / 2).max(Duration::from_millis(1));
         self.fetched = self
@@ -578,8 +568,11 @@ impl Subscription for Durable {
             .saturating_sub(unseen)
     }
 
+    /// The last message of a pull is acknowledged with a confirmation: the server processes
+    /// acknowledgements apart from pulls, and one still unprocessed when the next pull comes
+    /// would let a message whose ack wait ran out (a slow handler) be delivered again.
     fn ack(&mut self, message: Message) -> Result<()> {
-        self.acknowledge(&message, AckKind::Ack, false)?;
+        self.acknowledge(&message, AckKind::Ack, self.fetched.is_empty())?;
         self.settled(&message);
         Ok(())
     }
@@ -619,8 +612,9 @@ impl Subscription for Durable {
             })
     }
 
+    /// `term`, confirmed for the last message of a pull as [`ack`](Self::ack) is.
     fn discard(&mut self, message: Message) -> Result<()> {
-        self.acknowledge(&message, AckKind::Term, false)?;
+        self.acknowledge(&message, AckKind::Term, self.fetched.is_empty())?;
         self.settled(&message);
         Ok(())
     }
@@ -649,10 +643,11 @@ impl Subscription for Durable {
         Ok(())
     }
 
-    /// Hands back what was pulled ahead and pulls carefully until a message is settled. The
-    /// client reconnects by itself.
+    /// Hands back what was pulled ahead, behind the message the loop released (if any): the
+    /// redelivery queue keeps `nak` order, so the key order survives. (Pulling one message at
+    /// a time after a failure would not: the released message would cycle behind the others.)
+    /// The client reconnects by itself.
     fn reset(&mut self) {
-        self.careful = true;
         if let Err(error) = self.release_fetched() {
             log::warn!(
                 "{}: handing back messages pulled ahead failed, the server redelivers them \
