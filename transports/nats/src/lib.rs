@@ -106,7 +106,8 @@
 //! consumer while this one still holds it, as long as one handler run (in-place retries
 //! included) stays under three quarters of [`ConsumerConfig::ack_wait`]. The server counts a
 //! delivery for every message pulled; a message handed back because its step failed before a
-//! handler saw it is not charged for that delivery.
+//! handler saw it is not charged for that delivery by the consumer that pulled it (another
+//! process sharing the durable consumer cannot know, and counts it).
 //!
 //! The dead-letter subject defaults to `waybill.dead.<stream>`, stored in a stream
 //! `<stream>_dead` the consumer creates on connect (see [`ConsumerConfig::dead_letter_stream`]).
