@@ -544,10 +544,14 @@ impl Subscription for Durable {
         let max = wanted.min(self.max_pull);
         let linger = if wait.is_zero() { AT_HAND } else { wait };
         let expires = linger.min(self.ack_wait / 2).max(Duration::from_millis(1));
+        let started = Instant::now();
         self.fetched = self
             .runtime
             .block_on(pull(&self.consumer, max.max(1), expires))?;
-        self.renewed = Instant::now();
+        // The first messages arrived when the pull started; a pull held open (the consumer's
+        // max_ack_pending reached) makes them wait until it expires.
+        self.renewed = started;
+        self.renew_if_due();
         Ok(self.fetched.pop_front())
     }
 
