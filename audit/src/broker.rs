@@ -1,6 +1,5 @@
 //! The real brokers, with every name prefixed by the run's namespace so runs never collide.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
@@ -175,12 +174,13 @@ impl Broker {
                     .amqp_queue()
                     .max_reconnect_delay(Duration::from_secs(1))
                     .connect_timeout(Duration::from_secs(5));
-                waybill_amqp::AmqpConsumer::connect(&self.url, config)?.run(handler, stop)?;
+                let mut consumer = waybill_amqp::AmqpConsumer::connect(&self.url, config)?;
+                consumer.run(handler, stop)?;
             }
             Kind::Nats | Kind::Memory => {
                 let mut consumer =
                     waybill_nats::NatsConsumer::connect(&self.url, self.nats_consumer())?;
-                with_stop_flag(stop, |flag| consumer.run(handler, flag))?;
+                consumer.run(handler, stop)?;
             }
         }
         Ok(())
@@ -227,21 +227,3 @@ impl Broker {
 
 const CONSUMER_NAME: &str = "audit";
 
-/// Runs `run` with a flag that is set once `stop` is stopped, for the NATS consumer, whose
-/// `run` still takes an `AtomicBool` (until it runs on the shared consumer loop too).
-fn with_stop_flag<T>(stop: &StopHandle, run: impl FnOnce(&AtomicBool) -> T) -> T {
-    let (flag, finished) = (AtomicBool::new(false), AtomicBool::new(false));
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !finished.load(Ordering::SeqCst) {
-                if stop.wait(Duration::from_millis(50)) && stop.is_stopped() {
-                    flag.store(true, Ordering::SeqCst);
-                    return;
-                }
-            }
-        });
-        let result = run(&flag);
-        finished.store(true, Ordering::SeqCst);
-        result
-    })
-}

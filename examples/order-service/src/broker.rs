@@ -5,7 +5,6 @@
 //! bound with `#`; NATS: the subject is the topic, streams `ORDERS` and `PAYMENTS`). A
 //! namespace prefixes every name, so several deployments (or tests) share one server.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::DeliveryHandler;
@@ -138,7 +137,8 @@ impl Broker {
         match self.transport {
             Transport::Amqp => {
                 let config = amqp_queue(namespace.as_deref(), topic, consumer);
-                waybill_amqp::AmqpConsumer::connect(url, config)?.run(handler, stop)?;
+                let mut consumer = waybill_amqp::AmqpConsumer::connect(url, config)?;
+                consumer.run(handler, stop)?;
             }
             Transport::Nats => {
                 // The stream must exist before a durable consumer can be created on it.
@@ -153,7 +153,7 @@ impl Broker {
                 )
                 .ack_wait(self.timing.ack_wait);
                 let mut consumer = waybill_nats::NatsConsumer::connect(url, config)?;
-                with_stop_flag(stop, |flag| consumer.run(handler, flag))?;
+                consumer.run(handler, stop)?;
             }
         }
         Ok(())
@@ -251,21 +251,3 @@ fn ensure_streams(
     Ok(())
 }
 
-/// Runs `run` with a flag that is set once `stop` is stopped, for the NATS consumer, whose
-/// `run` still takes an `AtomicBool` (until it runs on the shared consumer loop too).
-fn with_stop_flag<T>(stop: &StopHandle, run: impl FnOnce(&AtomicBool) -> T) -> T {
-    let (flag, finished) = (AtomicBool::new(false), AtomicBool::new(false));
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !finished.load(Ordering::SeqCst) {
-                if stop.wait(Duration::from_millis(50)) && stop.is_stopped() {
-                    flag.store(true, Ordering::SeqCst);
-                    return;
-                }
-            }
-        });
-        let result = run(&flag);
-        finished.store(true, Ordering::SeqCst);
-        result
-    })
-}

@@ -70,6 +70,18 @@ pub enum Error {
         #[source]
         source: async_nats::Error,
     },
+    /// Publishing a dead letter failed (the dead-letter stream is missing, the connection was
+    /// lost); the message was handed back to the server to be delivered again.
+    #[error("dead-lettering stream sequence {sequence} to {subject} failed")]
+    DeadLetter {
+        /// The message's stream sequence.
+        sequence: u64,
+        /// The dead-letter subject.
+        subject: String,
+        /// The client's error.
+        #[source]
+        source: PublishError,
+    },
     /// Forcing a reconnect failed because the client is closed.
     #[error("forcing a reconnect failed")]
     Reconnect(#[source] async_nats::client::ReconnectError),
@@ -109,6 +121,9 @@ impl Error {
                 ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request
             ),
             Self::Fetch(_) | Self::Receive(_) | Self::Ack { .. } | Self::Reconnect(_) => true,
+            // A dead letter the stream can never take (an invalid subject, too large) stops
+            // the consumer rather than holding the message back forever.
+            Self::DeadLetter { source, .. } => !publish_error_is_fatal(source),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! as the diesel backend's inbox handler.
 //!
 //! The API is synchronous like the rest of waybill: each publisher and consumer drives the
-//! async `async-nats` client on a private tokio runtime with one worker thread.
+//! async `async-nats` client on a private tokio runtime with one worker thread. The consumer's
+//! handler runs on the caller's thread, outside that runtime.
 //!
 //! # Getting started
 //!
@@ -23,6 +24,10 @@
 //! let mut handler = |_msg: &IncomingMessage| Disposition::Ack;
 //! let report = consumer.run_once(&mut handler, 100, Duration::from_secs(1))?;
 //! # let _ = report;
+//! // Or consume until another thread calls `stop.stop()`:
+//! let stop = waybill_nats::StopHandle::new();
+//! # stop.stop();
+//! consumer.run(&mut handler, &stop)?;
 //! # Ok(())
 //! # }
 //! ```
@@ -79,18 +84,44 @@
 //!
 //! # Redelivery and dead letters
 //!
-//! The consumer acks a delivery only after the handler returned `Ack` (the inbox handler
-//! returns it after its transaction committed). `Retry(reason)` or a panicking handler ->
-//! the handler is called again for the same delivery after a short backoff, before the next
+//! The consumer runs on the core's [`ConsumerLoop`](waybill_inbox_core::ConsumerLoop), like
+//! every transport's. It acks a delivery only after the handler returned `Ack` (the inbox
+//! handler returns it after its transaction committed). `Retry(reason)` or a panicking handler
+//! -> the handler is called again for the same delivery after a short backoff, before the next
 //! message, so a key's later message never overtakes it (a `nak` would let it). After
-//! [`ConsumerConfig::max_deliveries`] handler calls (earlier server deliveries of the message
-//! included) a failing message is published to the dead-letter subject with a
+//! [`ConsumerConfig::max_deliveries`] handler calls (earlier server deliveries that reached a
+//! handler included) a failing message is published to the dead-letter subject with a
 //! [`DEAD_LETTER_REASON`] header and then `term`ed, so the final failure is recorded and never
 //! silently dropped. `DeadLetter(reason)` and data that does not decode (no id, an id that is
 //! not a UUID, a JSON content type with a body that is not JSON) are dead-lettered at once.
-//! The durable consumer's server-side `max_deliver` is a few deliveries higher than the
-//! configured one: those spare deliveries retry a dead letter whose publish failed (nak'ed
-//! with [`ConsumerConfig::nak_delay`]).
+//! [`ConsumeReport::dead_lettered`] counts exactly the dead letters the stream stored,
+//! malformed ones included.
+//!
+//! A dead letter that cannot be published (the dead-letter stream is missing) fails the step:
+//! the message is `nak`ed, and so are the messages pulled behind it, in order. The durable
+//! consumer's `max_deliver` is unlimited, so the server never drops it; it comes back first and
+//! is dead-lettered exactly once when the stream exists again. Until then the consumer makes
+//! no progress past it ([`NatsConsumer::run`] retries with a growing pause): a message is
+//! never lost for want of a place to put it.
+//!
+//! # Consumer ordering and the ack wait
+//!
+//! JetStream delivers a durable consumer's messages in stream order, and a `nak` without delay
+//! puts the message on the consumer's redelivery queue, which is served before any message not
+//! yet delivered (a `nak` with a delay is not: later messages flow meanwhile, which is why the
+//! consumer never delays one). Within one consumer process the keys therefore stay in order
+//! through retries, failed dead letters and stops. Several processes sharing a durable consumer
+//! each get their own messages; a key's order across them holds only with
+//! [`ConsumerConfig::max_ack_pending`] of 1.
+//!
+//! A pull asks for no more messages than the step still handles, expires after at most half
+//! the ack wait, and the messages it brought are renewed (`+WPI`) while they wait behind a slow
+//! one: a message is neither redelivered into the pull that brought it nor handed to another
+//! consumer while this one still holds it, as long as one handler run (in-place retries
+//! included) stays under three quarters of [`ConsumerConfig::ack_wait`]. The server counts a
+//! delivery for every message pulled; a message handed back because its step failed before a
+//! handler saw it is not charged for that delivery by the consumer that pulled it (another
+//! process sharing the durable consumer cannot know, and counts it).
 //!
 //! The dead-letter subject defaults to `waybill.dead.<stream>`, stored in a stream
 //! `<stream>_dead` the consumer creates on connect (see [`ConsumerConfig::dead_letter_stream`]).
@@ -111,6 +142,8 @@ pub use consumer::{
 pub use error::{Error, Result};
 pub use publisher::{NatsPublisher, PublisherConfig, MSG_ID_HEADER};
 pub use subject::{sanitize_token, SubjectFn, SubjectMapping};
+/// Stops [`NatsConsumer::run`] (and a relay) from another thread.
+pub use waybill_outbox_core::StopHandle;
 
 /// The NATS client this transport is built on, for its types in this crate's API (the sources
 /// of [`Error`]'s variants) at the exact version the transport uses.

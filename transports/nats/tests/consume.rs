@@ -5,13 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use waybill_inbox_core::{wire, Disposition, IncomingMessage};
 use waybill_nats::{
-    ConsumerConfig, NatsConsumer, NatsPublisher, PublisherConfig, DEAD_LETTER_DELIVERIES,
-    DEAD_LETTER_REASON,
+    ConsumerConfig, NatsConsumer, NatsPublisher, PublisherConfig, StopHandle,
+    DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON,
 };
 use waybill_outbox_core::{MessageId, Publisher};
 
@@ -34,9 +33,7 @@ fn a_message_that_always_fails_is_delivered_max_deliver_times_then_dead_lettered
     let mut publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
     assert!(publisher.publish(&sent).iter().all(Result::is_ok));
 
-    let config = ConsumerConfig::new(&stream, unique("c"))
-        .max_deliver(3)
-        .nak_delay(Duration::from_millis(20));
+    let config = ConsumerConfig::new(&stream, unique("c")).max_deliveries(3);
     let dead_stream = config.dead_letter_stream_name().unwrap();
     let mut consumer = NatsConsumer::connect(&nats.url, config).unwrap();
     let mut deliveries: HashMap<MessageId, u32> = HashMap::new();
@@ -165,7 +162,7 @@ fn malformed_messages_are_dead_lettered_and_the_good_ones_around_them_handled() 
     let report = consume_until(&mut consumer, &mut handler, |r| r.delivered >= 6);
     assert_eq!(
         (report.acked, report.malformed, report.dead_lettered),
-        (2, 4, 0)
+        (2, 4, 4)
     );
     assert_eq!(
         handled,
@@ -188,7 +185,7 @@ fn malformed_messages_are_dead_lettered_and_the_good_ones_around_them_handled() 
 }
 
 #[test]
-fn run_loops_until_the_stop_flag_is_set() {
+fn run_loops_until_the_stop_handle_is_stopped() {
     let Some(mut nats) = nats() else { return };
     let (stream, topic) = nats.stream();
     let sent = batch(&topic, 2, 30);
@@ -201,12 +198,12 @@ fn run_loops_until_the_stop_flag_is_set() {
             .poll_wait(Duration::from_millis(200)),
     )
     .unwrap();
-    let stop = AtomicBool::new(false);
+    let stop = StopHandle::new();
     let mut seen = 0;
     let mut handler = |_: &IncomingMessage| {
         seen += 1;
         if seen == sent.len() {
-            stop.store(true, Ordering::SeqCst);
+            stop.stop();
         }
         Disposition::Ack
     };
@@ -269,7 +266,7 @@ fn a_retried_message_takes_effect_before_the_next_message_of_its_key() {
     let sent = [message(&topic, "k", 1), message(&topic, "k", 2)];
     let mut publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
     assert!(publisher.publish(&sent).iter().all(Result::is_ok));
-    let config = ConsumerConfig::new(&stream, unique("c")).nak_delay(Duration::from_millis(20));
+    let config = ConsumerConfig::new(&stream, unique("c"));
     let mut consumer = NatsConsumer::connect(&nats.url, config).unwrap();
 
     let mut failures = 0;
@@ -299,9 +296,7 @@ fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_go
     ];
     let mut publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
     assert!(publisher.publish(&sent).iter().all(Result::is_ok));
-    let config = ConsumerConfig::new(&stream, unique("c"))
-        .max_deliver(3)
-        .nak_delay(Duration::from_millis(20));
+    let config = ConsumerConfig::new(&stream, unique("c")).max_deliveries(3);
     let dead_stream = config.dead_letter_stream_name().unwrap();
     let mut consumer = NatsConsumer::connect(&nats.url, config).unwrap();
 

@@ -92,12 +92,8 @@ fn relay_to_inbox_has_one_effect_per_message_despite_redelivery() {
     }
     assert_eq!(nats.count(&stream), 40);
 
-    let mut consumer = NatsConsumer::connect(
-        &nats.url,
-        ConsumerConfig::new(&stream, unique("billing"))
-            .nak_delay(std::time::Duration::from_millis(20)),
-    )
-    .unwrap();
+    let mut consumer =
+        NatsConsumer::connect(&nats.url, ConsumerConfig::new(&stream, unique("billing"))).unwrap();
     let inbox = InboxHandler::new(
         pool.clone(),
         Inbox::new("billing"),
