@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -299,7 +300,7 @@ impl KafkaConsumer {
         );
         let (batch, poll_wait, retry) = (config.batch_size, config.poll_wait, config.retry);
         let subscription = TopicSubscription {
-            consumer,
+            consumer: Arc::new(consumer),
             dead_letters,
             dead_letter_topic,
             config,
@@ -348,6 +349,15 @@ impl KafkaConsumer {
         self.consumer.run(handler, stop)
     }
 
+    /// A handle that makes this member leave its group from another thread, e.g. while the
+    /// consumer's own thread is stuck in a handler.
+    pub fn close_handle(&self) -> CloseHandle {
+        CloseHandle {
+            consumer: Arc::clone(&self.consumer.subscription().consumer),
+            timeout: self.config().request_timeout,
+        }
+    }
+
     /// The partitions assigned to this member now (empty before the first join completed).
     ///
     /// # Errors
@@ -363,6 +373,54 @@ impl KafkaConsumer {
     }
 }
 
+/// Makes a [`KafkaConsumer`] leave its consumer group from any thread: its partitions go to
+/// the other members at once instead of after `max.poll.interval.ms` (which, on some brokers,
+/// never comes while the stuck member's client keeps heartbeating). Records it handled but
+/// whose offsets it did not commit are delivered again to the member that gets the partition.
+///
+/// ```no_run
+/// use waybill_kafka::{ConsumerConfig, KafkaConsumer};
+///
+/// let consumer = KafkaConsumer::connect("127.0.0.1:19092", ConsumerConfig::new("orders", "billing"))?;
+/// let closer = consumer.close_handle();
+/// std::thread::spawn(move || { let _consumer = consumer; /* consume; may get stuck */ });
+/// closer.close();
+/// # Ok::<(), waybill_kafka::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct CloseHandle {
+    consumer: Arc<BaseConsumer<DefaultConsumerContext>>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for CloseHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloseHandle")
+            .field("closed", &self.consumer.closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CloseHandle {
+    /// Leaves the group and closes the consumer, waiting at most the consumer's
+    /// [request timeout](ConsumerConfig::request_timeout) for librdkafka to finish. Records
+    /// fetched meanwhile are dropped, uncommitted. The consumer fails every call afterwards.
+    pub fn close(&self) {
+        if self.consumer.closed() {
+            return;
+        }
+        if let Err(error) = self.consumer.close_queue() {
+            log::warn!("closing the Kafka consumer failed: {error}");
+            return;
+        }
+        let deadline = Instant::now() + self.timeout;
+        while !self.consumer.closed() && Instant::now() < deadline {
+            // Serves the revocation and the leave; what it fetches is dropped.
+            let _ = self.consumer.poll(Duration::from_millis(100));
+        }
+    }
+}
+
 /// One record as the consumer took it.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -375,7 +433,7 @@ pub(crate) struct Record {
 
 /// The consumer group's view of one topic as a [`Subscription`].
 struct TopicSubscription {
-    consumer: BaseConsumer<DefaultConsumerContext>,
+    consumer: Arc<BaseConsumer<DefaultConsumerContext>>,
     dead_letters: BaseProducer<DeliveryContext>,
     dead_letter_topic: String,
     config: ConsumerConfig,
@@ -507,17 +565,30 @@ impl Subscription for TopicSubscription {
     fn next(&mut self, wait: Duration, _wanted: usize) -> Result<Option<Record>> {
         // librdkafka fetches ahead into its own queue, but a record counts as consumed only
         // once its offset is committed: nothing taken here is lost when the consumer stops.
-        match self.consumer.poll(wait) {
-            None => Ok(None),
-            Some(Ok(message)) => Ok(Some(Record {
+        // A poll also ends on an event without a record (an offset commit's answer, a
+        // rebalance): poll again until the wait is over, and a few times when there is no wait,
+        // so that a commit's answer does not end a step while records are at hand.
+        let deadline = Instant::now() + wait;
+        let mut polls = 0;
+        let polled = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            polls += 1;
+            match self.consumer.poll(left) {
+                Some(polled) => break polled,
+                None if left.is_zero() && polls >= 3 => return Ok(None),
+                None => {}
+            }
+        };
+        match polled {
+            Ok(message) => Ok(Some(Record {
                 partition: message.partition(),
                 offset: message.offset(),
                 key: message.key().map(<[u8]>::to_vec),
                 headers: read_headers(message.headers()),
                 payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
             })),
-            Some(Err(KafkaError::PartitionEOF(_))) => Ok(None),
-            Some(Err(source)) => Err(self.consume_error(source)),
+            Err(KafkaError::PartitionEOF(_)) => Ok(None),
+            Err(source) => Err(self.consume_error(source)),
         }
     }
 

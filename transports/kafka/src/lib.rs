@@ -105,7 +105,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use consumer::{
-    ConsumerConfig, KafkaConsumer, DEAD_LETTER_DELIVERIES, DEAD_LETTER_OFFSET,
+    CloseHandle, ConsumerConfig, KafkaConsumer, DEAD_LETTER_DELIVERIES, DEAD_LETTER_OFFSET,
     DEAD_LETTER_PARTITION, DEAD_LETTER_REASON, DEAD_LETTER_TOPIC,
 };
 pub use error::{Error, Result};
