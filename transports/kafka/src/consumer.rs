@@ -276,7 +276,7 @@ impl KafkaConsumer {
             move |source| Error::Client {
                 what,
                 brokers,
-                source,
+                source: Box::new(source),
             }
         };
         let consumer: BaseConsumer = config
@@ -291,7 +291,7 @@ impl KafkaConsumer {
             .subscribe(&[&config.topic])
             .map_err(|source| Error::Subscribe {
                 topic: config.topic.clone(),
-                source,
+                source: Box::new(source),
             })?;
         log::debug!(
             "Kafka consumer of {} in group {} created for {shown}",
@@ -453,7 +453,7 @@ impl TopicSubscription {
     fn consume_error(&self, source: KafkaError) -> Error {
         Error::Consume {
             topic: self.config.topic.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -464,7 +464,7 @@ impl TopicSubscription {
             topic: self.config.topic.clone(),
             partition,
             offset,
-            source,
+            source: Box::new(source),
         };
         list.add_partition_offset(&self.config.topic, partition, Offset::Offset(offset))
             .map_err(commit_error)?;
@@ -481,7 +481,7 @@ impl TopicSubscription {
             partition: record.partition,
             offset: record.offset,
             dead_letter_topic: self.dead_letter_topic.clone(),
-            source,
+            source: Box::new(source),
         };
         // Brokers that create topics on first use (`auto.create.topics.enable`, tansu) would
         // create a missing dead-letter topic when the producer asks for its metadata, whatever
@@ -619,7 +619,7 @@ impl Subscription for TopicSubscription {
                 topic: self.config.topic.clone(),
                 partition: record.partition,
                 offset: record.offset,
-                source,
+                source: Box::new(source),
             })
     }
 }

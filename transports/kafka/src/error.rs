@@ -18,7 +18,7 @@ pub enum Error {
         brokers: String,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// No broker of the cluster answered a metadata request in time: the cluster is down or
     /// unreachable.
@@ -30,7 +30,7 @@ pub enum Error {
         timeout: Duration,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// Creating a topic failed (other than because it exists).
     #[error("creating topic {topic} failed")]
@@ -39,7 +39,7 @@ pub enum Error {
         topic: String,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// Subscribing the consumer to its topic failed.
     #[error("subscribing to topic {topic} failed")]
@@ -48,7 +48,7 @@ pub enum Error {
         topic: String,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// Fetching the next record failed (a lost connection, a rebalance error); librdkafka
     /// reconnects by itself.
@@ -58,7 +58,7 @@ pub enum Error {
         topic: String,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// Committing the offset after a handled record failed (the partition was revoked, the
     /// coordinator is unreachable). The record is delivered again unless a later offset of its
@@ -73,7 +73,7 @@ pub enum Error {
         offset: i64,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// Seeking a partition back to a record that must be consumed again failed; the record
     /// comes back after the next rebalance.
@@ -87,7 +87,7 @@ pub enum Error {
         offset: i64,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// The dead-letter topic did not take a copy of a record (missing, refused, no answer in
     /// time). The original was handed back to be consumed again.
@@ -103,7 +103,7 @@ pub enum Error {
         dead_letter_topic: String,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     /// The producer's transactions could not be initialised (a broker without transactions, a
     /// coordinator that does not answer).
@@ -113,7 +113,7 @@ pub enum Error {
         transactional_id: String,
         /// librdkafka's error.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
 }
 
@@ -207,7 +207,9 @@ mod tests {
         )));
         let fenced = Error::Transactions {
             transactional_id: "relay-1".into(),
-            source: KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced),
+            source: Box::new(KafkaError::MessageProduction(
+                RDKafkaErrorCode::ProducerFenced,
+            )),
         };
         assert!(!fenced.is_retryable());
     }

@@ -136,15 +136,15 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     let create_error = |source| Error::CreateTopic {
         topic: topic.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap_servers(brokers))
+        .set("bootstrap.servers", bootstrap_servers(brokers))
         .create()
         .map_err(|source| Error::Client {
             what: "admin client",
             brokers: waybill_outbox_core::redact_url(brokers),
-            source,
+            source: Box::new(source),
         })?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()

@@ -244,7 +244,7 @@ impl KafkaPublisher {
             .map_err(|source| Error::Client {
                 what: "producer",
                 brokers: brokers_shown.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let transactions = if config.transactional_id.is_some() {
             Transactions::Uninitialised
@@ -286,7 +286,7 @@ impl KafkaPublisher {
             .map_err(|source| Error::Unreachable {
                 brokers: self.brokers.clone(),
                 timeout,
-                source,
+                source: Box::new(source),
             })?;
         self.producer.context().broker_up();
         Ok(())
