@@ -120,7 +120,8 @@ impl PublisherConfig {
     }
 
     /// How long a transaction may stay open before the broker aborts it
-    /// (`transaction.timeout.ms`), and how long initialising, committing or aborting may take.
+    /// (`transaction.timeout.ms`); at least the [delivery timeout](Self::delivery_timeout),
+    /// which bounds how long initialising, committing or aborting a transaction may take.
     /// Defaults to 60 seconds.
     #[must_use]
     pub fn transaction_timeout(mut self, timeout: Duration) -> Self {
@@ -163,9 +164,10 @@ impl PublisherConfig {
             .set("message.max.bytes", self.max_message_bytes.to_string())
             .set("linger.ms", millis(self.linger));
         if let Some(id) = &self.transactional_id {
-            config
-                .set("transactional.id", id)
-                .set("transaction.timeout.ms", millis(self.transaction_timeout));
+            config.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                millis(self.transaction_timeout.max(self.delivery_timeout)),
+            );
         }
         config
     }
@@ -199,6 +201,9 @@ pub(crate) fn millis(duration: Duration) -> String {
 pub struct KafkaPublisher {
     producer: BaseProducer<DeliveryContext>,
     config: PublisherConfig,
+    /// The bootstrap servers as librdkafka takes them.
+    servers: String,
+    /// The same, passwords redacted, for logs.
     brokers: String,
     generation: u64,
     transactions: Transactions,
@@ -238,14 +243,8 @@ impl KafkaPublisher {
     /// [`Error::Client`] when librdkafka refuses the configuration.
     pub fn connect(brokers: &str, config: PublisherConfig) -> Result<Self> {
         let brokers_shown = waybill_outbox_core::redact_url(brokers);
-        let producer = config
-            .client_config(&crate::bootstrap_servers(brokers))
-            .create_with_context(DeliveryContext::unprobed())
-            .map_err(|source| Error::Client {
-                what: "producer",
-                brokers: brokers_shown.clone(),
-                source: Box::new(source),
-            })?;
+        let servers = crate::bootstrap_servers(brokers);
+        let producer = create_producer(&config, &servers, &brokers_shown)?;
         let transactions = if config.transactional_id.is_some() {
             Transactions::Uninitialised
         } else {
@@ -255,6 +254,7 @@ impl KafkaPublisher {
         Ok(Self {
             producer,
             config,
+            servers,
             brokers: brokers_shown,
             generation: 0,
             transactions,
@@ -301,6 +301,9 @@ impl KafkaPublisher {
         if let Transactions::Fenced(why) = &self.transactions {
             return none_published(batch, &PublishError::Unavailable(why.clone()));
         }
+        if let Err(error) = self.replace_if_broken() {
+            return none_published(batch, &error);
+        }
         if self.producer.context().all_brokers_down() {
             if let Err(error) = self.probe() {
                 let error = error_chain(&error);
@@ -336,6 +339,30 @@ impl KafkaPublisher {
         }
         log::debug!("published a batch of {} messages to Kafka", batch.len());
         outcomes
+    }
+
+    /// An idempotent (non-transactional) producer that hit a fatal error (an unrecoverable
+    /// sequence gap) can send nothing any more: it is replaced by a new one. A transactional
+    /// producer is not: its fatal error is being fenced, and a new one would fence its
+    /// successor in turn.
+    fn replace_if_broken(&mut self) -> std::result::Result<(), PublishError> {
+        if self.transactions != Transactions::Off {
+            return Ok(());
+        }
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return Ok(());
+        };
+        log::error!(
+            "the Kafka producer for {} hit a fatal error ({code}: {reason}); replacing it",
+            self.brokers
+        );
+        match create_producer(&self.config, &self.servers, &self.brokers) {
+            Ok(producer) => {
+                self.producer = producer;
+                Ok(())
+            }
+            Err(error) => Err(PublishError::Unavailable(error_chain(&error))),
+        }
     }
 
     /// Sends `batch` one record per key at a time: a key's next record goes once the previous
@@ -402,7 +429,9 @@ impl KafkaPublisher {
         if let Err(error) = self.init_transactions() {
             return none_published(batch, &error);
         }
-        let timeout = self.config.transaction_timeout;
+        // Committing flushes the records (each bounded by the delivery timeout) and then ends
+        // the transaction: bounded the same way, to stay within the relay's lease.
+        let timeout = self.config.delivery_timeout + Duration::from_secs(5);
         if let Err(error) = self.producer.begin_transaction() {
             let error = self.transaction_failed(&error);
             return none_published(batch, &error);
@@ -492,7 +521,7 @@ impl KafkaPublisher {
         }
         match self
             .producer
-            .init_transactions(self.config.transaction_timeout)
+            .init_transactions(self.config.delivery_timeout + Duration::from_secs(5))
         {
             Ok(()) => {
                 self.transactions = Transactions::Ready;
@@ -569,6 +598,21 @@ impl KafkaPublisher {
             }
         }
     }
+}
+
+fn create_producer(
+    config: &PublisherConfig,
+    servers: &str,
+    brokers_shown: &str,
+) -> Result<BaseProducer<DeliveryContext>> {
+    config
+        .client_config(servers)
+        .create_with_context(DeliveryContext::unprobed())
+        .map_err(|source| Error::Client {
+            what: "producer",
+            brokers: brokers_shown.to_owned(),
+            source: Box::new(source),
+        })
 }
 
 /// Each message's successor in its key, and the keys' first messages.
