@@ -123,8 +123,8 @@ pub(crate) struct RequeueArgs {
 
 #[derive(Debug, ClapArgs)]
 pub(crate) struct RelayArgs {
-    /// amqp://... (RabbitMQ), nats://... (NATS JetStream) or kafka://HOST:PORT[,HOST:PORT]
-    /// (Kafka).
+    /// amqp://... (RabbitMQ), nats://... (NATS JetStream) or kafka://HOST:PORT (Kafka;
+    /// comma-separated for several brokers).
     #[arg(long, env = "BROKER_URL", hide_env_values = true)]
     pub(crate) broker_url: String,
     /// Topics to ensure on the broker at start (NATS: a stream per topic capturing `<topic>`
