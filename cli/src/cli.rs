@@ -123,11 +123,13 @@ pub(crate) struct RequeueArgs {
 
 #[derive(Debug, ClapArgs)]
 pub(crate) struct RelayArgs {
-    /// amqp://... (RabbitMQ) or nats://... (NATS JetStream).
+    /// amqp://... (RabbitMQ), nats://... (NATS JetStream) or kafka://HOST:PORT (Kafka;
+    /// comma-separated for several brokers).
     #[arg(long, env = "BROKER_URL", hide_env_values = true)]
     pub(crate) broker_url: String,
     /// Topics to ensure on the broker at start (NATS: a stream per topic capturing `<topic>`
-    /// and `<topic>.>`; RabbitMQ: a durable topic exchange per topic). Claims are not filtered.
+    /// and `<topic>.>`; RabbitMQ: a durable topic exchange per topic; Kafka: the topic, with
+    /// `--kafka-partitions` partitions, when missing). Claims are not filtered.
     #[arg(long, env = "WAYBILL_TOPICS", value_delimiter = ',')]
     pub(crate) topics: Vec<String>,
     /// Messages per claim (1 to 50,000).
@@ -148,6 +150,9 @@ pub(crate) struct RelayArgs {
     /// How often the outbox gauges (pending, parked, oldest pending age) are sampled.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub(crate) stats_interval: Duration,
+    /// Partitions of a Kafka topic that `--topics` creates (an existing topic is left as it is).
+    #[arg(long, env = "WAYBILL_KAFKA_PARTITIONS", default_value_t = 6)]
+    pub(crate) kafka_partitions: i32,
     /// Relay owner name prefix; each relay appends `-<n>`. Defaults to `<host>-<pid>`.
     #[arg(long)]
     pub(crate) owner: Option<String>,

@@ -35,8 +35,10 @@ pub(crate) enum CliError {
     /// `requeue <id>` of a message that is not parked.
     #[error("message {0} is not parked; nothing was requeued")]
     NotParked(String),
-    /// The broker URL is neither amqp:// nor nats://, or its transport was not built in.
-    #[error("{0}: unsupported broker URL (amqp://... or nats://..., with the matching feature)")]
+    /// The broker URL is not amqp://, nats:// or kafka://, or its transport was not built in.
+    #[error(
+        "{0}: unsupported broker URL (amqp://..., nats://... or kafka://..., with the matching feature)"
+    )]
     UnsupportedBroker(String),
     /// Connecting to or preparing the broker failed.
     #[error("broker {url}: {message}")]

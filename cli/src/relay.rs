@@ -79,8 +79,25 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
             return run_relays(pool, publishers, &args, &mut signals);
         }
     }
+    if broker.starts_with("kafka://") {
+        #[cfg(feature = "kafka")]
+        {
+            for topic in &args.topics {
+                waybill_kafka::ensure_topic(&broker, topic, args.kafka_partitions)
+                    .map_err(|e| broker_error(&broker, &e))?;
+                log::info!("Kafka topic {topic} is there");
+            }
+            let publishers = (0..relays)
+                .map(|_| {
+                    waybill_kafka::KafkaPublisher::connect(&broker, Default::default())
+                        .map_err(|e| broker_error(&broker, &e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return run_relays(pool, publishers, &args, &mut signals);
+        }
+    }
     // Without transports built in, nothing uses them.
-    #[cfg(not(all(feature = "amqp", feature = "nats")))]
+    #[cfg(not(all(feature = "amqp", feature = "nats", feature = "kafka")))]
     let _ = (&pool, &mut signals);
     Err(CliError::UnsupportedBroker(redact(&broker)))
 }

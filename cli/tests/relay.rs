@@ -251,7 +251,7 @@ fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_
 #[test]
 fn relay_exits_1_on_a_broker_it_cannot_use_and_redacts_the_password() {
     let db = common::sqlite().unwrap();
-    let unsupported = support::waybill(&db.url, &["relay", "--broker-url", "kafka://k:9092"], "");
+    let unsupported = support::waybill(&db.url, &["relay", "--broker-url", "mqtt://k:1883"], "");
     unsupported.assert_code(1);
     assert!(
         unsupported.stderr.contains("unsupported broker URL"),
