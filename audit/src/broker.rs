@@ -226,4 +226,3 @@ impl Broker {
 }
 
 const CONSUMER_NAME: &str = "audit";
-

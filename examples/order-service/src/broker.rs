@@ -250,4 +250,3 @@ fn ensure_streams(
     }
     Ok(())
 }
-

@@ -168,7 +168,7 @@ pub use publisher::{AmqpPublisher, PublisherConfig, Routing};
 /// The AMQP client this transport is built on, for its types in this crate's API
 /// ([`Error::Amqp`] wraps a `lapin::Error`) at the exact version the transport uses.
 pub use lapin;
-/// What the publisher reports for an unroutable message ([`PublisherConfig::unroutable`]).
-pub use waybill_outbox_core::Unroutable;
 /// Stops [`AmqpConsumer::run`] (and a relay) from another thread.
 pub use waybill_outbox_core::StopHandle;
+/// What the publisher reports for an unroutable message ([`PublisherConfig::unroutable`]).
+pub use waybill_outbox_core::Unroutable;
