@@ -62,18 +62,4 @@ pub(crate) enum CliError {
     Aborted,
 }
 
-/// `error: cause: cause`, the whole source chain on one line. A cause that the text already
-/// contains (an error whose message includes its source's) is not repeated.
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use waybill_outbox_core::error_chain as chain;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use waybill_outbox_core::{Retryable, StopHandle};
+use waybill_outbox_core::{error_chain as chain, Retryable, StopHandle};
 
 use crate::retry::Outcome;
 use crate::subscription::one_line;
@@ -271,18 +271,6 @@ impl<S: Subscription> ConsumerLoop<S> {
             }
         }
     }
-}
-
-/// An error and its sources, joined with `: `.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

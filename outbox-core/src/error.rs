@@ -32,3 +32,31 @@ impl Retryable for std::convert::Infallible {
         match *self {}
     }
 }
+
+/// An error and its sources on one line, joined with `: `; a source whose text the line
+/// already holds (an error that prints its cause itself) is not repeated. For logs and
+/// reasons that must name the cause, not just the outermost error.
+///
+/// ```
+/// use waybill_outbox_core::error_chain;
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("publishing failed")]
+/// struct Outer(#[source] std::io::Error);
+///
+/// let error = Outer(std::io::Error::other("connection refused"));
+/// assert_eq!(error_chain(&error), "publishing failed: connection refused");
+/// ```
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -35,7 +35,7 @@ mod trace;
 mod validate;
 
 pub use backoff::Backoff;
-pub use error::{Error, Retryable};
+pub use error::{error_chain, Error, Retryable};
 pub use id::MessageId;
 pub use message::{Headers, NewOutboxMessage, OutboxMessage, Status, JSON_CONTENT_TYPE};
 pub use publisher::{InMemoryPublisher, PublishError, Publisher, Unroutable};

@@ -11,8 +11,8 @@ use waybill_inbox_core::wire;
 use waybill_outbox_core::{OutboxMessage, PublishError, Publisher};
 
 use crate::delivery::{record_headers, wire_size, DeliveryContext, Tag};
-use crate::error::error_chain;
 use crate::{Error, Result};
+use waybill_outbox_core::error_chain;
 
 /// How a [`KafkaPublisher`] publishes. `Default` gives the documented defaults.
 ///

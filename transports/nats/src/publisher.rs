@@ -12,7 +12,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Runtime;
 use waybill_inbox_core::wire;
 use waybill_outbox_core::{
-    redact_url, BrokerLimits, OutboxMessage, PublishError, Publisher, Unroutable,
+    error_chain, redact_url, BrokerLimits, OutboxMessage, PublishError, Publisher, Unroutable,
 };
 
 use crate::error::{publish_error_is_fatal, publish_error_is_unavailable};
@@ -512,21 +512,6 @@ fn classify(error: &jetstream::context::PublishError) -> PublishError {
     } else {
         PublishError::Retryable(text)
     }
-}
-
-/// An error and its sources, `: `-separated.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 impl Publisher for NatsPublisher {
