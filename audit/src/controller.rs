@@ -16,7 +16,7 @@ use crate::broker::Broker;
 use crate::counter;
 use crate::db::{self, AuditConnection, DbPool};
 use crate::operator::Operator;
-use crate::pipeline::{retry_budget, EXIT_REDELIVER, LEASE, PUBLISH_TIMEOUT};
+use crate::pipeline::{retry_budget, LEASE, PUBLISH_TIMEOUT};
 use crate::proxy::{self, Proxy};
 use crate::report::{Faults, Report};
 use crate::worker::{BROKER_URL_ENV, DATABASE_URL_ENV};
@@ -565,8 +565,6 @@ impl Run {
                     log::info!("{} {} exited: {status}", slot.role.name(), slot.index);
                     if status.signal() == Some(SIGABRT) {
                         self.faults.worker_crashes += 1;
-                    } else if status.code() == Some(EXIT_REDELIVER) {
-                        self.faults.consumer_redelivery_exits += 1;
                     } else {
                         self.faults.worker_errors += 1;
                     }
