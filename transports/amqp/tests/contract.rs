@@ -1,7 +1,7 @@
 //! RabbitMQ keeps the transport contract (waybill-testkit), on the real server: a unique
 //! topic exchange and queue per test, competing consumers of that queue in passive mode (the
 //! harness declares the topology once, as an operator would), and a dead-letter exchange that
-//! is deleted and declared again.
+//! is deleted and declared again; and 10,000 messages through a consumer cut off mid-stream.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -15,6 +15,8 @@ use waybill_amqp::{
 use waybill_inbox_core::{DeliveryHandler, RetryPolicy};
 use waybill_outbox_core::{Headers, OutboxMessage};
 use waybill_testkit::{contract, Consume, Harness};
+
+use common::proxy::{host_port, Proxy};
 
 /// One topic exchange bound to one queue, and the dead letters read off its dead-letter queue.
 struct AmqpHarness {
@@ -136,6 +138,14 @@ impl Harness for AmqpHarness {
         self.broker.bind(&exchange, &exchange, "");
     }
 
+    /// Connected through a TCP proxy: cutting it is the broker's view of a crashed process.
+    fn consumer_to_kill(&mut self) -> (Consumer, contract::Kill) {
+        let mut proxy = Proxy::start(&host_port(&self.broker.addr));
+        let config = ConsumerConfig::new(&self.queue).passive(true);
+        let consumer = AmqpConsumer::connect(&proxy.url(&self.broker.addr), config).unwrap();
+        (Consumer(consumer), Box::new(move || proxy.cut()))
+    }
+
     /// Headers larger than the negotiated frame size: the publisher refuses it before sending.
     fn poison(&mut self) -> Option<OutboxMessage> {
         let mut poison = contract::message(&self.topic, "p", 2);
@@ -146,4 +156,4 @@ impl Harness for AmqpHarness {
     }
 }
 
-waybill_testkit::contract_tests!(AmqpHarness::new());
+waybill_testkit::contract_tests!(AmqpHarness::new(), end_to_end);

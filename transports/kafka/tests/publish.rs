@@ -2,8 +2,6 @@
 //! records parked through the relay, and an unreachable cluster that charges nothing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,7 +13,7 @@ use waybill_outbox_core::{NewOutboxMessage, PublishError, Publisher, Relay, Rela
 use waybill_testkit::kafka::{brokers, create_topic, header, read_all};
 use waybill_testkit::unique;
 
-use common::{sqlite, stored};
+use waybill_testkit::outbox::{sqlite, stored};
 
 #[test]
 fn a_refused_record_stops_its_key_and_its_retry_comes_before_the_rest_of_the_key() {
