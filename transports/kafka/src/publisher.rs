@@ -1,5 +1,6 @@
 //! [`KafkaPublisher`]: the outbox relay's [`Publisher`] for Kafka.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ pub struct PublisherConfig {
     probe_timeout: Duration,
     transactional_id: Option<String>,
     transaction_timeout: Duration,
+    topic_prefix: String,
     properties: BTreeMap<String, String>,
 }
 
@@ -49,6 +51,7 @@ impl Default for PublisherConfig {
             probe_timeout: Duration::from_secs(5),
             transactional_id: None,
             transaction_timeout: Duration::from_secs(60),
+            topic_prefix: String::new(),
             properties: BTreeMap::new(),
         }
     }
@@ -63,6 +66,7 @@ impl fmt::Debug for PublisherConfig {
             .field("probe_timeout", &self.probe_timeout)
             .field("transactional_id", &self.transactional_id)
             .field("transaction_timeout", &self.transaction_timeout)
+            .field("topic_prefix", &self.topic_prefix)
             .field("properties", &crate::redacted(&self.properties))
             .finish()
     }
@@ -126,6 +130,15 @@ impl PublisherConfig {
     #[must_use]
     pub fn transaction_timeout(mut self, timeout: Duration) -> Self {
         self.transaction_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Publishes each message to the Kafka topic `prefix` + its outbox topic, e.g.
+    /// `staging.` so that several environments (or test runs) share one cluster. Consumers
+    /// subscribe to the prefixed name. Defaults to no prefix.
+    #[must_use]
+    pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.topic_prefix = prefix.into();
         self
     }
 
@@ -575,8 +588,13 @@ impl KafkaPublisher {
                 "the record is {size} bytes, over the producer's message.max.bytes of {max} bytes"
             )));
         }
+        let topic = if self.config.topic_prefix.is_empty() {
+            Cow::Borrowed(msg.topic.as_str())
+        } else {
+            Cow::Owned(format!("{}{}", self.config.topic_prefix, msg.topic))
+        };
         let mut record = BaseRecord::with_opaque_to(
-            &msg.topic,
+            &topic,
             Box::new(Tag {
                 generation: self.generation,
                 index,

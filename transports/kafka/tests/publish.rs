@@ -197,3 +197,24 @@ fn an_unreachable_cluster_is_unavailable_and_charges_nothing() {
         assert_eq!((message.status, message.attempts), (Status::Pending, 0));
     }
 }
+
+#[test]
+fn a_topic_prefix_publishes_to_the_prefixed_topic_and_the_message_keeps_its_own() {
+    let Some(brokers) = brokers() else { return };
+    let prefix = format!("{}.", unique("env"));
+    let kafka_topic = format!("{prefix}orders");
+    create_topic(&brokers, &kafka_topic, 1);
+    let config = PublisherConfig::default().topic_prefix(&prefix);
+    let mut publisher = KafkaPublisher::connect(&brokers, config).unwrap();
+    assert_eq!(
+        publisher.publish(&[stored(1, "orders", "a", r#"{"n":1}"#)]),
+        [Ok(())]
+    );
+    let records = read_all(&brokers, &kafka_topic);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        header(&records[0], wire::TOPIC).as_deref(),
+        Some("orders"),
+        "the consumer sees the outbox topic"
+    );
+}
