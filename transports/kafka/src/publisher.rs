@@ -186,6 +186,9 @@ impl PublisherConfig {
     }
 }
 
+/// How long one wait for delivery reports lasts (see `send_per_key`).
+const POLL_SLICE: Duration = Duration::from_millis(1);
+
 /// Whole milliseconds, as librdkafka takes durations.
 pub(crate) fn millis(duration: Duration) -> String {
     duration.as_millis().to_string()
@@ -414,7 +417,9 @@ impl KafkaPublisher {
                 }
                 break;
             }
-            self.producer.poll(Duration::from_millis(100));
+            // rdkafka's `BaseProducer::poll` serves events until its timeout has passed, not
+            // until the first one: a long timeout would add itself to every wave of a batch.
+            self.producer.poll(POLL_SLICE);
             if self.producer.context().all_brokers_down() {
                 // What is not sent yet is certainly not stored: fail it now rather than at the
                 // message timeout. (Records in flight are reported as they end.)
