@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use crate::RelayReport;
+use chrono::Utc;
+
+use crate::{Completion, OutboxMessage, RelayReport};
 
 /// Counter: messages the broker confirmed.
 pub const RELAY_PUBLISHED: &str = "waybill_relay_published_total";
@@ -26,6 +28,9 @@ pub const RELAY_FENCED_OFF: &str = "waybill_relay_fenced_off_total";
 pub const RELAY_LEASE_TAKEOVERS: &str = "waybill_relay_lease_takeovers_total";
 /// Histogram: seconds from claim to written-back outcome of a non-empty batch.
 pub const RELAY_BATCH_SECONDS: &str = "waybill_relay_batch_duration_seconds";
+/// Histogram: seconds from enqueue (the message's stored creation time, on the database's
+/// clock) to the broker's confirm, per topic: the time a message spent in the outbox.
+pub const RELAY_MESSAGE_AGE_SECONDS: &str = "waybill_relay_message_age_seconds";
 /// Gauge: pending messages per topic (sampled from the outbox table, e.g. by `waybill relay`).
 pub const OUTBOX_PENDING: &str = "waybill_outbox_pending";
 /// Gauge: parked messages per topic.
@@ -50,6 +55,33 @@ pub(crate) fn register(owner: &str) {
         RELAY_LEASE_TAKEOVERS,
     ] {
         metrics::counter!(name, OWNER_LABEL => owner.to_owned()).increment(0);
+    }
+}
+
+/// Records how long each confirmed message of a round waited in the outbox, one histogram
+/// handle per topic and round (a round rarely spans many topics).
+pub(crate) fn record_ages(messages: &[OutboxMessage], completions: &[Completion]) {
+    let now = Utc::now();
+    let mut by_topic: Vec<(&str, Vec<f64>)> = Vec::new();
+    for (msg, completion) in messages.iter().zip(completions) {
+        if !matches!(completion, Completion::Published { .. }) {
+            continue;
+        }
+        // A clock behind the database's makes a tiny negative age: count it as none.
+        let age = (now - msg.created_at)
+            .to_std()
+            .map_or(0.0, |age| age.as_secs_f64());
+        match by_topic.iter_mut().find(|(topic, _)| *topic == msg.topic) {
+            Some((_, ages)) => ages.push(age),
+            None => by_topic.push((msg.topic.as_str(), vec![age])),
+        }
+    }
+    for (topic, ages) in by_topic {
+        let histogram =
+            metrics::histogram!(RELAY_MESSAGE_AGE_SECONDS, TOPIC_LABEL => topic.to_owned());
+        for age in ages {
+            histogram.record(age);
+        }
     }
 }
 

@@ -888,7 +888,7 @@ fn publish_claimed<P: Publisher>(
     }
     let mut outcomes = outcomes.into_iter();
     let mut unavailable = None;
-    let completions = claimed
+    let completions: Vec<Completion> = claimed
         .messages
         .iter()
         .map(|msg| {
@@ -907,6 +907,7 @@ fn publish_claimed<P: Publisher>(
             completion(config, rng, msg, outcome)
         })
         .collect();
+    crate::metrics::record_ages(&claimed.messages, &completions);
     (completions, unavailable)
 }
 
