@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use diesel::Connection;
 use waybill_diesel::{enqueue_all, find_message, DieselStore};
-use waybill_inbox_core::{wire, IncomingMessage};
+use waybill_inbox_core::wire::{Binding, Decoder, Received, WireValue};
+use waybill_inbox_core::IncomingMessage;
 use waybill_kafka::{KafkaPublisher, PublisherConfig};
 use waybill_outbox_core::{NewOutboxMessage, PublishError, Publisher, Relay, RelayConfig, Status};
-use waybill_testkit::kafka::{brokers, create_topic, header, read_all};
+use rdkafka::message::Headers as _;
+use waybill_testkit::kafka::{brokers, create_topic, read_all};
 use waybill_testkit::unique;
 
 use common::{sqlite, stored};
@@ -57,24 +59,18 @@ fn a_refused_record_stops_its_key_and_its_retry_comes_before_the_rest_of_the_key
     for record in &records {
         use rdkafka::Message;
         let key = String::from_utf8(record.key().unwrap().to_vec()).unwrap();
-        let headers = record
+        let headers: BTreeMap<String, WireValue> = record
             .headers()
-            .map(|_| {
-                [
-                    wire::MESSAGE_ID,
-                    wire::MESSAGE_TYPE,
-                    wire::PARTITION_KEY,
-                    wire::TOPIC,
-                    wire::CONTENT_TYPE,
-                    wire::SENT_AT,
-                    "correlation-id",
-                ]
-                .into_iter()
-                .filter_map(|name| Some((name.to_owned(), header(record, name)?)))
-                .collect()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|h| Some((h.key.to_owned(), WireValue::from_bytes(h.value?))))
+                    .collect()
             })
             .unwrap_or_default();
-        let incoming = wire::decode(headers, record.payload().unwrap_or_default().to_vec())
+        let received = Received::new(headers, record.payload().unwrap_or_default().to_vec())
+            .with_key(record.key().map(<[u8]>::to_vec));
+        let incoming = Decoder::new(Binding::Kafka)
+            .decode(received)
             .expect("a published record decodes");
         by_key
             .entry(key)
