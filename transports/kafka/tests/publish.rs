@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use diesel::Connection;
+use rdkafka::message::Headers as _;
 use waybill_diesel::{enqueue_all, find_message, DieselStore};
 use waybill_inbox_core::wire::{Binding, Decoder, Received, WireValue};
 use waybill_inbox_core::IncomingMessage;
 use waybill_kafka::{KafkaPublisher, PublisherConfig};
 use waybill_outbox_core::{NewOutboxMessage, PublishError, Publisher, Relay, RelayConfig, Status};
-use rdkafka::message::Headers as _;
 use waybill_testkit::kafka::{brokers, create_topic, read_all};
 use waybill_testkit::unique;
 

@@ -40,8 +40,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use waybill_inbox_core::{
     wire::{Binding, Decoder, Encoder, Received},
-    ConsumerLoop, DeadLetter as Letter, DecodeError, DeliveryHandler, IncomingMessage,
-    RetryPolicy, Subscription,
+    ConsumerLoop, DeadLetter as Letter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
+    Subscription,
 };
 pub use waybill_outbox_core::StopHandle;
 use waybill_outbox_core::{Headers, OutboxMessage, PublishError, Publisher};

@@ -315,7 +315,7 @@ fn hostile_deliveries_are_dead_lettered_with_their_reason_and_good_ones_flow_on(
             with("content-type", "application/vnd+json"),
             b"plain".to_vec(),
         ), // wrong type
-        (with("ce-id", ""), b"{}".to_vec()), // empty id
+        (with("ce-id", ""), b"{}".to_vec()),      // empty id
         (with("ce-id", "1; DROP TABLE x"), b"{}".to_vec()), // not a UUID
         (with("ce-time", "\r\nwaybill-topic: x"), b"{}".to_vec()), // header injection
         (with("ce-waybilltopic", "payments"), b"{}".to_vec()), // not the subscribed topic
