@@ -16,6 +16,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod contract;
+pub mod interop;
 pub mod kafka;
 pub mod memory;
 
