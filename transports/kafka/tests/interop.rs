@@ -1,0 +1,124 @@
+//! Interop with clients nobody here wrote, on the Kafka-protocol broker: Python's
+//! confluent-kafka and the official `cloudevents` SDK (its `kafka` binding) parse what the
+//! publisher sends, and CloudEvents that Python sends (binary and structured) reach the handler
+//! through the inbox exactly once per id. Needs `WAYBILL_INTEROP_PYTHON` (see `.ci/run`).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use waybill_diesel::{Inbox, InboxHandler};
+use waybill_inbox_core::{ConsumeReport, IncomingMessage};
+use waybill_kafka::{ConsumerConfig, KafkaConsumer, KafkaPublisher, PublisherConfig};
+use waybill_outbox_core::{MessageId, Publisher};
+use waybill_testkit::kafka::{brokers, create_topic};
+use waybill_testkit::{interop, unique, PATIENCE};
+
+use common::{sqlite, stored};
+
+const SOURCE: &str = "urn:example:orders-service";
+
+#[test]
+fn the_python_sdk_parses_every_record_the_publisher_sends() {
+    let Some(python) = interop::client() else {
+        return;
+    };
+    let Some(brokers) = brokers() else { return };
+    let topic = unique("orders");
+    create_topic(&brokers, &topic, 2);
+    let sent: Vec<_> = (1..=4)
+        .map(|seq| {
+            stored(
+                seq,
+                &topic,
+                &format!("order:{}", seq % 2),
+                &format!(r#"{{"n":{seq}}}"#),
+            )
+        })
+        .collect();
+    let mut publisher =
+        KafkaPublisher::connect(&brokers, PublisherConfig::default().source(SOURCE))
+            .expect("publisher");
+    assert!(publisher.publish(&sent).iter().all(Result::is_ok));
+
+    let lines = python.run(&["read-kafka", &brokers, &topic, "4"]);
+    let parsed = interop::assert_parsed(&lines, &sent, SOURCE);
+    for message in &sent {
+        assert_eq!(
+            parsed[&message.id.to_string()]["key"],
+            message.partition_key.as_str()
+        );
+    }
+}
+
+#[derive(QueryableByName)]
+struct Effect {
+    #[diesel(sql_type = Text)]
+    message_id: String,
+}
+
+#[test]
+fn python_cloudevents_are_processed_once_each_through_the_inbox() {
+    let Some(python) = interop::client() else {
+        return;
+    };
+    let Some(brokers) = brokers() else { return };
+    let (pool, _database) = sqlite("interop", 4);
+    let mut conn = pool.get().expect("conn");
+    conn.batch_execute("CREATE TABLE effects (message_id TEXT NOT NULL)")
+        .expect("effects table");
+    let topic = unique("from-python");
+    create_topic(&brokers, &topic, 1);
+
+    let ids: Vec<String> = (0..3).map(|_| MessageId::new().to_string()).collect();
+    let specs = [
+        format!("binary:{}", ids[0]),
+        format!("binary:{}", ids[1]),
+        format!("structured:{}", ids[2]),
+    ];
+    let mut args = vec!["send-kafka", brokers.as_str(), topic.as_str()];
+    args.extend(specs.iter().map(String::as_str));
+    python.run(&args);
+
+    let mut consumer =
+        KafkaConsumer::connect(&brokers, ConsumerConfig::new(&topic, unique("billing")))
+            .expect("consumer");
+    let mut handler = InboxHandler::new(
+        pool.clone(),
+        Inbox::new("billing"),
+        |conn: &mut _, message: &IncomingMessage| {
+            let data: serde_json::Value = message.json().expect("JSON data");
+            assert_eq!(data["id"], message.id.to_string());
+            assert_eq!(message.partition_key, "python-key");
+            diesel::sql_query("INSERT INTO effects (message_id) VALUES (?)")
+                .bind::<Text, _>(message.id.to_string())
+                .execute(conn)?;
+            Ok::<_, waybill_diesel::Error>(())
+        },
+    );
+    let deadline = Instant::now() + PATIENCE;
+    let mut total = ConsumeReport::default();
+    while total.delivered < 6 {
+        assert!(Instant::now() < deadline, "consumed only {total:?}");
+        let report = consumer
+            .run_once(&mut handler, 100, Duration::from_secs(1))
+            .expect("consume");
+        total.delivered += report.delivered;
+        total.acked += report.acked;
+        total.malformed += report.malformed;
+    }
+    assert_eq!((total.acked, total.malformed), (6, 0), "{total:?}");
+
+    let effects: Vec<Effect> =
+        diesel::sql_query("SELECT message_id FROM effects ORDER BY message_id")
+            .load(&mut conn)
+            .expect("effects");
+    let mut expected = ids.clone();
+    expected.sort();
+    let got: Vec<_> = effects.into_iter().map(|e| e.message_id).collect();
+    assert_eq!(got, expected, "each id once");
+}
