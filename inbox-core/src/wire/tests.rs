@@ -766,3 +766,66 @@ proptest! {
         let _ = decode_as(Binding::Nats, received);
     }
 }
+
+/// The example message of `docs/wire.md`, so the document and the code cannot drift apart.
+fn documented_example() -> OutboxMessage {
+    let id = "0193a5b4-7c1e-7d2a-9f3e-2b8c4d6e8f01"
+        .parse()
+        .expect("a UUID");
+    let mut m = OutboxMessage::new(1042, id, Status::Pending);
+    m.topic = "orders".into();
+    m.partition_key = "order:4231".into();
+    m.message_type = "OrderPlaced".into();
+    m.content_type = "application/json".into();
+    m.payload = br#"{"order_id":4231,"total_cents":1999}"#.to_vec();
+    m.headers.insert(
+        "traceparent".into(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+    );
+    m.headers
+        .insert("correlation-id".into(), "checkout-77".into());
+    m.created_at = DateTime::from_timestamp_micros(1_796_552_130_123_456).unwrap_or_default();
+    m
+}
+
+#[test]
+fn the_documented_examples_are_what_is_encoded() {
+    let doc = include_str!("../../../docs/wire.md");
+    let m = documented_example();
+    let (kafka, body) = Encoder::new(Binding::Kafka).encode(&m);
+    assert_eq!(kafka.len(), 12);
+    for (name, value) in &kafka {
+        let line = format!("{name:<17}{value}");
+        assert!(
+            doc.contains(&line),
+            "docs/wire.md lacks the Kafka line {line:?}"
+        );
+    }
+    let (nats, _) = Encoder::new(Binding::Nats).encode(&m);
+    for (name, value) in &nats {
+        let line = format!("\n{name}: {value}\n");
+        assert!(
+            doc.contains(&line),
+            "docs/wire.md lacks the NATS line {line:?}"
+        );
+    }
+    let (amqp, _) = Encoder::new(Binding::Amqp).encode(&m);
+    for (name, value) in &amqp {
+        let line = format!("{name}: \"{value}\"");
+        assert!(
+            doc.contains(&line),
+            "docs/wire.md lacks the RabbitMQ entry {line:?}"
+        );
+    }
+    assert_eq!(
+        amqp.len(),
+        kafka.len() - 1,
+        "no content-type header on RabbitMQ"
+    );
+    assert!(doc.contains(&format!("timestamp: {}", m.created_at.timestamp())));
+    assert!(doc.contains(std::str::from_utf8(&body).unwrap_or_default()));
+    let mut key = m.clone();
+    key.partition_key = "order 4231 ü".into();
+    let (nats, _) = Encoder::new(Binding::Nats).encode(&key);
+    assert!(doc.contains(&format!("ce-partitionkey: {}`", nats["ce-partitionkey"])));
+}

@@ -82,9 +82,12 @@ pub fn assert_parsed(
     let parsed: BTreeMap<String, serde_json::Value> = lines
         .iter()
         .map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-            let id = event["attributes"]["id"].as_str().unwrap_or_default().to_owned();
+            let event: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let id = event["attributes"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             (id, event)
         })
         .collect();
@@ -99,10 +102,22 @@ pub fn assert_parsed(
         assert_eq!(text("specversion").as_deref(), Some("1.0"), "{event}");
         assert_eq!(text("type"), Some(message.message_type.clone()), "{event}");
         assert_eq!(text("source").as_deref(), Some(source), "{event}");
-        assert_eq!(text("datacontenttype"), Some(message.content_type.clone()), "{event}");
-        assert_eq!(text("partitionkey"), Some(message.partition_key.clone()), "{event}");
+        assert_eq!(
+            text("datacontenttype"),
+            Some(message.content_type.clone()),
+            "{event}"
+        );
+        assert_eq!(
+            text("partitionkey"),
+            Some(message.partition_key.clone()),
+            "{event}"
+        );
         assert_eq!(text("waybilltopic"), Some(message.topic.clone()), "{event}");
-        assert_eq!(text("sequence"), Some(format!("{:019}", message.seq)), "{event}");
+        assert_eq!(
+            text("sequence"),
+            Some(format!("{:019}", message.seq)),
+            "{event}"
+        );
         let time = text("time")
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc));
