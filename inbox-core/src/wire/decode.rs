@@ -310,11 +310,15 @@ impl Decoder {
         received
             .headers
             .keys()
-            .find(|name| self.attribute_of(name) == Some(attribute))
+            .find(|name| {
+                self.attribute_of(name)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(attribute))
+            })
             .cloned()
     }
 
-    /// The attribute a header carries (lower case), when its name has an accepted prefix.
+    /// The attribute a header carries (as spelled; attributes are compared in lower case),
+    /// when its name has an accepted prefix.
     fn attribute_of<'n>(&self, name: &'n str) -> Option<&'n str> {
         self.binding.prefixes().iter().find_map(|prefix| {
             let head = name.get(..prefix.len())?;

@@ -203,7 +203,7 @@ fn nats_values_are_percent_decoded_and_other_bindings_are_not() -> Result<(), De
 fn amqp_accepts_amqp_1_0_names_and_any_case_and_timestamps() -> Result<(), DecodeError> {
     let id = MessageId::new();
     let mut headers = text_headers(&[
-        ("cloudEvents_specversion", "1.0"),
+        ("CloudEvents_SpecVersion", "1.0"),
         ("cloudEvents:id", &id.to_string()),
         ("CE-Source", "/java"),
         ("cloudEvents_type", "created"),

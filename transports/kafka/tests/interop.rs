@@ -1,7 +1,8 @@
 //! Interop with clients nobody here wrote, on the Kafka-protocol broker: Python's
 //! confluent-kafka and the official `cloudevents` SDK (its `kafka` binding) parse what the
 //! publisher sends, and CloudEvents that Python sends (binary and structured) reach the handler
-//! through the inbox exactly once per id. Needs `WAYBILL_INTEROP_PYTHON` (see `.ci/run`).
+//! through the inbox exactly once per id. Needs `WAYBILL_INTEROP_PYTHON` (see `.ci/run`). Also:
+//! a record whose `ce_id` is bytes is dead-lettered with a reason that says so.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -121,4 +122,68 @@ fn python_cloudevents_are_processed_once_each_through_the_inbox() {
     expected.sort();
     let got: Vec<_> = effects.into_iter().map(|e| e.message_id).collect();
     assert_eq!(got, expected, "each id once");
+}
+
+#[test]
+fn a_record_whose_id_is_not_utf8_is_dead_lettered_as_bytes() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use waybill_inbox_core::Disposition;
+    use waybill_kafka::DEAD_LETTER_REASON;
+    use waybill_testkit::kafka::{header, read_all};
+
+    let Some(brokers) = brokers() else { return };
+    let topic = unique("bytes-id");
+    create_topic(&brokers, &topic, 1);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    let headers = [
+        ("ce_specversion", &b"1.0"[..]),
+        ("ce_id", &[0xff, 0xfe][..]),
+        ("ce_source", b"/bytes"),
+        ("ce_type", b"t"),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value),
+        })
+    });
+    producer
+        .send(
+            BaseRecord::<(), [u8]>::to(&topic)
+                .payload(&b"{}"[..])
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+    producer.flush(PATIENCE).expect("flushed");
+
+    let config = ConsumerConfig::new(&topic, unique("billing"));
+    let dead_topic = config.dead_letter_topic_name();
+    let mut consumer = KafkaConsumer::connect(&brokers, config).expect("consumer");
+    let deadline = Instant::now() + PATIENCE;
+    let mut total = ConsumeReport::default();
+    while total.dead_lettered < 1 {
+        assert!(Instant::now() < deadline, "consumed only {total:?}");
+        let report = consumer
+            .run_once(
+                &mut |_: &IncomingMessage| Disposition::Ack,
+                10,
+                Duration::from_secs(1),
+            )
+            .expect("consume");
+        total.dead_lettered += report.dead_lettered;
+        total.malformed += report.malformed;
+    }
+    assert_eq!(total.malformed, 1);
+    let dead = read_all(&brokers, &dead_topic);
+    assert_eq!(
+        header(&dead[0], DEAD_LETTER_REASON).as_deref(),
+        Some("malformed: ce_id is bytes, expected a string")
+    );
 }
