@@ -448,11 +448,12 @@ fn amqp(
 
 /// Publishes `messages` in batches of [`BATCH`], each pipelined and then confirmed.
 async fn raw_amqp(channel: &lapin::Channel, messages: &[OutboxMessage]) -> Result<f64, Error> {
+    let amqp_encoder = wire::Encoder::new(wire::Binding::Amqp);
     let began = Instant::now();
     for batch in messages.chunks(BATCH) {
         let mut confirms = Vec::with_capacity(batch.len());
         for msg in batch {
-            let (headers, body) = wire::encode(msg);
+            let (headers, body) = amqp_encoder.encode(msg);
             let mut table = FieldTable::default();
             for (name, value) in &headers {
                 table.insert(
@@ -535,11 +536,12 @@ async fn raw_nats(
     jetstream: &async_nats::jetstream::Context,
     messages: &[OutboxMessage],
 ) -> Result<f64, Error> {
+    let nats_encoder = wire::Encoder::new(wire::Binding::Nats);
     let began = Instant::now();
     for batch in messages.chunks(BATCH) {
         let mut acks = Vec::with_capacity(batch.len());
         for msg in batch {
-            let (headers, body) = wire::encode(msg);
+            let (headers, body) = nats_encoder.encode(msg);
             let mut map = async_nats::HeaderMap::new();
             for (name, value) in &headers {
                 map.insert(name.as_str(), value.as_str());
@@ -629,11 +631,12 @@ async fn raw_kafka(
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::FutureRecord;
 
+    let kafka_encoder = wire::Encoder::new(wire::Binding::Kafka);
     let began = Instant::now();
     for batch in messages.chunks(BATCH) {
         let mut acks = Vec::with_capacity(batch.len());
         for msg in batch {
-            let (headers, body) = wire::encode(msg);
+            let (headers, body) = kafka_encoder.encode(msg);
             let mut record_headers = OwnedHeaders::new_with_capacity(headers.len());
             for (name, value) in &headers {
                 record_headers = record_headers.insert(Header {

@@ -305,10 +305,12 @@ mod tests {
     impl Queue {
         fn push(&mut self, key: &str) {
             let headers = Headers::from([
-                (wire::MESSAGE_ID.to_owned(), MessageId::new().to_string()),
-                (wire::TOPIC.to_owned(), "orders".to_owned()),
-                (wire::MESSAGE_TYPE.to_owned(), "OrderPlaced".to_owned()),
-                (wire::SENT_AT.to_owned(), "2026-12-05T10:00:00Z".to_owned()),
+                ("ce-specversion".to_owned(), "1.0".to_owned()),
+                ("ce-source".to_owned(), "/checkout".to_owned()),
+                ("ce-id".to_owned(), MessageId::new().to_string()),
+                ("ce-waybilltopic".to_owned(), "orders".to_owned()),
+                ("ce-type".to_owned(), "OrderPlaced".to_owned()),
+                ("ce-time".to_owned(), "2026-12-05T10:00:00Z".to_owned()),
                 ("key".to_owned(), key.to_owned()),
             ]);
             self.queued.push_back((headers, b"{}".to_vec()));

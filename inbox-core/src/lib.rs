@@ -16,11 +16,13 @@
 //! // What a transport received:
 //! let id = MessageId::new();
 //! let headers = Headers::from([
-//!     (wire::MESSAGE_ID.to_owned(), id.to_string()),
-//!     (wire::TOPIC.to_owned(), "orders".to_owned()),
-//!     (wire::MESSAGE_TYPE.to_owned(), "OrderPlaced".to_owned()),
-//!     (wire::SENT_AT.to_owned(), "2026-11-27T10:00:00Z".to_owned()),
-//!     (wire::CONTENT_TYPE.to_owned(), "application/json".to_owned()),
+//!     ("ce-specversion".to_owned(), "1.0".to_owned()),
+//!     ("ce-source".to_owned(), "/checkout".to_owned()),
+//!     ("ce-id".to_owned(), id.to_string()),
+//!     ("ce-waybilltopic".to_owned(), "orders".to_owned()),
+//!     ("ce-type".to_owned(), "OrderPlaced".to_owned()),
+//!     ("ce-time".to_owned(), "2026-11-27T10:00:00Z".to_owned()),
+//!     ("content-type".to_owned(), "application/json".to_owned()),
 //!     ("correlation-id".to_owned(), "checkout-77".to_owned()),
 //! ]);
 //! let incoming: IncomingMessage = wire::decode(headers, br#"{"order_id":4231}"#.to_vec())?;

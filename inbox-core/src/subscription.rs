@@ -58,10 +58,12 @@ use crate::{DecodeError, IncomingMessage};
 ///
 /// let mut queue = Queue::default();
 /// let headers = Headers::from([
-///     (wire::MESSAGE_ID.to_owned(), waybill_outbox_core::MessageId::new().to_string()),
-///     (wire::TOPIC.to_owned(), "orders".to_owned()),
-///     (wire::MESSAGE_TYPE.to_owned(), "OrderPlaced".to_owned()),
-///     (wire::SENT_AT.to_owned(), "2026-12-05T10:00:00Z".to_owned()),
+///     ("ce-specversion".to_owned(), "1.0".to_owned()),
+///     ("ce-source".to_owned(), "/checkout".to_owned()),
+///     ("ce-id".to_owned(), waybill_outbox_core::MessageId::new().to_string()),
+///     ("ce-waybilltopic".to_owned(), "orders".to_owned()),
+///     ("ce-type".to_owned(), "OrderPlaced".to_owned()),
+///     ("ce-time".to_owned(), "2026-12-05T10:00:00Z".to_owned()),
 /// ]);
 /// queue.queued.push_back((headers, b"{}".to_vec()));
 /// queue.queued.push_back((Headers::new(), b"not ours".to_vec()));

@@ -9,10 +9,11 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Confirmation, ExchangeKind};
 use tokio::runtime::Runtime;
+use waybill_inbox_core::wire::{self, Binding, Decoder, Received, WireValue};
 #[cfg(doc)]
 use waybill_inbox_core::Disposition;
 use waybill_inbox_core::{
-    wire, ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
+    ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
     Subscription,
 };
 use waybill_outbox_core::StopHandle;
@@ -66,6 +67,7 @@ pub struct ConsumerConfig {
     confirm_timeout: Duration,
     poll_timeout: Duration,
     max_reconnect_delay: Duration,
+    native_metadata: bool,
 }
 
 impl ConsumerConfig {
@@ -87,7 +89,19 @@ impl ConsumerConfig {
             confirm_timeout: Duration::from_secs(30),
             poll_timeout: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(30),
+            native_metadata: false,
         }
+    }
+
+    /// Whether a message that is neither a CloudEvent nor in waybill's legacy form is read from
+    /// its AMQP properties: `message_id` as the id (a UUID), `type`, `timestamp` (seconds
+    /// since the epoch, pika's native form) and `content_type`, with the exchange (else the
+    /// routing key) as the topic. For producers that know nothing of CloudEvents. Defaults to
+    /// `false`: such a message is dead-lettered as not a CloudEvent.
+    #[must_use]
+    pub fn native_metadata(mut self, accept: bool) -> Self {
+        self.native_metadata = accept;
+        self
     }
 
     /// Binds the queue to `exchange` with `routing_key` (e.g. `#` for everything on a topic
@@ -453,11 +467,33 @@ impl Subscription for AmqpSubscription {
         })
     }
 
-    /// [`wire::decode`] of the string headers (this transport's `x-waybill-*` ones and
-    /// RabbitMQ's nested `x-death` left out) and the body.
+    /// The [`wire`] form of the delivery (this transport's `x-waybill-*` headers left out):
+    /// the headers table, the `content_type` property, and the `message_id`, `type` and
+    /// `timestamp` properties for the timestamp fallback and native metadata.
     fn decode(&self, delivery: &Delivery) -> Result<IncomingMessage, DecodeError> {
-        let headers = fields::from_table(delivery.properties.headers().as_ref());
-        wire::decode(headers, delivery.data.clone())
+        let properties = &delivery.properties;
+        let topic = if delivery.exchange.as_str().is_empty() {
+            delivery.routing_key.as_str()
+        } else {
+            delivery.exchange.as_str()
+        };
+        let received = Received::new(
+            fields::from_table(properties.headers().as_ref()),
+            delivery.data.clone(),
+        )
+        .with_content_type(properties.content_type().as_ref().map(|ct| ct.to_string()))
+        .with_native_id(
+            properties
+                .message_id()
+                .as_ref()
+                .map(|id| WireValue::Text(id.to_string())),
+        )
+        .with_native_type(properties.kind().as_ref().map(|kind| kind.to_string()))
+        .with_native_timestamp(*properties.timestamp())
+        .with_topic(topic);
+        Decoder::new(Binding::Amqp)
+            .native_metadata(self.config.native_metadata)
+            .decode(received)
     }
 
     /// The quorum queue's [`DELIVERY_COUNT_HEADER`], else 0 (classic queues count nothing: the
@@ -568,11 +604,16 @@ impl Drop for AmqpSubscription {
     }
 }
 
-/// The id a delivery claims to have, for errors: the wire header, else the AMQP message id.
+/// The id a delivery claims to have, for errors: the `ce-id` (or legacy) header, else the AMQP
+/// message id.
 fn delivery_id(delivery: &Delivery) -> String {
     let table = delivery.properties.headers().as_ref();
     table
-        .and_then(|t| t.inner().get(wire::MESSAGE_ID))
+        .and_then(|t| {
+            let t = t.inner();
+            t.get(Binding::Amqp.id_header())
+                .or_else(|| t.get(wire::legacy::MESSAGE_ID))
+        })
         .and_then(fields::scalar_text)
         .or_else(|| {
             delivery

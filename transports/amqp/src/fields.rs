@@ -1,6 +1,9 @@
 //! Conversions between waybill's string headers and AMQP field tables and short strings.
 
+use std::collections::BTreeMap;
+
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use waybill_inbox_core::wire::WireValue;
 use waybill_outbox_core::Headers;
 
 use crate::{Error, Result};
@@ -25,13 +28,12 @@ pub(crate) fn to_table(headers: &Headers) -> Result<FieldTable> {
     Ok(table)
 }
 
-/// The string headers of a delivery, for [`waybill_inbox_core::wire::decode`].
-///
-/// Strings are taken as they are (invalid UTF-8 replaced), numbers and booleans as their
-/// decimal form; nested tables, arrays and byte arrays (e.g. RabbitMQ's `x-death`) and this
-/// transport's own `x-waybill-*` headers are left out.
-pub(crate) fn from_table(table: Option<&FieldTable>) -> Headers {
-    let mut headers = Headers::new();
+/// The typed headers of a delivery, for [`waybill_inbox_core::wire::Decoder`], without this
+/// transport's own `x-waybill-*` headers. Long strings are text when UTF-8, else bytes; the
+/// decoder passes text, numbers and booleans on to the handler and leaves out byte arrays,
+/// tables and arrays (e.g. RabbitMQ's `x-death`).
+pub(crate) fn from_table(table: Option<&FieldTable>) -> BTreeMap<String, WireValue> {
+    let mut headers = BTreeMap::new();
     let Some(table) = table else {
         return headers;
     };
@@ -39,11 +41,33 @@ pub(crate) fn from_table(table: Option<&FieldTable>) -> Headers {
         if name.as_str().starts_with(TRANSPORT_PREFIX) {
             continue;
         }
-        if let Some(text) = scalar_text(value) {
-            headers.insert(name.to_string(), text);
-        }
+        headers.insert(name.to_string(), typed(value));
     }
     headers
+}
+
+/// An AMQP field value as a [`WireValue`].
+pub(crate) fn typed(value: &AMQPValue) -> WireValue {
+    match value {
+        AMQPValue::LongString(s) => WireValue::from_bytes(s.as_bytes()),
+        AMQPValue::ShortString(s) => WireValue::Text(s.as_str().to_owned()),
+        AMQPValue::ByteArray(bytes) => WireValue::Bytes(bytes.as_slice().to_vec()),
+        AMQPValue::Boolean(b) => WireValue::Bool(*b),
+        AMQPValue::ShortShortInt(n) => WireValue::Integer(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => WireValue::Integer(i64::from(*n)),
+        AMQPValue::ShortInt(n) => WireValue::Integer(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => WireValue::Integer(i64::from(*n)),
+        AMQPValue::LongInt(n) => WireValue::Integer(i64::from(*n)),
+        AMQPValue::LongUInt(n) => WireValue::Integer(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => WireValue::Integer(*n),
+        AMQPValue::Float(n) => WireValue::Float(f64::from(*n)),
+        AMQPValue::Double(n) => WireValue::Float(*n),
+        AMQPValue::Timestamp(n) => WireValue::Timestamp(*n),
+        AMQPValue::DecimalValue(_) => WireValue::Other("a decimal"),
+        AMQPValue::FieldArray(_) => WireValue::Other("an array"),
+        AMQPValue::FieldTable(_) => WireValue::Other("a table"),
+        AMQPValue::Void => WireValue::Other("void"),
+    }
 }
 
 /// A scalar header value as text; `None` for tables, arrays, byte arrays and void.
@@ -90,9 +114,15 @@ mod tests {
         table.insert("n".into(), AMQPValue::ShortInt(-4));
         assert_eq!(count(Some(&table), "x-waybill-redeliveries"), 3);
         assert_eq!(count(Some(&table), "missing"), 0);
+        table.insert("bytes".into(), AMQPValue::ByteArray(vec![1, 2].into()));
         let back = from_table(Some(&table));
-        headers.insert("n".into(), "-4".into());
-        assert_eq!(back, headers);
+        assert_eq!(back["n"], WireValue::Integer(-4));
+        assert_eq!(back["bytes"], WireValue::Bytes(vec![1, 2]));
+        assert_eq!(back["x-death"], WireValue::Other("an array"));
+        assert!(!back.contains_key("x-waybill-redeliveries"));
+        for (name, value) in &headers {
+            assert_eq!(back[name], WireValue::Text(value.clone()));
+        }
         Ok(())
     }
 

@@ -36,17 +36,29 @@
 //! | outbox message | AMQP |
 //! |---|---|
 //! | `topic`, `partition_key` | exchange = topic, routing key = partition key ([`Routing::ExchangePerTopic`], the default), or a fixed exchange with routing key = topic ([`Routing::Exchange`]) |
-//! | `id` | `message_id` property, and the `waybill-message-id` header |
-//! | `message_type` | `type` property, and `waybill-message-type` |
-//! | `content_type` | `content_type` property, and `waybill-content-type` |
-//! | `created_at` | `timestamp` property (seconds), and `waybill-sent-at` (RFC 3339, full precision) |
-//! | `headers` | headers (long strings), next to the reserved `waybill-*` headers of [`waybill_inbox_core::wire`] |
+//! | `id` | header `ce-id`, and the `message_id` property |
+//! | `message_type` | header `ce-type`, and the `type` property |
+//! | `content_type` | the `content_type` property (the binding's `datacontenttype`) |
+//! | `created_at` | header `ce-time` (RFC 3339, full precision), and the `timestamp` property (seconds) |
+//! | `partition_key` | header `ce-partitionkey` (when not empty) |
+//! | `seq` | header `ce-sequence` (zero-padded) |
+//! | `topic` | header `ce-waybilltopic` |
+//! | [`PublisherConfig::source`] | header `ce-source` (default `urn:waybill:<topic>`) |
+//! | - | header `ce-specversion: 1.0` |
+//! | `headers` | headers (long strings) of the same name |
 //! | `payload` | the body, unchanged |
 //! | - | `delivery_mode` 2 (persistent); `mandatory` set (configurable) |
 //!
-//! The consumer decodes from the headers alone ([`waybill_inbox_core::wire::decode`]), so a
-//! message is complete even when a tool in between drops AMQP properties.
-//!
+//! This is CloudEvents 1.0 binary content mode in the RabbitMQ protocol binding (Knative
+//! eventing-rabbitmq's, which the Python `cloudevents` SDK implements as
+//! `cloudevents.core.bindings.rabbitmq`); [`waybill_inbox_core::wire`] implements it and
+//! `docs/wire.md` specifies it. The consumer also reads the AMQP 1.0 binding's
+//! `cloudEvents_*` / `cloudEvents:*` names, structured mode (`content_type`
+//! `application/cloudevents+json`), waybill's legacy `waybill-*` headers, and, with
+//! [`ConsumerConfig::native_metadata`], plain messages carrying only AMQP properties. A header
+//! of the wrong AMQP type (a byte array where a string belongs) is dead-lettered with a reason
+//! that says so.
+
 //! # Confirms, outcomes and the ordering caveat
 //!
 //! The publisher sends a whole batch pipelined, then awaits every confirm: one round trip per

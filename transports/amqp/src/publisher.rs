@@ -9,7 +9,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, ErrorKind, ExchangeKind, PublisherConfirm};
 use tokio::runtime::Runtime;
-use waybill_inbox_core::wire;
+use waybill_inbox_core::wire::{Binding, Encoder};
 use waybill_outbox_core::{BrokerLimits, OutboxMessage, PublishError, Publisher, Unroutable};
 
 use crate::error::{is_unavailable, lapin_error_is_unavailable};
@@ -65,6 +65,7 @@ pub struct PublisherConfig {
     declare_exchanges: Option<ExchangeKind>,
     confirm_timeout: Duration,
     connect_timeout: Duration,
+    source: Option<String>,
 }
 
 impl Default for PublisherConfig {
@@ -76,6 +77,7 @@ impl Default for PublisherConfig {
             declare_exchanges: Some(ExchangeKind::Topic),
             confirm_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            source: None,
         }
     }
 }
@@ -137,6 +139,15 @@ impl PublisherConfig {
         self.connect_timeout = timeout;
         self
     }
+
+    /// The CloudEvents `source` written on every message (the `ce-source` header): a URI
+    /// reference naming this producer, e.g. `https://shop.example/orders-service`; consumers
+    /// treat `source` + `id` as unique. Defaults to `urn:waybill:<topic>` of each message.
+    #[must_use]
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
 }
 
 /// Publishes outbox messages to RabbitMQ with publisher confirms: the relay's [`Publisher`].
@@ -171,6 +182,7 @@ struct State {
     declared: HashSet<String>,
     /// The frame size the last connection negotiated, in bytes.
     frame_max: usize,
+    encoder: Encoder,
 }
 
 impl fmt::Debug for AmqpPublisher {
@@ -199,6 +211,10 @@ impl AmqpPublisher {
         Ok(Self {
             runtime,
             state: State {
+                encoder: match &config.source {
+                    Some(source) => Encoder::new(Binding::Amqp).with_source(source.as_str()),
+                    None => Encoder::new(Binding::Amqp),
+                },
                 addr: addr.to_owned(),
                 config,
                 frame_max: link.frame_max(),
@@ -569,7 +585,7 @@ impl State {
         };
         short("exchange name", exchange).map_err(|e| e.to_string())?;
         short("routing key", routing_key).map_err(|e| e.to_string())?;
-        let (headers, body) = wire::encode(message);
+        let (headers, body) = self.encoder.encode(message);
         let properties = properties(message, &headers).map_err(|e| e.to_string())?;
         let size = encoded_len(&properties);
         let room = self.frame_max.saturating_sub(CONTENT_HEADER_OVERHEAD);

@@ -16,7 +16,8 @@ use waybill_amqp::{
     FieldTable, LongString, PublisherConfig, StopHandle, DEAD_LETTER_REASON,
     DEAD_LETTER_REASON_HEADER, ORIGINAL_QUEUE_HEADER,
 };
-use waybill_inbox_core::{wire, DeliveryHandler, Disposition, IncomingMessage};
+use waybill_inbox_core::wire::{Binding, Encoder};
+use waybill_inbox_core::{DeliveryHandler, Disposition, IncomingMessage};
 use waybill_outbox_core::{MessageId, Publisher};
 
 use common::{header, stored, unique, PATIENCE};
@@ -89,7 +90,7 @@ fn a_message_that_always_fails_is_redelivered_max_times_then_dead_lettered() {
     );
 
     let dead = broker.drain(&format!("{queue}.dead"), 1);
-    assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(poison.to_string()));
+    assert_eq!(header(&dead[0], "ce-id"), Some(poison.to_string()));
     let reason = header(&dead[0], DEAD_LETTER_REASON_HEADER).expect("reason header");
     assert!(reason.contains("failed 4 deliveries"), "{reason}");
     assert!(reason.contains("the ledger is locked"), "{reason}");
@@ -126,7 +127,7 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
         );
     };
     let good = |seq: i64| {
-        let (headers, body) = wire::encode(&stored(seq, "orders", "k", "{}"));
+        let (headers, body) = Encoder::new(Binding::Amqp).encode(&stored(seq, "orders", "k", "{}"));
         (headers, body)
     };
     let send_good = |seq: i64| {
@@ -140,13 +141,13 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
     let (template, _) = good(0);
     let without_id: Vec<_> = template
         .iter()
-        .filter(|(k, _)| k.as_str() != wire::MESSAGE_ID)
+        .filter(|(k, _)| k.as_str() != "ce-id")
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let bad_id: Vec<_> = template
         .iter()
         .map(|(k, v)| {
-            if k == wire::MESSAGE_ID {
+            if k == "ce-id" {
                 (k.as_str(), "not-a-uuid")
             } else {
                 (k.as_str(), v.as_str())
@@ -157,7 +158,7 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
     let bad_json: Vec<_> = template
         .iter()
         .map(|(k, v)| {
-            if k == wire::MESSAGE_ID {
+            if k == "ce-id" {
                 (k.as_str(), fresh_id.as_str())
             } else {
                 (k.as_str(), v.as_str())
@@ -165,11 +166,31 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
         })
         .collect();
 
+    // pika sends a Python `bytes` value as a byte array.
+    let mut bytes_id = FieldTable::default();
+    for (name, value) in &template {
+        bytes_id.insert(
+            name.as_str().into(),
+            AMQPValue::LongString(LongString::from(value.as_str())),
+        );
+    }
+    bytes_id.insert(
+        "ce-id".into(),
+        AMQPValue::ByteArray(fresh_id.as_bytes().to_vec().into()),
+    );
+
     send_good(1);
     raw(without_id, "application/json", b"{}");
     send_good(2);
     raw(bad_id, "application/json", b"{}");
     raw(bad_json, "application/json", b"{\"unterminated\":");
+    broker.publish_raw(
+        &queue,
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(bytes_id),
+        b"{}",
+    );
     send_good(3);
 
     let mut handled = Vec::new();
@@ -177,23 +198,24 @@ fn malformed_deliveries_are_dead_lettered_and_the_loop_goes_on() {
         handled.push(message.headers["correlation-id"].clone());
         Disposition::Ack
     };
-    let report = consume_until(&mut consumer, &mut handler, |r| r.delivered == 6);
+    let report = consume_until(&mut consumer, &mut handler, |r| r.delivered == 7);
     assert_eq!(report.acked, 3);
-    assert_eq!(report.malformed, 3);
-    assert_eq!(report.dead_lettered, 3);
+    assert_eq!(report.malformed, 4);
+    assert_eq!(report.dead_lettered, 4);
     assert_eq!(handled, ["corr-1", "corr-2", "corr-3"]);
 
-    let dead = broker.drain(&format!("{queue}.dead"), 3);
+    let dead = broker.drain(&format!("{queue}.dead"), 4);
     let reasons: Vec<_> = dead
         .iter()
         .map(|d| header(d, DEAD_LETTER_REASON_HEADER).expect("reason"))
         .collect();
+    assert_eq!(reasons[0], "malformed: ce-id is missing");
     assert!(
-        reasons[0].contains("malformed") && reasons[0].to_lowercase().contains("id"),
+        reasons[1].starts_with("malformed: ce-id is not a UUID: \"not-a-uuid\""),
         "{reasons:?}"
     );
-    assert!(reasons[1].contains("not-a-uuid"), "{reasons:?}");
     assert!(reasons[2].to_lowercase().contains("json"), "{reasons:?}");
+    assert_eq!(reasons[3], "malformed: ce-id is bytes, expected a string");
     assert_eq!(broker.depth(&queue), 0);
 }
 
@@ -232,10 +254,7 @@ fn a_handler_dead_letter_goes_to_the_dead_letter_queue_at_once_with_its_reason()
         Some("expired offer".into())
     );
     // The dead letter is still a complete waybill message.
-    assert_eq!(
-        header(&dead[0], wire::MESSAGE_ID),
-        Some(message.id.to_string())
-    );
+    assert_eq!(header(&dead[0], "ce-id"), Some(message.id.to_string()));
 }
 
 #[test]
@@ -391,10 +410,7 @@ fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_go
     assert_eq!(handled, ["corr-2", "corr-3"]);
     assert_eq!(report.delivered, 3);
     let dead = broker.drain(&format!("{queue}.dead"), 1);
-    assert_eq!(
-        header(&dead[0], wire::MESSAGE_ID),
-        Some(batch[0].id.to_string())
-    );
+    assert_eq!(header(&dead[0], "ce-id"), Some(batch[0].id.to_string()));
     let reason = header(&dead[0], DEAD_LETTER_REASON_HEADER).expect("reason header");
     assert!(
         reason.contains("handler panicked: the handler has a bug"),
@@ -561,7 +577,7 @@ fn a_panicking_handler_on_competing_consumers_is_dead_lettered_once_and_every_co
         "max_deliveries handler calls"
     );
     assert_eq!((total.acked, total.dead_lettered), (9, 1), "{total:?}");
-    assert_eq!(header(&dead[0], wire::MESSAGE_ID), Some(poison.to_string()));
+    assert_eq!(header(&dead[0], "ce-id"), Some(poison.to_string()));
     assert_eq!(
         broker.depth(&format!("{queue}.dead")),
         0,
@@ -664,7 +680,7 @@ fn a_message_waits_in_the_queue_while_a_foreign_dead_letter_exchange_is_missing(
     let consumer = AmqpConsumer::connect(&broker.addr, config).expect("consumer");
     broker.delete_exchange(&dlx);
     for seq in [1, 2] {
-        let (headers, body) = wire::encode(&stored(seq, "orders", "k", "{}"));
+        let (headers, body) = Encoder::new(Binding::Amqp).encode(&stored(seq, "orders", "k", "{}"));
         let mut table = FieldTable::default();
         for (name, value) in &headers {
             table.insert(
@@ -730,7 +746,7 @@ fn a_quorum_queue_delivery_count_counts_against_max_deliveries() {
     // Declares the queue, then lets go of it, so that the test's own client can take the
     // message first.
     drop(AmqpConsumer::connect(&broker.addr, config.clone()).expect("consumer"));
-    let (headers, body) = wire::encode(&stored(1, "orders", "k", "{}"));
+    let (headers, body) = Encoder::new(Binding::Amqp).encode(&stored(1, "orders", "k", "{}"));
     let mut table = FieldTable::default();
     for (name, value) in &headers {
         table.insert(

@@ -1,5 +1,6 @@
 //! [`KafkaConsumer`]: a consumer-group member on the shared [`ConsumerLoop`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -11,10 +12,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use waybill_inbox_core::{
-    wire, ConsumeReport, ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage,
+    wire::{Binding, Decoder, Received, WireValue},
+    ConsumeReport, ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage,
     RetryPolicy, Subscription,
 };
-use waybill_outbox_core::{Headers, StopHandle};
+use waybill_outbox_core::StopHandle;
 
 use crate::delivery::{read_headers, record_headers, DeliveryContext, Tag};
 use crate::publisher::millis;
@@ -427,7 +429,7 @@ pub(crate) struct Record {
     partition: i32,
     offset: i64,
     key: Option<Vec<u8>>,
-    headers: Headers,
+    headers: BTreeMap<String, WireValue>,
     payload: Vec<u8>,
 }
 
@@ -513,10 +515,19 @@ impl TopicSubscription {
             (DEAD_LETTER_OFFSET, offset.as_str()),
             (DEAD_LETTER_DELIVERIES, deliveries.as_str()),
         ];
-        let headers = record
+        // Copied as received; a value that is not UTF-8 is copied lossily.
+        let copied: Vec<(&str, Cow<'_, str>)> = record
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .filter_map(|(k, v)| match v {
+                WireValue::Text(text) => Some((k.as_str(), Cow::Borrowed(text.as_str()))),
+                WireValue::Bytes(bytes) => Some((k.as_str(), String::from_utf8_lossy(bytes))),
+                _ => None,
+            })
+            .collect();
+        let headers = copied
+            .iter()
+            .map(|(k, v)| (*k, v.as_ref()))
             .filter(|(k, _)| !extra.iter().any(|(name, _)| name == k))
             .chain(extra);
         let mut dead = BaseRecord::with_opaque_to(
@@ -594,7 +605,10 @@ impl Subscription for TopicSubscription {
     }
 
     fn decode(&self, record: &Record) -> std::result::Result<IncomingMessage, DecodeError> {
-        wire::decode(record.headers.clone(), record.payload.clone())
+        let received = Received::new(record.headers.clone(), record.payload.clone())
+            .with_key(record.key.clone())
+            .with_topic(self.config.topic.as_str());
+        Decoder::new(Binding::Kafka).decode(received)
     }
 
     /// Commits the offset after the record: the group forgets it.

@@ -2,6 +2,7 @@
 //! producer context that collects delivery reports and notices a cluster that went away, and
 //! the record encoding.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -10,7 +11,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::Message;
-use waybill_outbox_core::Headers;
+use waybill_inbox_core::wire::WireValue;
 
 /// Which send a delivery report answers: the batch's generation and the record's index in it.
 #[derive(Debug)]
@@ -112,14 +113,17 @@ pub(crate) fn record_headers<'a>(
         })
 }
 
-/// The headers of a received record as text; a header without a value is left out, a value
-/// that is not UTF-8 is read lossily, and a header sent several times keeps its first value.
-pub(crate) fn read_headers<H: rdkafka::message::Headers>(headers: Option<&H>) -> Headers {
-    let mut map = Headers::new();
+/// The headers of a received record: text when UTF-8, else bytes (so a decoder can say
+/// "ce_id is bytes"); a header without a value is left out, and a header sent several times
+/// keeps its first value.
+pub(crate) fn read_headers<H: rdkafka::message::Headers>(
+    headers: Option<&H>,
+) -> BTreeMap<String, WireValue> {
+    let mut map = BTreeMap::new();
     for header in headers.into_iter().flat_map(|h| h.iter()) {
         if let Some(value) = header.value {
             map.entry(header.key.to_owned())
-                .or_insert_with(|| String::from_utf8_lossy(value).into_owned());
+                .or_insert_with(|| WireValue::from_bytes(value));
         }
     }
     map

@@ -34,10 +34,22 @@
 //! | outbox message | Kafka record |
 //! |---|---|
 //! | `topic` | the topic |
-//! | `partition_key` | the record key: Kafka's partitioner keeps a key on one partition |
+//! | `partition_key` | the record key: Kafka's partitioner keeps a key on one partition; and header `ce_partitionkey` (when not empty) |
 //! | `payload` | the value, unchanged |
-//! | `id`, `message_type`, `partition_key`, `topic`, `content_type`, `created_at` | headers `waybill-message-id`, `waybill-message-type`, `waybill-partition-key`, `waybill-topic`, `waybill-content-type`, `waybill-sent-at` ([`wire`](waybill_inbox_core::wire)) |
+//! | `id` | header `ce_id` |
+//! | `message_type` | header `ce_type` |
+//! | `created_at` | header `ce_time` (RFC 3339) |
+//! | `content_type` | header `content-type` |
+//! | `seq` | header `ce_sequence` (zero-padded) |
+//! | `topic` | header `ce_waybilltopic` |
+//! | [`PublisherConfig::source`] | header `ce_source` (default `urn:waybill:<topic>`) |
+//! | - | header `ce_specversion: 1.0` |
 //! | `headers` | headers of the same name |
+//!
+//! This is the CloudEvents 1.0 Kafka protocol binding's binary content mode
+//! ([`wire`](waybill_inbox_core::wire), specified in `docs/wire.md`). The consumer also reads
+//! structured mode (`content-type: application/cloudevents+json`, the record key as the
+//! partition key when the event has none) and waybill's legacy `waybill-*` headers.
 //!
 //! # Confirmation and ordering
 //!

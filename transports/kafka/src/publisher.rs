@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
-use waybill_inbox_core::wire;
+use waybill_inbox_core::wire::{Binding, Encoder};
 use waybill_outbox_core::{OutboxMessage, PublishError, Publisher};
 
 use crate::delivery::{record_headers, wire_size, DeliveryContext, Tag};
@@ -40,6 +40,7 @@ pub struct PublisherConfig {
     transaction_timeout: Duration,
     topic_prefix: String,
     properties: BTreeMap<String, String>,
+    source: Option<String>,
 }
 
 impl Default for PublisherConfig {
@@ -53,6 +54,7 @@ impl Default for PublisherConfig {
             transaction_timeout: Duration::from_secs(60),
             topic_prefix: String::new(),
             properties: BTreeMap::new(),
+            source: None,
         }
     }
 }
@@ -68,6 +70,7 @@ impl fmt::Debug for PublisherConfig {
             .field("transaction_timeout", &self.transaction_timeout)
             .field("topic_prefix", &self.topic_prefix)
             .field("properties", &crate::redacted(&self.properties))
+            .field("source", &self.source)
             .finish()
     }
 }
@@ -142,6 +145,15 @@ impl PublisherConfig {
         self
     }
 
+    /// The CloudEvents `source` written on every record (`ce_source`): a URI reference naming
+    /// this producer, e.g. `https://shop.example/orders-service`; consumers treat `source` +
+    /// `id` as unique. Defaults to `urn:waybill:<topic>` of each message.
+    #[must_use]
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
     /// Sets any other librdkafka producer property (security, `client.id`, compression). The
     /// publisher's guarantees override it for `acks`, `enable.idempotence`,
     /// `transactional.id`, `message.timeout.ms` and `message.max.bytes`. Defaults to none.
@@ -198,7 +210,8 @@ pub(crate) fn millis(duration: Duration) -> String {
 ///
 /// Each message becomes a record of its topic with the partition key as record key (Kafka's
 /// partitioner keeps a key on one partition), the payload as value and the
-/// [`wire`](waybill_inbox_core::wire) metadata and sender headers as record headers. The
+/// [`wire`](waybill_inbox_core::wire) metadata (CloudEvents binary mode: `ce_id`, `ce_source`,
+/// `ce_type`, ..., `content-type`) and sender headers as record headers. The
 /// producer is idempotent with `acks=all`; a message is confirmed only once the broker
 /// acknowledged its record. See the crate docs on ordering and fencing.
 ///
@@ -223,6 +236,7 @@ pub struct KafkaPublisher {
     brokers: String,
     generation: u64,
     transactions: Transactions,
+    encoder: Encoder,
 }
 
 /// Where a transactional producer is.
@@ -267,7 +281,12 @@ impl KafkaPublisher {
             Transactions::Off
         };
         log::debug!("Kafka publisher for {brokers_shown} created");
+        let encoder = match &config.source {
+            Some(source) => Encoder::new(Binding::Kafka).with_source(source.as_str()),
+            None => Encoder::new(Binding::Kafka),
+        };
         Ok(Self {
+            encoder,
             producer,
             config,
             servers,
@@ -584,7 +603,7 @@ impl KafkaPublisher {
         index: usize,
         deadline: Instant,
     ) -> std::result::Result<(), PublishError> {
-        let (headers, payload) = wire::encode(msg);
+        let (headers, payload) = self.encoder.encode(msg);
         let pairs = || headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         let size = wire_size(msg.partition_key.len(), payload.len(), pairs());
         let max = self.config.max_message_bytes;

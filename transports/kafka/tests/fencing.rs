@@ -70,10 +70,7 @@ fn a_newer_producer_with_the_same_transactional_id_fences_the_stalled_relay() {
 
     // The fenced producer stored nothing; the newer one's record is there.
     let records = read_all(&brokers, &topic);
-    let ids: Vec<_> = records
-        .iter()
-        .filter_map(|r| header(r, waybill_inbox_core::wire::MESSAGE_ID))
-        .collect();
+    let ids: Vec<_> = records.iter().filter_map(|r| header(r, "ce_id")).collect();
     assert_eq!(
         records.len(),
         5,

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use diesel::Connection;
+use rdkafka::message::Headers as _;
 use waybill_diesel::{enqueue_all, find_message, DieselStore};
-use waybill_inbox_core::{wire, IncomingMessage};
+use waybill_inbox_core::wire::{Binding, Decoder, Received, WireValue};
+use waybill_inbox_core::IncomingMessage;
 use waybill_kafka::{KafkaPublisher, PublisherConfig};
 use waybill_outbox_core::{NewOutboxMessage, PublishError, Publisher, Relay, RelayConfig, Status};
 use waybill_testkit::kafka::{brokers, create_topic, header, read_all};
@@ -55,24 +57,18 @@ fn a_refused_record_stops_its_key_and_its_retry_comes_before_the_rest_of_the_key
     for record in &records {
         use rdkafka::Message;
         let key = String::from_utf8(record.key().unwrap().to_vec()).unwrap();
-        let headers = record
+        let headers: BTreeMap<String, WireValue> = record
             .headers()
-            .map(|_| {
-                [
-                    wire::MESSAGE_ID,
-                    wire::MESSAGE_TYPE,
-                    wire::PARTITION_KEY,
-                    wire::TOPIC,
-                    wire::CONTENT_TYPE,
-                    wire::SENT_AT,
-                    "correlation-id",
-                ]
-                .into_iter()
-                .filter_map(|name| Some((name.to_owned(), header(record, name)?)))
-                .collect()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|h| Some((h.key.to_owned(), WireValue::from_bytes(h.value?))))
+                    .collect()
             })
             .unwrap_or_default();
-        let incoming = wire::decode(headers, record.payload().unwrap_or_default().to_vec())
+        let received = Received::new(headers, record.payload().unwrap_or_default().to_vec())
+            .with_key(record.key().map(<[u8]>::to_vec));
+        let incoming = Decoder::new(Binding::Kafka)
+            .decode(received)
             .expect("a published record decodes");
         by_key
             .entry(key)
@@ -213,7 +209,7 @@ fn a_topic_prefix_publishes_to_the_prefixed_topic_and_the_message_keeps_its_own(
     let records = read_all(&brokers, &kafka_topic);
     assert_eq!(records.len(), 1);
     assert_eq!(
-        header(&records[0], wire::TOPIC).as_deref(),
+        header(&records[0], "ce_waybilltopic").as_deref(),
         Some("orders"),
         "the consumer sees the outbox topic"
     );

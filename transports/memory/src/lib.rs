@@ -5,7 +5,8 @@
 //! unbounded memory), and [`MemoryConsumer`] is a consumer loop that hands decoded messages to a
 //! [`DeliveryHandler`] and acknowledges, redelivers or dead-letters them like a real broker.
 //!
-//! Messages travel in the [`wire`] form, exactly as over RabbitMQ or NATS. Faults can be switched
+//! Messages travel in the [`wire`](waybill_inbox_core::wire) form (CloudEvents binary mode, NATS-style `ce-` headers),
+//! exactly as over RabbitMQ or NATS. Faults can be switched
 //! on so the exactly-once machinery is visibly exercised: a fraction of acknowledged deliveries
 //! is delivered again (a lost ack), and the publisher's "connection" can be dropped.
 //!
@@ -38,8 +39,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use waybill_inbox_core::{
-    wire, ConsumerLoop, DeadLetter as Letter, DecodeError, DeliveryHandler, IncomingMessage,
-    RetryPolicy, Subscription,
+    wire::{Binding, Decoder, Encoder, Received},
+    ConsumerLoop, DeadLetter as Letter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
+    Subscription,
 };
 pub use waybill_outbox_core::StopHandle;
 use waybill_outbox_core::{Headers, OutboxMessage, PublishError, Publisher};
@@ -52,6 +54,7 @@ pub struct MemoryConfig {
     redeliver_fraction: f64,
     retry: RetryPolicy,
     seed: Option<u64>,
+    source: Option<String>,
 }
 
 impl Default for MemoryConfig {
@@ -61,6 +64,7 @@ impl Default for MemoryConfig {
             redeliver_fraction: 0.0,
             retry: RetryPolicy::default(),
             seed: None,
+            source: None,
         }
     }
 }
@@ -103,6 +107,14 @@ impl MemoryConfig {
     #[must_use]
     pub fn max_redeliveries(self, redeliveries: u32) -> Self {
         self.max_deliveries(redeliveries.saturating_add(1))
+    }
+
+    /// The CloudEvents `source` the publisher writes, a URI reference naming the producer.
+    /// Defaults to `urn:waybill:<topic>` of each message.
+    #[must_use]
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
     }
 
     /// Seeds the fault injection so a run can be replayed. Defaults to a random seed.
@@ -207,8 +219,14 @@ impl MemoryBroker {
 
     /// A publisher for the relay.
     pub fn publisher(&self) -> MemoryPublisher {
+        let encoder = Encoder::new(Binding::Memory);
+        let encoder = match &self.inner.config.source {
+            Some(source) => encoder.with_source(source.as_str()),
+            None => encoder,
+        };
         MemoryPublisher {
             broker: self.clone(),
+            encoder,
         }
     }
 
@@ -279,6 +297,7 @@ impl MemoryBroker {
 #[derive(Clone, Debug)]
 pub struct MemoryPublisher {
     broker: MemoryBroker,
+    encoder: Encoder,
 }
 
 impl Publisher for MemoryPublisher {
@@ -311,7 +330,7 @@ impl Publisher for MemoryPublisher {
                     failed_keys.insert(msg.partition_key.clone());
                     return Err(refusal);
                 }
-                let (headers, payload) = wire::encode(msg);
+                let (headers, payload) = self.encoder.encode(msg);
                 state
                     .queues
                     .entry(msg.topic.clone())
@@ -404,7 +423,9 @@ impl Subscription for TopicQueue {
     }
 
     fn decode(&self, envelope: &Envelope) -> Result<IncomingMessage, DecodeError> {
-        let message = wire::decode(envelope.headers.clone(), envelope.payload.clone())?;
+        let received = Received::from_text(envelope.headers.clone(), envelope.payload.clone())
+            .with_topic(self.topic.as_str());
+        let message = Decoder::new(Binding::Memory).decode(received)?;
         // Only raw publishes can put a message of another topic on this queue.
         if message.topic != self.topic {
             return Err(DecodeError::UnexpectedTopic {

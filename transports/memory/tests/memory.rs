@@ -172,9 +172,9 @@ fn malformed_deliveries_are_dead_lettered_and_the_rest_flow() {
     let broker = MemoryBroker::new(MemoryConfig::default());
     let (good_headers, good_payload) = wire::encode(&stored(1, "a"));
     let mut no_id = good_headers.clone();
-    no_id.remove(wire::MESSAGE_ID);
+    no_id.remove("ce-id");
     let mut bad_id = good_headers.clone();
-    bad_id.insert(wire::MESSAGE_ID.into(), "not-a-uuid".into());
+    bad_id.insert("ce-id".into(), "not-a-uuid".into());
     broker.publish_raw("orders", no_id, good_payload.clone());
     broker.publish_raw("orders", bad_id, good_payload.clone());
     broker.publish_raw(
@@ -203,6 +203,11 @@ fn malformed_deliveries_are_dead_lettered_and_the_rest_flow() {
         .collect();
     assert!(
         reasons.iter().all(|r| r.starts_with("malformed: ")),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[0], "malformed: ce-id is missing");
+    assert!(
+        reasons[1].starts_with("malformed: ce-id is not a UUID: \"not-a-uuid\""),
         "{reasons:?}"
     );
 }
@@ -307,13 +312,13 @@ fn hostile_deliveries_are_dead_lettered_with_their_reason_and_good_ones_flow_on(
         (headers.clone(), b"{\"seq\":".to_vec()), // truncated JSON
         (headers.clone(), vec![b'"', 0xff, 0xfe, b'"']), // invalid UTF-8 in JSON
         (
-            with(wire::CONTENT_TYPE, "application/vnd+json"),
+            with("content-type", "application/vnd+json"),
             b"plain".to_vec(),
         ), // wrong type
-        (with(wire::MESSAGE_ID, ""), b"{}".to_vec()), // empty id
-        (with(wire::MESSAGE_ID, "1; DROP TABLE x"), b"{}".to_vec()), // not a UUID
-        (with(wire::SENT_AT, "\r\nwaybill-topic: x"), b"{}".to_vec()), // header injection
-        (with(wire::TOPIC, "payments"), b"{}".to_vec()), // not the subscribed topic
+        (with("ce-id", ""), b"{}".to_vec()),      // empty id
+        (with("ce-id", "1; DROP TABLE x"), b"{}".to_vec()), // not a UUID
+        (with("ce-time", "\r\nwaybill-topic: x"), b"{}".to_vec()), // header injection
+        (with("ce-waybilltopic", "payments"), b"{}".to_vec()), // not the subscribed topic
     ];
     for (h, body) in hostile {
         broker.publish_raw("orders", h, body);

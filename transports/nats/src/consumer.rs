@@ -12,7 +12,8 @@ use tokio::runtime::Runtime;
 #[cfg(doc)]
 use waybill_inbox_core::Disposition;
 use waybill_inbox_core::{
-    wire, ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
+    wire::{Binding, Decoder, Received, WireValue},
+    ConsumerLoop, DeadLetter, DecodeError, DeliveryHandler, IncomingMessage, RetryPolicy,
     Subscription,
 };
 use waybill_outbox_core::{redact_url, Headers, StopHandle};
@@ -67,6 +68,7 @@ pub struct ConsumerConfig {
     dead_letter_stream: Option<Option<String>>,
     batch_size: usize,
     poll_wait: Duration,
+    native_metadata: bool,
 }
 
 impl ConsumerConfig {
@@ -84,7 +86,19 @@ impl ConsumerConfig {
             dead_letter_stream: None,
             batch_size: 100,
             poll_wait: Duration::from_secs(1),
+            native_metadata: false,
         }
+    }
+
+    /// Whether a message that is neither a CloudEvent nor in waybill's legacy form is read from
+    /// NATS's own metadata: `Nats-Msg-Id` as the id (a UUID), the subject as the topic, the
+    /// `content-type` header, the receive time as the send time, an empty type. For producers
+    /// that know nothing of CloudEvents. Defaults to `false`: such a message is dead-lettered as
+    /// not a CloudEvent.
+    #[must_use]
+    pub fn native_metadata(mut self, accept: bool) -> Self {
+        self.native_metadata = accept;
+        self
     }
 
     /// Consumes only the stream's messages on subjects matching `filter` (wildcards allowed).
@@ -206,7 +220,8 @@ impl ConsumerConfig {
 }
 
 /// A durable JetStream pull consumer on the shared [`ConsumerLoop`]: pulls messages, decodes
-/// them with [`wire::decode`], hands them to a [`DeliveryHandler`] and acknowledges each only
+/// them from the [`wire`](waybill_inbox_core::wire) form (CloudEvents binary or structured mode, the legacy headers,
+/// and with [`ConsumerConfig::native_metadata`] plain NATS messages), hands them to a [`DeliveryHandler`] and acknowledges each only
 /// after the handler returned [`Disposition::Ack`]. See the crate docs for redelivery and
 /// dead letters.
 ///
@@ -556,10 +571,20 @@ impl Subscription for Durable {
     }
 
     fn decode(&self, message: &Message) -> Result<IncomingMessage, DecodeError> {
-        wire::decode(
+        let native_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(MSG_ID_HEADER))
+            .map(|id| WireValue::Text(id.as_str().to_owned()));
+        let received = Received::from_text(
             read_headers(message.headers.as_ref()),
             message.payload.to_vec(),
         )
+        .with_topic(message.subject.as_str())
+        .with_native_id(native_id);
+        Decoder::new(Binding::Nats)
+            .native_metadata(self.config.native_metadata)
+            .decode(received)
     }
 
     /// The server's count of earlier deliveries, less those this consumer handed back before

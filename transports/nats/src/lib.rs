@@ -34,13 +34,27 @@
 //!
 //! # Mapping
 //!
+//! The wire form is CloudEvents 1.0 binary content mode ([`wire`](waybill_inbox_core::wire),
+//! specified in `docs/wire.md`); attribute values are percent-encoded as the HTTP binding says.
+//!
 //! | outbox message | NATS |
 //! |---|---|
 //! | `payload` | the message body, unchanged |
-//! | `id` | header `waybill-message-id` and header `Nats-Msg-Id` |
-//! | `message_type`, `partition_key`, `topic`, `content_type`, `created_at` | headers `waybill-message-type`, `waybill-partition-key`, `waybill-topic`, `waybill-content-type`, `waybill-sent-at` ([`wire`](waybill_inbox_core::wire)) |
+//! | `id` | header `ce-id` and header `Nats-Msg-Id` |
+//! | `message_type` | header `ce-type` |
+//! | `created_at` | header `ce-time` (RFC 3339) |
+//! | `content_type` | header `content-type` |
+//! | `partition_key` | header `ce-partitionkey` (when not empty) |
+//! | `seq` | header `ce-sequence` (zero-padded) |
+//! | `topic` | header `ce-waybilltopic` |
+//! | [`PublisherConfig::source`] | header `ce-source` (default `urn:waybill:<topic>`) |
+//! | - | header `ce-specversion: 1.0` |
 //! | `headers` | headers of the same name |
 //! | `topic` (+ `partition_key`) | the subject, by [`SubjectMapping`]: the topic by default, or `<topic>.<sanitized key>` |
+//!
+//! The consumer also reads structured-mode CloudEvents (`content-type:
+//! application/cloudevents+json`), waybill's legacy `waybill-*` headers, and, with
+//! [`ConsumerConfig::native_metadata`], plain messages identified by `Nats-Msg-Id` alone.
 //!
 //! The consumer removes JetStream's own `Nats-*` headers before decoding, so a sender header
 //! whose name starts with `Nats-` is passed to JetStream (e.g. `Nats-TTL`) but does not reach

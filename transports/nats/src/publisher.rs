@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Runtime;
-use waybill_inbox_core::wire;
+use waybill_inbox_core::wire::{Binding, Encoder};
 use waybill_outbox_core::{
     error_chain, redact_url, BrokerLimits, OutboxMessage, PublishError, Publisher, Unroutable,
 };
@@ -47,6 +47,7 @@ pub struct PublisherConfig {
     max_in_flight: usize,
     duplicate_window: Duration,
     unroutable: Unroutable,
+    source: Option<String>,
 }
 
 impl Default for PublisherConfig {
@@ -57,6 +58,7 @@ impl Default for PublisherConfig {
             max_in_flight: 1024,
             duplicate_window: Duration::from_secs(120),
             unroutable: Unroutable::Retry,
+            source: None,
         }
     }
 }
@@ -109,12 +111,31 @@ impl PublisherConfig {
         self.unroutable = unroutable;
         self
     }
+
+    /// The CloudEvents `source` written on every message (`ce-source`): a URI reference
+    /// naming this producer, e.g. `https://shop.example/orders-service`; consumers treat
+    /// `source` + `id` as unique. Defaults to `urn:waybill:<topic>` of each message.
+    #[must_use]
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The encoder of the wire form with this configuration's source.
+    fn encoder(&self) -> Encoder {
+        let encoder = Encoder::new(Binding::Nats);
+        match &self.source {
+            Some(source) => encoder.with_source(source.as_str()),
+            None => encoder,
+        }
+    }
 }
 
 /// Publishes outbox messages to NATS JetStream, for [`waybill_outbox_core::Relay`].
 ///
 /// Each message goes to the subject its [`SubjectMapping`] gives, with the
-/// [`wire`](waybill_inbox_core::wire) headers and `Nats-Msg-Id` = the message id, so JetStream's
+/// [`wire`](waybill_inbox_core::wire) headers (CloudEvents binary mode: `ce-id`, `ce-source`,
+/// `ce-type`, ..., percent-encoded) and `Nats-Msg-Id` = the message id (`ce-id`), so JetStream's
 /// duplicate window drops a relay retry of a message it already stored. A batch is pipelined
 /// across its partition keys, one message of a key awaiting its ack at a time (see the crate
 /// docs on ordering). The API is synchronous: the publisher drives the async client on a
@@ -270,6 +291,7 @@ impl NatsPublisher {
                 max_in_flight: self.config.max_in_flight,
                 max_payload: self.max_payload(),
                 unroutable: self.config.unroutable,
+                encoder: self.config.encoder(),
             },
             batch.to_vec(),
             next_in_key,
@@ -349,6 +371,7 @@ struct Settings {
     /// The server's `max_payload`.
     max_payload: usize,
     unroutable: Unroutable,
+    encoder: Encoder,
 }
 
 /// The outcomes of a batch of which nothing was published: the first message of each key fails
@@ -377,7 +400,7 @@ fn prepare(
     if let Some(why) = invalid_publish_subject(&subject) {
         return Err(format!("invalid subject {subject:?}: {why}"));
     }
-    let (headers, body) = wire::encode(msg);
+    let (headers, body) = settings.encoder.encode(msg);
     let mut map = HeaderMap::new();
     for (name, value) in &headers {
         if name.is_empty()

@@ -59,7 +59,7 @@ fn a_message_that_always_fails_is_delivered_max_deliver_times_then_dead_lettered
     assert_eq!(dead.len(), 1);
     assert!(header(&dead[0], DEAD_LETTER_REASON).contains("payment service says no"));
     assert_eq!(header(&dead[0], DEAD_LETTER_DELIVERIES), "3");
-    assert_eq!(header(&dead[0], wire::MESSAGE_ID), poison.to_string());
+    assert_eq!(header(&dead[0], "ce-id"), poison.to_string());
     assert_eq!(dead[0].payload.as_ref(), sent[5].payload.as_slice());
 
     // Nothing comes back: the poison message was termed, the rest acked.
@@ -115,12 +115,12 @@ fn malformed_messages_are_dead_lettered_and_the_good_ones_around_them_handled() 
     let without_id: Vec<_> = headers
         .iter()
         .copied()
-        .filter(|(k, _)| *k != wire::MESSAGE_ID)
+        .filter(|(k, _)| *k != "ce-id")
         .collect();
     let bad_id: Vec<_> = headers
         .iter()
         .map(|&(k, v)| {
-            if k == wire::MESSAGE_ID {
+            if k == "ce-id" {
                 (k, "not-a-uuid")
             } else {
                 (k, v)
@@ -131,7 +131,7 @@ fn malformed_messages_are_dead_lettered_and_the_good_ones_around_them_handled() 
     let bad_json: Vec<_> = headers
         .iter()
         .map(|&(k, v)| {
-            if k == wire::MESSAGE_ID {
+            if k == "ce-id" {
                 (k, other_id.as_str())
             } else {
                 (k, v)
@@ -181,7 +181,11 @@ fn malformed_messages_are_dead_lettered_and_the_good_ones_around_them_handled() 
         reasons.iter().all(|r| r.starts_with("malformed: ")),
         "{reasons:?}"
     );
-    assert!(reasons[1].contains("not-a-uuid"), "{reasons:?}");
+    assert_eq!(reasons[0], "malformed: ce-id is missing");
+    assert!(
+        reasons[1].starts_with("malformed: ce-id is not a UUID: \"not-a-uuid\""),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -319,7 +323,7 @@ fn a_panicking_handler_is_dead_lettered_after_max_deliveries_and_the_consumer_go
     assert_eq!((report.acked, report.dead_lettered), (2, 1));
     let dead = nats.messages(&dead_stream);
     assert_eq!(dead.len(), 1);
-    assert_eq!(header(&dead[0], wire::MESSAGE_ID), sent[0].id.to_string());
+    assert_eq!(header(&dead[0], "ce-id"), sent[0].id.to_string());
     assert!(
         header(&dead[0], DEAD_LETTER_REASON).contains("handler panicked: the handler has a bug"),
         "{}",

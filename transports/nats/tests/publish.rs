@@ -87,7 +87,7 @@ fn a_batch_of_more_keys_than_max_in_flight_waits_for_acks_instead_of_failing() {
         .iter()
         .map(|m| {
             m.headers
-                .get("waybill-message-id")
+                .get("ce-id")
                 .map(|v| v.as_str().to_owned())
                 .unwrap_or_default()
         })

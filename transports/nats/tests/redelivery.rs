@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::stream;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use waybill_inbox_core::metrics::{CONSUMER_DEAD_LETTERED, CONSUMER_LABEL};
-use waybill_inbox_core::{wire, ConsumeReport, Disposition, IncomingMessage};
+use waybill_inbox_core::{ConsumeReport, Disposition, IncomingMessage};
 use waybill_nats::{
     ConsumerConfig, NatsConsumer, NatsPublisher, PublisherConfig, StopHandle,
     DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON,
@@ -59,7 +59,7 @@ fn mend_dead_letters(nats: &Nats, config: &ConsumerConfig) {
 fn dead_letter_ids(nats: &Nats, config: &ConsumerConfig) -> Vec<String> {
     nats.messages(&config.dead_letter_stream_name().unwrap())
         .iter()
-        .map(|m| header(m, wire::MESSAGE_ID))
+        .map(|m| header(m, "ce-id"))
         .collect()
 }
 

@@ -17,6 +17,7 @@
 
 pub mod contract;
 pub mod end_to_end;
+pub mod interop;
 pub mod kafka;
 pub mod memory;
 pub mod outbox;
