@@ -113,8 +113,8 @@ pub use inbox::{
     Inserted, Processed,
 };
 pub use ops::{
-    inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases, requeue_all_parked,
-    skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
+    inbox_consumers, inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases,
+    requeue_all_parked, skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
 };
 pub use store::DieselStore;
 
@@ -161,7 +161,9 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
     Outbox::default().enqueue_all(conn, messages)
 }
 
-/// Runs the embedded outbox migrations that have not run yet, in their own transactions.
+/// Runs the embedded outbox migrations that have not run yet, in their own transactions, and
+/// returns the names of those it applied (`<version>_<name>`, in order; empty when the schema
+/// was up to date).
 ///
 /// The same SQL is in the repository's `migrations/<backend>/` folders for projects that manage
 /// their schema with `diesel migration`.
@@ -173,7 +175,7 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
 /// # Errors
 ///
 /// [`Error::Migration`].
-pub fn run_migrations<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<()> {
+pub fn run_migrations<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<Vec<String>> {
     conn.run_outbox_migrations()
 }
 
