@@ -2,7 +2,10 @@
 //! can fail: with the inbox switched off, duplicates must show as double effects.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::io::Write;
+/// The one skip line of every suite.
+#[path = "../../transports/testkit/src/skip.rs"]
+mod skip_line;
+
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -46,11 +49,8 @@ fn servers_up(servers: &[(&str, String)]) -> bool {
             .and_then(|mut a| a.next())
             .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
         if !reachable {
-            let message = format!("{name} not reachable at {addr}; start it or set its URL");
-            if std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
-                panic!("WAYBILL_REQUIRE_SERVERS=1 but {message}");
-            }
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+            let why = format!("not reachable at {addr}");
+            skip_line::skip(name, skip_line::variable_for(name), &why);
             return false;
         }
     }

@@ -13,8 +13,11 @@
 
 pub mod proxy;
 
+/// The one skip line of every suite.
+#[path = "../../../testkit/src/skip.rs"]
+mod skip_line;
+
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -79,14 +82,8 @@ pub fn broker() -> Option<Broker> {
             exchanges: HashSet::new(),
         }),
         Err(error) => {
-            let message = format!(
-                "RabbitMQ not reachable at {} ({error})",
-                waybill_amqp::redact(&addr)
-            );
-            if std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
-                panic!("WAYBILL_REQUIRE_SERVERS=1 but {message}");
-            }
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+            let why = format!("not reachable at {}: {error}", waybill_amqp::redact(&addr));
+            skip_line::skip("RabbitMQ", "AMQP_ADDR", &why);
             None
         }
     }
