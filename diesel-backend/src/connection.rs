@@ -158,7 +158,6 @@ pub trait OutboxConnection {
     }
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod pooled {
     use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
 

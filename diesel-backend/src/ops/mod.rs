@@ -121,7 +121,6 @@ pub trait OpsConnection: OutboxConnection {
     fn outbox_clock(&mut self) -> Result<DateTime<Utc>>;
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod pooled {
     use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
 
@@ -251,6 +250,7 @@ struct ConsumerRow {
     consumer: String,
 }
 
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 impl From<ConsumerRow> for String {
     fn from(row: ConsumerRow) -> Self {
         row.consumer
