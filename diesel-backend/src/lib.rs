@@ -110,10 +110,16 @@ mod prepared;
 pub mod sqlite;
 mod store;
 
-/// The README's snippet, compiled and run as a doctest.
+/// The README's snippet, compiled as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
+
+/// The guide's snippets (`docs/guide.md`), compiled as doctests and, where they need no server,
+/// run.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide.md")]
+struct GuideDoctests;
 
 use chrono::{DateTime, Utc};
 use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};

@@ -18,9 +18,10 @@ type Pooled<C> = PooledConnection<ConnectionManager<C>>;
 /// in one short transaction and gives the connection back, so no transaction or lock is held
 /// while the broker works.
 ///
-/// Pool size: a relay uses one connection at a time ([`Relay::run_pipelined`] two: its
-/// write-back and claim run beside the publish), plus on PostgreSQL one connection it keeps
-/// listening for the enqueue trigger's `NOTIFY`. [`DieselStore::try_new`] refuses a pool
+/// Pool size: a relay uses one connection at a time for its work (at moments two with
+/// [`Relay::run_pipelined`], whose idle announcements and purges run beside its database
+/// thread), plus on PostgreSQL one connection it keeps listening for the enqueue trigger's
+/// `NOTIFY`. [`DieselStore::try_new`] refuses a pool
 /// smaller than [`DieselStore::min_pool_size`]; [`DieselStore::new`] takes it, and on
 /// PostgreSQL then polls instead of listening (with a warning), so a pool of one still
 /// publishes. Give each relay its own headroom when several share a pool: 2 per relay, 3 with
