@@ -163,7 +163,7 @@ fn mysql_with_rabbitmq_loses_doubles_and_reorders_nothing() {
     let mysql_url = std::env::var("MYSQL_DATABASE_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     if servers_up(&[
-        ("MySQL", host_port(&mysql_url, 3306)),
+        ("MySQL/MariaDB", host_port(&mysql_url, 3306)),
         ("RabbitMQ", host_port(&amqp_url(), 5672)),
     ]) {
         assert_clean_run(&mysql_url, &amqp_url());

@@ -52,13 +52,14 @@ pub fn skip(server: &str, variable: &str, why: &dyn std::fmt::Display) {
         .unwrap_or_else(PoisonError::into_inner)
         .insert(server.to_owned());
     if first {
-        // Straight to stderr, past the harness's capture, so a passing run still says it.
-        let _ = writeln!(
-            std::io::stderr(),
+        let line = format!(
             "skipped: {} needs {server} ({why}); set {variable} (CI sets \
-             WAYBILL_REQUIRE_SERVERS=1 to make this a failure)",
+             WAYBILL_REQUIRE_SERVERS=1 to make this a failure)\n",
             suite()
         );
+        // Straight to stderr, past the harness's capture, so a passing run still says it; in
+        // one write, so the harness's own output cannot land inside the line.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }
 
