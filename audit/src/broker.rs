@@ -15,6 +15,8 @@ pub(crate) enum Kind {
     Amqp,
     /// NATS JetStream, `nats://...`.
     Nats,
+    /// Kafka, `kafka://...`: a private broker per run (see `kafka_broker`).
+    Kafka,
     /// The in-process broker, `memory`.
     Memory,
 }
@@ -30,11 +32,13 @@ impl Kind {
             Ok(Self::Amqp)
         } else if url.starts_with("nats://") {
             Ok(Self::Nats)
+        } else if url.starts_with("kafka://") {
+            Ok(Self::Kafka)
         } else if url == "memory" {
             Ok(Self::Memory)
         } else {
             Err(format!(
-                "unknown broker {}: use amqp://..., nats://... or memory",
+                "unknown broker {}: use amqp://..., nats://..., kafka://... or memory",
                 waybill_amqp::redact(url)
             )
             .into())
@@ -73,6 +77,19 @@ impl Broker {
         &self.url
     }
 
+    /// Which broker it is.
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The same broker at another URL (a private Kafka broker's own address).
+    pub(crate) fn at(&self, url: String) -> Self {
+        Self {
+            url,
+            ..self.clone()
+        }
+    }
+
     /// Declares the queue or stream, so nothing published before the consumer starts is lost.
     ///
     /// # Errors
@@ -87,6 +104,9 @@ impl Broker {
             Kind::Nats => self
                 .nats_publisher()?
                 .ensure_stream(&self.stream(), &[&self.subject()])?,
+            Kind::Kafka => {
+                waybill_kafka::ensure_topic(self.kafka_brokers(), TOPIC, KAFKA_PARTITIONS)?
+            }
             Kind::Memory => {}
         }
         Ok(())
@@ -136,7 +156,8 @@ impl Broker {
                 }
                 Ok(())
             }),
-            Kind::Memory => Ok(()),
+            // The private broker's data goes with it.
+            Kind::Kafka | Kind::Memory => Ok(()),
         }
     }
 
@@ -153,6 +174,12 @@ impl Broker {
                     .routing(waybill_amqp::Routing::Exchange(self.exchange()))
                     .connect_timeout(PUBLISH_TIMEOUT)
                     .confirm_timeout(PUBLISH_TIMEOUT),
+            )?),
+            Kind::Kafka => Box::new(waybill_kafka::KafkaPublisher::connect(
+                self.kafka_brokers(),
+                waybill_kafka::PublisherConfig::default()
+                    .delivery_timeout(PUBLISH_TIMEOUT)
+                    .probe_timeout(PUBLISH_TIMEOUT),
             )?),
             Kind::Nats | Kind::Memory => Box::new(self.nats_publisher()?),
         })
@@ -175,6 +202,15 @@ impl Broker {
                     .max_reconnect_delay(Duration::from_secs(1))
                     .connect_timeout(Duration::from_secs(5));
                 let mut consumer = waybill_amqp::AmqpConsumer::connect(&self.url, config)?;
+                consumer.run(handler, stop)?;
+            }
+            Kind::Kafka => {
+                // A restarted member takes the partitions over once the killed one's session
+                // ran out; records it had not committed come back in their place.
+                let config = waybill_kafka::ConsumerConfig::new(TOPIC, CONSUMER_NAME)
+                    .max_poll_interval(Duration::from_secs(30));
+                let mut consumer =
+                    waybill_kafka::KafkaConsumer::connect(self.kafka_brokers(), config)?;
                 consumer.run(handler, stop)?;
             }
             Kind::Nats | Kind::Memory => {
@@ -207,6 +243,10 @@ impl Broker {
         Ok(waybill_nats::NatsPublisher::connect(&self.url, config)?)
     }
 
+    fn kafka_brokers(&self) -> &str {
+        self.url.trim_start_matches("kafka://")
+    }
+
     fn amqp_queue(&self) -> waybill_amqp::ConsumerConfig {
         waybill_amqp::ConsumerConfig::new(format!("{}.{TOPIC}", self.namespace))
             .bind(self.exchange(), TOPIC)
@@ -226,3 +266,5 @@ impl Broker {
 }
 
 const CONSUMER_NAME: &str = "audit";
+/// Partitions of the Kafka topic: several, so keys spread and a partition's order is tested.
+const KAFKA_PARTITIONS: i32 = 4;

@@ -12,11 +12,12 @@ use diesel::{Connection, PgConnection, SqliteConnection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Kind};
 use crate::counter;
 use crate::db::{self, AuditConnection, DbPool};
+use crate::kafka_broker::{self, PrivateKafka};
 use crate::operator::Operator;
-use crate::pipeline::{retry_budget, EXIT_REDELIVER, LEASE, PUBLISH_TIMEOUT};
+use crate::pipeline::{retry_budget, LEASE, PUBLISH_TIMEOUT};
 use crate::proxy::{self, Proxy};
 use crate::report::{Faults, Report};
 use crate::worker::{BROKER_URL_ENV, DATABASE_URL_ENV};
@@ -263,10 +264,20 @@ fn run_on<C: AuditConnection>(
 ) -> Result<Report, Error> {
     let pool = C::pool(&target.pool_url(), 2)?;
     db::prepare(&mut *pool.get()?)?;
+    let (proxy, proxied, _private_kafka) = if broker.kind() == Kind::Kafka {
+        let listen = kafka_broker::free_port()?;
+        let proxy = Proxy::start(&listen.to_string())?;
+        let private = PrivateKafka::start(listen, proxy.addr())?;
+        let proxied = format!("kafka://{}", proxy.addr());
+        (proxy, proxied, Some(private))
+    } else {
+        let (_, upstream) = proxy::through(broker.url(), ([127, 0, 0, 1], 0).into())?;
+        let proxy = Proxy::start(&upstream)?;
+        let (proxied, _) = proxy::through(broker.url(), proxy.addr())?;
+        (proxy, proxied, None)
+    };
+    let broker = &broker.at(proxied.clone());
     broker.setup()?;
-    let (_, upstream) = proxy::through(broker.url(), ([127, 0, 0, 1], 0).into())?;
-    let proxy = Proxy::start(&upstream)?;
-    let (proxied, _) = proxy::through(broker.url(), proxy.addr())?;
     let events = std::env::temp_dir().join(format!("{}-events", plan.namespace));
     let spawner = Spawner {
         exe: std::env::current_exe()?,
@@ -322,6 +333,8 @@ fn target_name(target: &Target) -> &'static str {
 fn broker_name(url: &str) -> &'static str {
     if url.starts_with("nats") {
         "NATS JetStream (worker processes)"
+    } else if url.starts_with("kafka") {
+        "Kafka (tansu, worker processes)"
     } else {
         "RabbitMQ (worker processes)"
     }
@@ -565,8 +578,6 @@ impl Run {
                     log::info!("{} {} exited: {status}", slot.role.name(), slot.index);
                     if status.signal() == Some(SIGABRT) {
                         self.faults.worker_crashes += 1;
-                    } else if status.code() == Some(EXIT_REDELIVER) {
-                        self.faults.consumer_redelivery_exits += 1;
                     } else {
                         self.faults.worker_errors += 1;
                     }

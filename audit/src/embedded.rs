@@ -23,7 +23,7 @@ use crate::db::{self, AuditConnection, DbPool};
 use crate::operator::Operator;
 use crate::pipeline::{
     quiet_injected_panics, relay_config, write, AuditHandler, CountingPublisher, CrashMode,
-    CrashPoints, HandlerMode, OnFailure, WritePlan, TOPIC,
+    CrashPoints, HandlerMode, WritePlan, TOPIC,
 };
 use crate::report::{Faults, Report};
 use crate::{Break, Database, Error};
@@ -133,7 +133,6 @@ fn run_on<C: AuditConnection>(
             pool.clone(),
             counter.clone(),
             Arc::new(CrashPoints::new(plan.seed, 0.0, CrashMode::Panic)),
-            OnFailure::Retry,
             HandlerMode {
                 without_inbox: plan.broken == Some(Break::Inbox),
                 leak_on_panic: plan.broken == Some(Break::Panic),

@@ -7,6 +7,7 @@
 //! waybill-audit --messages 20000 --seed 7 \
 //!     --database-url postgres://postgres@127.0.0.1:5432/test --broker-url nats://127.0.0.1:4222
 //! waybill-audit --database-url sqlite --broker-url memory   # SQLite + in-process broker
+//! waybill-audit --quick --broker-url kafka://127.0.0.1       # PostgreSQL + a private Kafka broker
 //! ```
 //!
 //! With a real broker, the program is the controller: it runs the writer, two relays and the
@@ -22,6 +23,7 @@ mod controller;
 mod counter;
 mod db;
 mod embedded;
+mod kafka_broker;
 mod operator;
 mod pipeline;
 mod proxy;
@@ -59,7 +61,10 @@ struct Args {
     /// `postgres://...`, `sqlite://PATH`, or `sqlite` for a fresh temporary file.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE)]
     database_url: String,
-    /// `amqp://...`, `nats://...` or `memory`.
+    /// `amqp://...`, `nats://...`, `kafka://...` or `memory`. A Kafka run starts a private
+    /// tansu broker advertised at the run's proxy (a client would otherwise bypass the proxy
+    /// for the address the broker advertises), from `WAYBILL_KAFKA_BROKER_BIN` or where
+    /// `.ci/run` installs it; the address in a `kafka://` URL is not used.
     #[arg(long, env = "BROKER_URL", default_value = DEFAULT_BROKER)]
     broker_url: String,
     /// Prefix of every schema, queue, stream and subject of the run (unique by default).

@@ -188,19 +188,6 @@ impl<P: Publisher> Publisher for CountingPublisher<P> {
     }
 }
 
-/// What the consumer does when its database fails mid-delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OnFailure {
-    /// Exit the process: the broker redelivers the unacknowledged delivery in its place, so
-    /// per-key order holds (a retry would go to the back of the queue).
-    Exit,
-    /// Ask the broker to redeliver.
-    Retry,
-}
-
-/// The exit code of a consumer that stopped for a redelivery.
-pub(crate) const EXIT_REDELIVER: i32 = 75;
-
 /// The panic message of an injected handler panic, so the panic hook can stay quiet.
 pub(crate) const INJECTED_PANIC: &str = "waybill-audit: injected handler panic";
 
@@ -262,7 +249,6 @@ pub(crate) struct AuditHandler<C: AuditConnection> {
     inbox: Inbox,
     counter: Counter,
     crashes: Arc<CrashPoints>,
-    on_failure: OnFailure,
     mode: HandlerMode,
     rng: StdRng,
 }
@@ -271,7 +257,6 @@ impl<C: AuditConnection> std::fmt::Debug for AuditHandler<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditHandler")
             .field("inbox", &self.inbox)
-            .field("on_failure", &self.on_failure)
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
@@ -283,7 +268,6 @@ impl<C: AuditConnection> AuditHandler<C> {
         pool: DbPool<C>,
         counter: Counter,
         crashes: Arc<CrashPoints>,
-        on_failure: OnFailure,
         mode: HandlerMode,
         seed: u64,
     ) -> Self {
@@ -293,7 +277,6 @@ impl<C: AuditConnection> AuditHandler<C> {
             inbox: Inbox::new(CONSUMER),
             counter,
             crashes,
-            on_failure,
             mode,
             rng: StdRng::seed_from_u64(seed),
         }
@@ -484,10 +467,8 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
                 log::warn!("message {} failed: {error}", message.id);
                 // The connection may be the reason.
                 self.conn = None;
-                match self.on_failure {
-                    OnFailure::Exit => std::process::exit(EXIT_REDELIVER),
-                    OnFailure::Retry => Disposition::Retry(error.to_string()),
-                }
+                // The consumer loop retries in place, ahead of later messages of the key.
+                Disposition::Retry(error.to_string())
             }
         }
     }

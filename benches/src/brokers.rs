@@ -1,6 +1,7 @@
 //! The relay to real brokers against the broker's raw confirmed-publish rate with the same
 //! client, batch size and messages, alternating: RabbitMQ with publisher confirms (lapin) and
-//! NATS JetStream with publish acks (async-nats), confirms pipelined per batch on both sides.
+//! NATS JetStream with publish acks (async-nats) and Kafka with `acks=all` and idempotence
+//! (rdkafka), confirms pipelined per batch on both sides.
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
@@ -161,6 +162,15 @@ pub fn run(settings: &Settings, pool: &PgPool, figures: &mut Figures) -> Result<
         count,
         nats,
         &settings.nats_url,
+    );
+    let kafka = kafka(settings, pool, &runtime, &name, count);
+    report(
+        figures,
+        "kafka",
+        "Kafka (acks=all, idempotent) vs raw rdkafka",
+        count,
+        kafka,
+        &settings.kafka_brokers,
     );
     empty_outbox(&mut *pool.get()?)?;
     Ok(())
@@ -543,6 +553,107 @@ async fn raw_nats(
         }
         for ack in join_all(acks.into_iter().map(IntoFuture::into_future)).await {
             ack?;
+        }
+    }
+    Ok(messages.len() as f64 / began.elapsed().as_secs_f64())
+}
+
+fn kafka(
+    settings: &Settings,
+    pool: &PgPool,
+    runtime: &Runtime,
+    name: &str,
+    count: usize,
+) -> Result<Rates, Error> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::FutureProducer;
+
+    let brokers = settings.kafka_brokers.as_str();
+    // Each round starts on an empty topic: deleted and created again.
+    let purge = || -> Result<(), Error> {
+        delete_kafka_topic(runtime, brokers, name)?;
+        waybill_kafka::ensure_topic(brokers, name, 3)?;
+        Ok(())
+    };
+    purge()?;
+    // What the waybill publisher sets: acks from every replica, idempotence, a 1 ms linger.
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()?;
+    let result = compare(
+        settings.rounds(),
+        (pool, name, count),
+        purge,
+        || {
+            let publisher = waybill_kafka::KafkaPublisher::connect(
+                brokers,
+                waybill_kafka::PublisherConfig::default(),
+            )?;
+            // Connected before the clock starts, as the other brokers' publishers are: librdkafka
+            // connects in the background and learns a new topic's leader and its producer id
+            // on the first send, so one record warms it up.
+            let mut publisher = publisher;
+            if let Some(Err(error)) = publisher.publish(&messages(name, 1)).pop() {
+                return Err(format!("warming up the Kafka publisher failed: {error}").into());
+            }
+            Ok(publisher)
+        },
+        |batch| runtime.block_on(raw_kafka(&raw, batch)),
+    );
+    delete_kafka_topic(runtime, brokers, name)?;
+    result
+}
+
+fn delete_kafka_topic(runtime: &Runtime, brokers: &str, topic: &str) -> Result<(), Error> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    // A topic that does not exist yet is fine.
+    let _ = runtime.block_on(admin.delete_topics(&[topic], &options))?;
+    Ok(())
+}
+
+/// Sends `messages` in batches of [`BATCH`], each sent in full and then acknowledged.
+async fn raw_kafka(
+    producer: &rdkafka::producer::FutureProducer,
+    messages: &[OutboxMessage],
+) -> Result<f64, Error> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let began = Instant::now();
+    for batch in messages.chunks(BATCH) {
+        let mut acks = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let (headers, body) = wire::encode(msg);
+            let mut record_headers = OwnedHeaders::new_with_capacity(headers.len());
+            for (name, value) in &headers {
+                record_headers = record_headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let record = FutureRecord::to(&msg.topic)
+                .payload(&body)
+                .key(msg.partition_key.as_bytes())
+                .headers(record_headers);
+            acks.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(error, _)| format!("queueing a record failed: {error}"))?,
+            );
+        }
+        for ack in join_all(acks).await {
+            ack.map_err(|_| "a delivery was cancelled")?
+                .map_err(|(error, _)| format!("a record was not acknowledged: {error}"))?;
         }
     }
     Ok(messages.len() as f64 / began.elapsed().as_secs_f64())

@@ -23,6 +23,8 @@ pub struct Settings {
     pub pg_url: String,
     pub amqp_addr: String,
     pub nats_url: String,
+    /// `KAFKA_BROKERS`, comma-separated `HOST:PORT`.
+    pub kafka_brokers: String,
     /// The schema this run works in (dropped at the end).
     pub schema: String,
 }

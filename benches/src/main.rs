@@ -7,8 +7,8 @@
 //! [--only enqueue,inbox,drain,oxide,brokers,latency,growth]`
 //!
 //! Servers from `PG_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
-//! `AMQP_ADDR` (`amqp://guest:guest@127.0.0.1:5672/%2f`) and `NATS_URL`
-//! (`nats://127.0.0.1:4222`). `WAYBILL_BENCH_NO_NOTIFY` disables the NOTIFY trigger for the
+//! `AMQP_ADDR` (`amqp://guest:guest@127.0.0.1:5672/%2f`), `NATS_URL`
+//! (`nats://127.0.0.1:4222`) and `KAFKA_BROKERS` (`127.0.0.1:19092`). `WAYBILL_BENCH_NO_NOTIFY` disables the NOTIFY trigger for the
 //! enqueue scenario; `WAYBILL_BENCH_ONLY_ENQUEUE` runs the enqueue scenario alone. The SVG
 //! figures go to `benches/figures/`.
 
@@ -45,6 +45,7 @@ fn main() -> Result<(), Error> {
         quick: false,
         amqp_addr: env_or("AMQP_ADDR", "amqp://guest:guest@127.0.0.1:5672/%2f"),
         nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
+        kafka_brokers: env_or("KAFKA_BROKERS", "127.0.0.1:19092"),
         schema: format!("waybill_bench_{}", std::process::id()),
         pg_url,
     };

@@ -1,8 +1,7 @@
 //! `waybill relay` as a process: it publishes a SQLite outbox to NATS JetStream and to RabbitMQ,
 //! serves Prometheus metrics whose counters add up to the workload, carries each message's
 //! `traceparent` to the consumer's handler, and exits 0 on SIGTERM or SIGINT.
-// Both harnesses include the one skip-line module.
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::duplicate_mod)]
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 #[path = "../../transports/amqp/tests/common/mod.rs"]
 mod amqp_common;

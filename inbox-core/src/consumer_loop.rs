@@ -159,11 +159,9 @@ impl<S: Subscription> ConsumerLoop<S> {
     ) -> Result<ConsumeReport, S::Error> {
         let mut report = ConsumeReport::default();
         let result = self.consume(handler, max.max(1), wait, stop, &mut report);
-        if let Err(error) = &result {
-            log::debug!(
-                "{}: resetting the connection after: {error}",
-                self.subscription.name()
-            );
+        if result.is_err() {
+            // The error itself is the caller's to log (`run` does, once).
+            log::debug!("{}: resetting the connection", self.subscription.name());
             self.subscription.reset();
         }
         report.record(self.subscription.name());

@@ -2,7 +2,8 @@
 //!
 //! Orders' relay publishes topic `orders`, billing's relay topic `payments`. Without a
 //! namespace the names are the transports' defaults (AMQP: an exchange per topic, queues
-//! bound with `#`; NATS: the subject is the topic, streams `ORDERS` and `PAYMENTS`). A
+//! bound with `#`; NATS: the subject is the topic, streams `ORDERS` and `PAYMENTS`; Kafka: the
+//! topic is the topic, one consumer group per consuming service). A
 //! namespace prefixes every name, so several deployments (or tests) share one server.
 
 use std::time::Duration;
@@ -30,6 +31,8 @@ enum Transport {
     Amqp,
     /// NATS JetStream, `nats://...`.
     Nats,
+    /// Kafka, `kafka://HOST:PORT[,HOST:PORT]`.
+    Kafka,
 }
 
 /// How long a dead process's unfinished work stays reserved for it.
@@ -38,8 +41,8 @@ pub(crate) struct Timing {
     /// How long a relay's claim on a batch lasts: a killed relay's claimed messages wait this
     /// long before another relay publishes them.
     pub(crate) relay_lease: Duration,
-    /// How long NATS waits for a delivery's ack before redelivering it (RabbitMQ redelivers
-    /// as soon as the consumer's connection drops).
+    /// How long NATS waits for a delivery's ack before redelivering it, and Kafka's session
+    /// timeout (RabbitMQ redelivers as soon as the consumer's connection drops).
     pub(crate) ack_wait: Duration,
 }
 
@@ -58,16 +61,19 @@ impl Broker {
             Transport::Amqp
         } else if url.starts_with("nats://") {
             Transport::Nats
+        } else if url.starts_with("kafka://") {
+            Transport::Kafka
         } else if url == "memory" {
             return Err(
                 "--broker memory works only in the one-command run (no subcommand): \
-                 separate processes need amqp://... or nats://..."
+                 separate processes need amqp://..., nats://... or kafka://..."
                     .into(),
             );
         } else {
-            return Err(
-                format!("unknown broker {url:?}: use amqp://..., nats://... or memory").into(),
-            );
+            return Err(format!(
+                "unknown broker {url:?}: use amqp://..., nats://..., kafka://... or memory"
+            )
+            .into());
         };
         Ok(Self {
             transport,
@@ -117,6 +123,16 @@ impl Broker {
                 ensure_streams(&publisher, namespace.as_deref())?;
                 Ok(self.relay(db, publisher, started))
             }
+            Transport::Kafka => {
+                let brokers = kafka_brokers(url);
+                ensure_topics(brokers, namespace.as_deref())?;
+                let mut config = waybill_kafka::PublisherConfig::default();
+                if let Some(namespace) = namespace {
+                    config = config.topic_prefix(format!("{namespace}."));
+                }
+                let publisher = waybill_kafka::KafkaPublisher::connect(brokers, config)?;
+                Ok(self.relay(db, publisher, started))
+            }
         }
     }
 
@@ -153,6 +169,18 @@ impl Broker {
                 )
                 .ack_wait(self.timing.ack_wait);
                 let mut consumer = waybill_nats::NatsConsumer::connect(url, config)?;
+                consumer.run(handler, stop)?;
+            }
+            Transport::Kafka => {
+                let brokers = kafka_brokers(url);
+                ensure_topics(brokers, namespace.as_deref())?;
+                // A killed member's partitions move on once its session runs out.
+                let config = waybill_kafka::ConsumerConfig::new(
+                    subject(namespace.as_deref(), topic),
+                    namespaced(namespace.as_deref(), consumer),
+                )
+                .session_timeout(self.timing.ack_wait.max(Duration::from_secs(1)));
+                let mut consumer = waybill_kafka::KafkaConsumer::connect(brokers, config)?;
                 consumer.run(handler, stop)?;
             }
         }
@@ -240,6 +268,28 @@ fn subject(namespace: Option<&str>, topic: &str) -> String {
         Some(ns) => format!("{ns}.{topic}"),
     }
 }
+
+fn namespaced(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        None => name.to_owned(),
+        Some(ns) => format!("{ns}.{name}"),
+    }
+}
+
+fn kafka_brokers(url: &str) -> &str {
+    url.trim_start_matches("kafka://")
+}
+
+/// Kafka topics are `<namespace>.<topic>`, like NATS subjects.
+fn ensure_topics(brokers: &str, namespace: Option<&str>) -> Result<(), Error> {
+    for topic in [crate::orders::ORDERS_TOPIC, crate::billing::PAYMENTS_TOPIC] {
+        waybill_kafka::ensure_topic(brokers, &subject(namespace, topic), KAFKA_PARTITIONS)?;
+    }
+    Ok(())
+}
+
+/// Partitions of each Kafka topic.
+const KAFKA_PARTITIONS: i32 = 3;
 
 fn ensure_streams(
     publisher: &waybill_nats::NatsPublisher,

@@ -10,8 +10,8 @@
 //! progress on stderr and the audit table on stdout. `report` prints the audit as JSON.
 //!
 //! The same one command on real servers: `--orders-db`, `--billing-db` (`postgres://...`,
-//! `mysql://...` with the `mysql` feature, or a SQLite path) and `--broker` (`amqp://...` or
-//! `nats://...`), or `ORDERS_DATABASE_URL`, `BILLING_DATABASE_URL`, `BROKER_URL`; flags win.
+//! `mysql://...` with the `mysql` feature, or a SQLite path) and `--broker` (`amqp://...`,
+//! `nats://...` or `kafka://HOST:PORT`), or `ORDERS_DATABASE_URL`, `BILLING_DATABASE_URL`, `BROKER_URL`; flags win.
 //! Databases are kept between runs; the table counts each run's own orders.
 //!
 //! One process per role, as deployed (each creates its schema on start):
@@ -19,7 +19,7 @@
 //! ```text
 //! export ORDERS_DATABASE_URL=postgres://postgres@127.0.0.1:5432/orders
 //! export BILLING_DATABASE_URL=postgres://postgres@127.0.0.1:5432/billing
-//! export BROKER_URL=amqp://guest:guest@127.0.0.1:5672/%2f   # or nats://127.0.0.1:4222
+//! export BROKER_URL=amqp://guest:guest@127.0.0.1:5672/%2f   # or nats://127.0.0.1:4222, kafka://127.0.0.1:19092
 //! order-service relay --service orders &
 //! order-service relay --service billing &
 //! order-service billing &
@@ -69,7 +69,7 @@ struct Args {
     /// The billing database, like `--orders-db`. Defaults to `DATA_DIR/billing.db`.
     #[arg(long, global = true, env = "BILLING_DATABASE_URL")]
     billing_db: Option<String>,
-    /// The broker: `amqp://...`, `nats://...`, or `memory` (the in-process broker; the
+    /// The broker: `amqp://...`, `nats://...`, `kafka://HOST:PORT`, or `memory` (the in-process broker; the
     /// one-command run's default, and only there).
     #[arg(long, global = true, env = "BROKER_URL")]
     broker: Option<String>,
@@ -191,7 +191,8 @@ impl Args {
 
     fn required_broker(&self) -> Result<Broker, Error> {
         self.broker()?.ok_or_else(|| {
-            "this command needs --broker (or BROKER_URL): amqp://... or nats://...".into()
+            "this command needs --broker (or BROKER_URL): amqp://..., nats://... or kafka://..."
+                .into()
         })
     }
 

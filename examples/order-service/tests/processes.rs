@@ -218,6 +218,12 @@ fn postgres_and_nats_survive_killed_processes() {
     on_postgres("NATS", &nats_url(), "127.0.0.1:4222");
 }
 
+#[test]
+fn postgres_and_kafka_survive_killed_processes() {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    on_postgres("Kafka", &format!("kafka://{brokers}"), &brokers);
+}
+
 #[cfg(feature = "mysql")]
 #[test]
 fn mariadb_and_nats_survive_killed_processes() {

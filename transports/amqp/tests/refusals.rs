@@ -7,66 +7,14 @@
 
 mod common;
 
-use std::time::Duration;
-
-use diesel::prelude::*;
-use diesel::sql_types::{Integer, Nullable, SmallInt, Text};
 use waybill_amqp::{AmqpPublisher, PublisherConfig, Unroutable};
-use waybill_diesel::{enqueue_all, DieselStore};
-use waybill_outbox_core::{Backoff, NewOutboxMessage, PublishError, Publisher, Relay, RelayConfig};
+use waybill_outbox_core::{PublishError, Publisher};
+use waybill_testkit::outbox::{
+    capture_warnings, enqueue, message, relay_retrying_at_once, rows, sqlite, stored,
+    warnings_about, PARKED, PENDING,
+};
 
-use common::{stored, unique, SqlitePool};
-
-/// A row of the outbox, as the relay left it.
-#[derive(Debug, QueryableByName)]
-struct Row {
-    #[diesel(sql_type = Text)]
-    partition_key: String,
-    #[diesel(sql_type = SmallInt)]
-    status: i16,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Nullable<Text>)]
-    last_error: Option<String>,
-    #[diesel(sql_type = Text)]
-    payload: String,
-}
-
-const PENDING: i16 = 0;
-const PARKED: i16 = 2;
-
-/// The rows left in the outbox (published ones are deleted), in outbox order.
-fn rows(pool: &SqlitePool) -> Vec<Row> {
-    diesel::sql_query(
-        "SELECT partition_key, status, attempts, last_error, CAST(payload AS TEXT) AS payload \
-         FROM outbox_messages ORDER BY seq",
-    )
-    .load(&mut pool.get().unwrap())
-    .unwrap()
-}
-
-fn enqueue(pool: &SqlitePool, messages: &[NewOutboxMessage]) {
-    let mut conn = pool.get().unwrap();
-    conn.transaction(|conn| enqueue_all(conn, messages))
-        .unwrap();
-}
-
-/// Message `index` of `key` on `topic`; its payload is the index.
-fn message(topic: &str, key: &str, index: u32) -> NewOutboxMessage {
-    NewOutboxMessage::json(topic, key, "Step", &index).unwrap()
-}
-
-/// A relay whose retries are due at once, so the test drives it round by round.
-fn new_relay(
-    pool: &SqlitePool,
-    publisher: AmqpPublisher,
-) -> Relay<DieselStore<diesel::SqliteConnection>, AmqpPublisher> {
-    Relay::new(
-        DieselStore::new(pool.clone()),
-        publisher,
-        RelayConfig::default().backoff(Backoff::new(Duration::ZERO, Duration::ZERO)),
-    )
-}
+use common::unique;
 
 /// The payload indexes of what `queue` holds, in queue order (consumed).
 fn drain_indexes(broker: &common::Broker, queue: &str) -> Vec<u32> {
@@ -78,42 +26,12 @@ fn drain_indexes(broker: &common::Broker, queue: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Every warning logged by this test binary (each test picks out its own by a unique name).
-fn warnings() -> &'static std::sync::Mutex<Vec<String>> {
-    struct Capture;
-    impl log::Log for Capture {
-        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-            metadata.level() <= log::Level::Warn
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            if self.enabled(record.metadata()) {
-                warnings().lock().unwrap().push(record.args().to_string());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static WARNINGS: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> =
-        std::sync::OnceLock::new();
-    static LOGGER: Capture = Capture;
-    WARNINGS.get_or_init(|| {
-        let _ = log::set_logger(&LOGGER);
-        log::set_max_level(log::LevelFilter::Warn);
-        std::sync::Mutex::default()
-    })
-}
-
-/// The warnings so far that mention `name`.
-fn warnings_about(name: &str) -> Vec<String> {
-    let all = warnings().lock().unwrap();
-    all.iter().filter(|w| w.contains(name)).cloned().collect()
-}
-
 #[test]
 fn a_message_to_a_missing_exchange_is_charged_alone_and_its_batch_mates_go_out() {
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let (pool, _database) = common::sqlite("missing-exchange", 2);
+    let (pool, _database) = sqlite("missing-exchange", 2);
     let topic = unique("orders");
     let queue = unique("q");
     let missing = unique("missing");
@@ -137,7 +55,7 @@ fn a_message_to_a_missing_exchange_is_charged_alone_and_its_batch_mates_go_out()
         PublisherConfig::default().declare_exchanges(None),
     )
     .expect("publisher");
-    let mut relay = new_relay(&pool, publisher);
+    let mut relay = relay_retrying_at_once(&pool, publisher);
 
     let report = relay.run_once().unwrap();
     assert_eq!(
@@ -184,7 +102,7 @@ fn headers_larger_than_a_frame_are_parked_before_sending_and_the_batch_goes_out_
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let (pool, _database) = common::sqlite("big-headers", 2);
+    let (pool, _database) = sqlite("big-headers", 2);
     let topic = unique("orders");
     let queue = unique("q");
     broker.bind_queue(&queue, &topic, "#");
@@ -209,7 +127,7 @@ fn headers_larger_than_a_frame_are_parked_before_sending_and_the_batch_goes_out_
     );
     let publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
-    let mut relay = new_relay(&pool, publisher);
+    let mut relay = relay_retrying_at_once(&pool, publisher);
 
     let report = relay.run_once().unwrap();
     assert_eq!(
@@ -289,7 +207,7 @@ fn an_unroutable_message_is_retried_with_backoff_and_delivered_once_a_queue_is_b
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let (pool, _database) = common::sqlite("unroutable", 2);
+    let (pool, _database) = sqlite("unroutable", 2);
     let topic = unique("orders");
     let queue = unique("q");
     broker.cleanup_exchange(&topic);
@@ -303,8 +221,8 @@ fn an_unroutable_message_is_retried_with_backoff_and_delivered_once_a_queue_is_b
     );
     let publisher =
         AmqpPublisher::connect(&broker.addr, PublisherConfig::default()).expect("publisher");
-    let mut relay = new_relay(&pool, publisher);
-    warnings();
+    let mut relay = relay_retrying_at_once(&pool, publisher);
+    capture_warnings();
 
     // No queue is bound yet (the consumer has not started): retried, charged, never parked.
     for round in 1..=2 {
@@ -357,7 +275,7 @@ fn with_the_park_option_an_unroutable_message_is_parked_with_its_reason() {
     let Some(mut broker) = common::broker() else {
         return;
     };
-    let (pool, _database) = common::sqlite("unroutable-park", 2);
+    let (pool, _database) = sqlite("unroutable-park", 2);
     let topic = unique("orders");
     let missing = unique("missing");
     broker.cleanup_exchange(&topic);
@@ -368,7 +286,7 @@ fn with_the_park_option_an_unroutable_message_is_parked_with_its_reason() {
         PublisherConfig::default().unroutable(Unroutable::Park),
     )
     .expect("publisher");
-    let mut relay = new_relay(&pool, publisher);
+    let mut relay = relay_retrying_at_once(&pool, publisher);
 
     let report = relay.run_once().unwrap();
     // Both were sent pipelined and both came back.
@@ -383,7 +301,7 @@ fn with_the_park_option_an_unroutable_message_is_parked_with_its_reason() {
     }
 
     // A missing exchange is unroutable too.
-    let (pool, _database) = common::sqlite("missing-exchange-park", 2);
+    let (pool, _database) = sqlite("missing-exchange-park", 2);
     enqueue(&pool, &[message(&missing, "a", 0)]);
     let publisher = AmqpPublisher::connect(
         &broker.addr,
@@ -392,7 +310,7 @@ fn with_the_park_option_an_unroutable_message_is_parked_with_its_reason() {
             .unroutable(Unroutable::Park),
     )
     .expect("publisher");
-    let report = new_relay(&pool, publisher).run_once().unwrap();
+    let report = relay_retrying_at_once(&pool, publisher).run_once().unwrap();
     assert_eq!(report.parked, 1, "{report:?}");
     let reason = rows(&pool)[0].last_error.clone().unwrap_or_default();
     assert!(

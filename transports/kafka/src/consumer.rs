@@ -537,7 +537,8 @@ impl TopicSubscription {
         // librdkafka reports the record by its message timeout (the request timeout).
         let deadline = Instant::now() + self.config.request_timeout + Duration::from_secs(5);
         while Instant::now() < deadline {
-            self.dead_letters.poll(Duration::from_millis(50));
+            // `poll` serves events until its timeout has passed: wait in short slices.
+            self.dead_letters.poll(Duration::from_millis(1));
             let reports = self.dead_letters.context().take_reports();
             if let Some(report) = reports
                 .into_iter()

@@ -1,5 +1,6 @@
 //! [`KafkaPublisher`]: the outbox relay's [`Publisher`] for Kafka.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ pub struct PublisherConfig {
     probe_timeout: Duration,
     transactional_id: Option<String>,
     transaction_timeout: Duration,
+    topic_prefix: String,
     properties: BTreeMap<String, String>,
 }
 
@@ -49,6 +51,7 @@ impl Default for PublisherConfig {
             probe_timeout: Duration::from_secs(5),
             transactional_id: None,
             transaction_timeout: Duration::from_secs(60),
+            topic_prefix: String::new(),
             properties: BTreeMap::new(),
         }
     }
@@ -63,6 +66,7 @@ impl fmt::Debug for PublisherConfig {
             .field("probe_timeout", &self.probe_timeout)
             .field("transactional_id", &self.transactional_id)
             .field("transaction_timeout", &self.transaction_timeout)
+            .field("topic_prefix", &self.topic_prefix)
             .field("properties", &crate::redacted(&self.properties))
             .finish()
     }
@@ -129,6 +133,15 @@ impl PublisherConfig {
         self
     }
 
+    /// Publishes each message to the Kafka topic `prefix` + its outbox topic, e.g.
+    /// `staging.` so that several environments (or test runs) share one cluster. Consumers
+    /// subscribe to the prefixed name. Defaults to no prefix.
+    #[must_use]
+    pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.topic_prefix = prefix.into();
+        self
+    }
+
     /// Sets any other librdkafka producer property (security, `client.id`, compression). The
     /// publisher's guarantees override it for `acks`, `enable.idempotence`,
     /// `transactional.id`, `message.timeout.ms` and `message.max.bytes`. Defaults to none.
@@ -172,6 +185,9 @@ impl PublisherConfig {
         config
     }
 }
+
+/// How long one wait for delivery reports lasts (see `send_per_key`).
+const POLL_SLICE: Duration = Duration::from_millis(1);
 
 /// Whole milliseconds, as librdkafka takes durations.
 pub(crate) fn millis(duration: Duration) -> String {
@@ -401,7 +417,9 @@ impl KafkaPublisher {
                 }
                 break;
             }
-            self.producer.poll(Duration::from_millis(100));
+            // rdkafka's `BaseProducer::poll` serves events until its timeout has passed, not
+            // until the first one: a long timeout would add itself to every wave of a batch.
+            self.producer.poll(POLL_SLICE);
             if self.producer.context().all_brokers_down() {
                 // What is not sent yet is certainly not stored: fail it now rather than at the
                 // message timeout. (Records in flight are reported as they end.)
@@ -575,8 +593,13 @@ impl KafkaPublisher {
                 "the record is {size} bytes, over the producer's message.max.bytes of {max} bytes"
             )));
         }
+        let topic = if self.config.topic_prefix.is_empty() {
+            Cow::Borrowed(msg.topic.as_str())
+        } else {
+            Cow::Owned(format!("{}{}", self.config.topic_prefix, msg.topic))
+        };
         let mut record = BaseRecord::with_opaque_to(
-            &msg.topic,
+            &topic,
             Box::new(Tag {
                 generation: self.generation,
                 index,

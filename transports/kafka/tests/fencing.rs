@@ -2,8 +2,6 @@
 //! the broker, and the fenced relay's failure is charged to no message.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use diesel::Connection;
 use rdkafka::Message;
 use waybill_diesel::{enqueue_all, find_message, DieselStore};
@@ -12,7 +10,7 @@ use waybill_outbox_core::{NewOutboxMessage, PublishError, Publisher, Relay, Rela
 use waybill_testkit::kafka::{brokers, create_topic, header, read_all};
 use waybill_testkit::unique;
 
-use common::{sqlite, stored};
+use waybill_testkit::outbox::{sqlite, stored};
 
 #[test]
 fn a_newer_producer_with_the_same_transactional_id_fences_the_stalled_relay() {

@@ -2,8 +2,6 @@
 //! records parked through the relay, and an unreachable cluster that charges nothing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,7 +13,7 @@ use waybill_outbox_core::{NewOutboxMessage, PublishError, Publisher, Relay, Rela
 use waybill_testkit::kafka::{brokers, create_topic, header, read_all};
 use waybill_testkit::unique;
 
-use common::{sqlite, stored};
+use waybill_testkit::outbox::{sqlite, stored};
 
 #[test]
 fn a_refused_record_stops_its_key_and_its_retry_comes_before_the_rest_of_the_key() {
@@ -198,4 +196,25 @@ fn an_unreachable_cluster_is_unavailable_and_charges_nothing() {
         let message = find_message(&mut conn, id).unwrap().unwrap();
         assert_eq!((message.status, message.attempts), (Status::Pending, 0));
     }
+}
+
+#[test]
+fn a_topic_prefix_publishes_to_the_prefixed_topic_and_the_message_keeps_its_own() {
+    let Some(brokers) = brokers() else { return };
+    let prefix = format!("{}.", unique("env"));
+    let kafka_topic = format!("{prefix}orders");
+    create_topic(&brokers, &kafka_topic, 1);
+    let config = PublisherConfig::default().topic_prefix(&prefix);
+    let mut publisher = KafkaPublisher::connect(&brokers, config).unwrap();
+    assert_eq!(
+        publisher.publish(&[stored(1, "orders", "a", r#"{"n":1}"#)]),
+        [Ok(())]
+    );
+    let records = read_all(&brokers, &kafka_topic);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        header(&records[0], wire::TOPIC).as_deref(),
+        Some("orders"),
+        "the consumer sees the outbox topic"
+    );
 }

@@ -26,7 +26,9 @@ impl NatsHarness {
     fn new() -> Option<Self> {
         let mut nats = common::nats()?;
         let (stream, topic) = nats.stream();
-        let config = ConsumerConfig::new(stream, common::unique("c"));
+        // Unacknowledged deliveries come back after `ack_wait`, also those of a killed consumer.
+        let config =
+            ConsumerConfig::new(stream, common::unique("c")).ack_wait(Duration::from_secs(2));
         Some(Self {
             nats,
             topic,
@@ -138,4 +140,4 @@ impl Harness for NatsHarness {
     }
 }
 
-waybill_testkit::contract_tests!(NatsHarness::new());
+waybill_testkit::contract_tests!(NatsHarness::new(), end_to_end);

@@ -6,129 +6,20 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use async_nats::jetstream::stream;
-use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{Integer, Nullable, SmallInt, Text};
-use waybill_diesel::{enqueue_all, DieselStore};
 use waybill_nats::{NatsPublisher, PublisherConfig, Unroutable};
-use waybill_outbox_core::{
-    Backoff, Limits, NewOutboxMessage, Publisher, Relay, RelayConfig, ValidationError,
+use waybill_outbox_core::{Limits, NewOutboxMessage, Publisher, ValidationError};
+use waybill_testkit::outbox::{
+    capture_warnings, enqueue, message, relay_retrying_at_once, rows, sqlite, warnings_about,
+    PARKED, PENDING,
 };
 
 use common::{nats, unique};
 
-type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
-
-/// Removes a test's SQLite database files when dropped.
-struct TempDatabase(PathBuf);
-
-impl Drop for TempDatabase {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
-/// A migrated SQLite outbox of its own.
-fn sqlite(prefix: &str) -> (SqlitePool, TempDatabase) {
-    let path = std::env::temp_dir().join(format!("{}.db", unique(prefix)));
-    let pool = Pool::builder()
-        .max_size(2)
-        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(
-            path.to_string_lossy(),
-        ))
-        .unwrap();
-    waybill_diesel::run_migrations(&mut pool.get().unwrap()).unwrap();
-    (pool, TempDatabase(path))
-}
-
-/// A row of the outbox, as the relay left it.
-#[derive(Debug, QueryableByName)]
-struct Row {
-    #[diesel(sql_type = SmallInt)]
-    status: i16,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Nullable<Text>)]
-    last_error: Option<String>,
-    #[diesel(sql_type = Text)]
-    partition_key: String,
-}
-
-const PENDING: i16 = 0;
-const PARKED: i16 = 2;
-
-/// The rows left in the outbox (published ones are deleted), in outbox order.
-fn rows(pool: &SqlitePool) -> Vec<Row> {
-    diesel::sql_query(
-        "SELECT status, attempts, last_error, partition_key FROM outbox_messages ORDER BY seq",
-    )
-    .load(&mut pool.get().unwrap())
-    .unwrap()
-}
-
-fn enqueue(pool: &SqlitePool, messages: &[NewOutboxMessage]) {
-    let mut conn = pool.get().unwrap();
-    conn.transaction(|conn| enqueue_all(conn, messages))
-        .unwrap();
-}
-
-fn message(topic: &str, key: &str, index: u32) -> NewOutboxMessage {
-    NewOutboxMessage::json(topic, key, "Step", &index).unwrap()
-}
-
-/// A relay whose retries are due at once, so the test drives it round by round.
-fn new_relay(
-    pool: &SqlitePool,
-    publisher: NatsPublisher,
-) -> Relay<DieselStore<SqliteConnection>, NatsPublisher> {
-    Relay::new(
-        DieselStore::new(pool.clone()),
-        publisher,
-        RelayConfig::default().backoff(Backoff::new(Duration::ZERO, Duration::ZERO)),
-    )
-}
-
-/// Every warning logged by this test binary (each test picks out its own by a unique name).
-fn warnings() -> &'static std::sync::Mutex<Vec<String>> {
-    struct Capture;
-    impl log::Log for Capture {
-        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-            metadata.level() <= log::Level::Warn
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            if self.enabled(record.metadata()) {
-                warnings().lock().unwrap().push(record.args().to_string());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static WARNINGS: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> =
-        std::sync::OnceLock::new();
-    static LOGGER: Capture = Capture;
-    WARNINGS.get_or_init(|| {
-        let _ = log::set_logger(&LOGGER);
-        log::set_max_level(log::LevelFilter::Warn);
-        std::sync::Mutex::default()
-    })
-}
-
-/// The warnings so far that mention `name`.
-fn warnings_about(name: &str) -> Vec<String> {
-    let all = warnings().lock().unwrap();
-    all.iter().filter(|w| w.contains(name)).cloned().collect()
-}
-
 #[test]
 fn a_subject_without_a_stream_is_retried_with_backoff_and_delivered_once_a_stream_captures_it() {
     let Some(mut nats) = nats() else { return };
-    let (pool, _database) = sqlite("nostream");
+    let (pool, _database) = sqlite("nostream", 2);
     let topic = unique("t");
     enqueue(
         &pool,
@@ -139,8 +30,8 @@ fn a_subject_without_a_stream_is_retried_with_backoff_and_delivered_once_a_strea
         ],
     );
     let publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
-    let mut relay = new_relay(&pool, publisher);
-    warnings();
+    let mut relay = relay_retrying_at_once(&pool, publisher);
+    capture_warnings();
 
     // No stream yet (its operator or consumer has not created it): each key's head is retried
     // and charged, the rest of the key waits uncharged, nothing is parked.
@@ -208,7 +99,7 @@ fn a_subject_without_a_stream_is_retried_with_backoff_and_delivered_once_a_strea
 #[test]
 fn with_the_park_option_a_subject_without_a_stream_is_parked_with_its_reason() {
     let Some(nats) = nats() else { return };
-    let (pool, _database) = sqlite("nostream-park");
+    let (pool, _database) = sqlite("nostream-park", 2);
     let topic = unique("t");
     enqueue(&pool, &[message(&topic, "a", 0), message(&topic, "b", 1)]);
     let publisher = NatsPublisher::connect(
@@ -216,7 +107,7 @@ fn with_the_park_option_a_subject_without_a_stream_is_parked_with_its_reason() {
         PublisherConfig::default().unroutable(Unroutable::Park),
     )
     .unwrap();
-    let report = new_relay(&pool, publisher).run_once().unwrap();
+    let report = relay_retrying_at_once(&pool, publisher).run_once().unwrap();
     assert_eq!((report.claimed, report.parked), (2, 2), "{report:?}");
     for row in rows(&pool) {
         assert_eq!(row.status, PARKED, "{row:?}");
@@ -232,7 +123,7 @@ fn with_the_park_option_a_subject_without_a_stream_is_parked_with_its_reason() {
 fn a_message_above_the_servers_max_payload_is_parked_before_sending_and_its_batch_mates_go_out() {
     let Some(mut nats) = nats() else { return };
     let (stream, topic) = nats.stream();
-    let (pool, _database) = sqlite("max-payload");
+    let (pool, _database) = sqlite("max-payload", 2);
     let publisher = NatsPublisher::connect(&nats.url, PublisherConfig::default()).unwrap();
 
     // The publisher reports the server's limit, less what the transport adds to a message.
@@ -265,7 +156,7 @@ fn a_message_above_the_servers_max_payload_is_parked_before_sending_and_its_batc
             message(&topic, "c", 3),
         ],
     );
-    let report = new_relay(&pool, publisher).run_once().unwrap();
+    let report = relay_retrying_at_once(&pool, publisher).run_once().unwrap();
     assert_eq!(
         (
             report.claimed,

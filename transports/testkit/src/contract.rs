@@ -46,7 +46,16 @@ pub trait Harness {
     fn poison(&mut self) -> Option<OutboxMessage> {
         None
     }
+    /// A consumer that will be killed mid-stream, and how to kill it: afterwards the broker
+    /// hands what it had not acknowledged to the next consumer (cut its connection, make it
+    /// leave its group). By default nothing: the broker redelivers after its ack timeout.
+    fn consumer_to_kill(&mut self) -> (Self::Consumer, Kill) {
+        (self.consumer(RetryPolicy::default()), Box::new(|| {}))
+    }
 }
+
+/// What kills a consumer for [`Harness::consumer_to_kill`].
+pub type Kill = Box<dyn FnOnce() + Send>;
 
 /// A transport's consumer, as the contract drives it.
 pub trait Consume {
@@ -75,9 +84,20 @@ pub trait Consume {
 }
 
 /// Instantiates every contract as a `#[test]` for the harness `$make` returns
-/// (`Option<Harness>`: `None` skips, as when the server is unreachable).
+/// (`Option<Harness>`: `None` skips, as when the server is unreachable); with `, end_to_end`
+/// also [`crate::end_to_end`]'s 10,000 messages through a consumer killed mid-stream.
 #[macro_export]
 macro_rules! contract_tests {
+    ($make:expr, end_to_end) => {
+        $crate::contract_tests!($make);
+
+        #[test]
+        fn ten_thousand_messages_take_effect_once_across_a_consumer_killed_mid_stream() {
+            if let Some(mut harness) = $make {
+                $crate::end_to_end::ten_thousand_messages_take_effect_once_across_a_consumer_killed_mid_stream(&mut harness);
+            }
+        }
+    };
     ($make:expr) => {
         $crate::contract_tests!(@each $make;
             every_published_message_is_confirmed_and_delivered_in_key_order,

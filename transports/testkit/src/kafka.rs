@@ -222,6 +222,15 @@ impl Harness for KafkaHarness {
         KafkaConsumer::connect(&self.brokers, self.consumer_config(retry)).expect("consumer")
     }
 
+    /// Killed by leaving the group, as a crashed process's connection would. (A member stuck in
+    /// its handler would be dropped after `max.poll.interval.ms` on Kafka; tansu keeps waiting
+    /// for it while its client heartbeats.)
+    fn consumer_to_kill(&mut self) -> (KafkaConsumer, crate::contract::Kill) {
+        let consumer = self.consumer(RetryPolicy::default());
+        let kill = consumer.close_handle();
+        (consumer, Box::new(move || kill.close()))
+    }
+
     fn publish_raw(&mut self, headers: Headers, payload: Vec<u8>) {
         produce_raw(&self.brokers, &self.topic, None, &headers, &payload);
     }

@@ -16,8 +16,10 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod contract;
+pub mod end_to_end;
 pub mod kafka;
 pub mod memory;
+pub mod outbox;
 
 use std::time::Duration;
 

@@ -13,16 +13,12 @@
 
 pub mod proxy;
 
-/// The one skip line of every suite.
-#[path = "../../../testkit/src/skip.rs"]
-mod skip_line;
+#[allow(unused_imports)] // each test binary uses some
+pub use waybill_testkit::outbox::{sqlite, stored, SqlitePool, TempDatabase};
+pub use waybill_testkit::{unique, PATIENCE};
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::time::Duration;
 
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::SqliteConnection;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -33,17 +29,9 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::runtime::Runtime;
-use waybill_outbox_core::{MessageId, OutboxMessage, Status};
-
-/// Liveness bound for loops that wait for the broker: reaching it is a failure, not a measure.
-pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub fn addr() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("waybill-t-{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
 /// A raw lapin client; deletes the queues and exchanges it was told about when dropped.
@@ -83,7 +71,7 @@ pub fn broker() -> Option<Broker> {
         }),
         Err(error) => {
             let why = format!("not reachable at {}: {error}", waybill_amqp::redact(&addr));
-            skip_line::skip("RabbitMQ", "AMQP_ADDR", &why);
+            waybill_testkit::skip("RabbitMQ", "AMQP_ADDR", &why);
             None
         }
     }
@@ -376,21 +364,6 @@ impl Drop for Broker {
     }
 }
 
-/// A stored outbox message as the relay would hand it over.
-pub fn stored(seq: i64, topic: &str, key: &str, payload: &str) -> OutboxMessage {
-    let mut message = OutboxMessage::new(seq, MessageId::new(), Status::Pending);
-    message.topic = topic.into();
-    message.partition_key = key.into();
-    message.message_type = "Step".into();
-    message.content_type = "application/json".into();
-    message.payload = payload.as_bytes().to_vec();
-    message
-        .headers
-        .insert("correlation-id".into(), format!("corr-{seq}"));
-    message.created_at = chrono::Utc::now();
-    message
-}
-
 /// A header of a raw message as text.
 pub fn header(message: &Delivery, name: &str) -> Option<String> {
     let value = message
@@ -407,34 +380,4 @@ pub fn header(message: &Delivery, name: &str) -> Option<String> {
         lapin::types::AMQPValue::LongLongInt(n) => Some(n.to_string()),
         other => Some(format!("{other:?}")),
     }
-}
-
-/// A pool on a migrated SQLite database of its own.
-pub type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
-
-/// Removes a test's SQLite database file, and its WAL files, when dropped.
-pub struct TempDatabase(PathBuf);
-
-impl Drop for TempDatabase {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
-/// A pool of `max_size` connections on a new, migrated SQLite database in a temporary file
-/// named after `prefix`; keep the guard alive as long as the database is used.
-pub fn sqlite(prefix: &str, max_size: u32) -> (SqlitePool, TempDatabase) {
-    let path = std::env::temp_dir().join(format!("{}.db", unique(prefix)));
-    let pool = Pool::builder()
-        .max_size(max_size)
-        .connection_customizer(Box::new(waybill_diesel::sqlite::SqliteOptions::default()))
-        .build(ConnectionManager::<SqliteConnection>::new(
-            path.to_string_lossy(),
-        ))
-        .expect("sqlite pool");
-    waybill_diesel::run_migrations(&mut pool.get().expect("sqlite connection"))
-        .expect("migrations");
-    (pool, TempDatabase(path))
 }
