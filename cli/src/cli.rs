@@ -127,8 +127,9 @@ pub(crate) struct RelayArgs {
     /// comma-separated for several brokers).
     #[arg(long, env = "BROKER_URL", hide_env_values = true)]
     pub(crate) broker_url: String,
-    /// Topics to ensure on the broker at start (NATS: a stream per topic capturing `<topic>`
-    /// and `<topic>.>`; RabbitMQ: a durable topic exchange per topic; Kafka: the topic, with
+    /// Topics to ensure on the broker at start (NATS: a stream per topic, named like the topic
+    /// with `.`, `*`, `>` and spaces replaced by `_`, capturing `<topic>` and `<topic>.>`;
+    /// RabbitMQ: a durable topic exchange per topic; Kafka: the topic, with
     /// `--kafka-partitions` partitions, when missing). Claims are not filtered.
     #[arg(long, env = "WAYBILL_TOPICS", value_delimiter = ',')]
     pub(crate) topics: Vec<String>,

@@ -4,7 +4,7 @@ use diesel::r2d2::{CustomizeConnection, R2D2Connection};
 use diesel::Connection;
 use waybill_diesel::OpsConnection;
 
-use crate::cli::{Args, Command};
+use crate::cli::{Args, Command, Operation};
 use crate::error::CliError;
 use waybill_outbox_core::redact_url as redact;
 
@@ -46,28 +46,68 @@ impl<C: Backend> CustomizeConnection<C, diesel::r2d2::Error> for Prepare {
     }
 }
 
+/// The database a URL names.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Postgres(String),
+    Mysql(String),
+    Sqlite(String),
+}
+
+/// What `--database-url` accepts, for error messages.
+pub(crate) const ACCEPTED_URLS: &str =
+    "postgres://..., postgresql://..., mysql://..., mariadb://..., sqlite://PATH or a SQLite file path";
+
+/// Picks the backend from the URL's scheme; an unknown scheme or an empty URL is refused rather
+/// than taken for a SQLite file name.
+fn target(url: &str) -> Result<Target, CliError> {
+    if url.trim().is_empty() {
+        return Err(CliError::EmptyDatabaseUrl);
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(Target::Sqlite(url.to_owned()));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "postgres" | "postgresql" => Ok(Target::Postgres(url.to_owned())),
+        "mysql" => Ok(Target::Mysql(url.to_owned())),
+        "mariadb" => Ok(Target::Mysql(format!("mysql://{rest}"))),
+        "sqlite" if !rest.is_empty() => Ok(Target::Sqlite(rest.to_owned())),
+        _ => Err(CliError::UnknownScheme {
+            url: redact(url),
+            scheme: scheme.to_owned(),
+        }),
+    }
+}
+
 /// Runs `args.command` on the database `args.database_url` names.
 pub(crate) fn run(args: Args) -> Result<(), CliError> {
     let url = args.database_url.clone().ok_or(CliError::NoDatabase)?;
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        #[cfg(feature = "postgres")]
-        return run_on::<diesel::PgConnection>(&url, args);
-        #[cfg(not(feature = "postgres"))]
-        return Err(not_built(&url, "postgres"));
-    }
-    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        #[cfg(feature = "mysql")]
-        return run_on::<diesel::MysqlConnection>(&url.replacen("mariadb://", "mysql://", 1), args);
-        #[cfg(not(feature = "mysql"))]
-        return Err(not_built(&url, "mysql"));
-    }
-    let path = url.strip_prefix("sqlite://").unwrap_or(&url).to_owned();
-    #[cfg(feature = "sqlite")]
-    return run_on::<diesel::SqliteConnection>(&path, args);
-    #[cfg(not(feature = "sqlite"))]
-    {
-        let _ = path;
-        Err(not_built(&url, "sqlite"))
+    match target(&url)? {
+        Target::Postgres(url) => {
+            #[cfg(feature = "postgres")]
+            return run_on::<diesel::PgConnection>(&url, args);
+            #[cfg(not(feature = "postgres"))]
+            return Err(not_built(&url, "postgres"));
+        }
+        Target::Mysql(url) => {
+            #[cfg(feature = "mysql")]
+            return run_on::<diesel::MysqlConnection>(&url, args);
+            #[cfg(not(feature = "mysql"))]
+            return Err(not_built(&url, "mysql"));
+        }
+        Target::Sqlite(path) => {
+            // Only `migrate` may create the file: a mistyped path must not leave an empty
+            // database behind (SQLite creates a missing file on open).
+            let creates = matches!(args.command, Command::Operation(Operation::Migrate));
+            let named = path != ":memory:" && !path.starts_with("file:");
+            if !creates && named && !std::path::Path::new(&path).exists() {
+                return Err(CliError::NoSqliteFile(path));
+            }
+            #[cfg(feature = "sqlite")]
+            return run_on::<diesel::SqliteConnection>(&path, args);
+            #[cfg(not(feature = "sqlite"))]
+            return Err(not_built(&path, "sqlite"));
+        }
     }
 }
 
@@ -81,15 +121,49 @@ fn not_built(url: &str, feature: &'static str) -> CliError {
 }
 
 fn run_on<C: Backend>(url: &str, args: Args) -> Result<(), CliError> {
+    let mut conn = connect::<C>(url)?;
     match args.command {
-        Command::Relay(relay) => crate::relay::run::<C>(url, relay),
-        Command::Operation(operation) => {
-            let mut conn = C::establish(url).map_err(|source| CliError::Connect {
-                url: redact(url),
-                source,
-            })?;
-            C::prepare(&mut conn)?;
-            crate::operate::operate(&mut conn, operation, args.json)
+        Command::Relay(relay) => {
+            // One connection first: an unreachable database or a missing schema fails at once,
+            // in one line, instead of after the pool's 30 s timeout.
+            let probe = waybill_outbox_core::MessageId::new();
+            waybill_diesel::find_message(&mut conn, probe)?;
+            drop(conn);
+            crate::relay::run::<C>(url, relay)
+        }
+        Command::Operation(operation) => crate::operate::operate(&mut conn, operation, args.json),
+    }
+}
+
+/// One prepared connection to `url`.
+fn connect<C: Backend>(url: &str) -> Result<C, CliError> {
+    let mut conn = C::establish(url).map_err(|source| CliError::Connect {
+        url: redact(url),
+        source,
+    })?;
+    C::prepare(&mut conn)?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_pick_the_backend_and_unknown_ones_are_refused() {
+        let pg = "postgres://u@h/db";
+        assert_eq!(target(pg).ok(), Some(Target::Postgres(pg.into())));
+        assert_eq!(
+            target("mariadb://u@h/db").ok(),
+            Some(Target::Mysql("mysql://u@h/db".into()))
+        );
+        assert_eq!(
+            target("sqlite:///tmp/a.db").ok(),
+            Some(Target::Sqlite("/tmp/a.db".into()))
+        );
+        assert_eq!(target("a.db").ok(), Some(Target::Sqlite("a.db".into())));
+        for refused in ["", "  ", "redis://h:6379", "sqlite://", "http://h/db"] {
+            assert!(target(refused).is_err(), "{refused:?}");
         }
     }
 }

@@ -6,6 +6,26 @@ pub(crate) enum CliError {
     /// No `--database-url` / `DATABASE_URL`.
     #[error("no database: pass --database-url or set DATABASE_URL")]
     NoDatabase,
+    /// `--database-url ""`.
+    #[error("the database URL is empty: pass {}", crate::db::ACCEPTED_URLS)]
+    EmptyDatabaseUrl,
+    /// A URL whose scheme names no database this binary knows.
+    #[error(
+        "{url}: unknown database URL scheme {scheme:?}; accepted: {}",
+        crate::db::ACCEPTED_URLS
+    )]
+    UnknownScheme {
+        /// The redacted URL.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// A SQLite path with no file behind it, given to a command that does not create one.
+    #[error(
+        "no SQLite database at {0}: check the path, or create it with `waybill migrate` \
+         (only migrate creates a file)"
+    )]
+    NoSqliteFile(String),
     /// The URL names a backend this binary was built without.
     #[error("{url}: this waybill was built without the `{feature}` feature")]
     BackendNotBuilt {
@@ -32,9 +52,22 @@ pub(crate) enum CliError {
     /// Not a message id.
     #[error("{0:?} is not a message id (a UUID)")]
     InvalidId(String),
-    /// `requeue <id>` of a message that is not parked.
-    #[error("message {0} is not parked; nothing was requeued")]
-    NotParked(String),
+    /// `requeue <id>` of a message that is in the outbox but not parked.
+    #[error("message {id} is {status}, not parked; nothing was requeued")]
+    NotParked {
+        /// The message.
+        id: String,
+        /// Its status, lower case.
+        status: String,
+    },
+    /// `inbox status --consumer` of a name the inbox does not know.
+    #[error("the inbox has no consumer named {consumer:?}; {}", known_consumers(.known))]
+    UnknownConsumer {
+        /// The name asked for.
+        consumer: String,
+        /// The names it knows.
+        known: Vec<String>,
+    },
     /// The broker URL is not amqp://, nats:// or kafka://, or its transport was not built in.
     #[error(
         "{0}: unsupported broker URL (amqp://..., nats://... or kafka://..., with the matching feature)"
@@ -63,3 +96,11 @@ pub(crate) enum CliError {
 }
 
 pub(crate) use waybill_outbox_core::error_chain as chain;
+
+fn known_consumers(known: &[String]) -> String {
+    if known.is_empty() {
+        "it has no records of any consumer yet".to_owned()
+    } else {
+        format!("consumers with records: {}", known.join(", "))
+    }
+}

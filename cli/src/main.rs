@@ -21,6 +21,16 @@ use crate::error::CliError;
 /// Exit code of a destructive command that was not confirmed.
 const EXIT_ABORTED: u8 = 3;
 
+/// Joins the lines of a message (libpq adds hints on lines of their own) so an error is one line.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    lines.join(" ")
+}
+
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -33,7 +43,7 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_ABORTED)
         }
         Err(error) => {
-            eprintln!("error: {}", error::chain(&error));
+            eprintln!("error: {}", one_line(&error::chain(&error)));
             ExitCode::FAILURE
         }
     }

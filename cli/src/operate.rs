@@ -61,22 +61,38 @@ pub(crate) fn operate<C: OpsConnection + Connection>(
                 &format!("Delete published and skipped messages older than {age}?"),
             )?;
             let (published, skipped) = purge(conn, older_than, batch_size.max(1))?;
+            let messages = plural(published + skipped, "message", "messages");
             writeln!(
                 out,
-                "purged {published} published and {skipped} skipped messages older than {age}"
+                "purged {published} published and {skipped} skipped {messages} older than {age}"
             )?;
             Ok(())
         }
         Operation::Inbox {
             command: InboxCommand::Status { consumer },
-        } => output::inbox_status(
-            &mut out,
-            &waybill_diesel::inbox_stats(conn, &consumer)?,
-            json,
-        ),
+        } => {
+            let stats = waybill_diesel::inbox_stats(conn, &consumer)?;
+            if stats.processed == 0 {
+                // Nothing recorded: a consumer that never ran, or a typo.
+                let known = waybill_diesel::inbox_consumers(conn)?;
+                if !known.contains(&consumer) {
+                    return Err(CliError::UnknownConsumer { consumer, known });
+                }
+            }
+            output::inbox_status(&mut out, &stats, json)
+        }
         Operation::Migrate => {
-            waybill_diesel::run_migrations(conn)?;
-            writeln!(out, "migrations are up to date")?;
+            let applied = waybill_diesel::run_migrations(conn)?;
+            if applied.is_empty() {
+                writeln!(out, "migrations are up to date: nothing to apply")?;
+            } else {
+                let count = applied.len();
+                let noun = plural(count as u64, "migration", "migrations");
+                writeln!(out, "applied {count} {noun}:")?;
+                for name in applied {
+                    writeln!(out, "  {name}")?;
+                }
+            }
             Ok(())
         }
     }
@@ -91,7 +107,13 @@ fn requeue<C: OpsConnection>(
         let id = parse_id(&id)?;
         confirm(args.yes, &format!("Requeue parked message {id}?"))?;
         if !waybill_diesel::requeue(conn, id)? {
-            return Err(CliError::NotParked(id.to_string()));
+            // Said as `parked show` says it: missing, or there but not parked.
+            let message = waybill_diesel::find_message(conn, id)?
+                .ok_or(waybill_diesel::Error::MessageNotFound(id))?;
+            return Err(CliError::NotParked {
+                id: id.to_string(),
+                status: format!("{:?}", message.status).to_lowercase(),
+            });
         }
         1
     } else if let Some(key) = args.key {
@@ -104,7 +126,8 @@ fn requeue<C: OpsConnection>(
         confirm(args.yes, "Requeue EVERY parked message?")?;
         waybill_diesel::requeue_all_parked(conn)?
     };
-    writeln!(out, "requeued {requeued} messages")?;
+    let messages = plural(requeued, "message", "messages");
+    writeln!(out, "requeued {requeued} {messages}")?;
     Ok(())
 }
 
@@ -133,6 +156,15 @@ fn purge<C: OpsConnection>(
     Ok((published, skipped))
 }
 
+/// `one` for 1, else `many`.
+pub(crate) fn plural(count: u64, one: &'static str, many: &'static str) -> &'static str {
+    if count == 1 {
+        one
+    } else {
+        many
+    }
+}
+
 fn parse_id(text: &str) -> Result<MessageId, CliError> {
     MessageId::from_str(text.trim()).map_err(|_| CliError::InvalidId(text.to_owned()))
 }
@@ -150,5 +182,18 @@ fn confirm(yes: bool, question: &str) -> Result<(), CliError> {
     match answer.trim().to_ascii_lowercase().as_str() {
         "y" | "yes" => Ok(()),
         _ => Err(CliError::Aborted),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plural;
+
+    #[test]
+    fn one_is_singular_and_every_other_count_plural() {
+        assert_eq!(plural(1, "message", "messages"), "message");
+        for count in [0, 2, 11] {
+            assert_eq!(plural(count, "relay", "relays"), "relays");
+        }
     }
 }

@@ -193,7 +193,9 @@ pub(crate) fn parked_show(
     for (name, value) in fields {
         writeln!(out, "{:<14} {value}", format!("{name}:"))?;
     }
-    writeln!(out, "payload ({} bytes):", message.payload.len())?;
+    let bytes = message.payload.len();
+    let unit = crate::operate::plural(bytes as u64, "byte", "bytes");
+    writeln!(out, "payload ({bytes} {unit}):")?;
     writeln!(out, "{preview}")?;
     Ok(())
 }

@@ -35,9 +35,13 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
     let relays = args.relays.max(1);
     // Each relay keeps one connection listening for wake-ups and uses one more at a time for
     // its claims and write-backs; the stats sampler needs one, and one is spare.
+    // Connection failures reach the log through the relays' own errors (which carry the
+    // pool's last error), once per round, not once per attempt as r2d2's default handler
+    // would log them.
     let pool: DbPool<C> = Pool::builder()
         .max_size(u32::try_from(2 * relays + 2).unwrap_or(u32::MAX))
         .connection_customizer(Box::new(Prepare))
+        .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
         .build(ConnectionManager::new(url))?;
     let broker = args.broker_url.clone();
     if broker.starts_with("amqp://") || broker.starts_with("amqps://") {
@@ -130,7 +134,8 @@ fn run_relays<C: Backend, P: Publisher + Send + 'static>(
         if let Some(interval) = args.poll_interval {
             config = config.poll_interval(interval);
         }
-        let mut relay = Relay::new(DieselStore::new(pool.clone()), publisher, config);
+        let store = DieselStore::try_new(pool.clone())?;
+        let mut relay = Relay::new(store, publisher, config);
         handles.push(relay.handle());
         threads.push(
             thread::Builder::new()
@@ -146,7 +151,9 @@ fn run_relays<C: Backend, P: Publisher + Send + 'static>(
             .name("outbox-gauges".into())
             .spawn(move || sample_gauges(&pool, interval, &stopped))?
     };
-    log::info!("{} relays running as {prefix}-*", threads.len());
+    let count = threads.len();
+    let noun = crate::operate::plural(count as u64, "relay", "relays");
+    log::info!("{count} {noun} running as {prefix}-*");
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: stopping the relays");
     }

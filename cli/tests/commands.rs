@@ -191,6 +191,10 @@ fn parked_list_and_show_tell_what_failed<C: Backend + Ops>(db: TestDb<C>) {
     let run = waybill(&db, &["parked", "show", &missing], "");
     run.assert_code(1);
     assert!(run.stderr.contains("is not in the outbox"), "{run:?}");
+    // `requeue` says it the same way.
+    let requeue = waybill(&db, &["requeue", &missing, "--yes"], "");
+    requeue.assert_code(1);
+    assert_eq!(requeue.stderr, run.stderr);
     waybill(&db, &["parked", "show", "not-an-id"], "").assert_code(1);
 }
 
@@ -211,21 +215,28 @@ fn requeue_asks_first_and_puts_parked_messages_back<C: Backend + Ops>(db: TestDb
 
     let run = waybill(&db, &["requeue", &poison], "yes\n");
     run.assert_code(0);
-    assert!(run.stdout.contains("requeued 1 messages"), "{run:?}");
+    assert_eq!(run.stdout, "requeued 1 message\n");
     assert!(waybill_diesel::parked_messages(&mut db.conn(), 10)
         .unwrap()
         .is_empty());
     // Not parked any more.
     let again = waybill(&db, &["requeue", &poison, "--yes"], "");
     again.assert_code(1);
-    assert!(again.stderr.contains("is not parked"), "{again:?}");
+    assert!(
+        again
+            .stderr
+            .contains("is pending, not parked; nothing was requeued"),
+        "{again:?}"
+    );
 
     drain(&db); // parks it again
     waybill(&db, &["requeue", "--key", "order:2", "--yes"], "").assert_code(0);
     drain(&db);
     let run = waybill(&db, &["requeue", "--all-parked"], "y\n");
     run.assert_code(0);
-    assert!(run.stdout.contains("requeued 1 messages"), "{run:?}");
+    assert_eq!(run.stdout, "requeued 1 message\n");
+    let none = waybill(&db, &["requeue", "--all-parked", "--yes"], "");
+    assert_eq!(none.assert_code(0).stdout, "requeued 0 messages\n");
     waybill(&db, &["requeue"], "").assert_code(2);
     waybill(&db, &["requeue", &poison, "--key", "k"], "").assert_code(2);
 }
@@ -314,7 +325,8 @@ fn purge_deletes_old_published_and_skipped_messages_in_batches<C: Backend + Ops>
     );
     run.assert_code(0);
     assert!(
-        run.stdout.contains("purged 4 published and 1 skipped"),
+        run.stdout
+            .contains("purged 4 published and 1 skipped messages"),
         "{run:?}"
     );
     let status = waybill(&db, &["status", "--json"], "")
@@ -347,16 +359,51 @@ fn inbox_status_counts_what_a_consumer_processed<C: Backend + Ops>(db: TestDb<C>
     .json();
     assert_eq!(json["processed"].as_i64(), Some(2));
     assert!(json["oldest_processed_at"].is_string(), "{json}");
-    let other = waybill(
+    waybill(&db, &["inbox", "status"], "").assert_code(2);
+}
+
+fn inbox_status_of_an_unknown_consumer_fails_and_lists_the_known_ones<C: Backend + Ops>(
+    db: TestDb<C>,
+) {
+    let run = waybill(&db, &["inbox", "status", "--consumer", "billing"], "");
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("no consumer named \"billing\"; it has no records of any consumer yet"),
+        "{run:?}"
+    );
+    for consumer in ["billing", "shipping"] {
+        let delivery = IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", "{}");
+        let _ = Inbox::new(consumer)
+            .process_once(&mut db.conn(), &delivery, |_| {
+                Ok::<_, waybill_diesel::Error>(())
+            })
+            .unwrap();
+    }
+    let typo = waybill(&db, &["inbox", "status", "--consumer", "biling"], "");
+    typo.assert_code(1);
+    assert_eq!(typo.stdout, "", "{typo:?}");
+    assert!(
+        typo.stderr.contains(
+            "the inbox has no consumer named \"biling\"; consumers with records: billing, shipping"
+        ),
+        "{typo:?}"
+    );
+    // A consumer whose records were all purged is still known: 0 processed, exit 0.
+    let purged = Inbox::new("shipping")
+        .retention(Duration::ZERO)
+        .purge_processed(&mut db.conn(), 100)
+        .unwrap();
+    assert_eq!(purged, 1);
+    let purged = waybill(
         &db,
         &["inbox", "status", "--consumer", "shipping", "--json"],
         "",
     )
     .assert_code(0)
     .json();
-    assert_eq!(other["processed"].as_i64(), Some(0));
-    assert!(other["newest_processed_at"].is_null());
-    waybill(&db, &["inbox", "status"], "").assert_code(2);
+    assert_eq!(purged["processed"].as_i64(), Some(0));
+    assert!(purged["newest_processed_at"].is_null());
 }
 
 backend_tests!(
@@ -367,7 +414,9 @@ backend_tests!(
     skip_moves_a_parked_message_to_the_audit_table_and_unblocks_its_key,
     purge_deletes_old_published_and_skipped_messages_in_batches,
     inbox_status_counts_what_a_consumer_processed,
+    inbox_status_of_an_unknown_consumer_fails_and_lists_the_known_ones,
     migrate_creates_the_schema,
+    relay_on_an_unmigrated_database_fails_at_once_saying_to_migrate,
 );
 
 #[test]
@@ -376,10 +425,15 @@ fn migrate_creates_the_schema_on_a_new_sqlite_file_given_as_a_path_or_url() {
     let path = path.to_string_lossy().into_owned();
     let run = support::waybill(&path, &["migrate"], "");
     run.assert_code(0);
-    assert!(run.stdout.contains("migrations are up to date"), "{run:?}");
+    assert!(run.stdout.starts_with("applied "), "{run:?}");
+    assert!(run.stdout.contains("_create_outbox\n"), "{run:?}");
     let url = format!("sqlite://{path}");
     support::waybill(&url, &["status"], "").assert_code(0);
-    support::waybill(&url, &["migrate"], "").assert_code(0); // again: nothing to do
+    let again = support::waybill(&url, &["migrate"], "");
+    assert_eq!(
+        again.assert_code(0).stdout,
+        "migrations are up to date: nothing to apply\n"
+    );
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{path}{suffix}"));
     }
@@ -405,8 +459,127 @@ fn migrate_creates_the_schema<C: Backend + Ops>(db: TestDb<C>) {
         1,
         "the cause is named once: {run:?}"
     );
-    waybill(&db, &["migrate"], "").assert_code(0);
+    let run = waybill(&db, &["migrate"], "");
+    run.assert_code(0);
+    let applied: Vec<&str> = run.stdout.lines().skip(1).map(str::trim).collect();
+    assert_eq!(
+        run.stdout.lines().next(),
+        Some(format!("applied {} migrations:", applied.len()).as_str()),
+        "{run:?}"
+    );
+    assert!(applied[0].ends_with("_create_outbox"), "{run:?}");
+    let again = waybill(&db, &["migrate"], "");
+    assert_eq!(
+        again.assert_code(0).stdout,
+        "migrations are up to date: nothing to apply\n"
+    );
     waybill(&db, &["status", "--json"], "").assert_code(0);
+}
+
+fn relay_on_an_unmigrated_database_fails_at_once_saying_to_migrate<C: Backend + Ops>(
+    db: TestDb<C>,
+) {
+    waybill_diesel::revert_migrations(&mut db.conn()).unwrap();
+    let started = std::time::Instant::now();
+    let run = waybill(&db, &["relay", "--broker-url", "nats://127.0.0.1:1"], "");
+    run.assert_code(1);
+    assert!(started.elapsed() < Duration::from_secs(10), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "one line: {run:?}");
+    assert!(run.stderr.contains("run `waybill migrate`"), "{run:?}");
+}
+
+#[test]
+fn read_only_commands_never_create_a_sqlite_file() {
+    let dir = std::env::temp_dir().join(format!("waybill-ro-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("typo.db").to_string_lossy().into_owned();
+    let id = MessageId::new().to_string();
+    let commands: [&[&str]; 7] = [
+        &["status"],
+        &["parked", "list"],
+        &["parked", "show", &id],
+        &["inbox", "status", "--consumer", "billing"],
+        &["requeue", "--all-parked", "--yes"],
+        &["purge", "--older-than", "1d", "--yes"],
+        &["relay", "--broker-url", "nats://127.0.0.1:1"],
+    ];
+    for args in commands {
+        for url in [path.clone(), format!("sqlite://{path}")] {
+            let run = support::waybill(&url, args, "");
+            run.assert_code(1);
+            assert!(
+                run.stderr
+                    .contains(&format!("no SQLite database at {path}: check the path")),
+                "{args:?}: {run:?}"
+            );
+            assert!(
+                std::fs::read_dir(&dir).unwrap().next().is_none(),
+                "{args:?} created a file"
+            );
+        }
+    }
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+#[test]
+fn unknown_url_schemes_and_empty_urls_are_refused_with_the_accepted_ones() {
+    for (url, says) in [
+        (
+            "redis://app:s3cret@127.0.0.1:6379",
+            "redis://app:***@127.0.0.1:6379: unknown database URL scheme \"redis\"",
+        ),
+        (
+            "http://127.0.0.1/db",
+            "unknown database URL scheme \"http\"",
+        ),
+        ("", "the database URL is empty"),
+    ] {
+        let run = support::waybill(url, &["status"], "");
+        run.assert_code(1);
+        assert!(run.stderr.contains(says), "{url:?}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("postgres://..., postgresql://..., mysql://..., mariadb://..., sqlite://PATH or a SQLite file path"),
+            "lists what is accepted: {run:?}"
+        );
+        assert!(!run.stderr.contains("s3cret"), "{run:?}");
+        assert!(!std::path::Path::new(url).exists() || url.is_empty());
+    }
+}
+
+#[test]
+fn relay_on_a_database_that_does_not_exist_fails_at_once_in_one_line() {
+    let base = common::pg_url();
+    let base = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(base, _)| base);
+    for url in [
+        format!("{base}/waybill_no_such_database"),
+        "postgres://app:s3cret@127.0.0.1:1/none".to_owned(),
+    ] {
+        let started = std::time::Instant::now();
+        let run = support::waybill(&url, &["relay", "--broker-url", "nats://127.0.0.1:1"], "");
+        run.assert_code(1);
+        assert!(started.elapsed() < Duration::from_secs(10), "{run:?}");
+        assert_eq!(run.stderr.lines().count(), 1, "one line: {run:?}");
+        assert!(run.stderr.starts_with("error: connecting to "), "{run:?}");
+        assert!(!run.stderr.contains("s3cret"), "{run:?}");
+    }
+}
+
+#[test]
+fn error_chains_name_each_cause_once() {
+    let run = support::waybill("postgres://app:s3cret@127.0.0.1:1/none", &["status"], "");
+    run.assert_code(1);
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    let parts: Vec<&str> = run.stderr.trim_end().split(": ").collect();
+    for part in &parts {
+        assert_eq!(
+            parts.iter().filter(|p| p == &part).count(),
+            1,
+            "{part:?} repeated: {run:?}"
+        );
+    }
 }
 
 #[test]

@@ -232,6 +232,26 @@ mod tests {
     }
 }
 
+/// The full names (`<version>_<name>`) of the embedded migrations with these versions, in the
+/// order they were applied.
+pub(crate) fn migration_names<DB: diesel::backend::Backend>(
+    source: &diesel_migrations::EmbeddedMigrations,
+    applied: &[diesel::migration::MigrationVersion<'_>],
+) -> Result<Vec<String>> {
+    use diesel::migration::MigrationSource;
+    let embedded = MigrationSource::<DB>::migrations(source).map_err(Error::Migration)?;
+    Ok(applied
+        .iter()
+        .map(|version| {
+            embedded
+                .iter()
+                .map(|migration| migration.name())
+                .find(|name| name.version() == *version)
+                .map_or_else(|| version.to_string(), |name| name.to_string())
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod into_messages_tests {
     use super::*;

@@ -32,12 +32,13 @@ pub trait OutboxConnection {
     /// [`Error::DuplicateMessageId`](crate::Error::DuplicateMessageId) or database failures.
     fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()>;
 
-    /// Runs the embedded outbox and inbox migrations that have not run yet.
+    /// Runs the embedded outbox and inbox migrations that have not run yet; returns the names
+    /// of those it applied (`<version>_<name>`), in order.
     ///
     /// # Errors
     ///
     /// [`Error::Migration`](crate::Error::Migration) when a migration fails.
-    fn run_outbox_migrations(&mut self) -> Result<()>;
+    fn run_outbox_migrations(&mut self) -> Result<Vec<String>>;
 
     /// Reverts every embedded migration (runs each `down.sql`), dropping the tables.
     ///
@@ -109,6 +110,15 @@ pub trait OutboxConnection {
     /// Database failures.
     fn outbox_topic_stats(&mut self) -> Result<Vec<crate::TopicStats>>;
 
+    /// Whether a relay's store keeps one connection of its pool listening for enqueue
+    /// notifications on this backend (PostgreSQL's `LISTEN`), so the pool must hold one more.
+    fn keeps_a_listening_connection() -> bool
+    where
+        Self: Sized,
+    {
+        false
+    }
+
     /// Starts listening for enqueue notifications; `false` where the backend has none.
     ///
     /// # Errors
@@ -148,7 +158,6 @@ pub trait OutboxConnection {
     }
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod pooled {
     use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
 
@@ -164,7 +173,7 @@ mod pooled {
         fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()> {
             (**self).insert_outbox_messages(messages)
         }
-        fn run_outbox_migrations(&mut self) -> Result<()> {
+        fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
             (**self).run_outbox_migrations()
         }
         fn revert_outbox_migrations(&mut self) -> Result<()> {
@@ -202,6 +211,9 @@ mod pooled {
         }
         fn outbox_topic_stats(&mut self) -> Result<Vec<crate::TopicStats>> {
             (**self).outbox_topic_stats()
+        }
+        fn keeps_a_listening_connection() -> bool {
+            C::keeps_a_listening_connection()
         }
         fn listen_for_outbox(&mut self) -> Result<bool> {
             (**self).listen_for_outbox()

@@ -97,6 +97,19 @@ pub enum Error {
     /// No pooled connection could be had (the text says why: a timeout, a refused connection).
     #[error("connection pool error: {0}")]
     Pool(#[from] r2d2::Error),
+    /// The pool given to [`DieselStore::try_new`](crate::DieselStore::try_new) is too small for
+    /// a relay: on PostgreSQL one connection stays listening for wake-ups and another does the
+    /// work.
+    #[error(
+        "a relay's pool needs at least {needed} connections on this database, not {size} \
+         (one stays listening for wake-ups)"
+    )]
+    PoolTooSmall {
+        /// The pool's `max_size`.
+        size: u32,
+        /// The smallest size that works.
+        needed: u32,
+    },
     /// Running the embedded migrations failed.
     #[error("running migrations failed: {0}")]
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -68,8 +68,13 @@
 //!
 //! # Features
 //!
-//! - `postgres` (default): `PgConnection`, with `LISTEN`/`NOTIFY` wake-ups for idle relays.
-//! - `sqlite` (default): `SqliteConnection`, the embedded choice.
+//! No backend is on by default; enable the ones you use:
+//! `waybill-diesel = { version = "0.1", features = ["postgres"] }`.
+//!
+//! - `postgres`: `PgConnection`, with `LISTEN`/`NOTIFY` wake-ups for idle relays. Builds the
+//!   bundled libpq (a C compiler, plus `libssl-dev` and `pkg-config` for its TLS).
+//! - `sqlite`: `SqliteConnection`, the embedded choice. Builds the bundled SQLite (a C
+//!   compiler).
 //! - `mysql`: `MysqlConnection` for MySQL 8 and MariaDB 10.6+, linked against the system's
 //!   `libmysqlclient`/`libmariadb` (`apt-get install libmariadb-dev`).
 //!
@@ -80,8 +85,15 @@
 //! | message id | `uuid` | `BINARY(16)`, big-endian | `BLOB` of 16 bytes, big-endian |
 //! | headers | `jsonb` | JSON text (`LONGTEXT` checked by `JSON_VALID`) | JSON text |
 //! | times | `timestamptz`, database clock | `DATETIME(6)` in UTC, database clock | integer microseconds, process clock |
-//! | claim serialization | `claim` lock row, `FOR SHARE` for write-backs | the same, `READ COMMITTED` | single writer, `BEGIN IMMEDIATE` |
+//! | claims serialized by | a transaction-scoped advisory lock; random fencing tokens; commits without waiting for the WAL flush | the lock row `outbox_relay_locks.claim` (a counter as fencing token), `READ COMMITTED` | one writer: `BEGIN IMMEDIATE`, one key bucket |
+//! | write-backs | lock their claim's lease rows `FOR UPDATE` (fenced by token) | the same | the same, under the single writer |
 //! | wake-up | `NOTIFY` from an insert trigger | poll | poll |
+
+// Without a backend feature the shared SQL helpers have no user; the crate still builds.
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+    allow(dead_code)
+)]
 
 mod common;
 mod connection;
@@ -98,10 +110,16 @@ mod prepared;
 pub mod sqlite;
 mod store;
 
-/// The README's snippet, compiled and run as a doctest.
+/// The README's snippet, compiled as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
+
+/// The guide's snippets (`docs/guide.md`), compiled as doctests and, where they need no server,
+/// run.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide.md")]
+struct GuideDoctests;
 
 use chrono::{DateTime, Utc};
 use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};
@@ -113,8 +131,8 @@ pub use inbox::{
     Inserted, Processed,
 };
 pub use ops::{
-    inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases, requeue_all_parked,
-    skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
+    inbox_consumers, inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases,
+    requeue_all_parked, skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
 };
 pub use store::DieselStore;
 
@@ -161,7 +179,9 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
     Outbox::default().enqueue_all(conn, messages)
 }
 
-/// Runs the embedded outbox migrations that have not run yet, in their own transactions.
+/// Runs the embedded outbox migrations that have not run yet, in their own transactions, and
+/// returns the names of those it applied (`<version>_<name>`, in order; empty when the schema
+/// was up to date).
 ///
 /// The same SQL is in the repository's `migrations/<backend>/` folders for projects that manage
 /// their schema with `diesel migration`.
@@ -173,7 +193,7 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
 /// # Errors
 ///
 /// [`Error::Migration`].
-pub fn run_migrations<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<()> {
+pub fn run_migrations<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<Vec<String>> {
     conn.run_outbox_migrations()
 }
 

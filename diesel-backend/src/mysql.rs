@@ -318,14 +318,16 @@ impl OutboxConnection for MysqlConnection {
         Ok(())
     }
 
-    fn run_outbox_migrations(&mut self) -> Result<()> {
+    fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
         // Several processes starting at once would race on diesel's migrations table: the
         // first runs them, the others wait (up to an hour) and find nothing left to do.
         diesel::sql_query("SELECT GET_LOCK('waybill_migrations', 3600)").execute(self)?;
         let migrated = self
             .run_pending_migrations(MIGRATIONS)
-            .map(drop)
-            .map_err(Error::Migration);
+            .map_err(Error::Migration)
+            .and_then(|applied| {
+                crate::common::migration_names::<diesel::mysql::Mysql>(&MIGRATIONS, &applied)
+            });
         diesel::sql_query("SELECT RELEASE_LOCK('waybill_migrations')").execute(self)?;
         migrated
     }

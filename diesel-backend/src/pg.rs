@@ -16,7 +16,9 @@ use waybill_outbox_core::{
     Retention, Status,
 };
 
-use crate::common::{choose, into_messages, micros, truncate_error, Choice, Grouped, RawRow};
+use crate::common::{
+    choose, into_messages, micros, migration_names, truncate_error, Choice, Grouped, RawRow,
+};
 use crate::error::duplicate_or;
 use crate::prepared::Prepared;
 use crate::{Error, OutboxConnection, Result, TopicStats};
@@ -391,7 +393,7 @@ impl OutboxConnection for PgConnection {
         Ok(())
     }
 
-    fn run_outbox_migrations(&mut self) -> Result<()> {
+    fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
         // Several processes starting at once would race on diesel's migrations table: the
         // first runs them, the others wait and find nothing left to do.
         diesel::sql_query("SELECT pg_advisory_lock($1)")
@@ -399,9 +401,9 @@ impl OutboxConnection for PgConnection {
             .execute(self)?;
         let migrated = self
             .run_pending_migrations(MIGRATIONS)
-            .map(drop)
             .map_err(Error::Migration)
-            .and_then(|()| uncache_seq(self));
+            .and_then(|applied| migration_names::<diesel::pg::Pg>(&MIGRATIONS, &applied))
+            .and_then(|names| uncache_seq(self).map(|()| names));
         diesel::sql_query("SELECT pg_advisory_unlock($1)")
             .bind::<BigInt, _>(MIGRATION_LOCK)
             .execute(self)?;
@@ -704,6 +706,10 @@ impl OutboxConnection for PgConnection {
             .into_iter()
             .map(|r| TopicStats::new(r.topic, r.pending, r.parked, r.published, r.oldest_pending))
             .collect())
+    }
+
+    fn keeps_a_listening_connection() -> bool {
+        true
     }
 
     fn listen_for_outbox(&mut self) -> Result<bool> {

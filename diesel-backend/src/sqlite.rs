@@ -281,13 +281,14 @@ impl OutboxConnection for SqliteConnection {
         Ok(())
     }
 
-    fn run_outbox_migrations(&mut self) -> Result<()> {
+    fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
         // One immediate transaction: a second process starting at once waits for the first
         // (busy timeout) instead of racing it on diesel's migrations table.
         self.immediate_transaction(|conn| {
-            conn.run_pending_migrations(MIGRATIONS)
-                .map(drop)
-                .map_err(Error::Migration)
+            let applied = conn
+                .run_pending_migrations(MIGRATIONS)
+                .map_err(Error::Migration)?;
+            crate::common::migration_names::<diesel::sqlite::Sqlite>(&MIGRATIONS, &applied)
         })
     }
 

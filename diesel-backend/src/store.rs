@@ -18,8 +18,20 @@ type Pooled<C> = PooledConnection<ConnectionManager<C>>;
 /// in one short transaction and gives the connection back, so no transaction or lock is held
 /// while the broker works.
 ///
-/// On PostgreSQL it also keeps one pooled connection listening for the enqueue trigger's
-/// `NOTIFY`, so size the pool one above the relay's needs.
+/// Pool size: a relay uses one connection at a time for its work (at moments two with
+/// [`Relay::run_pipelined`], whose idle announcements and purges run beside its database
+/// thread), plus on PostgreSQL one connection it keeps listening for the enqueue trigger's
+/// `NOTIFY`. [`DieselStore::try_new`] refuses a pool
+/// smaller than [`DieselStore::min_pool_size`]; [`DieselStore::new`] takes it, and on
+/// PostgreSQL then polls instead of listening (with a warning), so a pool of one still
+/// publishes. Give each relay its own headroom when several share a pool: 2 per relay, 3 with
+/// `run_pipelined` on PostgreSQL.
+///
+/// A checkout waits at most 1 s (or the pool's `connection_timeout`, if shorter): a relay
+/// whose database is unreachable reports the failure, backs off and notices a
+/// [`StopHandle::stop`](waybill_outbox_core::StopHandle::stop) within about a second.
+///
+/// [`Relay::run_pipelined`]: waybill_outbox_core::Relay::run_pipelined
 ///
 /// ```
 /// use diesel::r2d2::{ConnectionManager, Pool};
@@ -49,23 +61,70 @@ impl<C: R2D2Connection + 'static> fmt::Debug for DieselStore<C> {
     }
 }
 
-impl<C: R2D2Connection + 'static> DieselStore<C> {
-    /// A store over `pool`.
+/// The longest a store call waits for a pooled connection.
+const CHECKOUT_WAIT: Duration = Duration::from_secs(1);
+
+impl<C: OutboxConnection + R2D2Connection + 'static> DieselStore<C> {
+    /// A store over `pool`, whatever its size.
+    ///
+    /// On PostgreSQL a pool of one connection cannot spare one for `LISTEN`: the store then
+    /// polls (at the relay's poll interval) instead of listening, and logs a warning that says
+    /// how large the pool must be. Use [`try_new`](Self::try_new) to refuse such a pool.
     pub fn new(pool: Pool<ConnectionManager<C>>) -> Self {
+        let needed = Self::min_pool_size();
+        let too_small = pool.max_size() < needed;
+        if too_small {
+            log::warn!(
+                "the relay's pool holds {} connection(s), but it keeps one listening for \
+                 wake-ups and needs another for its work: polling instead of listening; \
+                 make the pool at least {needed} connections large",
+                pool.max_size()
+            );
+        }
         Self {
             pool,
             listener: Mutex::new(None),
-            cannot_listen: AtomicBool::new(false),
+            cannot_listen: AtomicBool::new(too_small),
         }
     }
 
+    /// A store over `pool`, refused when the pool is smaller than
+    /// [`min_pool_size`](Self::min_pool_size).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PoolTooSmall`], which names the size needed.
+    pub fn try_new(pool: Pool<ConnectionManager<C>>) -> Result<Self> {
+        let needed = Self::min_pool_size();
+        if pool.max_size() < needed {
+            return Err(Error::PoolTooSmall {
+                size: pool.max_size(),
+                needed,
+            });
+        }
+        Ok(Self::new(pool))
+    }
+
+    /// The smallest pool one relay over this store works with: 2 on PostgreSQL (one connection
+    /// stays listening for wake-ups), 1 elsewhere.
+    pub fn min_pool_size() -> u32 {
+        if C::keeps_a_listening_connection() {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+impl<C: R2D2Connection + 'static> DieselStore<C> {
     /// The pool this store uses.
     pub fn pool(&self) -> &Pool<ConnectionManager<C>> {
         &self.pool
     }
 
     fn conn(&self) -> Result<Pooled<C>> {
-        Ok(self.pool.get()?)
+        let wait = CHECKOUT_WAIT.min(self.pool.connection_timeout());
+        Ok(self.pool.get_timeout(wait)?)
     }
 }
 

@@ -449,3 +449,103 @@ fn a_message_larger_than_the_servers_packet_is_refused_with_a_typed_error() {
         "nothing written"
     );
 }
+
+/// Tells the test what the relay did: `batch` after a round that claimed something, the error's
+/// text after a failed round.
+struct Events(std::sync::Mutex<std::sync::mpsc::Sender<String>>);
+
+impl waybill_outbox_core::RelayHooks for Events {
+    fn on_batch(&self, _: &waybill_outbox_core::RelayReport, _: Duration) {
+        let _ = self.0.lock().unwrap().send("batch".to_owned());
+    }
+    fn on_store_error(&self, error: &(dyn std::error::Error + 'static)) {
+        let _ = self.0.lock().unwrap().send(error.to_string());
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_postgres_pool_too_small_for_listen_is_refused_saying_how_large_it_must_be() {
+    let Some(db) = common::postgres() else { return };
+    let single = |db: &TestDb<PgConnection>| {
+        Pool::builder()
+            .max_size(1)
+            .build(ConnectionManager::<PgConnection>::new(&db.url))
+            .unwrap()
+    };
+    assert_eq!(DieselStore::<PgConnection>::min_pool_size(), 2);
+    let error = DieselStore::try_new(single(&db)).unwrap_err();
+    assert!(
+        matches!(error, Error::PoolTooSmall { size: 1, needed: 2 }),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("needs at least 2 connections"),
+        "{error}"
+    );
+    // `new` takes it and polls instead of listening: it still publishes, and `run` stops.
+    enqueue(&mut db.conn(), &msg("k", "one")).unwrap();
+    let publisher = InMemoryPublisher::new();
+    let config = RelayConfig::default().poll_interval(Duration::from_millis(20));
+    let (batches, batch) = std::sync::mpsc::channel();
+    let mut relay = Relay::new(DieselStore::new(single(&db)), publisher.clone(), config)
+        .with_hooks(Events(std::sync::Mutex::new(batches)));
+    let handle = relay.handle();
+    let running = std::thread::spawn(move || relay.run());
+    let event = batch
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a relay over a pool of one publishes");
+    assert_eq!(event, "batch");
+    handle.stop();
+    assert_eq!(running.join().unwrap().published, 1);
+}
+
+#[test]
+fn sqlite_needs_no_spare_connection() {
+    assert_eq!(DieselStore::<SqliteConnection>::min_pool_size(), 1);
+    let pool = Pool::builder()
+        .max_size(1)
+        .build(ConnectionManager::<SqliteConnection>::new(":memory:"))
+        .unwrap();
+    assert!(DieselStore::try_new(pool).is_ok());
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_relay_that_cannot_get_a_connection_stops_promptly_when_asked() {
+    // Nothing listens on port 1; the pool keeps r2d2's default 30 s connection timeout.
+    let pool = Pool::builder()
+        .max_size(4)
+        .build_unchecked(ConnectionManager::<PgConnection>::new(
+            "postgres://nobody@127.0.0.1:1/none",
+        ));
+    for pipelined in [false, true] {
+        let (errors, failed) = std::sync::mpsc::channel();
+        let mut relay = Relay::new(
+            DieselStore::new(pool.clone()),
+            InMemoryPublisher::new(),
+            RelayConfig::default(),
+        )
+        .with_hooks(Events(std::sync::Mutex::new(errors)));
+        let handle = relay.handle();
+        let running = std::thread::spawn(move || {
+            if pipelined {
+                relay.run_pipelined()
+            } else {
+                relay.run()
+            }
+        });
+        let error = failed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the relay reports the unreachable database");
+        assert!(error.contains("connection pool error"), "{error}");
+        let asked = std::time::Instant::now();
+        handle.stop();
+        running.join().unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "stopped {:?} after being asked (pipelined: {pipelined})",
+            asked.elapsed()
+        );
+    }
+}

@@ -48,13 +48,15 @@ impl Retryable for std::convert::Infallible {
 /// assert_eq!(error_chain(&error), "publishing failed: connection refused");
 /// ```
 pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+    // Trimmed: libpq ends its messages with a newline.
+    let mut text = error.to_string().trim_end().to_owned();
     let mut source = error.source();
     while let Some(cause) = source {
         let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
+        let cause_text = cause_text.trim_end();
+        if !text.contains(cause_text) {
             text.push_str(": ");
-            text.push_str(&cause_text);
+            text.push_str(cause_text);
         }
         source = cause.source();
     }

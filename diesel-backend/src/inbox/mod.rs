@@ -681,7 +681,6 @@ fn check_name(what: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod pooled {
     use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
 

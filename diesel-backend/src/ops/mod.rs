@@ -106,6 +106,13 @@ pub trait OpsConnection: OutboxConnection {
     /// Database failures.
     fn inbox_consumer_stats(&mut self, consumer: &str) -> Result<InboxStats>;
 
+    /// The consumer names the inbox knows: those with records or with a purge mark, sorted.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn inbox_consumer_names(&mut self) -> Result<Vec<String>>;
+
     /// The clock message times are written with: the database's, or the process's on SQLite.
     ///
     /// # Errors
@@ -114,7 +121,6 @@ pub trait OpsConnection: OutboxConnection {
     fn outbox_clock(&mut self) -> Result<DateTime<Utc>>;
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod pooled {
     use diesel::r2d2::{ConnectionManager, PooledConnection, R2D2Connection};
 
@@ -138,6 +144,9 @@ mod pooled {
         }
         fn inbox_consumer_stats(&mut self, consumer: &str) -> Result<InboxStats> {
             (**self).inbox_consumer_stats(consumer)
+        }
+        fn inbox_consumer_names(&mut self) -> Result<Vec<String>> {
+            (**self).inbox_consumer_names()
         }
         fn outbox_clock(&mut self) -> Result<DateTime<Utc>> {
             (**self).outbox_clock()
@@ -213,6 +222,39 @@ pub fn relay_leases<C: OpsConnection + ?Sized>(conn: &mut C) -> Result<Vec<Relay
 /// [`Error::Database`].
 pub fn inbox_stats<C: OpsConnection + ?Sized>(conn: &mut C, consumer: &str) -> Result<InboxStats> {
     conn.inbox_consumer_stats(consumer)
+}
+
+/// The consumer names the inbox knows (with processed records or a purge mark), sorted: what
+/// `waybill inbox status` offers when asked about a consumer it does not know.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn inbox_consumers<C: OpsConnection + ?Sized>(conn: &mut C) -> Result<Vec<String>> {
+    conn.inbox_consumer_names()
+}
+
+/// The same statements on every backend: consumers with records, and with a purge mark (two
+/// statements, not a `UNION`: on MySQL the two columns have different collations).
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+const CONSUMER_NAMES: [&str; 2] = [
+    "SELECT DISTINCT consumer FROM inbox_processed",
+    "SELECT consumer FROM inbox_purges",
+];
+
+/// A row of [`CONSUMER_NAMES`].
+#[derive(diesel::QueryableByName)]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+struct ConsumerRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    consumer: String,
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+impl From<ConsumerRow> for String {
+    fn from(row: ConsumerRow) -> Self {
+        row.consumer
+    }
 }
 
 /// The time by the clock message times are written with, to compute ages such as the oldest

@@ -157,6 +157,15 @@ impl OpsConnection for PgConnection {
         })
     }
 
+    fn inbox_consumer_names(&mut self) -> Result<Vec<String>> {
+        let mut names = std::collections::BTreeSet::new();
+        for query in super::CONSUMER_NAMES {
+            let rows: Vec<super::ConsumerRow> = diesel::sql_query(query).load(self)?;
+            names.extend(rows.into_iter().map(String::from));
+        }
+        Ok(names.into_iter().collect())
+    }
+
     fn outbox_clock(&mut self) -> Result<DateTime<Utc>> {
         let row: NowRow =
             diesel::sql_query("SELECT statement_timestamp() AS now").get_result(self)?;

@@ -212,7 +212,7 @@ pub(crate) fn open<C: AppConnection>(
     loop {
         let migrated = run_migrations(&mut *conn)
             .map_err(Error::from)
-            .and_then(|()| {
+            .and_then(|_applied| {
                 match service {
                     Service::Orders => conn.create_orders_tables()?,
                     Service::Billing => conn.create_billing_tables()?,

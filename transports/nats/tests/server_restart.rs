@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,11 +55,11 @@ fn start(binary: &Path, port: u16, store: &Path) -> Child {
 fn binary_or_skip() -> Option<PathBuf> {
     let binary = server_binary();
     if binary.is_none() {
-        let message = "no nats-server binary (set NATS_SERVER_BIN)";
-        if std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
-            panic!("WAYBILL_REQUIRE_SERVERS=1 but {message}");
-        }
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+        waybill_testkit::skip(
+            "a nats-server binary",
+            "NATS_SERVER_BIN",
+            &"none at /usr/sbin or /usr/bin",
+        );
     }
     binary
 }

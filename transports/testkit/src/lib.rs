@@ -35,22 +35,6 @@ pub fn unique(prefix: &str) -> String {
     format!("waybill-t-{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Whether an unreachable server skips a test (`false`) or fails it (`true`, when
-/// `WAYBILL_REQUIRE_SERVERS=1`, as in CI).
-pub fn servers_required() -> bool {
-    std::env::var("WAYBILL_REQUIRE_SERVERS").is_ok_and(|v| v == "1")
-}
+mod skip;
 
-/// Says why a test is skipped, naming the variable that points it at a server, or fails the
-/// test when servers are required.
-///
-/// # Panics
-///
-/// When `WAYBILL_REQUIRE_SERVERS=1`.
-pub fn skip(server: &str, variable: &str, why: &dyn std::fmt::Display) {
-    assert!(
-        !servers_required(),
-        "{server} is required (WAYBILL_REQUIRE_SERVERS=1) but unreachable: {why}"
-    );
-    eprintln!("skipped: {server} unreachable ({why}); set {variable} to run this test");
-}
+pub use skip::{servers_required, skip, variable_for};
