@@ -25,7 +25,7 @@ fn a_mysql_url_without_the_mysql_feature_says_how_to_get_it() {
 fn an_unknown_database_or_broker_scheme_is_refused_with_the_choices() {
     for args in [
         &["--orders-db", "oracle://db/orders", "report"][..],
-        &["--broker", "kafka://127.0.0.1:9092", "billing"][..],
+        &["--broker", "redis://127.0.0.1:6379", "billing"][..],
     ] {
         let output = order_service().args(args).output().unwrap();
         assert!(!output.status.success(), "{args:?}");
