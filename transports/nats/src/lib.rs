@@ -32,6 +32,29 @@
 //! # }
 //! ```
 //!
+//! # Securing the connection
+//!
+//! [`ConnectOptions`] (set with [`PublisherConfig::connect_options`] and
+//! [`ConsumerConfig::connect_options`]) adds what production servers ask for: a credentials
+//! file, an nkey seed file, a token (or token file), a user and password (or password file),
+//! a private CA, a client certificate, and TLS required. Secrets never appear in `Debug`
+//! output, errors or logs; a failed connection says why in [`ConnectFailure`] (credentials
+//! refused, TLS failed, unreachable), and only an unreachable server is retryable.
+//!
+//! ```no_run
+//! use waybill_nats::{ConnectOptions, NatsPublisher, PublisherConfig};
+//!
+//! let options = ConnectOptions::default()
+//!     .credentials_file("/run/secrets/relay.creds")
+//!     .root_certificates("/etc/waybill/nats-ca.pem");
+//! let publisher = NatsPublisher::connect(
+//!     "tls://nats.internal:4222",
+//!     PublisherConfig::default().connect_options(options),
+//! )?;
+//! # let _ = publisher;
+//! # Ok::<(), waybill_nats::Error>(())
+//! ```
+//!
 //! # Mapping
 //!
 //! | outbox message | NATS |
@@ -132,6 +155,7 @@
 
 mod consumer;
 mod error;
+mod options;
 mod publisher;
 mod subject;
 
@@ -139,7 +163,8 @@ pub use consumer::{
     ConsumeReport, ConsumerConfig, NatsConsumer, DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON,
     DEAD_LETTER_SEQUENCE, DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECT,
 };
-pub use error::{Error, Result};
+pub use error::{ConnectFailure, Error, Result};
+pub use options::ConnectOptions;
 pub use publisher::{NatsPublisher, PublisherConfig, MSG_ID_HEADER};
 pub use subject::{sanitize_token, SubjectFn, SubjectMapping};
 /// Stops [`NatsConsumer::run`] (and a relay) from another thread.
@@ -161,11 +186,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(Error::Runtime)
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client> {
-    async_nats::connect(url)
+async fn connect(url: &str, options: &ConnectOptions) -> Result<async_nats::Client> {
+    options
+        .client_options()
+        .await?
+        .connect(url)
         .await
         .map_err(|source| Error::Connect {
             url: waybill_outbox_core::redact_url(url),
+            cause: ConnectFailure::of(&source),
             source,
         })
 }

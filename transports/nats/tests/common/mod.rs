@@ -11,6 +11,8 @@
     clippy::unwrap_used
 )]
 
+pub mod private;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
