@@ -188,7 +188,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn connect(url: &str, options: &ConnectOptions) -> Result<async_nats::Client> {
     options
-        .client_options()
+        .client_options(url)
         .await?
         .connect(url)
         .await

@@ -49,7 +49,8 @@ pub struct ConnectOptions {
 /// The one authentication in effect; a later setter replaces an earlier one.
 #[derive(Clone, Default)]
 enum Auth {
-    /// Only what the URL carries (`nats://user:password@host`, `nats://token@host`).
+    /// Only what the URL carries (`nats://user:password@host`, `nats://token@host`), which
+    /// async-nats itself ignores: [`url_auth`] reads it.
     #[default]
     Url,
     CredentialsFile(PathBuf),
@@ -193,11 +194,18 @@ impl ConnectOptions {
         self
     }
 
-    /// The async-nats options these stand for, secret files read now.
-    pub(crate) async fn client_options(&self) -> Result<async_nats::ConnectOptions> {
+    /// The async-nats options these stand for, for the server(s) at `url`, secret files read
+    /// now.
+    pub(crate) async fn client_options(&self, url: &str) -> Result<async_nats::ConnectOptions> {
         let mut options = async_nats::ConnectOptions::new();
         options = match &self.auth {
-            Auth::Url => options,
+            Auth::Url => match url_auth(url) {
+                None => options,
+                Some(UrlAuth::Token(token)) => options.token(token),
+                Some(UrlAuth::UserPassword(user, password)) => {
+                    options.user_and_password(user, password)
+                }
+            },
             Auth::CredentialsFile(path) => {
                 let creds = read_secret("credentials file", path)?;
                 options
@@ -246,6 +254,86 @@ impl ConnectOptions {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
         Ok(options.require_tls(self.require_tls))
+    }
+}
+
+/// Credentials carried by a URL of the comma-separated list (the first that has any).
+enum UrlAuth {
+    /// `nats://token@host`.
+    Token(String),
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+}
+
+/// The credentials in `url`'s user info, percent-decoded: async-nats (0.51) ignores them, so
+/// without this `nats://user:password@host` would connect without authenticating.
+fn url_auth(url: &str) -> Option<UrlAuth> {
+    url.split(',').find_map(|one| {
+        let rest = one
+            .trim()
+            .split_once("://")
+            .map_or(one.trim(), |(_, rest)| rest);
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        let (userinfo, _host) = authority.rsplit_once('@')?;
+        Some(match userinfo.split_once(':') {
+            Some((user, password)) => {
+                UrlAuth::UserPassword(percent_decode(user), percent_decode(password))
+            }
+            None => UrlAuth::Token(percent_decode(userinfo)),
+        })
+    })
+}
+
+/// `%XX` escapes decoded; anything else (an invalid escape included) kept as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(url: &str) -> Option<(String, Option<String>)> {
+        url_auth(url).map(|auth| match auth {
+            UrlAuth::Token(token) => (token, None),
+            UrlAuth::UserPassword(user, password) => (user, Some(password)),
+        })
+    }
+
+    #[test]
+    fn url_credentials_are_read_and_percent_decoded() {
+        assert_eq!(auth("nats://127.0.0.1:4222"), None);
+        assert_eq!(auth("tls://h:1/path@x"), None);
+        assert_eq!(
+            auth("nats://relay:p%40ss%3Aw%25rd@h:4222"),
+            Some(("relay".into(), Some("p@ss:w%rd".into())))
+        );
+        assert_eq!(auth("tls://t0ken@h"), Some(("t0ken".into(), None)));
+        assert_eq!(
+            auth("nats://h1:4222, nats://u:p@h2:4222"),
+            Some(("u".into(), Some("p".into())))
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
     }
 }
 

@@ -286,3 +286,25 @@ fn a_token_file_authenticates_and_a_wrong_token_is_refused() {
     assert!(!shown.contains("tok-wrong-never-shown"), "{shown}");
     assert_eq!(cause(&error), ConnectFailure::Credentials, "{shown}");
 }
+
+#[test]
+fn credentials_in_the_url_authenticate_and_a_wrong_one_is_refused() {
+    let Some(tools) = tools() else { return };
+    let s = secured(&tools);
+    let url = |password: &str| format!("tls://{USER}:{password}@127.0.0.1:{}", s.server.port);
+    let publisher = NatsPublisher::connect(
+        &url(PASSWORD),
+        PublisherConfig::default().connect_options(s.tls()),
+    )
+    .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(!format!("{publisher:?}").contains(PASSWORD));
+
+    let error = NatsPublisher::connect(
+        &url("wrong-url-password"),
+        PublisherConfig::default().connect_options(s.tls()),
+    )
+    .expect_err("a wrong password in the URL");
+    let shown = checked(&error);
+    assert_eq!(cause(&error), ConnectFailure::Credentials, "{shown}");
+    assert!(!shown.contains("wrong-url-password"), "{shown}");
+}
