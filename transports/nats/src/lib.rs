@@ -187,6 +187,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn connect(url: &str, options: &ConnectOptions) -> Result<async_nats::Client> {
+    ensure_crypto_provider();
     options
         .client_options(url)
         .await?
@@ -197,4 +198,16 @@ async fn connect(url: &str, options: &ConnectOptions) -> Result<async_nats::Clie
             cause: ConnectFailure::of(&source),
             source,
         })
+}
+
+/// Installs rustls's `ring` provider (the one async-nats is built with) as the process default
+/// when no default is installed yet. rustls picks a default by itself only when exactly one
+/// provider is compiled in; a program that also links lapin (which brings `aws-lc-rs`) has two,
+/// and its first TLS connection would panic. A provider the program installed is kept.
+fn ensure_crypto_provider() {
+    use async_nats::rustls::crypto::{ring, CryptoProvider};
+    if CryptoProvider::get_default().is_none() {
+        // Err: another thread installed one meanwhile, which is as good.
+        let _ = ring::default_provider().install_default();
+    }
 }
