@@ -25,7 +25,7 @@ pub(crate) struct Args {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run relays that publish committed outbox messages, until SIGTERM or SIGINT.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// The operator commands.
     #[command(flatten)]
     Operation(Operation),

@@ -82,7 +82,7 @@ fn not_built(url: &str, feature: &'static str) -> CliError {
 
 fn run_on<C: Backend>(url: &str, args: Args) -> Result<(), CliError> {
     match args.command {
-        Command::Relay(relay) => crate::relay::run::<C>(url, relay),
+        Command::Relay(relay) => crate::relay::run::<C>(url, *relay),
         Command::Operation(operation) => {
             let mut conn = C::establish(url).map_err(|source| CliError::Connect {
                 url: redact(url),

@@ -197,26 +197,6 @@ fn with_password(url: &str, password: &str) -> Option<String> {
     filled.then(|| urls.join(","))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::with_password;
-
-    #[test]
-    fn the_password_is_filled_in_percent_encoded_after_the_user() {
-        assert_eq!(
-            with_password("amqps://relay@mq:5671/%2f", "p@ss:w/rd").as_deref(),
-            Some("amqps://relay:p%40ss%3Aw%2Frd@mq:5671/%2f")
-        );
-        assert_eq!(
-            with_password("nats://relay@h1:4222,nats://relay@h2:4222", "pw").as_deref(),
-            Some("nats://relay:pw@h1:4222,nats://relay:pw@h2:4222")
-        );
-        assert_eq!(with_password("nats://h1:4222", "pw"), None); // no user
-        assert_eq!(with_password("amqp://u:old@h/%2f", "pw"), None); // a password already
-        assert_eq!(with_password("amqp://h/v@x", "pw"), None); // `@` after the authority
-    }
-}
-
 #[allow(dead_code)] // unused when no transport is built in
 fn broker_error(url: &str, error: &dyn std::error::Error) -> CliError {
     CliError::Broker {
@@ -336,4 +316,24 @@ fn default_owner() -> String {
         })
         .unwrap_or_else(|| "waybill".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_password;
+
+    #[test]
+    fn the_password_is_filled_in_percent_encoded_after_the_user() {
+        assert_eq!(
+            with_password("amqps://relay@mq:5671/%2f", "p@ss:w/rd").as_deref(),
+            Some("amqps://relay:p%40ss%3Aw%2Frd@mq:5671/%2f")
+        );
+        assert_eq!(
+            with_password("nats://relay@h1:4222,nats://relay@h2:4222", "pw").as_deref(),
+            Some("nats://relay:pw@h1:4222,nats://relay:pw@h2:4222")
+        );
+        assert_eq!(with_password("nats://h1:4222", "pw"), None); // no user
+        assert_eq!(with_password("amqp://u:old@h/%2f", "pw"), None); // a password already
+        assert_eq!(with_password("amqp://h/v@x", "pw"), None); // `@` after the authority
+    }
 }

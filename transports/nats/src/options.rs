@@ -308,6 +308,26 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn read_secret(what: &'static str, path: &Path) -> Result<String> {
+    waybill_outbox_core::read_secret_file(path).map_err(|source| Error::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Checks that a file the client reads by path itself can be opened, so a wrong path is an
+/// error naming the option instead of the client's bare TLS error.
+fn readable(what: &'static str, path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|source| Error::ReadFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,24 +355,4 @@ mod tests {
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%41"), "%zzA");
     }
-}
-
-fn read_secret(what: &'static str, path: &Path) -> Result<String> {
-    waybill_outbox_core::read_secret_file(path).map_err(|source| Error::ReadFile {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Checks that a file the client reads by path itself can be opened, so a wrong path is an
-/// error naming the option instead of the client's bare TLS error.
-fn readable(what: &'static str, path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|source| Error::ReadFile {
-            what,
-            path: path.to_owned(),
-            source,
-        })
 }

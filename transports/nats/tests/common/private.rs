@@ -58,15 +58,17 @@ pub struct Tools {
 }
 
 pub fn tools() -> Option<Tools> {
-    let nats_server = std::env::var_os("NATS_SERVER_BIN")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from("/usr/sbin/nats-server")).filter(|p| p.is_file()))
-        .or_else(|| on_path("nats-server"));
+    let nats_server = match std::env::var_os("NATS_SERVER_BIN") {
+        Some(path) => Some(PathBuf::from(path)).filter(|p| p.is_file()),
+        None => Some(PathBuf::from("/usr/sbin/nats-server"))
+            .filter(|p| p.is_file())
+            .or_else(|| on_path("nats-server")),
+    };
     let Some(nats_server) = nats_server else {
         waybill_testkit::skip(
             "nats-server (for a private TLS server)",
             "NATS_SERVER_BIN",
-            &"nats-server is not installed",
+            &"nats-server is not installed (NATS_SERVER_BIN, /usr/sbin, PATH)",
         );
         return None;
     };
