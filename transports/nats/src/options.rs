@@ -207,7 +207,13 @@ impl ConnectOptions {
                 }
             },
             Auth::CredentialsFile(path) => {
-                let creds = read_secret("credentials file", path)?;
+                // Whole, its last line break included: async-nats's parser needs it.
+                waybill_outbox_core::warn_if_shared(path);
+                let creds = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                    what: "credentials file",
+                    path: path.clone(),
+                    source,
+                })?;
                 options
                     .credentials(&creds)
                     .map_err(|source| Error::InvalidSecretFile {

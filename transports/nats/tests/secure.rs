@@ -14,7 +14,7 @@ use waybill_nats::{
 };
 use waybill_outbox_core::{error_chain, Publisher};
 
-use common::private::{tools, user_nkey, Pki, PrivateServer, TempDir, Tools};
+use common::private::{tools, user_nkey, Operator, Pki, PrivateServer, TempDir, Tools};
 use common::{consume_until, message, unique};
 
 const USER: &str = "relay";
@@ -307,4 +307,37 @@ fn credentials_in_the_url_authenticate_and_a_wrong_one_is_refused() {
     let shown = checked(&error);
     assert_eq!(cause(&error), ConnectFailure::Credentials, "{shown}");
     assert!(!shown.contains("wrong-url-password"), "{shown}");
+}
+
+#[test]
+fn a_credentials_file_authenticates_and_one_of_an_unknown_account_is_refused() {
+    let Some(tools) = tools() else { return };
+    let pki = Pki::new(&tools.openssl);
+    let operator = Operator::new();
+    let server = PrivateServer::start(
+        &tools,
+        &format!("{}{}", pki.tls_block(false), operator.server_config),
+    );
+    let secrets = TempDir::new("waybill-nats-secrets");
+    let creds = secrets.secret("relay.creds", &operator.creds);
+    let tls = ConnectOptions::default().root_certificates(&pki.ca);
+    let publisher = NatsPublisher::connect(
+        &server.url("tls"),
+        PublisherConfig::default().connect_options(tls.clone().credentials_file(&creds)),
+    )
+    .unwrap_or_else(|e| panic!("{}\n{}", error_chain(&e), server.log()));
+    publisher
+        .ensure_stream(&unique("CREDS"), &[&unique("creds.orders")])
+        .unwrap_or_else(|e| panic!("{}\n{}", error_chain(&e), server.log()));
+
+    // A user of another operator's account: well formed, but the server does not know it.
+    let stranger = secrets.secret("stranger.creds", &Operator::new().creds);
+    let error = NatsPublisher::connect(
+        &server.url("tls"),
+        PublisherConfig::default().connect_options(tls.credentials_file(&stranger)),
+    )
+    .expect_err("an unknown account");
+    let shown = checked(&error);
+    assert_eq!(cause(&error), ConnectFailure::Credentials, "{shown}");
+    assert!(!shown.contains("NKEY SEED"), "{shown}");
 }
