@@ -16,6 +16,9 @@ use crate::{Error, Result};
 /// others read it (wider than `0600`). `Debug` shows which authentication is configured and
 /// the paths, never a token, password or seed; neither do errors nor logs.
 ///
+/// An authentication set here takes precedence over credentials in the URL
+/// (`nats://user:password@host`, `nats://token@host`), which are used otherwise.
+///
 /// TLS: a `tls://` URL, [`require_tls`](Self::require_tls), or a server that requires TLS
 /// (`tls_required` in its INFO) makes the client upgrade the connection before it sends any
 /// credential; a `nats://` URL to such a server is upgraded too, never used in plain text. The
