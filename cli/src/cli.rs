@@ -1,6 +1,7 @@
 //! The command line, parsed by clap.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
@@ -24,7 +25,7 @@ pub(crate) struct Args {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run relays that publish committed outbox messages, until SIGTERM or SIGINT.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// The operator commands.
     #[command(flatten)]
     Operation(Operation),
@@ -139,8 +140,18 @@ pub(crate) struct RelayArgs {
     /// Relay threads in this process, each its own relay over one pool.
     #[arg(long, default_value_t = 1)]
     pub(crate) relays: usize,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, env = "WAYBILL_METRICS_ADDR")]
+    /// The file holding the broker password, filled into --broker-url's user info
+    /// (amqp://USER@HOST/..., nats://USER@HOST or tls://USER@HOST); never logged. A file that
+    /// others may read (mode wider than 0600) is used with a warning.
+    #[arg(long, env = "BROKER_PASSWORD_FILE")]
+    pub(crate) broker_password_file: Option<PathBuf>,
+    /// NATS options: credentials, TLS.
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Serve Prometheus metrics (no authentication) at http://ADDR/metrics. A bare PORT binds
+    /// 127.0.0.1:PORT, this host only; to let a Prometheus on another host scrape it, give
+    /// the address to bind, e.g. 0.0.0.0:9090 (with a firewall in front). Off by default.
+    #[arg(long, env = "WAYBILL_METRICS_ADDR", value_parser = parse_metrics_addr)]
     pub(crate) metrics_addr: Option<SocketAddr>,
     /// How long a claim holds its messages (e.g. 30s; 1ms to 1day).
     #[arg(long, value_parser = parse_lease)]
@@ -157,6 +168,55 @@ pub(crate) struct RelayArgs {
     /// Relay owner name prefix; each relay appends `-<n>`. Defaults to `<host>-<pid>`.
     #[arg(long)]
     pub(crate) owner: Option<String>,
+}
+
+/// How `waybill relay` authenticates to NATS and secures the connection (the NATS broker URL
+/// only). Secret files that others may read (mode wider than 0600) are used with a warning.
+#[derive(Debug, Default, ClapArgs)]
+#[command(group(ArgGroup::new("nats_auth").multiple(false).args(["nats_creds", "nats_nkey_file", "nats_token_file"])))]
+pub(crate) struct NatsArgs {
+    /// NATS: authenticate with this credentials file (.creds, as nsc writes it).
+    #[arg(long, env = "NATS_CREDS")]
+    pub(crate) nats_creds: Option<PathBuf>,
+    /// NATS: authenticate with the user nkey whose seed (SU...) is in this file.
+    #[arg(long, env = "NATS_NKEY_FILE")]
+    pub(crate) nats_nkey_file: Option<PathBuf>,
+    /// NATS: authenticate with the token in this file.
+    #[arg(long, env = "NATS_TOKEN_FILE")]
+    pub(crate) nats_token_file: Option<PathBuf>,
+    /// NATS: trust the CA certificates in this PEM file (a private CA), besides the system's.
+    #[arg(long, env = "NATS_CA")]
+    pub(crate) nats_ca: Option<PathBuf>,
+    /// NATS: present this client certificate (PEM), with --nats-client-key.
+    #[arg(long, env = "NATS_CLIENT_CERT", requires = "nats_client_key")]
+    pub(crate) nats_client_cert: Option<PathBuf>,
+    /// NATS: the client certificate's private key (PEM).
+    #[arg(long, env = "NATS_CLIENT_KEY", requires = "nats_client_cert")]
+    pub(crate) nats_client_key: Option<PathBuf>,
+    /// NATS: connect over TLS only, even to a nats:// URL (a server without TLS is refused).
+    #[arg(long, env = "NATS_REQUIRE_TLS")]
+    pub(crate) nats_require_tls: bool,
+}
+
+impl NatsArgs {
+    /// Whether any option is set (they need a NATS broker URL).
+    pub(crate) fn any(&self) -> bool {
+        self.nats_creds.is_some()
+            || self.nats_nkey_file.is_some()
+            || self.nats_token_file.is_some()
+            || self.nats_ca.is_some()
+            || self.nats_client_cert.is_some()
+            || self.nats_require_tls
+    }
+}
+
+/// A metrics address: `HOST:PORT`, or a bare `PORT` on loopback.
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    text.parse()
+        .map_err(|_| format!("expected PORT or HOST:PORT (e.g. 127.0.0.1:9090), not {text}"))
 }
 
 /// A batch size the relay accepts, or a usage error (the relay would only clamp it).
@@ -179,5 +239,23 @@ fn parse_lease(text: &str) -> Result<Duration, String> {
         Ok(lease)
     } else {
         Err(format!("must be 1ms to 1day, not {text}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_metrics_addr;
+
+    #[test]
+    fn a_bare_metrics_port_binds_loopback_only() {
+        assert_eq!(
+            parse_metrics_addr("9090").map(|a| a.to_string()),
+            Ok("127.0.0.1:9090".to_owned())
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9090").map(|a| a.to_string()),
+            Ok("0.0.0.0:9090".to_owned())
+        );
+        assert!(parse_metrics_addr("localhost").is_err());
     }
 }

@@ -129,7 +129,7 @@ fn run_on<C: Backend>(url: &str, args: Args) -> Result<(), CliError> {
             let probe = waybill_outbox_core::MessageId::new();
             waybill_diesel::find_message(&mut conn, probe)?;
             drop(conn);
-            crate::relay::run::<C>(url, relay)
+            crate::relay::run::<C>(url, *relay)
         }
         Command::Operation(operation) => crate::operate::operate(&mut conn, operation, args.json),
     }

@@ -81,6 +81,20 @@ pub(crate) enum CliError {
         /// What failed, with the transport's error chain.
         message: String,
     },
+    /// Options that do not fit together or with the broker URL.
+    #[error("{0}")]
+    Usage(String),
+    /// A secret file (--broker-password-file) could not be read.
+    #[error("reading the {what} {path} failed")]
+    SecretFile {
+        /// Which option's file.
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The metrics endpoint could not be started.
     #[error("serving metrics failed: {0}")]
     Metrics(String),

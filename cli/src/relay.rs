@@ -26,6 +26,12 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
     // Registered first, so a signal during start-up still stops the relays cleanly.
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     if let Some(addr) = args.metrics_addr {
+        if !addr.ip().is_loopback() {
+            log::warn!(
+                "metrics at {addr} are reachable from other hosts and have no authentication; \
+                 bind 127.0.0.1 unless a firewall or proxy guards the port"
+            );
+        }
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
@@ -43,7 +49,14 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
         .connection_customizer(Box::new(Prepare))
         .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
         .build(ConnectionManager::new(url))?;
-    let broker = args.broker_url.clone();
+    let broker = broker_url(&args)?;
+    let is_nats = broker.starts_with("nats://") || broker.starts_with("tls://");
+    if args.nats.any() && !is_nats {
+        return Err(CliError::Usage(format!(
+            "--nats-* options need a nats:// or tls:// broker URL, not {}",
+            redact(&broker)
+        )));
+    }
     if broker.starts_with("amqp://") || broker.starts_with("amqps://") {
         #[cfg(feature = "amqp")]
         {
@@ -61,12 +74,14 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
             return run_relays(pool, publishers, &args, &mut signals);
         }
     }
-    if broker.starts_with("nats://") || broker.starts_with("tls://") {
+    if is_nats {
         #[cfg(feature = "nats")]
         {
+            let config =
+                waybill_nats::PublisherConfig::default().connect_options(nats_options(&args.nats));
             let publishers = (0..relays)
                 .map(|_| {
-                    waybill_nats::NatsPublisher::connect(&broker, Default::default())
+                    waybill_nats::NatsPublisher::connect(&broker, config.clone())
                         .map_err(|e| broker_error(&broker, &e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -104,6 +119,86 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
     #[cfg(not(all(feature = "amqp", feature = "nats", feature = "kafka")))]
     let _ = (&pool, &mut signals);
     Err(CliError::UnsupportedBroker(redact(&broker)))
+}
+
+/// The NATS connect options the `--nats-*` flags ask for.
+#[cfg(feature = "nats")]
+fn nats_options(args: &crate::cli::NatsArgs) -> waybill_nats::ConnectOptions {
+    let mut options = waybill_nats::ConnectOptions::default().require_tls(args.nats_require_tls);
+    if let Some(path) = &args.nats_creds {
+        options = options.credentials_file(path);
+    }
+    if let Some(path) = &args.nats_nkey_file {
+        options = options.nkey_seed_file(path);
+    }
+    if let Some(path) = &args.nats_token_file {
+        options = options.token_file(path);
+    }
+    if let Some(path) = &args.nats_ca {
+        options = options.root_certificates(path);
+    }
+    if let (Some(cert), Some(key)) = (&args.nats_client_cert, &args.nats_client_key) {
+        options = options.client_certificate(cert, key);
+    }
+    options
+}
+
+/// `--broker-url`, with the password of `--broker-password-file` filled into its user info.
+fn broker_url(args: &RelayArgs) -> Result<String, CliError> {
+    let url = args.broker_url.clone();
+    let Some(path) = &args.broker_password_file else {
+        return Ok(url);
+    };
+    if url.starts_with("kafka://") {
+        return Err(CliError::Usage(
+            "--broker-password-file is not supported for kafka:// yet".into(),
+        ));
+    }
+    let password =
+        waybill_outbox_core::read_secret_file(path).map_err(|source| CliError::SecretFile {
+            what: "broker password file",
+            path: path.clone(),
+            source,
+        })?;
+    with_password(&url, &password).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--broker-password-file needs a user and no password in --broker-url \
+             (SCHEME://USER@HOST...), not {}",
+            redact(&url)
+        ))
+    })
+}
+
+/// `url` (each of a comma-separated list) with `password` percent-encoded after the user of
+/// its user info; `None` when no URL has a user, or one already has a password.
+fn with_password(url: &str, password: &str) -> Option<String> {
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let mut filled = false;
+    let urls = url
+        .split(',')
+        .map(|one| {
+            let (scheme, rest) = one.split_once("://")?;
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let Some(at) = rest[..authority_end].rfind('@') else {
+                return Some(one.to_owned());
+            };
+            let (user, host) = (&rest[..at], &rest[at..]);
+            if user.contains(':') || user.is_empty() {
+                return None;
+            }
+            filled = true;
+            Some(format!("{scheme}://{user}:{encoded}{host}"))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    filled.then(|| urls.join(","))
 }
 
 #[allow(dead_code)] // unused when no transport is built in
@@ -228,4 +323,24 @@ fn default_owner() -> String {
         })
         .unwrap_or_else(|| "waybill".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_password;
+
+    #[test]
+    fn the_password_is_filled_in_percent_encoded_after_the_user() {
+        assert_eq!(
+            with_password("amqps://relay@mq:5671/%2f", "p@ss:w/rd").as_deref(),
+            Some("amqps://relay:p%40ss%3Aw%2Frd@mq:5671/%2f")
+        );
+        assert_eq!(
+            with_password("nats://relay@h1:4222,nats://relay@h2:4222", "pw").as_deref(),
+            Some("nats://relay:pw@h1:4222,nats://relay:pw@h2:4222")
+        );
+        assert_eq!(with_password("nats://h1:4222", "pw"), None); // no user
+        assert_eq!(with_password("amqp://u:old@h/%2f", "pw"), None); // a password already
+        assert_eq!(with_password("amqp://h/v@x", "pw"), None); // `@` after the authority
+    }
 }

@@ -29,6 +29,7 @@ mod pace;
 mod publisher;
 mod redact;
 mod relay;
+mod secret;
 mod stop;
 mod store;
 mod trace;
@@ -41,6 +42,7 @@ pub use message::{Headers, NewOutboxMessage, OutboxMessage, Status, JSON_CONTENT
 pub use publisher::{InMemoryPublisher, PublishError, Publisher, Unroutable};
 pub use redact::redact_url;
 pub use relay::{NoHooks, Relay, RelayConfig, RelayHooks, RelayReport};
+pub use secret::{read_secret_file, warn_if_shared};
 pub use stop::{RelayHandle, StopHandle};
 pub use store::{Claimed, CompleteReport, Completion, LeaseToken, OutboxStore, Retention};
 pub use trace::{is_valid_traceparent, TRACEPARENT};

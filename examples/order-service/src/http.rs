@@ -1,4 +1,7 @@
 //! The orders service's HTTP API: `POST /orders` places an order, `GET /orders/{id}` reads it.
+//!
+//! It has no authentication and no TLS: an example, bound to loopback by default. Do not expose
+//! it as it is; put an authenticating TLS proxy in front of a real service.
 
 use std::io::Read;
 

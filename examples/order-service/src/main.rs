@@ -129,7 +129,7 @@ enum Command {
     },
     /// The orders service: HTTP API and the consumer that marks orders paid.
     ServeOrders {
-        /// The address to listen on.
+        /// The address to listen on. The API has no authentication: keep it on loopback.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },

@@ -19,7 +19,7 @@ use waybill_inbox_core::{
 use waybill_outbox_core::{redact_url, Headers, StopHandle};
 
 use crate::publisher::MSG_ID_HEADER;
-use crate::{Error, Result};
+use crate::{ConnectOptions, Error, Result};
 
 pub use waybill_inbox_core::ConsumeReport;
 /// Dead-letter header: why the message was dead-lettered. The same name on every transport.
@@ -69,6 +69,7 @@ pub struct ConsumerConfig {
     batch_size: usize,
     poll_wait: Duration,
     native_metadata: bool,
+    connect_options: ConnectOptions,
 }
 
 impl ConsumerConfig {
@@ -87,6 +88,7 @@ impl ConsumerConfig {
             batch_size: 100,
             poll_wait: Duration::from_secs(1),
             native_metadata: false,
+            connect_options: ConnectOptions::default(),
         }
     }
 
@@ -193,6 +195,15 @@ impl ConsumerConfig {
         self
     }
 
+    /// How the consumer authenticates and secures its connection (credentials, TLS).
+    /// Defaults to [`ConnectOptions::default`]: only what the URL carries, TLS when the URL
+    /// says `tls://` or the server requires it.
+    #[must_use]
+    pub fn connect_options(mut self, options: ConnectOptions) -> Self {
+        self.connect_options = options;
+        self
+    }
+
     /// The stream consumed.
     pub fn stream_name(&self) -> &str {
         &self.stream
@@ -260,7 +271,8 @@ impl NatsConsumer {
     ///
     /// # Errors
     ///
-    /// [`Error::Connect`], [`Error::GetStream`] when the stream does not exist,
+    /// [`Error::ReadFile`] or [`Error::InvalidSecretFile`] for a file of the
+    /// [`ConnectOptions`], [`Error::Connect`] (see [`NatsPublisher::connect`](crate::NatsPublisher::connect)), [`Error::GetStream`] when the stream does not exist,
     /// [`Error::CreateStream`] for the dead-letter stream, [`Error::Consumer`].
     pub fn connect(url: &str, config: ConsumerConfig) -> Result<Self> {
         let durable = Durable::connect(url, config)?;
@@ -385,7 +397,7 @@ impl fmt::Debug for Durable {
 impl Durable {
     fn connect(url: &str, config: ConsumerConfig) -> Result<Self> {
         let runtime = crate::runtime()?;
-        let client = runtime.block_on(crate::connect(url))?;
+        let client = runtime.block_on(crate::connect(url, &config.connect_options))?;
         // The context spawns its ack task on the runtime.
         let jetstream = {
             let _runtime = runtime.enter();

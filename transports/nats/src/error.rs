@@ -16,14 +16,42 @@ pub enum Error {
     /// The private tokio runtime that drives the async client could not be built.
     #[error("building the transport's tokio runtime failed")]
     Runtime(#[source] std::io::Error),
-    /// Connecting to the server failed. The URL is shown without its password.
-    #[error("connecting to NATS at {url} failed")]
+    /// Connecting to the server failed. The URL is shown without its password; `cause` says
+    /// why in a word, the source in detail.
+    #[error("connecting to NATS at {url} failed: {cause}")]
     Connect {
         /// The server URL, password redacted.
         url: String,
+        /// Why: unreachable (retryable), credentials refused, or TLS failed.
+        cause: ConnectFailure,
         /// The client's error.
         #[source]
         source: ConnectError,
+    },
+    /// A file of the [`ConnectOptions`](crate::ConnectOptions) (a credentials, nkey seed,
+    /// token or password file, a certificate or key) could not be read. Names the option and
+    /// the path, never the content.
+    #[error("reading the NATS {what} {path} failed")]
+    ReadFile {
+        /// Which option's file.
+        what: &'static str,
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A secret file of the [`ConnectOptions`](crate::ConnectOptions) was read but does not
+    /// hold what the option needs. Names the option, the path and what is wrong, never the
+    /// content.
+    #[error("the NATS {what} {path} is not usable: {reason}")]
+    InvalidSecretFile {
+        /// Which option's file.
+        what: &'static str,
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// Creating or updating a stream failed.
     #[error("creating stream {stream} failed")]
@@ -90,6 +118,74 @@ pub enum Error {
     Config(String),
 }
 
+/// Why connecting failed ([`Error::Connect`]), classified from the client's error, which
+/// reports most TLS failures (an untrusted certificate, a server without TLS) as I/O errors.
+///
+/// ```
+/// use waybill_nats::ConnectFailure;
+///
+/// assert_eq!(ConnectFailure::Tls.to_string(), "TLS failed (a certificate was not trusted or \
+///     not presented, or the server does not speak TLS)");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectFailure {
+    /// The server could not be reached or did not answer in time; trying again may succeed.
+    Unreachable,
+    /// The server refused the credentials (wrong password, token or nkey, an unknown user),
+    /// or they could not sign the server's nonce.
+    Credentials,
+    /// The TLS handshake failed: the server's certificate is not signed by a trusted CA or
+    /// does not name the host, the server refused the client certificate (or its absence), or
+    /// TLS was required and the server does not speak it.
+    Tls,
+    /// The URL is not a valid server address.
+    InvalidUrl,
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unreachable => "the server is unreachable",
+            Self::Credentials => "the server refused the credentials",
+            Self::Tls => {
+                "TLS failed (a certificate was not trusted or not presented, or the server does \
+                 not speak TLS)"
+            }
+            Self::InvalidUrl => "the URL is not a valid server address",
+        })
+    }
+}
+
+impl ConnectFailure {
+    /// Classifies the client's connect error: its kind, and a TLS error anywhere in its
+    /// source chain (reported by the client as an I/O error).
+    pub(crate) fn of(error: &ConnectError) -> Self {
+        match error.kind() {
+            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                return Self::Credentials
+            }
+            ConnectErrorKind::Tls => return Self::Tls,
+            ConnectErrorKind::ServerParse => return Self::InvalidUrl,
+            _ => {}
+        }
+        let mut source = std::error::Error::source(error);
+        while let Some(error) = source {
+            // An I/O error's `source` skips the error it wraps; look at that one too.
+            let wrapped = error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref);
+            if error.is::<async_nats::rustls::Error>()
+                || wrapped.is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return Self::Tls;
+            }
+            source = error.source();
+        }
+        Self::Unreachable
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -99,14 +195,11 @@ impl Error {
     /// configuration or a request the server refuses.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Runtime(_) | Self::Config(_) => false,
-            Self::Connect { source, .. } => !matches!(
-                source.kind(),
-                ConnectErrorKind::Authentication
-                    | ConnectErrorKind::AuthorizationViolation
-                    | ConnectErrorKind::ServerParse
-                    | ConnectErrorKind::Tls
-            ),
+            Self::Runtime(_)
+            | Self::Config(_)
+            | Self::ReadFile { .. }
+            | Self::InvalidSecretFile { .. } => false,
+            Self::Connect { cause, .. } => *cause == ConnectFailure::Unreachable,
             Self::CreateStream { source, .. } => matches!(
                 source.kind(),
                 CreateStreamErrorKind::JetStreamUnavailable

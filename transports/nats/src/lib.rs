@@ -32,6 +32,29 @@
 //! # }
 //! ```
 //!
+//! # Securing the connection
+//!
+//! [`ConnectOptions`] (set with [`PublisherConfig::connect_options`] and
+//! [`ConsumerConfig::connect_options`]) adds what production servers ask for: a credentials
+//! file, an nkey seed file, a token (or token file), a user and password (or password file),
+//! a private CA, a client certificate, and TLS required. Secrets never appear in `Debug`
+//! output, errors or logs; a failed connection says why in [`ConnectFailure`] (credentials
+//! refused, TLS failed, unreachable), and only an unreachable server is retryable.
+//!
+//! ```no_run
+//! use waybill_nats::{ConnectOptions, NatsPublisher, PublisherConfig};
+//!
+//! let options = ConnectOptions::default()
+//!     .credentials_file("/run/secrets/relay.creds")
+//!     .root_certificates("/etc/waybill/nats-ca.pem");
+//! let publisher = NatsPublisher::connect(
+//!     "tls://nats.internal:4222",
+//!     PublisherConfig::default().connect_options(options),
+//! )?;
+//! # let _ = publisher;
+//! # Ok::<(), waybill_nats::Error>(())
+//! ```
+//!
 //! # Mapping
 //!
 //! The wire form is CloudEvents 1.0 binary content mode ([`wire`](waybill_inbox_core::wire),
@@ -146,6 +169,7 @@
 
 mod consumer;
 mod error;
+mod options;
 mod publisher;
 mod subject;
 
@@ -153,7 +177,8 @@ pub use consumer::{
     ConsumeReport, ConsumerConfig, NatsConsumer, DEAD_LETTER_DELIVERIES, DEAD_LETTER_REASON,
     DEAD_LETTER_SEQUENCE, DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECT,
 };
-pub use error::{Error, Result};
+pub use error::{ConnectFailure, Error, Result};
+pub use options::ConnectOptions;
 pub use publisher::{NatsPublisher, PublisherConfig, MSG_ID_HEADER};
 pub use subject::{sanitize_token, SubjectFn, SubjectMapping};
 /// Stops [`NatsConsumer::run`] (and a relay) from another thread.
@@ -175,11 +200,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(Error::Runtime)
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client> {
-    async_nats::connect(url)
+async fn connect(url: &str, options: &ConnectOptions) -> Result<async_nats::Client> {
+    ensure_crypto_provider();
+    options
+        .client_options(url)
+        .await?
+        .connect(url)
         .await
         .map_err(|source| Error::Connect {
             url: waybill_outbox_core::redact_url(url),
+            cause: ConnectFailure::of(&source),
             source,
         })
+}
+
+/// Installs rustls's `ring` provider (the one async-nats is built with) as the process default
+/// when no default is installed yet. rustls picks a default by itself only when exactly one
+/// provider is compiled in; a program that also links lapin (which brings `aws-lc-rs`) has two,
+/// and its first TLS connection would panic. A provider the program installed is kept.
+fn ensure_crypto_provider() {
+    use async_nats::rustls::crypto::{ring, CryptoProvider};
+    if CryptoProvider::get_default().is_none() {
+        // Err: another thread installed one meanwhile, which is as good.
+        let _ = ring::default_provider().install_default();
+    }
 }

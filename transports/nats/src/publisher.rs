@@ -17,7 +17,7 @@ use waybill_outbox_core::{
 
 use crate::error::{publish_error_is_fatal, publish_error_is_unavailable};
 use crate::subject::invalid_publish_subject;
-use crate::{Error, Result, SubjectMapping};
+use crate::{ConnectOptions, Error, Result, SubjectMapping};
 
 /// The JetStream header that carries the message id JetStream deduplicates on.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -48,6 +48,7 @@ pub struct PublisherConfig {
     duplicate_window: Duration,
     unroutable: Unroutable,
     source: Option<String>,
+    connect_options: ConnectOptions,
 }
 
 impl Default for PublisherConfig {
@@ -59,6 +60,7 @@ impl Default for PublisherConfig {
             duplicate_window: Duration::from_secs(120),
             unroutable: Unroutable::Retry,
             source: None,
+            connect_options: ConnectOptions::default(),
         }
     }
 }
@@ -129,6 +131,15 @@ impl PublisherConfig {
             None => encoder,
         }
     }
+
+    /// How the publisher authenticates and secures its connection (credentials, TLS).
+    /// Defaults to [`ConnectOptions::default`]: only what the URL carries, TLS when the URL
+    /// says `tls://` or the server requires it.
+    #[must_use]
+    pub fn connect_options(mut self, options: ConnectOptions) -> Self {
+        self.connect_options = options;
+        self
+    }
 }
 
 /// Publishes outbox messages to NATS JetStream, for [`waybill_outbox_core::Relay`].
@@ -178,11 +189,14 @@ impl NatsPublisher {
     ///
     /// # Errors
     ///
-    /// [`Error::Runtime`] when the private runtime cannot start, [`Error::Connect`] when the
-    /// server cannot be reached.
+    /// [`Error::Runtime`] when the private runtime cannot start, [`Error::ReadFile`] or
+    /// [`Error::InvalidSecretFile`] for a file of the [`ConnectOptions`], [`Error::Connect`]
+    /// when the server cannot be reached or refuses the connection (its
+    /// [`ConnectFailure`](crate::ConnectFailure) says why: credentials refused, TLS failed,
+    /// unreachable).
     pub fn connect(url: &str, config: PublisherConfig) -> Result<Self> {
         let runtime = crate::runtime()?;
-        let client = runtime.block_on(crate::connect(url))?;
+        let client = runtime.block_on(crate::connect(url, &config.connect_options))?;
         // The context spawns its ack task on the runtime.
         let jetstream = {
             let _runtime = runtime.enter();

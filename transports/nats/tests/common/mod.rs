@@ -11,6 +11,8 @@
     clippy::unwrap_used
 )]
 
+pub mod private;
+
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
