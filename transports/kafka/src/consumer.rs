@@ -459,7 +459,10 @@ impl TopicSubscription {
         }
     }
 
-    /// Commits `offset` (the next record to consume) of `partition`, synchronously.
+    /// Commits `offset` (the next record to consume) of `partition` in the background: a
+    /// commit waited for would cost every record a round trip to the group coordinator. The
+    /// commits of a partition go out in order; one lost in a crash only redelivers records the
+    /// inbox has already recorded.
     fn commit(&self, partition: i32, offset: i64) -> Result<()> {
         let mut list = TopicPartitionList::with_capacity(1);
         let commit_error = |source| Error::Commit {
@@ -471,7 +474,7 @@ impl TopicSubscription {
         list.add_partition_offset(&self.config.topic, partition, Offset::Offset(offset))
             .map_err(commit_error)?;
         self.consumer
-            .commit(&list, CommitMode::Sync)
+            .commit(&list, CommitMode::Async)
             .map_err(commit_error)
     }
 
