@@ -207,8 +207,12 @@ impl Broker {
             Kind::Kafka => {
                 // A restarted member takes the partitions over once the killed one's session
                 // ran out; records it had not committed come back in their place.
+                // tansu answers a fetch only after `fetch.wait.max.ms` (500 ms by default) when
+                // a partition holds little, however much is waiting elsewhere: the relays' small
+                // batches then arrive at a few dozen a second.
                 let config = waybill_kafka::ConsumerConfig::new(TOPIC, CONSUMER_NAME)
-                    .max_poll_interval(Duration::from_secs(30));
+                    .max_poll_interval(Duration::from_secs(30))
+                    .set("fetch.wait.max.ms", "10");
                 let mut consumer =
                     waybill_kafka::KafkaConsumer::connect(self.kafka_brokers(), config)?;
                 consumer.run(handler, stop)?;
