@@ -129,7 +129,7 @@ fn scrape_until(
 
 /// Checks the metrics after the workload, consumes it with `consume`, then stops the relay.
 fn check_relay_run(
-    mut relay: Child,
+    relay: Child,
     port: u16,
     topic: &str,
     ids: &HashSet<MessageId>,
@@ -168,30 +168,8 @@ fn check_relay_run(
     assert_eq!(&seen, ids, "the broker holds exactly the enqueued messages");
     assert_eq!(traces, HashSet::from([Some(TRACEPARENT.to_owned())]));
 
-    let kill = Command::new("kill")
-        .args([signal, &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = relay.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the relay did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20)); // polling interval
-    };
-    let mut stderr = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let (code, stderr) = support::stop_relay(relay, signal, DEADLINE);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
 }
 
 #[test]

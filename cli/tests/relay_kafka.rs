@@ -4,10 +4,10 @@
 
 #[path = "../../diesel-backend/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ fn relay_publishes_to_kafka_creates_the_topic_carries_traceparent_and_stops_on_s
     waybill_diesel::enqueue_all(&mut db.conn(), &messages).unwrap();
     let ids: HashSet<_> = messages.iter().map(NewOutboxMessage::id).collect();
 
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_waybill"))
+    let relay = Command::new(env!("CARGO_BIN_EXE_waybill"))
         .args(["--database-url", &db.url, "relay"])
         .args(["--topics", &topic, "--kafka-partitions", "3"])
         .args([
@@ -82,28 +82,6 @@ fn relay_publishes_to_kafka_creates_the_topic_carries_traceparent_and_stops_on_s
     assert_eq!(seen, ids, "Kafka holds exactly the enqueued messages");
     assert_eq!(traces, HashSet::from([Some(TRACEPARENT.to_owned())]));
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = relay.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "the relay did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20)); // polling interval
-    };
-    let mut stderr = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let (code, stderr) = support::stop_relay(relay, "-TERM", PATIENCE);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
 }

@@ -11,7 +11,6 @@ mod nats_common;
 mod support;
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,31 +83,6 @@ fn start_relay(db_url: &str, args: &[String]) -> Child {
         .expect("waybill relay starts")
 }
 
-/// Stops the relay with SIGTERM and returns its exit code and stderr.
-fn stop(mut relay: Child) -> (Option<i32>, String) {
-    let kill = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = relay.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < DEADLINE, "the relay did not stop");
-        std::thread::sleep(Duration::from_millis(20)); // polling interval
-    };
-    let mut stderr = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status.code(), stderr)
-}
-
 #[test]
 fn relay_publishes_over_tls_with_a_password_file_and_a_client_certificate() {
     let Some(tools) = tools() else { return };
@@ -174,7 +148,7 @@ fn relay_publishes_over_tls_with_a_password_file_and_a_client_certificate() {
     }
     assert_eq!(seen, ids);
 
-    let (code, stderr) = stop(relay);
+    let (code, stderr) = support::stop_relay(relay, "-TERM", DEADLINE);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stderr.contains(PASSWORD), "{stderr}");
     assert!(stderr.contains("mode 0644"), "{stderr}");

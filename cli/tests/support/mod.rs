@@ -8,8 +8,9 @@
     clippy::unwrap_used
 )]
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::io::{Read, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use waybill_diesel::OpsConnection;
@@ -103,4 +104,33 @@ pub fn waybill(url: &str, args: &[&str], stdin: &str) -> Run {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
+}
+
+/// Sends `signal` (e.g. `-TERM`) to a running `waybill relay` and waits, at most `deadline`,
+/// for it to exit: its exit code and what it wrote to stderr (piped when it was spawned).
+pub fn stop_relay(mut relay: Child, signal: &str, deadline: Duration) -> (Option<i32>, String) {
+    let kill = Command::new("kill")
+        .args([signal, &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "the relay did not stop on {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling interval
+    };
+    let mut stderr = String::new();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
 }
