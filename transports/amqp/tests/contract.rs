@@ -9,12 +9,12 @@ mod common;
 use std::time::Duration;
 
 use waybill_amqp::{
-    AMQPValue, AmqpConsumer, AmqpPublisher, ConsumeReport, ConsumerConfig, ExchangeKind,
-    FieldTable, LongString, PublisherConfig, StopHandle, DEAD_LETTER_REASON,
+    AMQPValue, AmqpConsumer, AmqpPublisher, ConsumerConfig, ExchangeKind, FieldTable, LongString,
+    PublisherConfig, DEAD_LETTER_REASON,
 };
-use waybill_inbox_core::{DeliveryHandler, RetryPolicy};
+use waybill_inbox_core::RetryPolicy;
 use waybill_outbox_core::{Headers, OutboxMessage};
-use waybill_testkit::{contract, Consume, Harness};
+use waybill_testkit::{contract, Harness};
 
 use common::proxy::{host_port, Proxy};
 
@@ -51,33 +51,9 @@ impl AmqpHarness {
     }
 }
 
-/// The RabbitMQ consumer as the contract drives it.
-struct Consumer(AmqpConsumer);
-
-impl Consume for Consumer {
-    fn run_once<H: DeliveryHandler>(
-        &mut self,
-        handler: &mut H,
-        max: usize,
-        wait: Duration,
-    ) -> Result<ConsumeReport, String> {
-        self.0
-            .run_once(handler, max, wait)
-            .map_err(|e| e.to_string())
-    }
-
-    fn run<H: DeliveryHandler>(
-        &mut self,
-        handler: &mut H,
-        stop: &StopHandle,
-    ) -> Result<ConsumeReport, String> {
-        self.0.run(handler, stop).map_err(|e| e.to_string())
-    }
-}
-
 impl Harness for AmqpHarness {
     type Publisher = AmqpPublisher;
-    type Consumer = Consumer;
+    type Consumer = AmqpConsumer;
 
     fn name(&self) -> &'static str {
         "rabbitmq"
@@ -91,14 +67,14 @@ impl Harness for AmqpHarness {
         AmqpPublisher::connect(&self.broker.addr, PublisherConfig::default()).unwrap()
     }
 
-    fn consumer(&mut self, retry: RetryPolicy) -> Consumer {
+    fn consumer(&mut self, retry: RetryPolicy) -> AmqpConsumer {
         let config = ConsumerConfig::new(&self.queue)
             .passive(true)
             .bind(&self.topic, "#")
             .retry(retry)
             .poll_timeout(Duration::from_millis(100))
             .max_reconnect_delay(Duration::from_millis(200));
-        Consumer(AmqpConsumer::connect(&self.broker.addr, config).unwrap())
+        AmqpConsumer::connect(&self.broker.addr, config).unwrap()
     }
 
     fn publish_raw(&mut self, headers: Headers, payload: Vec<u8>) {
@@ -139,11 +115,11 @@ impl Harness for AmqpHarness {
     }
 
     /// Connected through a TCP proxy: cutting it is the broker's view of a crashed process.
-    fn consumer_to_kill(&mut self) -> (Consumer, contract::Kill) {
+    fn consumer_to_kill(&mut self) -> (AmqpConsumer, contract::Kill) {
         let mut proxy = Proxy::start(&host_port(&self.broker.addr));
         let config = ConsumerConfig::new(&self.queue).passive(true);
         let consumer = AmqpConsumer::connect(&proxy.url(&self.broker.addr), config).unwrap();
-        (Consumer(consumer), Box::new(move || proxy.cut()))
+        (consumer, Box::new(move || proxy.cut()))
     }
 
     /// Headers larger than the negotiated frame size: the publisher refuses it before sending.

@@ -8,12 +8,12 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use waybill_inbox_core::{ConsumeReport, DeliveryHandler, RetryPolicy};
+use waybill_inbox_core::RetryPolicy;
 use waybill_nats::{
-    ConsumerConfig, NatsConsumer, NatsPublisher, PublisherConfig, StopHandle, DEAD_LETTER_REASON,
+    ConsumerConfig, NatsConsumer, NatsPublisher, PublisherConfig, DEAD_LETTER_REASON,
 };
 use waybill_outbox_core::{Headers, OutboxMessage};
-use waybill_testkit::{contract, Consume, Harness};
+use waybill_testkit::{contract, Harness};
 
 /// One stream capturing one topic, and the durable consumer every [`Harness::consumer`] shares.
 struct NatsHarness {
@@ -41,33 +41,9 @@ impl NatsHarness {
     }
 }
 
-/// The NATS consumer as the contract drives it.
-struct Consumer(NatsConsumer);
-
-impl Consume for Consumer {
-    fn run_once<H: DeliveryHandler>(
-        &mut self,
-        handler: &mut H,
-        max: usize,
-        wait: Duration,
-    ) -> Result<ConsumeReport, String> {
-        self.0
-            .run_once(handler, max, wait)
-            .map_err(|e| e.to_string())
-    }
-
-    fn run<H: DeliveryHandler>(
-        &mut self,
-        handler: &mut H,
-        stop: &StopHandle,
-    ) -> Result<ConsumeReport, String> {
-        self.0.run(handler, stop).map_err(|e| e.to_string())
-    }
-}
-
 impl Harness for NatsHarness {
     type Publisher = NatsPublisher;
-    type Consumer = Consumer;
+    type Consumer = NatsConsumer;
 
     fn name(&self) -> &'static str {
         "nats"
@@ -81,13 +57,13 @@ impl Harness for NatsHarness {
         NatsPublisher::connect(&self.nats.url, PublisherConfig::default()).unwrap()
     }
 
-    fn consumer(&mut self, retry: RetryPolicy) -> Consumer {
+    fn consumer(&mut self, retry: RetryPolicy) -> NatsConsumer {
         let config = self
             .config
             .clone()
             .retry(retry)
             .poll_wait(Duration::from_millis(200));
-        Consumer(NatsConsumer::connect(&self.nats.url, config).unwrap())
+        NatsConsumer::connect(&self.nats.url, config).unwrap()
     }
 
     fn publish_raw(&mut self, headers: Headers, payload: Vec<u8>) {

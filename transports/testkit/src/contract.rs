@@ -83,6 +83,36 @@ pub trait Consume {
     ) -> Result<ConsumeReport, String>;
 }
 
+/// `Consume` through the consumer's own `run_once` and `run`, whose errors become text.
+macro_rules! consume_through_inherent_methods {
+    ($($consumer:ty),*) => {$(
+        impl Consume for $consumer {
+            fn run_once<H: DeliveryHandler>(
+                &mut self,
+                handler: &mut H,
+                max: usize,
+                wait: Duration,
+            ) -> Result<ConsumeReport, String> {
+                <$consumer>::run_once(self, handler, max, wait).map_err(|e| e.to_string())
+            }
+
+            fn run<H: DeliveryHandler>(
+                &mut self,
+                handler: &mut H,
+                stop: &StopHandle,
+            ) -> Result<ConsumeReport, String> {
+                <$consumer>::run(self, handler, stop).map_err(|e| e.to_string())
+            }
+        }
+    )*};
+}
+
+consume_through_inherent_methods!(
+    waybill_amqp::AmqpConsumer,
+    waybill_nats::NatsConsumer,
+    waybill_kafka::KafkaConsumer
+);
+
 /// Instantiates every contract as a `#[test]` for the harness `$make` returns
 /// (`Option<Harness>`: `None` skips, as when the server is unreachable); with `, end_to_end`
 /// also [`crate::end_to_end`]'s 10,000 messages through a consumer killed mid-stream.

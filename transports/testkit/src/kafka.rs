@@ -14,11 +14,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use waybill_inbox_core::{ConsumeReport, DeliveryHandler, RetryPolicy};
+use waybill_inbox_core::RetryPolicy;
 use waybill_kafka::{ConsumerConfig, KafkaConsumer, KafkaPublisher, PublisherConfig};
-use waybill_outbox_core::{Headers, OutboxMessage, StopHandle};
+use waybill_outbox_core::{Headers, OutboxMessage};
 
-use crate::{Consume, Harness, PATIENCE};
+use crate::{Harness, PATIENCE};
 
 /// The partitions of a harness's topic: several, so that keys spread over partitions.
 pub const PARTITIONS: i32 = 3;
@@ -258,24 +258,5 @@ impl Harness for KafkaHarness {
         let mut poison = crate::contract::message(&self.topic, "p", 2);
         poison.payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(1_100_000)).into_bytes();
         Some(poison)
-    }
-}
-
-impl Consume for KafkaConsumer {
-    fn run_once<H: DeliveryHandler>(
-        &mut self,
-        handler: &mut H,
-        max: usize,
-        wait: Duration,
-    ) -> Result<ConsumeReport, String> {
-        KafkaConsumer::run_once(self, handler, max, wait).map_err(|e| format!("{e:?}"))
-    }
-
-    fn run<H: DeliveryHandler>(
-        &mut self,
-        handler: &mut H,
-        stop: &StopHandle,
-    ) -> Result<ConsumeReport, String> {
-        KafkaConsumer::run(self, handler, stop).map_err(|e| format!("{e:?}"))
     }
 }
