@@ -502,8 +502,6 @@ struct Published {
 struct JobDone<E> {
     written: Option<(Published, Result<CompleteReport, E>)>,
     claimed: Option<Result<Claimed, E>>,
-    /// How long the write-back and the claim took.
-    took: Duration,
 }
 
 impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
@@ -517,14 +515,13 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
     /// and fencing are exactly those of [`run`](Self::run).
     ///
     /// Such a claim costs the database more per message than one made with nothing in flight,
-    /// so the relay measures as it goes. Per message, claiming ahead takes about the longer of
-    /// publishing and the database round beside it, claiming in turn both one after the other;
-    /// when claiming in turn looks faster (an in-process or very fast publisher, or a database
-    /// that is the bottleneck) the relay claims in turn like [`run`](Self::run), and it claims
-    /// ahead again once that looks faster by a margin. The mode not in use is not measured, so
-    /// after 100 rounds in one mode the other's measurements are forgotten and estimated again
-    /// from this mode's, as at the start. A claim ahead that finds nothing (on SQLite's one
-    /// bucket, or with every key that has work in flight) switches to claiming in turn at once.
+    /// and where the database, the broker and the relay share a few cores, overlapping them
+    /// may only move work around. So the relay measures both modes as it goes, in messages
+    /// published per second over windows of batches with no idle round between them: it
+    /// starts claiming ahead, tries claiming in turn (as [`run`](Self::run) does) for a few
+    /// windows, keeps the faster, and tries the other again every 60 windows, as conditions
+    /// change. A claim ahead that finds nothing (on SQLite's one bucket, or with every key that
+    /// has work in flight) switches to claiming in turn at once.
     pub fn run_pipelined(&mut self) -> RelayReport {
         if let Err(error) = self.store.poll_wakeup() {
             log::warn!("listening for outbox notifications failed: {error}");
@@ -536,7 +533,6 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
         std::thread::scope(|scope| {
             scope.spawn(move || {
                 for job in job_rx {
-                    let started = Instant::now();
                     let written = job.write.map(|published| {
                         let result = store.complete(
                             published.token,
@@ -553,15 +549,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                             store.claim(limit, lease, owner)
                         }
                     });
-                    let took = started.elapsed();
-                    if done_tx
-                        .send(JobDone {
-                            written,
-                            claimed,
-                            took,
-                        })
-                        .is_err()
-                    {
+                    if done_tx.send(JobDone { written, claimed }).is_err() {
                         return;
                     }
                 }
@@ -616,8 +604,9 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                     );
                     if let Some(pause) = outage.after(&report, unavailable, config, &mut self.rng) {
                         outage_pause = Some(pause);
+                        pace.interrupted();
                     }
-                    pace.published(started.elapsed(), claimed.messages.len());
+                    pace.published(claimed.messages.len(), Instant::now());
                     published = Some(Published {
                         token: claimed.token,
                         completions,
@@ -629,25 +618,14 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                     // Claiming in turn: the batch just published is written back next round.
                     continue;
                 }
-                let Ok(JobDone {
-                    written,
-                    claimed,
-                    took,
-                }) = done.recv()
-                else {
+                let Ok(JobDone { written, claimed }) = done.recv() else {
                     log::error!("the relay's database thread is gone; stopping");
                     break;
                 };
-                // Rounds that wrote a batch back and claimed, the two modes' steady state.
-                // (An empty claim with nothing in flight is an idle poll, no measure.)
-                match (&claimed, writes) {
-                    (Some(Ok(claimed)), true) if ahead && publishing => {
-                        pace.claimed_ahead(took, claimed.messages.len());
+                if let Some(Ok(claimed)) = &claimed {
+                    if ahead && publishing && claimed.messages.is_empty() {
+                        pace.found_nothing_ahead();
                     }
-                    (Some(Ok(claimed)), true) if !ahead => {
-                        pace.claimed_in_turn(took, claimed.messages.len(), config.batch_size);
-                    }
-                    _ => {}
                 }
                 let mut failed = None;
                 if let Some((mut batch, result)) = written {
@@ -681,6 +659,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                         // it is written back.
                     }
                     Some(Ok(_)) if !announced_idle => {
+                        pace.interrupted();
                         // Ask writers for wake-ups, then look once more (see `run`).
                         announce_idle(store, true);
                         announced_idle = true;
@@ -694,6 +673,7 @@ impl<S: OutboxStore + Sync, P: Publisher> Relay<S, P> {
                     None => {}
                 }
                 if let Some(error) = failed {
+                    pace.interrupted();
                     failures += 1;
                     let delay = pause(config, failures, &mut self.rng);
                     log::warn!("relay round failed (retrying in {delay:?}): {error}");
