@@ -1,6 +1,6 @@
 //! When the pipelined relay claims its next batch: while it publishes the current one, or after.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Decides whether [`Relay::run_pipelined`](crate::Relay::run_pipelined) claims ahead, by
 /// measuring both modes as it runs and keeping the faster.
@@ -216,6 +216,7 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A relay whose batches of 100 take `ahead` claiming ahead and `in_turn` claiming in
     /// turn (the whole cycle, as measured from one publish to the next), on a simulated clock.
