@@ -6,11 +6,13 @@ use std::thread;
 use std::time::Duration;
 
 use diesel::r2d2::{ConnectionManager, Pool};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use waybill_diesel::DieselStore;
 use waybill_outbox_core::metrics::{
-    OUTBOX_OLDEST_PENDING_AGE, OUTBOX_PARKED, OUTBOX_PENDING, TOPIC_LABEL,
+    OUTBOX_OLDEST_PENDING_AGE, OUTBOX_PARKED, OUTBOX_PENDING, RELAY_BATCH_SECONDS,
+    RELAY_MESSAGE_AGE_SECONDS, TOPIC_LABEL,
 };
 use waybill_outbox_core::{Publisher, Relay, RelayConfig};
 
@@ -20,6 +22,31 @@ use crate::error::{chain, CliError};
 use waybill_outbox_core::redact_url as redact;
 
 type DbPool<C> = Pool<ConnectionManager<C>>;
+
+/// Bucket bounds (seconds) of the time a message spent in the outbox: from a few milliseconds
+/// (a relay keeping up) to an hour (a long broker outage).
+const MESSAGE_AGE_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+/// Bucket bounds (seconds) of a batch from claim to write-back.
+const BATCH_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The Prometheus exporter at `addr`. The two histograms are exported with buckets, not as
+/// summaries, so a dashboard can add them up over several relays (`histogram_quantile` of the
+/// summed `_bucket` rates); a summary's quantiles cannot be combined.
+fn exporter(
+    addr: std::net::SocketAddr,
+) -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(RELAY_MESSAGE_AGE_SECONDS.into()),
+            MESSAGE_AGE_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full(RELAY_BATCH_SECONDS.into()), BATCH_BUCKETS)
+}
 
 /// Runs the relays until SIGTERM or SIGINT, then stops them and returns.
 pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError> {
@@ -32,9 +59,8 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
                  bind 127.0.0.1 unless a firewall or proxy guards the port"
             );
         }
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
+        exporter(addr)
+            .and_then(PrometheusBuilder::install)
             .map_err(|e| CliError::Metrics(e.to_string()))?;
         log::info!("serving Prometheus metrics at http://{addr}/metrics");
     }

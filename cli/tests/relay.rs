@@ -245,3 +245,200 @@ fn relay_exits_1_on_a_broker_it_cannot_use_and_redacts_the_password() {
     assert!(!refused.stderr.contains("s3cret"), "{refused:?}");
     support::waybill(&db.url, &["relay"], "").assert_code(2); // --broker-url is required
 }
+
+/// `PROMETHEUS`, or `prometheus` on the path; `None` (skipped) when it does not run.
+fn prometheus() -> Option<String> {
+    let prometheus = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+    match Command::new(&prometheus).arg("--version").output() {
+        Ok(output) if output.status.success() => Some(prometheus),
+        outcome => {
+            let why = match outcome {
+                Ok(output) => format!("{prometheus} --version exited with {}", output.status),
+                Err(error) => format!("{prometheus} does not run: {error}"),
+            };
+            waybill_testkit::skip(
+                "a Prometheus server (Debian package prometheus)",
+                "PROMETHEUS",
+                &why,
+            );
+            None
+        }
+    }
+}
+
+/// A Prometheus server scraping `target` every 200 ms, stopped when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: nats_common::private::TempDir,
+}
+
+impl Prometheus {
+    fn start(binary: &str, target: &str) -> Self {
+        let dir = nats_common::private::TempDir::new("prometheus");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 200ms\n  scrape_timeout: 200ms\n\
+                 scrape_configs:\n  - job_name: waybill-relay\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts");
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The samples an instant query returns (`None` while the server is not up yet).
+    fn query(&self, expr: &str) -> Option<Vec<f64>> {
+        let encoded: String = expr
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(DEADLINE)).ok()?;
+        write!(
+            stream,
+            "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        let body: serde_json::Value = serde_json::from_str(body).ok()?;
+        assert_eq!(body["status"], "success", "{expr}: {body}");
+        let values = body["data"]["result"]
+            .as_array()?
+            .iter()
+            .filter_map(|series| series["value"][1].as_str()?.parse().ok())
+            .collect();
+        Some(values)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every query of the Grafana dashboard in `docs/prometheus`, run against a real Prometheus that
+/// scrapes a live `waybill relay`, returns at least one finite value; and the dashboard shows
+/// every metric the relay exports.
+#[test]
+fn every_dashboard_query_returns_data_from_a_prometheus_scraping_the_relay() {
+    let Some(binary) = prometheus() else { return };
+    let Some(mut nats) = nats_common::nats() else {
+        return;
+    };
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../docs/prometheus/waybill-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|target| target["expr"].as_str().unwrap().to_owned())
+        .collect();
+    use waybill_outbox_core::metrics as m;
+    for name in [
+        m::RELAY_PUBLISHED,
+        m::RELAY_RETRIED,
+        m::RELAY_PARKED,
+        m::RELAY_RELEASED,
+        m::RELAY_BROKER_UNAVAILABLE,
+        m::RELAY_FENCED_OFF,
+        m::RELAY_LEASE_TAKEOVERS,
+        m::RELAY_BATCH_SECONDS,
+        m::RELAY_MESSAGE_AGE_SECONDS,
+        m::OUTBOX_PENDING,
+        m::OUTBOX_PARKED,
+        m::OUTBOX_OLDEST_PENDING_AGE,
+    ] {
+        assert!(
+            queries.iter().any(|query| query.contains(name)),
+            "no dashboard panel shows {name}"
+        );
+    }
+
+    let db = common::sqlite().unwrap();
+    let topic = nats_common::unique("dash");
+    nats.forget_later(&topic);
+    let port = free_port();
+    let relay = start_relay(&db.url, &nats.url, &topic, port);
+    let prometheus = Prometheus::start(&binary, &format!("127.0.0.1:{port}"));
+    // Messages keep arriving while the queries run, so rates and quantiles have data.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let pool = db.pool.clone();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let msg =
+                    NewOutboxMessage::json(&topic, format!("key:{}", n % 6), "Tick", &n).unwrap();
+                waybill_diesel::enqueue(&mut pool.get().unwrap(), &msg).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10)); // a steady trickle, not a synchronisation
+            }
+        });
+        let mut unanswered: Vec<(String, String)> = queries
+            .iter()
+            .map(|query| {
+                let runnable = query
+                    .replace("$__rate_interval", "2s")
+                    .replace("$topic", ".*");
+                (query.clone(), runnable)
+            })
+            .collect();
+        let started = Instant::now();
+        let mut last = Vec::new();
+        while !unanswered.is_empty() && started.elapsed() < DEADLINE {
+            last.clear();
+            unanswered.retain(|(query, runnable)| match prometheus.query(runnable) {
+                Some(values) if values.iter().any(|v| v.is_finite()) => false,
+                outcome => {
+                    last.push(format!("{query}: {outcome:?}"));
+                    true
+                }
+            });
+            std::thread::sleep(Duration::from_millis(100)); // polling interval, not a synchronisation
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            unanswered.is_empty(),
+            "dashboard queries without data:\n{}",
+            last.join("\n")
+        );
+    });
+    let (code, stderr) = support::stop_relay(relay, "-TERM", DEADLINE);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+}
