@@ -12,7 +12,8 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Runtime;
 use waybill_inbox_core::wire::{Binding, Encoder};
 use waybill_outbox_core::{
-    error_chain, redact_url, BrokerLimits, OutboxMessage, PublishError, Publisher, Unroutable,
+    error_chain, redact_url, BrokerLimits, MessageId, OutboxMessage, PublishError, Publisher,
+    Unroutable,
 };
 
 use crate::error::{publish_error_is_fatal, publish_error_is_unavailable};
@@ -272,9 +273,10 @@ impl NatsPublisher {
             .map_err(Error::Reconnect)
     }
 
-    /// Publishes `batch` (see [`Publisher::publish`]). A copy of the batch goes to one task on
-    /// the runtime's worker, the thread that also drives the connection, which encodes and sends
-    /// the messages and awaits their acks, so that no send and no ack crosses threads.
+    /// Publishes `batch` (see [`Publisher::publish`]). The messages are encoded on the
+    /// caller's thread and moved (not copied) to one task on the runtime's worker, the thread
+    /// that also drives the connection, which sends them and awaits their acks, so that no
+    /// send and no ack crosses threads.
     fn publish_batch(&self, batch: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         if self.client.connection_state() == State::Disconnected {
             // Fail fast instead of waiting out the ack timeout; the client is reconnecting.
@@ -298,33 +300,42 @@ impl NatsPublisher {
                 None => firsts.push(i),
             }
         }
+        let (encoder, max_payload) = (self.config.encoder(), self.max_payload());
+        let outgoing = batch
+            .iter()
+            .map(|msg| prepare(&self.config.subject_mapping, &encoder, max_payload, msg))
+            .collect();
         let task = self.runtime.spawn(send_per_key(
             self.jetstream.clone(),
-            Settings {
-                mapping: self.config.subject_mapping.clone(),
-                max_in_flight: self.config.max_in_flight,
-                max_payload: self.max_payload(),
-                unroutable: self.config.unroutable,
-                encoder: self.config.encoder(),
-            },
-            batch.to_vec(),
+            self.config.max_in_flight,
+            outgoing,
             next_in_key,
             firsts,
         ));
-        let mut unroutable = HashSet::new();
-        let outcomes = match self.runtime.block_on(task) {
-            Ok(sent) => {
-                self.warn_unroutable(&sent.unroutable_subjects);
-                unroutable = sent.unroutable;
-                sent.outcomes
-            }
+        let (mut outcomes, unroutable) = match self.runtime.block_on(task) {
+            Ok(sent) => (sent.outcomes, sent.unroutable),
             // The task panicked or the runtime is shutting down: nothing is known to be stored,
             // so everything is retried (JetStream drops what it already has).
-            Err(error) => none_published(
-                batch,
-                PublishError::Retryable(format!("the publishing task ended: {error}")),
+            Err(error) => (
+                none_published(
+                    batch,
+                    PublishError::Retryable(format!("the publishing task ended: {error}")),
+                ),
+                Vec::new(),
             ),
         };
+        let mut unroutable_subjects = BTreeMap::new();
+        for (i, error) in &unroutable {
+            let subject = self
+                .config
+                .subject_mapping
+                .subject(&batch[*i].topic, &batch[*i].partition_key);
+            let reason = format!("no stream captures subject {subject:?} ({error})");
+            *unroutable_subjects.entry(subject).or_insert(0) += 1;
+            outcomes[*i] = Err(self.config.unroutable.error(reason));
+        }
+        self.warn_unroutable(&unroutable_subjects);
+        let unroutable: HashSet<usize> = unroutable.into_iter().map(|(i, _)| i).collect();
         // Unroutable messages had their warning; the others get one.
         let failed: Vec<_> = outcomes
             .iter()
@@ -370,22 +381,18 @@ impl NatsPublisher {
 
 /// What [`send_per_key`] found out.
 struct Sent {
-    /// One per message, in batch order.
+    /// One per message, in batch order; unroutable ones are `NotAttempted` here.
     outcomes: Vec<Result<(), PublishError>>,
-    /// The messages no stream captured.
-    unroutable: HashSet<usize>,
-    /// How many of them per subject.
-    unroutable_subjects: BTreeMap<String, usize>,
+    /// The messages no stream captured, with the server's error.
+    unroutable: Vec<(usize, String)>,
 }
 
-/// What [`send_per_key`] needs of the configuration and the server.
-struct Settings {
-    mapping: SubjectMapping,
-    max_in_flight: usize,
-    /// The server's `max_payload`.
-    max_payload: usize,
-    unroutable: Unroutable,
-    encoder: Encoder,
+/// A message encoded for the client: its subject, headers and body.
+struct Outgoing {
+    id: MessageId,
+    subject: String,
+    headers: HeaderMap,
+    body: Vec<u8>,
 }
 
 /// The outcomes of a batch of which nothing was published: the first message of each key fails
@@ -404,42 +411,59 @@ fn none_published(batch: &[OutboxMessage], error: PublishError) -> Vec<Result<()
         .collect()
 }
 
-/// The subject, headers and body of `msg`, or why it can never be published: among others, a
-/// message larger than the server's `max_payload`, refused before it is sent.
+/// `msg` encoded for the client, or why it can never be published: among others, a message
+/// larger than the server's `max_payload`, refused before it is sent.
 fn prepare(
-    settings: &Settings,
+    mapping: &SubjectMapping,
+    encoder: &Encoder,
+    max_payload: usize,
     msg: &OutboxMessage,
-) -> Result<(String, HeaderMap, Vec<u8>), String> {
-    let subject = settings.mapping.subject(&msg.topic, &msg.partition_key);
+) -> Result<Outgoing, PublishError> {
+    let fatal = PublishError::Fatal;
+    let subject = mapping.subject(&msg.topic, &msg.partition_key);
     if let Some(why) = invalid_publish_subject(&subject) {
-        return Err(format!("invalid subject {subject:?}: {why}"));
+        return Err(fatal(format!("invalid subject {subject:?}: {why}")));
     }
-    let (headers, body) = settings.encoder.encode(msg);
+    let (headers, body) = encoder.encode(msg);
     let mut map = HeaderMap::new();
     for (name, value) in &headers {
-        if name.is_empty()
-            || name.contains(':')
-            || name.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(format!("header name {name:?} is not valid in NATS"));
+        if !valid_header_name(name) {
+            return Err(fatal(format!("header name {name:?} is not valid in NATS")));
         }
-        if value.contains(['\r', '\n']) {
-            return Err(format!("header {name} has a line break in its value"));
+        if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return Err(fatal(format!(
+                "header {name} has a line break in its value"
+            )));
         }
         map.insert(name.as_str(), value.as_str());
     }
     map.insert(MSG_ID_HEADER, msg.id.to_string());
     let headers = wire_len(&map);
     let size = headers + body.len();
-    if size > settings.max_payload {
-        return Err(format!(
+    if size > max_payload {
+        return Err(fatal(format!(
             "message is {size} bytes as sent ({} bytes of payload, {headers} of headers), more \
-             than the NATS server's max_payload of {} bytes",
+             than the NATS server's max_payload of {max_payload} bytes",
             body.len(),
-            settings.max_payload
-        ));
+        )));
     }
-    Ok((subject, map, body))
+    Ok(Outgoing {
+        id: msg.id,
+        subject,
+        headers: map,
+        body,
+    })
+}
+
+/// Whether `name` can be a NATS header name: not empty, no `:`, whitespace or control
+/// character. Checked per byte when ASCII, as header names nearly always are: this runs for
+/// every header of every message.
+fn valid_header_name(name: &str) -> bool {
+    if name.is_ascii() {
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    } else {
+        !name.contains(':') && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+    }
 }
 
 /// The size of `headers` on the wire: `NATS/1.0`, a `name: value` line per value, a blank line.
@@ -454,7 +478,7 @@ fn wire_len(headers: &HeaderMap) -> usize {
         })
 }
 
-/// Sends `batch` and collects the outcomes, in batch order. Each key's messages go one at a
+/// Sends the `outgoing` messages of a batch and collects the outcomes, in batch order. Each key's messages go one at a
 /// time, the next once the previous one is acknowledged, while the keys are pipelined (up to
 /// `max_in_flight` messages awaiting their ack): a key never has two messages in flight, so a
 /// lost ack or a refusal can never leave a later message of its key stored ahead of an earlier
@@ -467,38 +491,41 @@ fn wire_len(headers: &HeaderMap) -> usize {
 /// sends, and each yield cost a write of its own, on both sides of the connection.)
 async fn send_per_key(
     jetstream: jetstream::Context,
-    settings: Settings,
-    batch: Vec<OutboxMessage>,
+    max_in_flight: usize,
+    mut outgoing: Vec<Result<Outgoing, PublishError>>,
     next_in_key: Vec<Option<usize>>,
     firsts: Vec<usize>,
 ) -> Sent {
-    let mut outcomes: Vec<Result<(), PublishError>> = batch
+    let mut outcomes: Vec<Result<(), PublishError>> = outgoing
         .iter()
         .map(|_| Err(PublishError::NotAttempted))
         .collect();
     // Messages whose key has nothing awaiting an ack, in the order they became ready.
     let mut ready: VecDeque<usize> = firsts.into();
     let mut acks = FuturesUnordered::new();
-    let mut unroutable = HashSet::new();
-    let mut unroutable_subjects = BTreeMap::new();
+    let mut unroutable = Vec::new();
     loop {
-        while acks.len() < settings.max_in_flight {
+        while acks.len() < max_in_flight {
             let Some(i) = ready.pop_front() else { break };
-            match send(&jetstream, &settings, &batch[i]).await {
-                Ok(ack) => acks.push(async move { (i, ack.await) }),
+            let message = std::mem::replace(&mut outgoing[i], Err(PublishError::NotAttempted));
+            let sent = match message {
+                Ok(message) => send(&jetstream, message).await,
+                Err(error) => Err(error),
+            };
+            match sent {
+                Ok((id, ack)) => acks.push(async move { (i, id, ack.await) }),
                 // The rest of the key stays `NotAttempted`.
                 Err(error) => outcomes[i] = Err(error),
             }
         }
-        let Some((i, ack)) = acks.next().await else {
+        let Some((i, id, ack)) = acks.next().await else {
             break;
         };
         match ack {
             Ok(ack) => {
                 if ack.duplicate {
                     log::debug!(
-                        "message {} was already in stream {} (seq {})",
-                        batch[i].id,
+                        "message {id} was already in stream {} (seq {})",
                         ack.stream,
                         ack.sequence
                     );
@@ -507,13 +534,7 @@ async fn send_per_key(
                 ready.extend(next_in_key[i]);
             }
             Err(error) if matches!(error.kind(), PublishErrorKind::StreamNotFound) => {
-                let subject = settings
-                    .mapping
-                    .subject(&batch[i].topic, &batch[i].partition_key);
-                let reason = format!("no stream captures subject {subject:?} ({error})");
-                *unroutable_subjects.entry(subject).or_insert(0) += 1;
-                unroutable.insert(i);
-                outcomes[i] = Err(settings.unroutable.error(reason));
+                unroutable.push((i, error.to_string()));
             }
             Err(error) => outcomes[i] = Err(classify(&error)),
         }
@@ -521,22 +542,26 @@ async fn send_per_key(
     Sent {
         outcomes,
         unroutable,
-        unroutable_subjects,
     }
 }
 
-/// Encodes `msg` and hands it to the client; the returned future awaits its ack. The context
-/// holds back the send while `max_in_flight` messages await their ack (it was built with
-/// backpressure); [`send_per_key`] keeps below that on its own.
+/// Hands `message` to the client; the returned future awaits its ack. The context holds back
+/// the send while `max_in_flight` messages await their ack (it was built with backpressure);
+/// [`send_per_key`] keeps below that on its own.
 async fn send(
     jetstream: &jetstream::Context,
-    settings: &Settings,
-    msg: &OutboxMessage,
-) -> Result<jetstream::context::PublishAckFuture, PublishError> {
-    let (subject, headers, body) = prepare(settings, msg).map_err(PublishError::Fatal)?;
+    message: Outgoing,
+) -> Result<(MessageId, jetstream::context::PublishAckFuture), PublishError> {
+    let Outgoing {
+        id,
+        subject,
+        headers,
+        body,
+    } = message;
     jetstream
         .publish_with_headers(subject, headers, body.into())
         .await
+        .map(|ack| (id, ack))
         .map_err(|error| classify(&error))
 }
 
@@ -587,5 +612,32 @@ impl Publisher for NatsPublisher {
     fn limits(&self) -> BrokerLimits {
         BrokerLimits::default()
             .max_message_bytes(self.max_payload().saturating_sub(MESSAGE_RESERVE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_header_name;
+
+    #[test]
+    fn header_names_without_separator_whitespace_or_control_characters_are_valid() {
+        for name in ["ce-id", "X-Trace", "Nats-Msg-Id", "ключ", "a~!#"] {
+            assert!(valid_header_name(name), "{name:?}");
+        }
+        for name in [
+            "",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\r\nb",
+            "a\u{7f}",
+            "a\u{0}",
+            "ключ:",
+            "к лю",
+            "к\u{a0}л",
+            "к\u{85}",
+        ] {
+            assert!(!valid_header_name(name), "{name:?}");
+        }
     }
 }

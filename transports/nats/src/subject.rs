@@ -95,7 +95,13 @@ pub(crate) fn invalid_publish_subject(subject: &str) -> Option<&'static str> {
     if subject.is_empty() {
         return Some("the subject is empty");
     }
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Per byte when ASCII: this runs for every message published.
+    let unprintable = if subject.is_ascii() {
+        subject.bytes().any(|b| !b.is_ascii_graphic())
+    } else {
+        subject.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if unprintable {
         return Some("the subject contains whitespace or control characters");
     }
     for token in subject.split('.') {
