@@ -433,12 +433,13 @@ fn every_dashboard_query_returns_data_from_a_prometheus_scraping_the_relay() {
             std::thread::sleep(Duration::from_millis(100)); // polling interval, not a synchronisation
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The relay is stopped before asserting, so a failure does not leave it running.
+        let (code, stderr) = support::stop_relay(relay, "-TERM", DEADLINE);
         assert!(
             unanswered.is_empty(),
             "dashboard queries without data:\n{}",
             last.join("\n")
         );
+        assert_eq!(code, Some(0), "stderr:\n{stderr}");
     });
-    let (code, stderr) = support::stop_relay(relay, "-TERM", DEADLINE);
-    assert_eq!(code, Some(0), "stderr:\n{stderr}");
 }
