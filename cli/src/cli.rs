@@ -148,6 +148,9 @@ pub(crate) struct RelayArgs {
     /// NATS options: credentials, TLS.
     #[command(flatten)]
     pub(crate) nats: NatsArgs,
+    /// RabbitMQ options: TLS.
+    #[command(flatten)]
+    pub(crate) amqp: AmqpArgs,
     /// Serve Prometheus metrics (no authentication) at http://ADDR/metrics. A bare PORT binds
     /// 127.0.0.1:PORT, this host only; to let a Prometheus on another host scrape it, give
     /// the address to bind, e.g. 0.0.0.0:9090 (with a firewall in front). Off by default.
@@ -207,6 +210,29 @@ impl NatsArgs {
             || self.nats_ca.is_some()
             || self.nats_client_cert.is_some()
             || self.nats_require_tls
+    }
+}
+
+/// How `waybill relay` secures an `amqps://` connection to RabbitMQ. The server name is always
+/// checked against its certificate; for the EXTERNAL mechanism (the client certificate as the
+/// login), add `?auth_mechanism=external` to the URL.
+#[derive(Debug, Default, ClapArgs)]
+pub(crate) struct AmqpArgs {
+    /// RabbitMQ: trust the CA certificates in this PEM file (a private CA) instead of the system's.
+    #[arg(long, env = "AMQP_CA")]
+    pub(crate) amqp_ca: Option<PathBuf>,
+    /// RabbitMQ: present this client certificate (PEM), with --amqp-client-key.
+    #[arg(long, env = "AMQP_CLIENT_CERT", requires = "amqp_client_key")]
+    pub(crate) amqp_client_cert: Option<PathBuf>,
+    /// RabbitMQ: the client certificate's private key (PEM).
+    #[arg(long, env = "AMQP_CLIENT_KEY", requires = "amqp_client_cert")]
+    pub(crate) amqp_client_key: Option<PathBuf>,
+}
+
+impl AmqpArgs {
+    /// Whether any option is set (they need an amqps:// broker URL).
+    pub(crate) fn any(&self) -> bool {
+        self.amqp_ca.is_some() || self.amqp_client_cert.is_some()
     }
 }
 

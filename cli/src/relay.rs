@@ -83,12 +83,19 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
             redact(&broker)
         )));
     }
+    if args.amqp.any() && !broker.starts_with("amqps://") {
+        return Err(CliError::Usage(format!(
+            "--amqp-* options need an amqps:// broker URL, not {}",
+            redact(&broker)
+        )));
+    }
     if broker.starts_with("amqp://") || broker.starts_with("amqps://") {
         #[cfg(feature = "amqp")]
         {
+            let config = waybill_amqp::PublisherConfig::default().tls(amqp_tls(&args.amqp));
             let publishers = (0..relays)
                 .map(|_| {
-                    waybill_amqp::AmqpPublisher::connect(&broker, Default::default())
+                    waybill_amqp::AmqpPublisher::connect(&broker, config.clone())
                         .map_err(|e| broker_error(&broker, &e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -145,6 +152,19 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
     #[cfg(not(all(feature = "amqp", feature = "nats", feature = "kafka")))]
     let _ = (&pool, &mut signals);
     Err(CliError::UnsupportedBroker(redact(&broker)))
+}
+
+/// The TLS options the `--amqp-*` flags ask for.
+#[cfg(feature = "amqp")]
+fn amqp_tls(args: &crate::cli::AmqpArgs) -> waybill_amqp::TlsOptions {
+    let mut tls = waybill_amqp::TlsOptions::default();
+    if let Some(path) = &args.amqp_ca {
+        tls = tls.root_certificates(path);
+    }
+    if let (Some(cert), Some(key)) = (&args.amqp_client_cert, &args.amqp_client_key) {
+        tls = tls.client_certificate(cert, key);
+    }
+    tls
 }
 
 /// The NATS connect options the `--nats-*` flags ask for.

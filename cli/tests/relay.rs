@@ -48,6 +48,16 @@ fn free_port() -> u16 {
 }
 
 fn start_relay(db_url: &str, broker_url: &str, topic: &str, metrics_port: u16) -> Child {
+    start_relay_with(db_url, broker_url, topic, metrics_port, &[])
+}
+
+fn start_relay_with(
+    db_url: &str,
+    broker_url: &str,
+    topic: &str,
+    metrics_port: u16,
+    extra: &[&str],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_waybill"))
         .args([
             "--database-url",
@@ -59,6 +69,7 @@ fn start_relay(db_url: &str, broker_url: &str, topic: &str, metrics_port: u16) -
         .args(["--topics", topic, "--batch-size", "7", "--relays", "2"])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .args(["--stats-interval", "50ms", "--poll-interval", "100ms"])
+        .args(extra)
         .env_remove("DATABASE_URL")
         .env_remove("BROKER_URL")
         .env("RUST_LOG", "warn")
@@ -220,6 +231,65 @@ fn relay_publishes_to_rabbitmq_exports_metrics_carries_traceparent_and_stops_on_
     let port = free_port();
     let relay = start_relay(&db.url, &broker.addr, &topic, port);
     check_relay_run(relay, port, &topic, &ids, "-INT", |mut handler| {
+        consumer
+            .run_once(&mut handler, 100, Duration::from_millis(500))
+            .expect("an AMQP consume");
+    });
+}
+
+/// `amqps://` with a private CA and a client certificate, to RabbitMQ behind a TLS terminator
+/// that demands both; `--amqp-*` options without an `amqps://` URL are refused.
+#[test]
+fn relay_publishes_over_amqps_with_a_private_ca_and_a_client_certificate() {
+    let Some(mut broker) = amqp_common::broker() else {
+        return;
+    };
+    let Some(openssl) = waybill_testkit::tls::openssl() else {
+        return;
+    };
+    let pki = waybill_testkit::tls::Pki::new(&openssl);
+    let upstream = broker
+        .addr
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let terminator = waybill_testkit::tls::TlsTerminator::start(&pki, upstream, true);
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", terminator.port());
+    let db = common::sqlite().unwrap();
+    let topic = amqp_common::unique("ops-tls");
+    let queue = amqp_common::unique("ops-tls-q");
+    broker.cleanup_queue(&queue);
+    broker.cleanup_exchange(&topic);
+    let mut consumer = waybill_amqp::AmqpConsumer::connect(
+        &broker.addr,
+        waybill_amqp::ConsumerConfig::new(&queue).bind(&topic, "#"),
+    )
+    .expect("an AMQP consumer");
+    let ids = enqueue(&db, &topic);
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (ca, cert, key) = (path(&pki.ca), path(&pki.client_cert), path(&pki.client_key));
+    let tls = [
+        "--amqp-ca",
+        &ca,
+        "--amqp-client-cert",
+        &cert,
+        "--amqp-client-key",
+        &key,
+    ];
+    let misfit = support::waybill(
+        &db.url,
+        &[&["relay", "--broker-url", &broker.addr][..], &tls].concat(),
+        "",
+    );
+    misfit.assert_code(1);
+    assert!(misfit.stderr.contains("need an amqps://"), "{misfit:?}");
+
+    let port = free_port();
+    let relay = start_relay_with(&db.url, &url, &topic, port, &tls);
+    check_relay_run(relay, port, &topic, &ids, "-TERM", |mut handler| {
         consumer
             .run_once(&mut handler, 100, Duration::from_millis(500))
             .expect("an AMQP consume");

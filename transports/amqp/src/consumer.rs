@@ -21,7 +21,7 @@ use waybill_outbox_core::StopHandle;
 use crate::fields::{self, short};
 use crate::link::{self, within};
 use crate::topology::{self, ConsumerLink};
-use crate::{redact, Error, Result};
+use crate::{redact, Error, Result, TlsOptions};
 
 /// Header on a dead letter: why it was dead-lettered. The same name on every transport.
 pub use waybill_inbox_core::DEAD_LETTER_REASON;
@@ -68,6 +68,7 @@ pub struct ConsumerConfig {
     poll_timeout: Duration,
     max_reconnect_delay: Duration,
     native_metadata: bool,
+    pub(crate) tls: TlsOptions,
 }
 
 impl ConsumerConfig {
@@ -90,6 +91,7 @@ impl ConsumerConfig {
             poll_timeout: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(30),
             native_metadata: false,
+            tls: TlsOptions::default(),
         }
     }
 
@@ -193,6 +195,14 @@ impl ConsumerConfig {
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// The CA and client certificate of `amqps://` connections (see [`TlsOptions`]).
+    /// Defaults to the system's CA certificates and no client certificate.
+    #[must_use]
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
         self
     }
 

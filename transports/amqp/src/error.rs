@@ -74,6 +74,27 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// A file of the [`TlsOptions`](crate::TlsOptions) could not be read.
+    #[error("reading the {what} {} failed", .path.display())]
+    ReadFile {
+        /// Which option's file.
+        what: &'static str,
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the [`TlsOptions`](crate::TlsOptions) does not hold what it should.
+    #[error("the {what} {} is not usable: {reason}", .path.display())]
+    InvalidFile {
+        /// Which option's file.
+        what: &'static str,
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The broker cancelled the consumer, e.g. because its queue was deleted.
     #[error("the broker cancelled the consumer of queue {queue}")]
     ConsumerCancelled {
@@ -100,7 +121,10 @@ impl Error {
             | Self::Refused { .. }
             | Self::ConnectionLost
             | Self::ConsumerCancelled { .. } => true,
-            Self::Runtime(_) | Self::TooLong { .. } => false,
+            Self::Runtime(_)
+            | Self::TooLong { .. }
+            | Self::ReadFile { .. }
+            | Self::InvalidFile { .. } => false,
         }
     }
 }

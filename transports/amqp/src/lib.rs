@@ -163,6 +163,7 @@ mod error;
 mod fields;
 mod link;
 mod publisher;
+mod tls;
 mod topology;
 
 pub use consumer::{
@@ -176,6 +177,7 @@ pub use error::{redact, Error, Result};
 pub use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 pub use lapin::ExchangeKind;
 pub use publisher::{AmqpPublisher, PublisherConfig, Routing};
+pub use tls::TlsOptions;
 
 /// The AMQP client this transport is built on, for its types in this crate's API
 /// ([`Error::Amqp`] wraps a `lapin::Error`) at the exact version the transport uses.

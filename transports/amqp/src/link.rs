@@ -7,7 +7,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::runtime::Runtime;
 
-use crate::{redact, Error, Result};
+use crate::{redact, Error, Result, TlsOptions};
 
 /// How long closing a connection may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -55,12 +55,18 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Connects to `addr`, opens a channel and enables publisher confirms on it.
-    pub(crate) async fn open(addr: &str, timeout: Duration) -> Result<Self> {
+    /// Connects to `addr` (with `tls` for `amqps://`), opens a channel and enables publisher
+    /// confirms on it.
+    pub(crate) async fn open(addr: &str, tls: &TlsOptions, timeout: Duration) -> Result<Self> {
         let connection = within(
             "connecting",
             timeout,
-            Connection::connect(addr, ConnectionProperties::default()),
+            Connection::connect_with_config(
+                addr,
+                ConnectionProperties::default(),
+                tls.load()?,
+                lapin::runtime::default_runtime()?,
+            ),
         )
         .await?;
         let channel = confirmed_channel(&connection, timeout).await?;

@@ -15,7 +15,7 @@ use waybill_outbox_core::{BrokerLimits, OutboxMessage, PublishError, Publisher, 
 use crate::error::{is_unavailable, lapin_error_is_unavailable};
 use crate::fields::{short, to_table};
 use crate::link::{self, within, Link};
-use crate::{redact, Error, Result};
+use crate::{redact, Error, Result, TlsOptions};
 
 /// AMQP `delivery_mode` of a persistent message.
 const PERSISTENT: u8 = 2;
@@ -66,6 +66,7 @@ pub struct PublisherConfig {
     confirm_timeout: Duration,
     connect_timeout: Duration,
     source: Option<String>,
+    tls: TlsOptions,
 }
 
 impl Default for PublisherConfig {
@@ -78,6 +79,7 @@ impl Default for PublisherConfig {
             confirm_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             source: None,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -137,6 +139,14 @@ impl PublisherConfig {
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// The CA and client certificate of `amqps://` connections (see [`TlsOptions`]).
+    /// Defaults to the system's CA certificates and no client certificate.
+    #[must_use]
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -207,7 +217,7 @@ impl AmqpPublisher {
     /// [`Error::Timeout`](crate::Error::Timeout) when it takes longer than the connect timeout.
     pub fn connect(addr: &str, config: PublisherConfig) -> Result<Self> {
         let runtime = link::runtime()?;
-        let link = runtime.block_on(Link::open(addr, config.connect_timeout))?;
+        let link = runtime.block_on(Link::open(addr, &config.tls, config.connect_timeout))?;
         Ok(Self {
             runtime,
             state: State {
@@ -869,17 +879,19 @@ impl State {
                         .into(),
                 )
             }
-            None => match Link::open(&self.addr, self.config.connect_timeout).await {
-                Ok(link) => {
-                    self.frame_max = link.frame_max();
-                    self.link = Some(link);
-                    Ok(())
+            None => {
+                match Link::open(&self.addr, &self.config.tls, self.config.connect_timeout).await {
+                    Ok(link) => {
+                        self.frame_max = link.frame_max();
+                        self.link = Some(link);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        log::warn!("connecting to {} failed: {error}", redact(&self.addr));
+                        Err(format!("connecting to the broker failed: {error}"))
+                    }
                 }
-                Err(error) => {
-                    log::warn!("connecting to {} failed: {error}", redact(&self.addr));
-                    Err(format!("connecting to the broker failed: {error}"))
-                }
-            },
+            }
         }
     }
 

@@ -191,7 +191,7 @@ impl Plan {
 /// for [`AmqpConsumer::connect`](crate::AmqpConsumer::connect), `false` when reconnecting.
 pub(crate) async fn open(addr: &str, config: &ConsumerConfig, first: bool) -> Result<ConsumerLink> {
     let plan = Plan::new(config, first)?;
-    let link = Link::open(addr, config.connect_timeout).await?;
+    let link = Link::open(addr, &config.tls, config.connect_timeout).await?;
     let mut created = Vec::new();
     match consume(&link, config, &plan, &mut created).await {
         Ok(consumer) => {
@@ -310,7 +310,7 @@ async fn undo(addr: &str, config: &ConsumerConfig, plan: &Plan, created: &[Entit
         .iter()
         .map(|e| format!("{} {}", e.what(), e.name()))
         .collect();
-    let link = match Link::open(addr, config.connect_timeout).await {
+    let link = match Link::open(addr, &config.tls, config.connect_timeout).await {
         Ok(link) => link,
         Err(error) => {
             log::warn!(

@@ -21,6 +21,7 @@ pub mod interop;
 pub mod kafka;
 pub mod memory;
 pub mod outbox;
+pub mod tls;
 
 use std::time::Duration;
 
