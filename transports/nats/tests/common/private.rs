@@ -8,10 +8,12 @@
 
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+// Re-exported for the suites that make certificates; not every suite does.
+#[allow(unused_imports)]
 pub use waybill_testkit::tls::{owner_only, Pki, TempDir};
 /// The programs the private servers need, or `None` after skipping (one line naming what is
 /// missing) when they are not installed.
