@@ -659,6 +659,14 @@ impl OutboxConnection for PgConnection {
         })
     }
 
+    fn maintain_outbox(&mut self) -> Result<()> {
+        let done = crate::partitions::maintain(self)?;
+        if !done.created.is_empty() || done.rolled_off.is_some_and(|r| !r.dropped.is_empty()) {
+            log::debug!("partition maintenance: {done:?}");
+        }
+        Ok(())
+    }
+
     fn requeue_parked_messages(
         &mut self,
         id: Option<MessageId>,

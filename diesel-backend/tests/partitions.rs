@@ -515,3 +515,32 @@ fn rolling_off_while_a_relay_and_a_consumer_run_loses_nothing_and_applies_nothin
         i64::try_from(enqueued).unwrap()
     );
 }
+
+#[test]
+fn the_relays_maintenance_makes_partitions_ahead_and_rolls_off_old_ones() {
+    let Some(db) = common::postgres() else { return };
+    let mut conn = db.conn();
+    let store = DieselStore::new(db.pool.clone());
+    // On the plain layout it does nothing.
+    waybill_outbox_core::OutboxStore::maintain(&store).unwrap();
+    let config = PartitionConfig::default().ahead(2).outbox_retention(DAY);
+    partitions::adopt(&mut conn, &config).unwrap();
+    for table in partitions::status(&mut conn).unwrap() {
+        for partition in table.partitions {
+            conn.batch_execute(&format!("DROP TABLE {}", partition.name))
+                .unwrap();
+        }
+    }
+    old_rows(&mut conn, partitions::OUTBOX_HISTORY, 3, 2);
+
+    waybill_outbox_core::OutboxStore::maintain(&store).unwrap();
+
+    for table in partitions::status(&mut conn).unwrap() {
+        assert!(table.due_for_roll_off().is_empty(), "{table:?}");
+        // The current partition and two ahead.
+        assert_eq!(table.partitions.len(), 3, "{table:?}");
+        let ready = table.ready_until().unwrap();
+        assert!(ready >= table.now + chrono::TimeDelta::days(2), "{table:?}");
+    }
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM outbox_published"), 0);
+}
