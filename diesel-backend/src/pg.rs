@@ -661,7 +661,7 @@ impl OutboxConnection for PgConnection {
 
     fn maintain_outbox(&mut self) -> Result<()> {
         let done = crate::partitions::maintain(self)?;
-        if !done.created.is_empty() || done.rolled_off.is_some_and(|r| !r.dropped.is_empty()) {
+        if !done.created.is_empty() || done.rolled_off.as_ref().is_some_and(|r| !r.dropped.is_empty()) {
             log::debug!("partition maintenance: {done:?}");
         }
         Ok(())
