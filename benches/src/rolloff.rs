@@ -10,11 +10,12 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use waybill_diesel::partitions::{self, PartitionConfig};
 use waybill_diesel::OutboxConnection;
-use waybill_outbox_core::{RelayConfig, Retention};
+use waybill_diesel::{Inbox, IncomingMessage};
+use waybill_outbox_core::{MessageId, RelayConfig, Retention};
 
 use crate::common::{
-    create_schema, drain, drop_schema, fill_pg, row, thousands, Error, Figures, NoopPublisher,
-    PgPool, Settings,
+    alternate, create_schema, drain, drop_schema, fill_pg, rate, row, thousands, Error, Figures,
+    NoopPublisher, PgPool, Settings,
 };
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -65,6 +66,10 @@ fn partitioned(pool: &PgPool, width: Duration, retention: Duration) -> Result<()
         .inbox_retention(retention);
     partitions::adopt(&mut *pool.get()?, &config)?;
     Ok(())
+}
+
+fn pool_is_partitioned(pool: &PgPool) -> Result<bool, Error> {
+    Ok(partitions::is_partitioned(&mut *pool.get()?)?)
 }
 
 fn purge_all(conn: &mut PgConnection) -> Result<(), Error> {
@@ -141,12 +146,72 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
         drop_schema(&settings.pg_url, &plain_schema)?;
         drop_schema(&settings.pg_url, &parts_schema)?;
 
-        // Size over cycles, no VACUUM: fill, drain under retention, forget what was published.
+        // The layouts' hot paths: a relay draining under retention, and an inbox processing
+        // new messages (an empty handler, one transaction each), plain vs partitioned.
         let backlog = settings.backlog();
-        let cycles = 6;
         let keep = RelayConfig::default()
             .batch_size(1000)
             .retention(Retention::Keep(DAY));
+        let plain = create_schema(&settings.pg_url, &plain_schema)?;
+        let parts = create_schema(&settings.pg_url, &parts_schema)?;
+        partitioned(&parts, DAY, DAY)?;
+        let relay_round = |pool: &PgPool| -> Result<f64, Error> {
+            pool.get()?.batch_execute(if pool_is_partitioned(pool)? {
+                "TRUNCATE outbox_messages, outbox_published"
+            } else {
+                "TRUNCATE outbox_messages"
+            })?;
+            fill_pg(&mut *pool.get()?, "orders", backlog, 0)?;
+            drain(pool, backlog, 1, keep.clone(), || Ok(NoopPublisher))
+        };
+        let (a, b) = alternate(
+            settings.rounds(),
+            || relay_round(&plain),
+            || relay_round(&parts),
+        )?;
+        row(
+            &format!("relay drain of {backlog}, batch 1000, retention keep: plain (A) vs partitioned layout (B)"),
+            &rate(a, "msg/s"),
+            &rate(b, "msg/s"),
+            &format!("{:.2} (`rolloff_relay_partitioned_vs_plain`, B/A)", b / a),
+        );
+        figures.set("rolloff_relay_msgs_per_s_plain", a);
+        figures.set("rolloff_relay_msgs_per_s_partitioned", b);
+        figures.set("rolloff_relay_partitioned_vs_plain", b / a);
+        let messages = settings.pick(2_000, 20_000);
+        let body = crate::common::payload(0).to_string().into_bytes();
+        let inbox_round = |pool: &PgPool| -> Result<f64, Error> {
+            let mut conn = pool.get()?;
+            let inbox = Inbox::new(format!("bench-{}", MessageId::new()));
+            let began = Instant::now();
+            for _ in 0..messages {
+                let message =
+                    IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", body.clone());
+                inbox.process_once(&mut *conn, &message, |_| Ok::<_, waybill_diesel::Error>(()))?;
+            }
+            Ok(messages as f64 / began.elapsed().as_secs_f64())
+        };
+        let (a, b) = alternate(
+            settings.rounds(),
+            || inbox_round(&plain),
+            || inbox_round(&parts),
+        )?;
+        row(
+            &format!("inbox process_once of {messages} new messages, 1 client: plain (A) vs partitioned layout (B)"),
+            &rate(a, "msg/s"),
+            &rate(b, "msg/s"),
+            &format!("{:.2} (`rolloff_inbox_partitioned_vs_plain`, B/A)", b / a),
+        );
+        figures.set("rolloff_inbox_msgs_per_s_plain", a);
+        figures.set("rolloff_inbox_msgs_per_s_partitioned", b);
+        figures.set("rolloff_inbox_partitioned_vs_plain", b / a);
+        drop(plain);
+        drop(parts);
+        drop_schema(&settings.pg_url, &plain_schema)?;
+        drop_schema(&settings.pg_url, &parts_schema)?;
+
+        // Size over cycles, no VACUUM: fill, drain under retention, forget what was published.
+        let cycles = 6;
         let mut sizes = [Vec::new(), Vec::new()];
         for (layout, sizes) in sizes.iter_mut().enumerate() {
             let schema = [&plain_schema, &parts_schema][layout];
