@@ -661,7 +661,12 @@ impl OutboxConnection for PgConnection {
 
     fn maintain_outbox(&mut self) -> Result<()> {
         let done = crate::partitions::maintain(self)?;
-        if !done.created.is_empty() || done.rolled_off.as_ref().is_some_and(|r| !r.dropped.is_empty()) {
+        if !done.created.is_empty()
+            || done
+                .rolled_off
+                .as_ref()
+                .is_some_and(|r| !r.dropped.is_empty())
+        {
             log::debug!("partition maintenance: {done:?}");
         }
         Ok(())
@@ -697,6 +702,20 @@ impl OutboxConnection for PgConnection {
             .select(Row::as_select())
             .first(self)
             .optional()?;
+        let row = match row {
+            Some(row) => Some(row),
+            // The partitioned layout moved it into the history once it was published.
+            None if crate::partitions::is_partitioned(self)? => diesel::sql_query(
+                "SELECT seq, id, topic, partition_key, message_type, content_type, payload, \
+                   headers, 1::smallint AS status, attempts, NULL::text AS last_error, \
+                   published_at AS available_at, created_at, published_at \
+                 FROM outbox_published WHERE id = $1 LIMIT 1",
+            )
+            .bind::<diesel::sql_types::Uuid, _>(*id.as_uuid())
+            .get_result(self)
+            .optional()?,
+            None => None,
+        };
         row.map(|row| RawRow::from(row).into_message()).transpose()
     }
 

@@ -167,12 +167,17 @@ fn adopting_moves_history_and_records_and_reverting_brings_them_back() {
             .unwrap();
         assert!(matches!(again, Processed::Duplicate), "{again:?}");
     }
-    // The pending ones publish into the history.
+    // The pending ones publish into the history, where they are still found by id.
     drain(&mut relay);
     assert_eq!(
         count(&mut conn, "SELECT count(*) FROM outbox_published"),
         40
     );
+    let found = waybill_diesel::find_message(&mut *conn, pending[0].id())
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.status, waybill_outbox_core::Status::Published);
+    assert_eq!(found.payload, pending[0].payload());
     assert_eq!(count(&mut conn, "SELECT count(*) FROM outbox_messages"), 0);
     let status = partitions::status(&mut conn).unwrap();
     assert_eq!(status.len(), 2);
