@@ -555,3 +555,36 @@ fn the_relays_maintenance_makes_partitions_ahead_and_rolls_off_old_ones() {
     }
     assert_eq!(count(&mut conn, "SELECT count(*) FROM outbox_published"), 0);
 }
+
+#[test]
+fn a_roll_off_drops_what_an_interrupted_one_detached_and_marks_its_records() {
+    let Some(db) = common::postgres() else { return };
+    let mut conn = db.conn();
+    partitions::adopt(&mut conn, &PartitionConfig::default().inbox_retention(DAY)).unwrap();
+    let old = old_rows(&mut conn, partitions::INBOX_RECORDS, 4, 2);
+    let name = partitions::status(&mut conn)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.parent == partitions::INBOX_RECORDS)
+        .unwrap()
+        .due_for_roll_off()[0]
+        .name
+        .clone();
+    // A roll-off that stopped between its DETACH and its DROP (and before any mark).
+    conn.batch_execute(&format!(
+        "ALTER TABLE inbox_processed_log DETACH PARTITION {name}"
+    ))
+    .unwrap();
+
+    let rolled = partitions::roll_off(&mut conn, true).unwrap();
+
+    assert_eq!(rolled.dropped, [name]);
+    let redelivery = IncomingMessage::new(old[0], "orders", "Step", b"\x00".to_vec())
+        .with_sent_at(chrono::Utc::now() - chrono::TimeDelta::days(5));
+    let again = Inbox::new("billing")
+        .process_once(&mut *conn, &redelivery, |_| {
+            Ok::<_, waybill_diesel::Error>(())
+        })
+        .unwrap();
+    assert!(matches!(again, Processed::Expired), "{again:?}");
+}

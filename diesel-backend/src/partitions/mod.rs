@@ -418,10 +418,13 @@ struct Due {
     name: String,
     #[diesel(sql_type = Bool)]
     detach_pending: bool,
+    #[diesel(sql_type = Bool)]
+    detached: bool,
 }
 
 /// Detaches (`CONCURRENTLY`) and drops every partition whose upper bound is further behind
-/// the database clock than its table's retention, and finishes a detach a crash interrupted.
+/// the database clock than its table's retention, finishes a detach a crash interrupted, and
+/// drops a partition a failed roll-off detached but did not drop.
 /// Before a partition of inbox records goes, each consumer's purge mark is raised to the
 /// newest `processed_at` in it (then once more from the detached table, for a record a
 /// transaction that began before the bound wrote late), so a duplicate of a dropped record is
@@ -480,17 +483,30 @@ fn roll_off_locked(conn: &mut PgConnection) -> Result<Vec<String>> {
     for parent in [OUTBOX_HISTORY, INBOX_RECORDS] {
         let due: Vec<Due> = diesel::sql_query(format!(
             "WITH parts AS ({PARTITIONS}) \
-             SELECT name, detach_pending FROM parts \
+             SELECT name, detach_pending, false AS detached FROM parts \
              WHERE detach_pending OR upper_bound <= statement_timestamp() - \
                (SELECT retain FROM waybill_partitioning WHERE parent = $1) \
              ORDER BY upper_bound"
         ))
         .bind::<Text, _>(parent)
         .load(conn)?;
+        // Detached by a roll-off that failed before its DROP: standalone tables of our names.
+        let left: Vec<Due> = diesel::sql_query(
+            "SELECT c.relname::text AS name, false AS detach_pending, true AS detached \
+             FROM pg_class c \
+             WHERE c.relnamespace = (SELECT relnamespace FROM pg_class \
+                                     WHERE oid = to_regclass($1)) \
+               AND c.relkind = 'r' AND NOT c.relispartition \
+               AND c.relname LIKE $1 || '\\_p%' \
+             ORDER BY c.relname",
+        )
+        .bind::<Text, _>(parent)
+        .load(conn)?;
         for Due {
             name,
             detach_pending,
-        } in due
+            detached,
+        } in left.into_iter().chain(due)
         {
             // Our own names only: they go into statements as identifiers.
             if !name
@@ -503,14 +519,16 @@ fn roll_off_locked(conn: &mut PgConnection) -> Result<Vec<String>> {
             if parent == INBOX_RECORDS {
                 raise_purge_marks(conn, &name)?;
             }
-            let how = if detach_pending {
-                "FINALIZE"
-            } else {
-                "CONCURRENTLY"
-            };
-            conn.batch_execute(&format!(
-                "ALTER TABLE {parent} DETACH PARTITION \"{name}\" {how}"
-            ))?;
+            if !detached {
+                let how = if detach_pending {
+                    "FINALIZE"
+                } else {
+                    "CONCURRENTLY"
+                };
+                conn.batch_execute(&format!(
+                    "ALTER TABLE {parent} DETACH PARTITION \"{name}\" {how}"
+                ))?;
+            }
             if parent == INBOX_RECORDS {
                 raise_purge_marks(conn, &name)?;
             }
