@@ -132,16 +132,28 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
             Ok(())
         })?;
         row(
-            &format!("forgetting {} rows of history: WAL, bounded DELETE (A) vs roll-off (B)", thousands(rows as f64)),
+            &format!(
+                "forgetting {} rows of history: WAL, bounded DELETE (A) vs roll-off (B)",
+                thousands(rows as f64)
+            ),
             &format!("{:.1} MB", delete_wal / 1e6),
             &format!("{:.1} kB", rolloff_wal / 1e3),
-            &format!("{:.5} (`rolloff_vs_delete_wal_ratio`)", rolloff_wal / delete_wal),
+            &format!(
+                "{:.5} (`rolloff_vs_delete_wal_ratio`)",
+                rolloff_wal / delete_wal
+            ),
         );
         row(
-            &format!("forgetting {} rows of history: time, bounded DELETE (A) vs roll-off (B)", thousands(rows as f64)),
+            &format!(
+                "forgetting {} rows of history: time, bounded DELETE (A) vs roll-off (B)",
+                thousands(rows as f64)
+            ),
             &format!("{:.2} s", delete_s),
             &format!("{:.3} s", rolloff_s),
-            &format!("{:.4} (`rolloff_vs_delete_time_ratio`)", rolloff_s / delete_s),
+            &format!(
+                "{:.4} (`rolloff_vs_delete_time_ratio`)",
+                rolloff_s / delete_s
+            ),
         );
         figures.set("rolloff_rows", rows as f64);
         figures.set("rolloff_delete_wal_bytes", delete_wal);
@@ -196,7 +208,11 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
             for _ in 0..messages {
                 let message =
                     IncomingMessage::new(MessageId::new(), "orders", "OrderPlaced", body.clone());
-                inbox.process_once(&mut *conn, &message, |_| Ok::<_, waybill_diesel::Error>(()))?;
+                let done = inbox
+                    .process_once(&mut *conn, &message, |_| Ok::<_, waybill_diesel::Error>(()))?;
+                if done.handled().is_none() {
+                    return Err("a new message was not handled".into());
+                }
             }
             Ok(messages as f64 / began.elapsed().as_secs_f64())
         };
@@ -230,9 +246,8 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
                 // soon as its second is over.
                 partitioned(&pool, Duration::from_secs(1), Duration::ZERO)?;
             }
-            pool.get()?.batch_execute(
-                "ALTER TABLE outbox_messages SET (autovacuum_enabled = false)",
-            )?;
+            pool.get()?
+                .batch_execute("ALTER TABLE outbox_messages SET (autovacuum_enabled = false)")?;
             for _ in 0..cycles {
                 fill_pg(&mut *pool.get()?, "orders", backlog, 0)?;
                 drain(&pool, backlog, 1, keep.clone(), || Ok(NoopPublisher))?;
@@ -280,8 +295,14 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
             "(`rolloff_queue_growth_over_cycles`)",
         );
         figures.set("rolloff_delete_table_mb_first_cycle", plain_queue[0] / 1e6);
-        figures.set("rolloff_delete_table_mb_last_cycle", plain_queue[cycles - 1] / 1e6);
-        figures.set("rolloff_delete_table_growth_over_cycles", growth(&plain_queue));
+        figures.set(
+            "rolloff_delete_table_mb_last_cycle",
+            plain_queue[cycles - 1] / 1e6,
+        );
+        figures.set(
+            "rolloff_delete_table_growth_over_cycles",
+            growth(&plain_queue),
+        );
         figures.set("rolloff_history_mb_first_cycle", history[0] / 1e6);
         figures.set("rolloff_history_mb_last_cycle", history[cycles - 1] / 1e6);
         figures.set("rolloff_history_growth_over_cycles", growth(&history));
