@@ -155,8 +155,10 @@ BEGIN
     SELECT seq, id, topic, partition_key, message_type, content_type, payload, headers,
            attempts, created_at, coalesce(published_at, statement_timestamp())
     FROM published WHERE status = 1;
-    DELETE FROM outbox_messages m USING published p
-    WHERE p.status = 1 AND m.seq = p.seq AND m.status = 1;
+    -- By primary key: the planner has no statistics on a transition table and joined it in a
+    -- nested loop (a batch of 1,000 took a million comparisons).
+    DELETE FROM outbox_messages
+    WHERE seq = ANY(ARRAY(SELECT seq FROM published WHERE status = 1)) AND status = 1;
     RETURN NULL;
 END;
 $$;
