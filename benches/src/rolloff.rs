@@ -199,7 +199,7 @@ pub fn run(settings: &Settings, figures: &mut Figures) -> Result<(), Error> {
         figures.set("rolloff_relay_msgs_per_s_plain", a);
         figures.set("rolloff_relay_msgs_per_s_partitioned", b);
         figures.set("rolloff_relay_partitioned_vs_plain", b / a);
-        let messages = settings.pick(2_000, 20_000);
+        let messages = settings.pick(2_000, 5_000);
         let body = crate::common::payload(0).to_string().into_bytes();
         let inbox_round = |pool: &PgPool| -> Result<f64, Error> {
             let mut conn = pool.get()?;
