@@ -588,3 +588,42 @@ fn a_roll_off_drops_what_an_interrupted_one_detached_and_marks_its_records() {
         .unwrap();
     assert!(matches!(again, Processed::Expired), "{again:?}");
 }
+
+#[test]
+fn a_mixed_write_back_and_an_update_from_elsewhere_both_move_published_rows_into_the_history() {
+    let Some(db) = common::postgres() else { return };
+    let mut conn = db.conn();
+    partitions::adopt(&mut conn, &PartitionConfig::default()).unwrap();
+    for table in partitions::status(&mut conn).unwrap() {
+        for partition in table.partitions {
+            conn.batch_execute(&format!("DROP TABLE {}", partition.name))
+                .unwrap();
+        }
+    }
+    let messages = enqueue(&db, 10);
+    let refused = messages[3].id();
+    // One message fails (retried later), so the write-back takes its transactional path.
+    let publisher = InMemoryPublisher::new().with_fault(move |m| {
+        (m.id == refused).then(|| waybill_outbox_core::PublishError::Retryable("nack".into()))
+    });
+    let mut relay = keeping_relay(&db, publisher.clone());
+    relay.run_once().unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM outbox_published"), 9);
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM outbox_messages WHERE status = 0"
+        ),
+        1
+    );
+    // A relay of an older version (or hand-written SQL) marks in place: the trigger moves it.
+    conn.batch_execute(
+        "UPDATE outbox_messages SET status = 1, published_at = statement_timestamp()",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM outbox_published"),
+        10
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM outbox_messages"), 0);
+}

@@ -139,9 +139,9 @@ DROP TABLE inbox_processed_unpartitioned;
 CREATE VIEW inbox_processed AS
     SELECT consumer, dedup_key, message_id, processed_at, payload_digest FROM inbox_processed_log;
 
--- Moves what an UPDATE marked published (status 1) into the history, once per statement:
--- the relay's write-back is unchanged, and so is its cost in outbox_messages (today's mark
--- plus the later purge's delete), while the history costs one insert and nothing to forget.
+-- Moves what an UPDATE marked published (status 1) into the history, once per statement. The
+-- relay moves its rows itself (a DELETE .. RETURNING feeding the history insert); this catches
+-- a relay of an older version and hand-written SQL that mark in place.
 CREATE FUNCTION waybill_outbox_move_published() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     at TIMESTAMPTZ;

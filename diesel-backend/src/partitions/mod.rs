@@ -8,12 +8,14 @@
 //! and `DROP TABLE`: catalog operations, no per-row WAL, nothing to vacuum.
 //!
 //! - **Pending messages are never dropped**: they stay in `outbox_messages`, which is not
-//!   partitioned. A trigger moves a message into the history in the statement that marks it
-//!   published, so the relay's write-back is unchanged.
+//!   partitioned. The relay's write-back deletes a published message from it and inserts it
+//!   into the history in one statement (and a trigger moves any row another writer marks
+//!   published), so only published messages are ever in a partition.
 //! - **No DEFAULT partition** (it would make `DETACH .. CONCURRENTLY` impossible). An insert
 //!   never fails for want of a partition: [`create_ahead`] keeps [`PartitionConfig::ahead`]
-//!   partitions ready, and every insert path (the history trigger, the inbox's insert trigger)
-//!   first makes the partition it needs if create-ahead lagged, under an advisory lock.
+//!   partitions ready, and every insert path makes the partition it needs if create-ahead
+//!   lagged, under an advisory lock: the inbox's insert trigger and the history trigger first,
+//!   the relay's write-back when its insert found no partition (then it writes again).
 //! - **Inbox dedup across partitions**: a record is unique per (consumer, key) across all
 //!   partitions (an advisory lock per key and a lookup, in the insert trigger). Before a
 //!   partition of records is dropped, each consumer's purge mark is raised to the newest
