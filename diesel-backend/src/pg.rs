@@ -614,7 +614,7 @@ impl OutboxConnection for PgConnection {
                 Retention::Keep(_) if partitioned => WRITE_BACK_MOVE,
                 Retention::Keep(_) => WRITE_BACK_MARK,
             };
-            let mut write_back = |conn: &mut PgConnection| {
+            let write_back = |conn: &mut PgConnection| {
                 Prepared(
                     diesel::sql_query(statement)
                         .bind::<BigInt, _>(token)
