@@ -173,6 +173,16 @@ CREATE TRIGGER outbox_messages_move_published AFTER UPDATE ON outbox_messages
 -- before the wait and let the duplicate in, so it is refused. Returns NULL for a duplicate,
 -- so `INSERT .. ON CONFLICT DO NOTHING` reports 0 rows as it does on the plain table.
 CREATE FUNCTION waybill_inbox_record() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    -- The partition this session last found or made, so most inserts skip the check:
+    -- '<table oid> <lower> <upper> <upper + retention>' in microseconds since the epoch. It
+    -- holds a time within its bounds while no roll-off can have dropped it (the clock is before
+    -- upper + retention). Partitions dropped by hand, not by a roll-off, are not noticed.
+    known TEXT := current_setting('waybill.inbox_partition', true);
+    log_oid TEXT := to_regclass('inbox_processed_log')::oid::text;
+    at_us BIGINT;
+    fresh BOOLEAN := false;
+    part RECORD;
 BEGIN
     IF current_setting('transaction_isolation') = 'repeatable read' THEN
         RAISE EXCEPTION 'the partitioned inbox needs READ COMMITTED or SERIALIZABLE, not REPEATABLE READ'
@@ -184,7 +194,23 @@ BEGIN
                WHERE consumer = NEW.consumer AND dedup_key = NEW.dedup_key) THEN
         RETURN NULL;
     END IF;
-    PERFORM waybill_ensure_partition('inbox_processed_log', NEW.processed_at);
+    at_us := (extract(epoch FROM NEW.processed_at) * 1000000)::bigint;
+    IF split_part(known, ' ', 1) = log_oid THEN
+        fresh := at_us >= split_part(known, ' ', 2)::bigint
+             AND at_us < split_part(known, ' ', 3)::bigint
+             AND (extract(epoch FROM statement_timestamp()) * 1000000)::bigint
+                 < split_part(known, ' ', 4)::bigint;
+    END IF;
+    IF NOT fresh THEN
+        PERFORM waybill_ensure_partition('inbox_processed_log', NEW.processed_at);
+        SELECT f.lower_bound, f.upper_bound, c.retain INTO part
+        FROM waybill_partition_for('inbox_processed_log', NEW.processed_at) f
+        CROSS JOIN waybill_partitioning c WHERE c.parent = 'inbox_processed_log';
+        PERFORM set_config('waybill.inbox_partition', concat_ws(' ', log_oid,
+            (extract(epoch FROM part.lower_bound) * 1000000)::bigint,
+            (extract(epoch FROM part.upper_bound) * 1000000)::bigint,
+            (extract(epoch FROM part.upper_bound + part.retain) * 1000000)::bigint), false);
+    END IF;
     INSERT INTO inbox_processed_log (consumer, dedup_key, message_id, processed_at,
                                      payload_digest)
     VALUES (NEW.consumer, NEW.dedup_key, NEW.message_id, NEW.processed_at, NEW.payload_digest);
