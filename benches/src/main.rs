@@ -4,7 +4,7 @@
 //! brokers. The machine is noisy: read the ratios, not the absolute figures.
 //!
 //! Run with: `cargo run --release --manifest-path benches/Cargo.toml -- [--quick] [--json PATH]
-//! [--only enqueue,inbox,drain,oxide,brokers,latency,growth]`
+//! [--only enqueue,inbox,drain,oxide,brokers,latency,growth,rolloff]`
 //!
 //! Servers from `PG_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
 //! `AMQP_ADDR` (`amqp://guest:guest@127.0.0.1:5672/%2f`), `NATS_URL`
@@ -23,6 +23,7 @@ mod latency;
 #[cfg(feature = "oxide")]
 mod oxide;
 mod plots;
+mod rolloff;
 
 use std::time::Instant;
 
@@ -30,8 +31,8 @@ use diesel::connection::SimpleConnection;
 
 use common::{create_schema, drop_schema, Error, Figures, Settings};
 
-const SCENARIOS: [&str; 7] = [
-    "enqueue", "inbox", "drain", "oxide", "brokers", "latency", "growth",
+const SCENARIOS: [&str; 8] = [
+    "enqueue", "inbox", "drain", "oxide", "brokers", "latency", "growth", "rolloff",
 ];
 
 fn env_or(name: &str, default: &str) -> String {
@@ -101,6 +102,7 @@ fn main() -> Result<(), Error> {
             "oxide" => oxide(&settings, &pool, &mut figures),
             "brokers" => brokers::run(&settings, &pool, &mut figures),
             "latency" => latency::run(&settings, &pool, &mut figures).map(|m| latencies = Some(m)),
+            "rolloff" => rolloff::run(&settings, &mut figures),
             _ => growth::run(&settings, &mut figures),
         };
         if let Err(error) = outcome {

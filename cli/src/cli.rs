@@ -79,6 +79,54 @@ pub(crate) enum Operation {
     },
     /// Run the embedded migrations that have not run yet.
     Migrate,
+    /// PostgreSQL's partitioned layout: history and inbox records forgotten by dropping time
+    /// partitions instead of DELETE (see docs/operations.md).
+    Partitions {
+        /// What to do.
+        #[command(subcommand)]
+        command: PartitionsCommand,
+    },
+}
+
+/// `waybill partitions ...` (PostgreSQL only).
+#[derive(Debug, Subcommand)]
+pub(crate) enum PartitionsCommand {
+    /// Per partitioned table: width, retention, partitions, how far ahead inserts find theirs
+    /// made, and what the next roll-off drops.
+    Status,
+    /// Make the current partition and the configured number ahead where missing.
+    CreateAhead,
+    /// Detach (CONCURRENTLY) and drop the partitions past retention; one roll-off at a time.
+    RollOff {
+        /// Return at once when another roll-off runs, instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Switch to the partitioned layout, moving the history and the inbox records (writers
+    /// wait while they are copied).
+    Adopt {
+        /// Time range of one partition (whole seconds, e.g. 1d, 6h).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1d")]
+        width: Duration,
+        /// How long published history is kept.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+        outbox_retention: Duration,
+        /// How long inbox records are kept (at least every consumer's retention window).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+        inbox_retention: Duration,
+        /// Partitions past the current one to keep ready.
+        #[arg(long, default_value_t = 3)]
+        ahead: u32,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Switch back to the plain layout, moving the history and the records back.
+    Revert {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -82,6 +82,17 @@ fn target(url: &str) -> Result<Target, CliError> {
 /// Runs `args.command` on the database `args.database_url` names.
 pub(crate) fn run(args: Args) -> Result<(), CliError> {
     let url = args.database_url.clone().ok_or(CliError::NoDatabase)?;
+    if let Command::Operation(Operation::Partitions { command }) = args.command {
+        return match target(&url)? {
+            #[cfg(feature = "postgres")]
+            Target::Postgres(url) => crate::partitions::run(
+                &mut connect::<diesel::PgConnection>(&url)?,
+                command,
+                args.json,
+            ),
+            _ => Err(CliError::PartitionsNeedPostgres(redact(&url))),
+        };
+    }
     match target(&url)? {
         Target::Postgres(url) => {
             #[cfg(feature = "postgres")]

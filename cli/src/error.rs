@@ -104,6 +104,9 @@ pub(crate) enum CliError {
     /// Writing JSON failed.
     #[error("json")]
     Json(#[from] serde_json::Error),
+    /// `waybill partitions` on a database other than PostgreSQL.
+    #[error("{0}: partitions are a PostgreSQL layout; this database is not PostgreSQL")]
+    PartitionsNeedPostgres(String),
     /// A destructive command was not confirmed.
     #[error("aborted")]
     Aborted,

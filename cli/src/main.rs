@@ -10,6 +10,8 @@ mod db;
 mod error;
 mod operate;
 mod output;
+#[cfg(feature = "postgres")]
+mod partitions;
 mod relay;
 
 use std::process::ExitCode;

@@ -95,6 +95,10 @@ pub(crate) fn operate<C: OpsConnection + Connection>(
             }
             Ok(())
         }
+        // Dispatched before a backend is chosen (PostgreSQL only): see `db::run`.
+        Operation::Partitions { .. } => Err(CliError::Usage(
+            "partitions are a PostgreSQL layout".to_owned(),
+        )),
     }
 }
 
@@ -170,7 +174,7 @@ fn parse_id(text: &str) -> Result<MessageId, CliError> {
 }
 
 /// Asks `question [y/N]` on stderr and reads the answer from stdin, unless `yes`.
-fn confirm(yes: bool, question: &str) -> Result<(), CliError> {
+pub(crate) fn confirm(yes: bool, question: &str) -> Result<(), CliError> {
     if yes {
         return Ok(());
     }

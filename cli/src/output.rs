@@ -237,7 +237,11 @@ fn print_json(out: &mut impl Write, value: &Value) -> Result<(), CliError> {
 }
 
 /// Left-aligned columns, two spaces apart.
-fn table(out: &mut impl Write, headers: &[&str], rows: Vec<Vec<String>>) -> Result<(), CliError> {
+pub(crate) fn table(
+    out: &mut impl Write,
+    headers: &[&str],
+    rows: Vec<Vec<String>>,
+) -> Result<(), CliError> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -83,6 +83,17 @@ pub trait OutboxConnection {
     /// Database failures.
     fn purge_published_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64>;
 
+    /// The relay's storage upkeep, once per purge interval: on PostgreSQL's partitioned layout
+    /// (`waybill_diesel::partitions::maintain`) the partitions made ahead and
+    /// the old ones rolled off by one relay at a time; elsewhere nothing (the default).
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn maintain_outbox(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Puts parked messages back to pending with a fresh attempt count: the one with `id`, or
     /// all of `partition_key`, or all parked messages when both are `None`. Returns how many.
     ///
@@ -198,6 +209,9 @@ mod pooled {
         }
         fn purge_published_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64> {
             (**self).purge_published_messages(older_than, limit)
+        }
+        fn maintain_outbox(&mut self) -> Result<()> {
+            (**self).maintain_outbox()
         }
         fn requeue_parked_messages(
             &mut self,

@@ -139,6 +139,27 @@ pub enum Error {
         /// The message whose handler ran.
         message_id: MessageId,
     },
+    /// The partitioned layout is not adopted on this database (no `waybill_partitioning`
+    /// table in the connection's search path); nothing was changed.
+    #[error("the partitioned layout is not adopted here; run `waybill partitions adopt` first")]
+    NotPartitioned,
+    /// The partitioned layout is adopted already; nothing was changed.
+    #[error("the partitioned layout is adopted already")]
+    AlreadyPartitioned,
+    /// A partition setting is out of bounds; nothing was changed.
+    #[error("partition {what} must be {bound}, not {value:?}")]
+    InvalidPartitionConfig {
+        /// The setting: `width`, `retention` or `ahead`.
+        what: &'static str,
+        /// What it must be.
+        bound: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A roll-off detaches partitions `CONCURRENTLY`, which PostgreSQL refuses inside a
+    /// transaction block; call it on a connection outside any transaction.
+    #[error("a partition roll-off cannot run inside a transaction")]
+    RollOffInTransaction,
 }
 
 /// The result type of this crate.

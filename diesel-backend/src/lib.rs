@@ -103,6 +103,8 @@ pub mod inbox;
 pub mod mysql;
 pub mod ops;
 #[cfg(feature = "postgres")]
+pub mod partitions;
+#[cfg(feature = "postgres")]
 pub mod pg;
 #[cfg(feature = "postgres")]
 mod prepared;

@@ -158,6 +158,10 @@ impl<C: OutboxConnection + R2D2Connection + 'static> OutboxStore for DieselStore
         self.conn()?.purge_published_messages(older_than, limit)
     }
 
+    fn maintain(&self) -> Result<()> {
+        self.conn()?.maintain_outbox()
+    }
+
     fn announce_idle(&self, idle: bool) -> Result<()> {
         if self.cannot_listen.load(Ordering::Relaxed) {
             return Ok(());

@@ -781,20 +781,24 @@ fn wait_idle<S: OutboxStore>(
     }
 }
 
-/// Under retention, deletes what is past the window once per purge interval, in bounded batches.
+/// Once per purge interval: the store's maintenance, then, under retention, deletes what is past
+/// the window in bounded batches.
 fn purge_if_due<S: OutboxStore>(
     store: &S,
     handle: &StopHandle,
     config: &RelayConfig,
     last_purge: &mut Option<Instant>,
 ) {
-    let Retention::Keep(window) = config.retention else {
-        return;
-    };
     if last_purge.is_some_and(|at| at.elapsed() < config.purge_interval) {
         return;
     }
     *last_purge = Some(Instant::now());
+    if let Err(error) = store.maintain() {
+        log::warn!("storage maintenance (partitions) failed: {error}");
+    }
+    let Retention::Keep(window) = config.retention else {
+        return;
+    };
     let mut purged = 0;
     while !handle.is_stopped() {
         match store.purge_published(window, config.purge_batch_size) {
@@ -965,6 +969,50 @@ fn record_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts maintenance and purge calls; has nothing to claim.
+    #[derive(Default)]
+    struct Upkeep {
+        maintained: std::cell::Cell<u32>,
+        purged: std::cell::Cell<u32>,
+    }
+
+    impl OutboxStore for Upkeep {
+        type Error = std::convert::Infallible;
+        fn claim(&self, _: usize, _: Duration, _: &str) -> Result<Claimed, Self::Error> {
+            Ok(Claimed::new(0, Vec::new()))
+        }
+        fn complete(
+            &self,
+            _: LeaseToken,
+            _: &[Completion],
+            _: Retention,
+        ) -> Result<CompleteReport, Self::Error> {
+            Ok(CompleteReport::default())
+        }
+        fn purge_published(&self, _: Duration, _: usize) -> Result<u64, Self::Error> {
+            self.purged.set(self.purged.get() + 1);
+            Ok(0)
+        }
+        fn maintain(&self) -> Result<(), Self::Error> {
+            self.maintained.set(self.maintained.get() + 1);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn maintenance_runs_once_per_purge_interval_whatever_the_retention() {
+        let store = Upkeep::default();
+        let handle = StopHandle::default();
+        let mut last = None;
+        let config = RelayConfig::default().purge_interval(Duration::from_secs(3600));
+        purge_if_due(&store, &handle, &config, &mut last);
+        purge_if_due(&store, &handle, &config, &mut last);
+        assert_eq!((store.maintained.get(), store.purged.get()), (1, 0));
+        let keep = config.retention(Retention::Keep(Duration::from_secs(60)));
+        purge_if_due(&store, &handle, &keep, &mut None);
+        assert_eq!((store.maintained.get(), store.purged.get()), (2, 1));
+    }
 
     fn round(claimed: u64, unavailable: u64) -> RelayReport {
         RelayReport {

@@ -158,6 +158,17 @@ pub trait OutboxStore {
     /// Database failures.
     fn purge_published(&self, older_than: Duration, limit: usize) -> Result<u64, Self::Error>;
 
+    /// Storage upkeep besides the purge, which the relay runs once per purge interval whatever
+    /// its retention: on PostgreSQL's partitioned layout, the partitions made ahead and the old
+    /// ones rolled off. Only one caller at a time does work. The default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn maintain(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Tells writers that a relay is about to wait idle (`true`) or is busy again (`false`), so
     /// they send wake-ups only when someone waits for them. The default does nothing.
     ///
@@ -216,6 +227,10 @@ impl<S: OutboxStore + ?Sized> OutboxStore for std::sync::Arc<S> {
 
     fn purge_published(&self, older_than: Duration, limit: usize) -> Result<u64, Self::Error> {
         (**self).purge_published(older_than, limit)
+    }
+
+    fn maintain(&self) -> Result<(), Self::Error> {
+        (**self).maintain()
     }
 
     fn announce_idle(&self, idle: bool) -> Result<(), Self::Error> {
