@@ -393,6 +393,22 @@ impl OutboxConnection for PgConnection {
         Ok(())
     }
 
+    fn draw_key_sequences(
+        &mut self,
+        topic: &str,
+        partition_key: &str,
+        count: i64,
+    ) -> Result<crate::sequence::Drawn> {
+        crate::sequence::draw_pg(self, topic, partition_key, count)
+    }
+
+    fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()> {
+        diesel::sql_query("UPDATE outbox_sequence_epoch SET epoch = $1 WHERE id = 1")
+            .bind::<diesel::sql_types::Text, _>(epoch)
+            .execute(self)?;
+        Ok(())
+    }
+
     fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
         // Several processes starting at once would race on diesel's migrations table: the
         // first runs them, the others wait and find nothing left to do.
