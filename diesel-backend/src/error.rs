@@ -145,8 +145,8 @@ pub enum Error {
     #[error("message {0} is sequenced and needs a transaction; call enqueue inside conn.transaction(..)")]
     SequencedOutsideTransaction(MessageId),
     /// `process_in_order` got a message without a sequence number (not enqueued as
-    /// `sequenced`, or sent by a producer that does not number messages): it cannot be put in
-    /// order. Dead-letter it, or consume the topic with `process_once`.
+    /// `sequenced`, or sent by a producer that does not number messages), or with the number 0:
+    /// it cannot be put in order. Dead-letter it, or consume the topic with `process_once`.
     #[error("inbox {consumer}: message {message_id} has no sequence number; it cannot be applied in order")]
     NotSequenced {
         /// The consumer.

@@ -647,6 +647,48 @@ fn concurrent_consumers_apply_a_key_in_order_each_once<C: Seq>(db: TestDb<C>) {
     assert_eq!(marks[0].last_sequence, MESSAGES);
 }
 
+fn the_in_order_handler_acks_retries_a_gap_and_dead_letters_what_cannot_apply<C: Seq>(
+    db: TestDb<C>,
+) {
+    use waybill_diesel::InboxHandler;
+    use waybill_inbox_core::{DeliveryHandler, Disposition};
+    let mut conn = db.conn();
+    create_effects(&mut *conn);
+    let ids: Vec<MessageId> = (1..=2)
+        .map(|i| send(&mut *conn, &step("k", &format!("s{i}"))))
+        .collect();
+    let msgs: Vec<IncomingMessage> = ids.iter().map(|id| received(&mut *conn, *id)).collect();
+    drop(conn);
+    type Pooled<C> = diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>;
+    let handler_fn = |conn: &mut Pooled<C>, msg: &IncomingMessage| {
+        let sql = format!("INSERT INTO effects (name) VALUES ('{}')", msg.message_type);
+        C::exec(&mut **conn, &sql)?;
+        Ok::<_, Error>(())
+    };
+    let patient = Inbox::new("billing").max_gap_wait(Duration::from_secs(3600));
+    let mut handler = InboxHandler::new(db.pool.clone(), patient, handler_fn).in_order();
+    assert_eq!(
+        handler.handle(&msgs[1]),
+        Disposition::Retry("gap: expected 1, got 2".into())
+    );
+    let impatient = Inbox::new("billing").max_gap_wait(Duration::ZERO);
+    let mut parking = InboxHandler::new(db.pool.clone(), impatient, handler_fn).in_order();
+    assert_eq!(
+        parking.handle(&msgs[1]),
+        Disposition::DeadLetter("gap: expected 1, got 2".into())
+    );
+    assert_eq!(handler.handle(&msgs[0]), Disposition::Ack);
+    assert_eq!(handler.handle(&msgs[1]), Disposition::Ack);
+    assert_eq!(handler.handle(&msgs[0]), Disposition::Ack);
+    assert_eq!(handler.duplicates(), 1);
+    assert_eq!(effects(&mut *db.conn()), 2);
+    let plain = IncomingMessage::new(MessageId::new(), "orders", "T", "x");
+    assert!(
+        matches!(handler.handle(&plain), Disposition::DeadLetter(reason) if reason.starts_with("refused: ")),
+        "a message without a number is dead-lettered, not retried"
+    );
+}
+
 fn stamps_round_trip_through_the_wire<C: Seq>(db: TestDb<C>) {
     use waybill_inbox_core::wire::{Binding, Decoder, Encoder, Received};
     let mut conn = db.conn();
@@ -699,4 +741,5 @@ backend_tests!(
     a_message_without_a_number_is_refused_in_order,
     concurrent_consumers_apply_a_key_in_order_each_once,
     stamps_round_trip_through_the_wire,
+    the_in_order_handler_acks_retries_a_gap_and_dead_letters_what_cannot_apply,
 );

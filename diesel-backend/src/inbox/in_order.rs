@@ -223,6 +223,13 @@ impl Inbox {
             }));
         };
         let got = position.stamp.sequence;
+        if got == 0 {
+            // Numbers start at 1; 0 would read as "nothing applied yet".
+            return Err(Failure::Refused(Error::NotSequenced {
+                consumer: self.consumer.clone(),
+                message_id: message.id,
+            }));
+        }
         let epoch = position.stamp.epoch.as_str();
         let stream = Stream::new(&position.source, &message.topic, &message.partition_key);
         let consumer = self.consumer.as_str();
