@@ -47,6 +47,19 @@ pub trait OutboxConnection {
         count: i64,
     ) -> Result<crate::sequence::Drawn>;
 
+    /// Draws the next number of a single sequenced `message`'s key and inserts the message
+    /// stamped with it, in one statement where the backend can (PostgreSQL: the counter upsert
+    /// in a CTE feeding the insert, one round trip). Returns `false`, having done nothing,
+    /// where it cannot; the caller then draws and inserts in two steps. Must run inside a
+    /// transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateMessageId`](crate::Error::DuplicateMessageId) or database failures.
+    fn insert_sequenced_outbox_message(&mut self, _message: &NewOutboxMessage) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Replaces the random part of the producer epoch with `epoch`.
     ///
     /// # Errors
@@ -205,6 +218,9 @@ mod pooled {
         }
         fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()> {
             (**self).set_sequence_epoch(epoch)
+        }
+        fn insert_sequenced_outbox_message(&mut self, message: &NewOutboxMessage) -> Result<bool> {
+            (**self).insert_sequenced_outbox_message(message)
         }
         fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
             (**self).run_outbox_migrations()

@@ -183,6 +183,16 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
 
 /// Inserts validated messages, stamping the sequenced ones first (see [`sequence`]).
 fn insert<C: OutboxConnection + ?Sized>(conn: &mut C, messages: &[NewOutboxMessage]) -> Result<()> {
+    if let [message] = messages {
+        if message.is_sequenced() {
+            if !conn.in_transaction()? {
+                return Err(Error::SequencedOutsideTransaction(message.id()));
+            }
+            if conn.insert_sequenced_outbox_message(message)? {
+                return Ok(());
+            }
+        }
+    }
     match sequence::stamp(conn, messages)? {
         None => conn.insert_outbox_messages(messages),
         Some((stamped, draws)) => {

@@ -538,10 +538,10 @@ fn the_epoch_changes_when_the_counter_table_is_restored_or_rotated<C: Seq>(db: T
         stored.stamp().unwrap().unwrap().epoch
     };
     let one = send(&mut *conn, &step("k", "one"));
-    let first = epoch_of(&mut *conn, one);
+    let first = epoch_of(&mut conn, one);
     let two = send(&mut *conn, &step("k", "two"));
     assert_eq!(
-        epoch_of(&mut *conn, two),
+        epoch_of(&mut conn, two),
         first,
         "stable while nothing happens"
     );
@@ -558,19 +558,19 @@ fn the_epoch_changes_when_the_counter_table_is_restored_or_rotated<C: Seq>(db: T
         let three = send(&mut *conn, &step("k", "three"));
         assert_eq!(number(&mut *conn, three), 3);
         assert_ne!(
-            epoch_of(&mut *conn, three),
+            epoch_of(&mut conn, three),
             first,
             "a recreated counter table is a new epoch"
         );
     }
     let before = {
         let id = send(&mut *conn, &step("k", "before"));
-        epoch_of(&mut *conn, id)
+        epoch_of(&mut conn, id)
     };
     rotate_sequence_epoch(&mut *conn).unwrap();
     let after = send(&mut *conn, &step("k", "after"));
     assert_ne!(
-        epoch_of(&mut *conn, after),
+        epoch_of(&mut conn, after),
         before,
         "rotate-epoch draws a new one"
     );

@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
 use super::Drawn;
+use crate::prepared::Prepared;
 use crate::Result;
 
 #[derive(QueryableByName)]
@@ -33,16 +34,18 @@ pub(crate) fn draw(conn: &mut PgConnection, topic: &str, key: &str, count: i64) 
             epoch: String::new(),
         });
     }
-    let row: DrawnRow = diesel::sql_query(
-        "INSERT INTO outbox_key_sequences (topic, partition_key, last_sequence) \
+    let row: DrawnRow = Prepared(
+        diesel::sql_query(
+            "INSERT INTO outbox_key_sequences (topic, partition_key, last_sequence) \
          VALUES ($1, $2, $3) \
          ON CONFLICT (topic, partition_key) DO UPDATE \
          SET last_sequence = outbox_key_sequences.last_sequence + EXCLUDED.last_sequence \
          RETURNING last_sequence, outbox_sequence_epoch() AS epoch",
+        )
+        .bind::<Text, _>(topic)
+        .bind::<Text, _>(key)
+        .bind::<BigInt, _>(count),
     )
-    .bind::<Text, _>(topic)
-    .bind::<Text, _>(key)
-    .bind::<BigInt, _>(count)
     .get_result(conn)?;
     Ok(Drawn {
         last: row.last_sequence.unsigned_abs(),
@@ -65,6 +68,13 @@ struct MarkRow {
     epoch_start: i64,
     #[diesel(sql_type = BigInt)]
     last_sequence: i64,
+}
+
+#[derive(QueryableByName)]
+struct Moved {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    #[allow(dead_code)] // Read only to make the statement a prepared query.
+    one: i32,
 }
 
 #[derive(QueryableByName)]
@@ -124,17 +134,22 @@ impl InOrderConnection for PgConnection {
         from: u64,
         to: u64,
     ) -> Result<bool> {
-        let updated = diesel::sql_query(
-            "UPDATE inbox_sequence_marks SET last_sequence = $4, updated_at = now() \
-             WHERE consumer = $1 AND stream = $2 AND epoch = $3 AND last_sequence = $5",
+        // Prepared (the common case of every message): a row back when the mark moved.
+        let moved: Option<Moved> = Prepared(
+            diesel::sql_query(
+                "UPDATE inbox_sequence_marks SET last_sequence = $4, updated_at = now() \
+                 WHERE consumer = $1 AND stream = $2 AND epoch = $3 AND last_sequence = $5 \
+                 RETURNING 1 AS one",
+            )
+            .bind::<Text, _>(consumer)
+            .bind::<Binary, _>(stream)
+            .bind::<Text, _>(epoch)
+            .bind::<BigInt, _>(big(to))
+            .bind::<BigInt, _>(big(from)),
         )
-        .bind::<Text, _>(consumer)
-        .bind::<Binary, _>(stream)
-        .bind::<Text, _>(epoch)
-        .bind::<BigInt, _>(big(to))
-        .bind::<BigInt, _>(big(from))
-        .execute(self)?;
-        Ok(updated == 1)
+        .get_result(self)
+        .optional()?;
+        Ok(moved.is_some())
     }
 
     fn lock_sequence_mark(&mut self, consumer: &str, stream: &Stream<'_>) -> Result<SequenceMark> {
