@@ -415,20 +415,22 @@ impl OutboxConnection for PgConnection {
         // insert, which only then forms the outbox row (and draws its `seq`), so a second
         // writer of the key waits in the CTE and gets both the next number and a later `seq`.
         let _: Inserted = Prepared(
-            diesel::sql_query(
+            diesel::sql_query(concat!(
             "WITH drawn AS (\
                INSERT INTO outbox_key_sequences (topic, partition_key, last_sequence) \
                VALUES ($2, $3, 1) \
                ON CONFLICT (topic, partition_key) DO UPDATE \
                SET last_sequence = outbox_key_sequences.last_sequence + 1 \
-               RETURNING last_sequence, outbox_sequence_epoch() AS epoch) \
+               RETURNING last_sequence, ",
+            crate::sequence::pg_epoch!(),
+            " AS epoch) \
              INSERT INTO outbox_messages \
                (id, topic, partition_key, message_type, content_type, payload, headers, available_at) \
              SELECT $1, $2, $3, $4, $5, $6, \
                $7 || jsonb_build_object($9::text, drawn.last_sequence::text, $10::text, drawn.epoch), \
                COALESCE($8, now()) \
-             FROM drawn RETURNING 1 AS one",
-        )
+             FROM drawn RETURNING 1 AS one"
+        ))
         .bind::<diesel::sql_types::Uuid, _>(*message.id().as_uuid())
         .bind::<Text, _>(message.topic())
         .bind::<Text, _>(message.partition_key())

@@ -11,6 +11,24 @@
 //!
 //! Consumer: see [`Inbox::process_in_order`](crate::Inbox::process_in_order).
 
+/// The PostgreSQL producer epoch, as an SQL expression: the random row of
+/// `outbox_sequence_epoch`, the cluster's system identifier (another cluster), its current
+/// timeline (a promoted replica, a point-in-time recovery) and the counter table's oid (the
+/// table recreated by a restore). Inline rather than a SQL function, which PostgreSQL plans on
+/// every call: with one, a sequenced enqueue ran at about 0.75 of a plain one with 8 clients;
+/// inline, at about 0.93 (pgbench, same run).
+#[cfg(feature = "postgres")]
+macro_rules! pg_epoch {
+    () => {
+        "((SELECT epoch FROM outbox_sequence_epoch WHERE id = 1) || '.' \
+          || (SELECT system_identifier FROM pg_control_system())::text || '.' \
+          || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) || '.' \
+          || 'outbox_key_sequences'::regclass::oid::text)"
+    };
+}
+#[cfg(feature = "postgres")]
+pub(crate) use pg_epoch;
+
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]

@@ -1,6 +1,5 @@
 //! PostgreSQL: `INSERT .. ON CONFLICT DO UPDATE .. RETURNING`, one round trip per key, with the
-//! epoch from the `outbox_sequence_epoch()` function (random row, system identifier, timeline,
-//! the counter table's oid).
+//! epoch computed inline (`pg_epoch!`).
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -35,13 +34,15 @@ pub(crate) fn draw(conn: &mut PgConnection, topic: &str, key: &str, count: i64) 
         });
     }
     let row: DrawnRow = Prepared(
-        diesel::sql_query(
+        diesel::sql_query(concat!(
             "INSERT INTO outbox_key_sequences (topic, partition_key, last_sequence) \
          VALUES ($1, $2, $3) \
          ON CONFLICT (topic, partition_key) DO UPDATE \
          SET last_sequence = outbox_key_sequences.last_sequence + EXCLUDED.last_sequence \
-         RETURNING last_sequence, outbox_sequence_epoch() AS epoch",
-        )
+         RETURNING last_sequence, ",
+            super::pg_epoch!(),
+            " AS epoch"
+        ))
         .bind::<Text, _>(topic)
         .bind::<Text, _>(key)
         .bind::<BigInt, _>(count),

@@ -24,16 +24,12 @@ CREATE TABLE outbox_sequence_epoch (
 );
 INSERT INTO outbox_sequence_epoch (id, epoch) VALUES (1, md5(random()::text || clock_timestamp()::text));
 
--- The producer epoch stamped on every sequenced message: it changes whenever the counter may
--- have gone back. The random row, the cluster's system identifier (another cluster: a restored
--- dump, a rebuilt server), its current timeline (a promoted replica, a point-in-time recovery)
--- and the counter table's oid (the table restored from a dump into the same cluster).
-CREATE FUNCTION outbox_sequence_epoch() RETURNS TEXT
-    LANGUAGE sql STABLE
-    AS $$ SELECT e.epoch || '.' || s.system_identifier::text || '.'
-                 || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) || '.'
-                 || 'outbox_key_sequences'::regclass::oid::text
-          FROM outbox_sequence_epoch e, pg_control_system() s $$;
+-- The producer epoch stamped on every sequenced message changes whenever the counter may have
+-- gone back: it is the random row above, the cluster's system identifier (another cluster: a
+-- restored dump, a rebuilt server), its current timeline (a promoted replica, a point-in-time
+-- recovery) and the counter table's oid (the table restored from a dump into the same cluster),
+-- computed inline by the enqueue statement (`EPOCH` in diesel-backend/src/sequence/pg.rs; a SQL
+-- function would be planned on every call, which cost a quarter of the throughput).
 
 -- Per consumer and (source, topic, key) stream: the last sequence applied. One row per key,
 -- forever: duplicates are told by number, with no retention window.
