@@ -43,6 +43,8 @@ pub(crate) struct Plan {
     pub(crate) keep: bool,
     /// The bug the `--break` self-test reintroduces, if any.
     pub(crate) broken: Option<Break>,
+    /// Sequenced mode (see `--sequenced`).
+    pub(crate) sequenced: bool,
 }
 
 impl Plan {
@@ -317,7 +319,8 @@ fn run_on<C: AuditConnection>(
         run.faults,
         &run.operator,
         started.elapsed(),
-    );
+    )
+    .sequenced(plan.sequenced);
     Ok(report)
 }
 
@@ -429,6 +432,9 @@ impl Spawner {
             .stdout(Stdio::null());
         if let Some(broken) = plan.broken {
             command.args(["--break", broken.name()]);
+        }
+        if plan.sequenced {
+            command.arg("--sequenced");
         }
         command.spawn()
     }

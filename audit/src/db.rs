@@ -38,6 +38,7 @@ diesel::table! {
 diesel::table! {
     /// Every message the writer made unreadable behind the library's back.
     audit_unreadable (message_id) {
+        original_headers -> Text,
         message_id -> Text,
     }
 }
@@ -102,11 +103,12 @@ pub(crate) trait AuditConnection:
     /// How many effects the message `message_id` has.
     fn effects_of(&mut self, message_id: &str) -> QueryResult<i64>;
 
-    /// Records that the message `message_id` was made unreadable.
-    fn insert_unreadable(&mut self, message_id: &str) -> QueryResult<()>;
+    /// Records that the message `message_id` was made unreadable, with the headers it had
+    /// (what the operator's repair restores: a sequenced message's number and epoch).
+    fn insert_unreadable(&mut self, message_id: &str, original_headers: &str) -> QueryResult<()>;
 
-    /// Every message made unreadable.
-    fn unreadable_ids(&mut self) -> QueryResult<Vec<String>>;
+    /// Every message made unreadable, with its original headers.
+    fn unreadable_ids(&mut self) -> QueryResult<Vec<(String, String)>>;
 }
 
 macro_rules! impl_queries {
@@ -168,16 +170,26 @@ macro_rules! impl_queries {
                 .get_result(self)
         }
 
-        fn insert_unreadable(&mut self, message_id: &str) -> QueryResult<()> {
+        fn insert_unreadable(
+            &mut self,
+            message_id: &str,
+            original_headers: &str,
+        ) -> QueryResult<()> {
             diesel::insert_into(audit_unreadable::table)
-                .values(audit_unreadable::message_id.eq(message_id))
+                .values((
+                    audit_unreadable::message_id.eq(message_id),
+                    audit_unreadable::original_headers.eq(original_headers),
+                ))
                 .execute(self)
                 .map(drop)
         }
 
-        fn unreadable_ids(&mut self) -> QueryResult<Vec<String>> {
+        fn unreadable_ids(&mut self) -> QueryResult<Vec<(String, String)>> {
             audit_unreadable::table
-                .select(audit_unreadable::message_id)
+                .select((
+                    audit_unreadable::message_id,
+                    audit_unreadable::original_headers,
+                ))
                 .load(self)
         }
     };
@@ -192,7 +204,8 @@ impl AuditConnection for PgConnection {
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq BIGINT NOT NULL)",
         // Not unique: the counts join and group on it.
         "CREATE INDEX IF NOT EXISTS audit_effects_message_id ON audit_effects (message_id)",
-        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id TEXT PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id TEXT PRIMARY KEY, \
+         original_headers TEXT NOT NULL)",
     ];
 
     fn pool(url: &str, size: u32) -> Result<DbPool<Self>, Error> {
@@ -221,7 +234,8 @@ impl AuditConnection for diesel::MysqlConnection {
         "CREATE TABLE IF NOT EXISTS audit_effects (serial BIGINT AUTO_INCREMENT PRIMARY KEY, \
          message_id VARCHAR(64) NOT NULL, msg_key VARCHAR(255) NOT NULL, key_seq BIGINT NOT NULL, \
          INDEX audit_effects_message_id (message_id))",
-        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id VARCHAR(64) PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id VARCHAR(64) PRIMARY KEY, \
+         original_headers TEXT NOT NULL)",
     ];
 
     fn pool(url: &str, size: u32) -> Result<DbPool<Self>, Error> {
@@ -250,7 +264,8 @@ impl AuditConnection for SqliteConnection {
          message_id TEXT NOT NULL, msg_key TEXT NOT NULL, key_seq INTEGER NOT NULL)",
         // Not unique: the counts join and group on it.
         "CREATE INDEX IF NOT EXISTS audit_effects_message_id ON audit_effects (message_id)",
-        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id TEXT PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS audit_unreadable (message_id TEXT PRIMARY KEY, \
+         original_headers TEXT NOT NULL)",
     ];
 
     fn pool(path: &str, size: u32) -> Result<DbPool<Self>, Error> {
@@ -339,6 +354,9 @@ pub(crate) struct Outcome {
     pub(crate) phantom: u64,
     /// Effects applied after an effect of a later message of the same key.
     pub(crate) order_violations: u64,
+    /// Sequenced mode: effects whose key number is not the one after the key's previous
+    /// effect (a gap, a duplicate or a reordering); the first of each key must be 1.
+    pub(crate) sequence_violations: u64,
     /// Messages the writer made unreadable.
     pub(crate) unreadable: u64,
 }
@@ -393,6 +411,9 @@ pub(crate) fn outcome<C: AuditConnection>(conn: &mut C) -> Result<Outcome, Error
         double_effects: count(conn, COUNT_DOUBLE)?,
         phantom: count(conn, COUNT_PHANTOM)?,
         order_violations: order_violations(applied.iter().map(|(key, seq)| (key.as_str(), *seq))),
+        sequence_violations: sequence_violations(
+            applied.iter().map(|(key, seq)| (key.as_str(), *seq)),
+        ),
         unreadable: count_unreadable(conn)?,
     })
 }
@@ -407,6 +428,22 @@ fn order_violations<'a>(applied: impl Iterator<Item = (&'a str, i64)>) -> u64 {
             violations += 1;
         }
         *top = (*top).max(seq);
+    }
+    violations
+}
+
+/// Sequenced mode, where an effect's `key_seq` is its message's key number (1, 2, 3, ...):
+/// effects that are not the next number of their key in the order applied. Each gap, each
+/// duplicate and each step back counts once.
+fn sequence_violations<'a>(applied: impl Iterator<Item = (&'a str, i64)>) -> u64 {
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    let mut violations = 0;
+    for (key, number) in applied {
+        let previous = last.entry(key).or_insert(0);
+        if number != *previous + 1 {
+            violations += 1;
+        }
+        *previous = (*previous).max(number);
     }
     violations
 }
@@ -451,6 +488,16 @@ fn to_i64(value: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequenced_effects_must_be_each_keys_next_number() {
+        let clean = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)];
+        assert_eq!(sequence_violations(clean.into_iter()), 0);
+        // A gap (a: 1 -> 3), a duplicate (b: 1 twice), a late one (a: 2 after 3), a key
+        // that does not start at 1 (c).
+        let broken = [("a", 1), ("a", 3), ("b", 1), ("b", 1), ("a", 2), ("c", 2)];
+        assert_eq!(sequence_violations(broken.into_iter()), 4);
+    }
 
     #[test]
     fn an_effect_behind_a_later_one_of_its_key_is_a_violation() {

@@ -123,6 +123,7 @@ fn run_on<C: AuditConnection>(
             messages: plan.messages,
             keys: plan.keys,
             rate: plan.rate,
+            sequenced: plan.sequenced,
         };
         thread::Builder::new()
             .name("audit-writer".into())
@@ -136,6 +137,7 @@ fn run_on<C: AuditConnection>(
             HandlerMode {
                 without_inbox: plan.broken == Some(Break::Inbox),
                 leak_on_panic: plan.broken == Some(Break::Panic),
+                sequenced: plan.sequenced,
             },
             plan.seed,
         );
@@ -247,5 +249,6 @@ fn run_on<C: AuditConnection>(
         faults,
         &operator,
         started.elapsed(),
-    ))
+    )
+    .sequenced(plan.sequenced))
 }

@@ -73,6 +73,11 @@ struct Args {
     /// Partition keys the messages are spread over.
     #[arg(long, default_value_t = 16)]
     keys: u64,
+    /// Sequenced mode: the writer enqueues `.sequenced()` messages and the consumer applies
+    /// them with `Inbox::process_in_order`; the checker also requires every key's effects to
+    /// be its numbers 1, 2, 3, ... in order (no gap, no duplicate, no reordering).
+    #[arg(long)]
+    sequenced: bool,
     /// Keeps the run's schema (or SQLite file) for inspection.
     #[arg(long)]
     keep: bool,
@@ -252,6 +257,7 @@ fn run(args: &Args) -> Result<bool, Error> {
         namespace,
         keep: args.keep,
         broken: args.broken,
+        sequenced: args.sequenced,
     };
     let database = Database::parse(&args.database_url)?;
     let report = match broker::Kind::of(&args.broker_url)? {

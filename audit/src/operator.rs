@@ -3,7 +3,7 @@
 //! message was parked by a broker outage (the broker never refuses an audit message), which
 //! is counted as a failure, and requeued once the broker is back so the run can drain.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use waybill_outbox_core::MessageId;
@@ -59,12 +59,15 @@ impl Operator {
         if parked.is_empty() {
             return Ok(());
         }
-        let unreadable: HashSet<String> = conn.unreadable_ids()?.into_iter().collect();
+        let unreadable: HashMap<String, String> = conn.unreadable_ids()?.into_iter().collect();
         for message in parked {
             let id = message.id;
-            if unreadable.contains(&id.to_string()) && !self.repaired.contains(&id) {
-                // The audit messages have no headers: an empty map is what was overwritten.
-                conn.set_headers(*id.as_uuid(), "{}")?;
+            if let Some(original) = unreadable
+                .get(&id.to_string())
+                .filter(|_| !self.repaired.contains(&id))
+            {
+                // What was overwritten: an empty map, or a sequenced message's number.
+                conn.set_headers(*id.as_uuid(), original)?;
                 if waybill_diesel::requeue(&mut *conn, id)? {
                     log::info!("repaired and requeued unreadable message {id}");
                     self.repaired.insert(id);

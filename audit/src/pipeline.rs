@@ -10,8 +10,8 @@ use diesel::connection::TransactionManager;
 use diesel::r2d2::{ConnectionManager, PooledConnection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use waybill_diesel::{enqueue, Inbox, Processed};
-use waybill_inbox_core::{DeliveryHandler, Disposition, IncomingMessage};
+use waybill_diesel::{enqueue, InOrder, Inbox, Processed};
+use waybill_inbox_core::{gap_reason, DeliveryHandler, Disposition, IncomingMessage};
 use waybill_outbox_core::{
     Backoff, MessageId, NewOutboxMessage, OutboxMessage, PublishError, Publisher, RelayConfig,
 };
@@ -232,6 +232,22 @@ pub(crate) struct HandlerMode {
     /// After a caught panic, leave the connection inside a transaction (`--break panic`), as
     /// an inbox that does not roll back on unwind would.
     pub(crate) leak_on_panic: bool,
+    /// Sequenced mode: apply with `Inbox::process_in_order`, recording each effect with its
+    /// message's key number.
+    pub(crate) sequenced: bool,
+}
+
+/// What processing a delivery came to, in either mode.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    Handled,
+    Duplicate,
+    /// `process_once` only: its record may have been purged.
+    Expired,
+    /// `process_in_order` only: held behind a gap (retry in place) ...
+    Held(String),
+    /// ... or parked after the gap wait.
+    GapParked(String),
 }
 
 /// The consumer's handler: applies each message's effect (a row in `audit_effects`) inside
@@ -318,11 +334,20 @@ impl<C: AuditConnection> AuditHandler<C> {
         message: &IncomingMessage,
         body: &Body,
         fault: Option<HandlerFault>,
-    ) -> Result<Processed<()>, Error> {
+    ) -> Result<Applied, Error> {
         let without_inbox = self.mode.without_inbox;
         let id = message.id.to_string();
+        // Sequenced: the effect records the key number the producer assigned, which the
+        // checker requires to be 1, 2, 3, ... per key.
+        let effect_seq = match (&message.sequence, self.mode.sequenced) {
+            (Some(position), true) => position.stamp.sequence,
+            (None, true) => {
+                return Err("a sequenced run delivered a message without a number".into())
+            }
+            (_, false) => body.seq,
+        };
         let apply = |conn: &mut C| -> Result<(), waybill_diesel::Error> {
-            db::apply_effect(conn, &id, &body.key, body.seq)?;
+            db::apply_effect(conn, &id, &body.key, effect_seq)?;
             match fault {
                 Some(HandlerFault::Transient) => Err(diesel::result::Error::QueryBuilderError(
                     "waybill-audit: injected transient failure".into(),
@@ -340,9 +365,23 @@ impl<C: AuditConnection> AuditHandler<C> {
         let conn = kept_connection(&mut self.conn, &self.pool)?;
         if without_inbox {
             conn.transaction(apply)?;
-            return Ok(Processed::Handled(()));
+            return Ok(Applied::Handled);
         }
-        Ok(self.inbox.process_once(conn, message, apply)?)
+        if self.mode.sequenced {
+            return Ok(match self.inbox.process_in_order(conn, message, apply)? {
+                InOrder::Handled(()) => Applied::Handled,
+                InOrder::Duplicate | InOrder::Skipped { .. } => Applied::Duplicate,
+                InOrder::Held { expected, got, .. } => Applied::Held(gap_reason(expected, got)),
+                InOrder::GapParked { expected, got } => {
+                    Applied::GapParked(gap_reason(expected, got))
+                }
+            });
+        }
+        Ok(match self.inbox.process_once(conn, message, apply)? {
+            Processed::Handled(()) => Applied::Handled,
+            Processed::Duplicate => Applied::Duplicate,
+            Processed::Expired => Applied::Expired,
+        })
     }
 
     /// Whether the effect of `message` is in the database, as a delivery reported handled
@@ -431,7 +470,7 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
             // left open has committed; dropping it (r2d2 discards a connection in a
             // transaction) rolls it all back, and the retry does it again.
             self.conn = None;
-            if matches!(outcome, Ok(Processed::Handled(()))) {
+            if matches!(outcome, Ok(Applied::Handled)) {
                 log::warn!(
                     "message {} reported handled on a connection still inside a transaction",
                     message.id
@@ -444,7 +483,7 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
             self.counter.add(Event::HandlerIgnoredError, 1);
         }
         match outcome {
-            Ok(Processed::Handled(())) => {
+            Ok(Applied::Handled) => {
                 if !self.committed(message) {
                     self.counter.add(Event::HandledUncommitted, 1);
                     return Disposition::Retry("handled, but the effect did not commit".to_owned());
@@ -452,13 +491,17 @@ impl<C: AuditConnection> DeliveryHandler for AuditHandler<C> {
                 self.crashes.maybe_crash("after-handler-commit");
                 Disposition::Ack
             }
-            Ok(Processed::Duplicate) => {
+            Ok(Applied::Duplicate) => {
                 self.counter.add(Event::DuplicateDropped, 1);
                 Disposition::Ack
             }
-            Ok(_) => Disposition::DeadLetter(
+            Ok(Applied::Expired) => Disposition::DeadLetter(
                 "sent before the inbox's last purge, so its record may be gone".to_owned(),
             ),
+            // Held back behind a gap: retried in place; parked after the wait (then the message
+            // is lost to the audit, which counts it).
+            Ok(Applied::Held(reason)) => Disposition::Retry(reason),
+            Ok(Applied::GapParked(reason)) => Disposition::DeadLetter(reason),
             Err(error) if fault == Some(HandlerFault::Transient) => {
                 self.counter.add(Event::HandlerRetry, 1);
                 Disposition::Retry(error.to_string())
@@ -483,12 +526,24 @@ pub(crate) struct WritePlan {
     pub(crate) keys: u64,
     /// Messages per second; 0 for as fast as possible.
     pub(crate) rate: u64,
+    /// Enqueue `.sequenced()` messages.
+    pub(crate) sequenced: bool,
 }
 
 /// Every this many messages, one is written unreadable.
 const UNREADABLE_EVERY: u64 = 250;
 /// The headers an unreadable row gets: valid JSON, but not the string map the library wrote.
 pub(crate) const UNREADABLE_HEADERS: &str = r#"{"waybill-audit": ["not", "a", "string", "map"]}"#;
+
+/// `original` (a JSON object of string headers) with [`UNREADABLE_HEADERS`]'s member added.
+fn unreadable_headers(original: &str) -> String {
+    match original.trim().strip_suffix('}') {
+        Some(open) if open.trim() != "{" => {
+            format!("{open},{}", UNREADABLE_HEADERS.trim_start_matches('{'))
+        }
+        _ => UNREADABLE_HEADERS.to_owned(),
+    }
+}
 
 /// Whether the message `idx` is written unreadable.
 fn unreadable(idx: u64) -> bool {
@@ -529,7 +584,7 @@ pub(crate) fn write<C: AuditConnection>(
         } else {
             1
         };
-        match write_burst(pool, idx, burst, keys) {
+        match write_burst(pool, idx, burst, keys, plan.sequenced) {
             Ok(()) => {
                 idx += burst;
                 failing_since = None;
@@ -554,6 +609,7 @@ fn write_burst<C: AuditConnection>(
     idx: u64,
     count: u64,
     keys: u64,
+    sequenced: bool,
 ) -> Result<(), Error> {
     let mut messages = Vec::new();
     for idx in idx..idx + count {
@@ -562,8 +618,11 @@ fn write_burst<C: AuditConnection>(
             key: format!("k{}", idx % keys),
             seq: idx / keys,
         };
-        let message = NewOutboxMessage::json(TOPIC, body.key.as_str(), "AuditEvent", &body)?
+        let mut message = NewOutboxMessage::json(TOPIC, body.key.as_str(), "AuditEvent", &body)?
             .with_id(MessageId::new());
+        if sequenced {
+            message = message.sequenced();
+        }
         messages.push((body, message));
     }
     let mut conn = pool.get()?;
@@ -573,8 +632,18 @@ fn write_burst<C: AuditConnection>(
             db::record_message(conn, body.idx, &id, &body.key, body.seq)?;
             enqueue(conn, message)?;
             if n == 0 && count > 1 {
-                conn.set_headers(*message.id().as_uuid(), UNREADABLE_HEADERS)?;
-                conn.insert_unreadable(&id)?;
+                // The headers as enqueued (a sequenced message's number and epoch), which the
+                // operator's repair restores, plus a value that is not a string.
+                let original = waybill_diesel::find_message(conn, message.id())?
+                    .map(|stored| stored.headers)
+                    .unwrap_or_default();
+                let original = serde_json::to_string(&original).map_err(|e| {
+                    waybill_diesel::Error::Database(diesel::result::Error::SerializationError(
+                        Box::new(e),
+                    ))
+                })?;
+                conn.set_headers(*message.id().as_uuid(), &unreadable_headers(&original))?;
+                conn.insert_unreadable(&id, &original)?;
             }
         }
         Ok(())
@@ -594,6 +663,15 @@ mod tests {
             retry_budget(Duration::from_secs(2)),
             Duration::from_millis(6030)
         );
+    }
+
+    #[test]
+    fn unreadable_headers_keep_the_original_ones() {
+        assert_eq!(unreadable_headers("{}"), UNREADABLE_HEADERS);
+        let kept = unreadable_headers(r#"{"waybill-sequence":"3"}"#);
+        let value: serde_json::Value = serde_json::from_str(&kept).unwrap_or_default();
+        assert_eq!(value["waybill-sequence"], "3");
+        assert!(value["waybill-audit"].is_array(), "{kept}");
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub(crate) struct Report {
     pub(crate) double_effects: u64,
     /// Effects applied after an effect of a later message of the same key.
     pub(crate) order_violations: u64,
+    /// Sequenced mode only (else `None`): effects that are not their key's next number (gaps,
+    /// duplicates, reorderings), see `db::sequence_violations`.
+    pub(crate) sequence_violations: Option<u64>,
     /// Effects of messages never committed.
     pub(crate) phantom_effects: u64,
     /// Messages parked by a broker outage (found parked, not unreadable); the operator
@@ -109,6 +112,7 @@ impl Report {
             lost: outcome.lost,
             double_effects: outcome.double_effects,
             order_violations: outcome.order_violations,
+            sequence_violations: Some(outcome.sequence_violations),
             phantom_effects: outcome.phantom,
             parked_by_outage: operator.parked_by_outage,
             handled_uncommitted: count(Event::HandledUncommitted),
@@ -119,12 +123,22 @@ impl Report {
         }
     }
 
+    /// Keeps the sequence check only for a sequenced run: in the other runs an effect carries
+    /// the writer's index within its key (from 0), not a number the producer assigned.
+    pub(crate) fn sequenced(mut self, sequenced: bool) -> Self {
+        if !sequenced {
+            self.sequence_violations = None;
+        }
+        self
+    }
+
     /// Nothing lost, doubled, reordered or invented; nothing parked by an outage, nothing
     /// reported handled that never committed.
     pub(crate) fn passed(&self) -> bool {
         self.lost == 0
             && self.double_effects == 0
             && self.order_violations == 0
+            && self.sequence_violations.unwrap_or(0) == 0
             && self.phantom_effects == 0
             && self.parked_by_outage == 0
             && self.handled_uncommitted == 0
@@ -149,6 +163,11 @@ impl Report {
             ("**lost**", self.lost.to_string()),
             ("**double effects**", self.double_effects.to_string()),
             ("**per-key order violations**", self.order_violations.to_string()),
+            (
+                "**sequence gaps, duplicates or reorderings** (sequenced mode)",
+                self.sequence_violations
+                    .map_or_else(|| "not checked".to_owned(), |n| n.to_string()),
+            ),
             ("effects of uncommitted messages", self.phantom_effects.to_string()),
             ("**messages parked by an outage**", self.parked_by_outage.to_string()),
             (

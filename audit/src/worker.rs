@@ -60,6 +60,9 @@ pub(crate) struct WorkerArgs {
     /// The writer's pace, messages per second.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Sequenced mode: the writer numbers messages, the consumer applies them in order.
+    #[arg(long)]
+    sequenced: bool,
 }
 
 impl WorkerArgs {
@@ -100,6 +103,7 @@ fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error>
                 messages: args.messages,
                 keys: args.keys,
                 rate: args.rate,
+                sequenced: args.sequenced,
             };
             crate::pipeline::write(&pool, plan, &stop)?;
         }
@@ -119,6 +123,7 @@ fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error>
             let mode = HandlerMode {
                 without_inbox: args.broken == Some(Break::Inbox),
                 leak_on_panic: args.broken == Some(Break::Panic),
+                sequenced: args.sequenced,
             };
             let mut handler = AuditHandler::new(pool, counter, crashes, mode, args.seed);
             broker.consume(&mut handler, &StopHandle::new())?;

@@ -99,13 +99,26 @@ fn audit(args: &[&str]) -> (Output, Value) {
 }
 
 fn assert_clean_run(database: &str, broker: &str) {
-    let (output, json) = audit(&[
+    let json = clean_run(database, broker, &[]);
+    assert!(json["sequence_violations"].is_null(), "not checked: {json}");
+}
+
+/// A sequenced run: on top of a clean run, every key's effects are its numbers 1, 2, 3, ...
+fn assert_clean_sequenced_run(database: &str, broker: &str) {
+    let json = clean_run(database, broker, &["--sequenced"]);
+    assert_eq!(json["sequence_violations"], 0, "{json}");
+}
+
+fn clean_run(database: &str, broker: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
         "--quick",
         "--database-url",
         database,
         "--broker-url",
         broker,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (output, json) = audit(&args);
     assert!(output.status.success(), "the audit failed: {json}");
     assert_eq!(json["lost"], 0, "{json}");
     assert_eq!(json["double_effects"], 0, "{json}");
@@ -130,6 +143,7 @@ fn assert_clean_run(database: &str, broker: &str) {
         json["deliveries"].as_u64() >= json["effects"].as_u64(),
         "{json}"
     );
+    json
 }
 
 #[test]
@@ -192,6 +206,50 @@ fn mysql_with_rabbitmq_loses_doubles_and_reorders_nothing() {
 
 /// The audit is only evidence if it can fail: without the inbox, the broker's redeliveries
 /// must take effect twice, and the run must say so and exit non-zero.
+#[test]
+fn sequenced_sqlite_with_the_in_process_broker_applies_every_key_in_order_without_gaps() {
+    assert_clean_sequenced_run("sqlite", "memory");
+}
+
+#[test]
+fn sequenced_postgres_with_rabbitmq_applies_every_key_in_order_without_gaps() {
+    if servers_up(&[
+        ("PostgreSQL", host_port(&pg_url(), 5432)),
+        ("RabbitMQ", host_port(&amqp_url(), 5672)),
+    ]) {
+        assert_clean_sequenced_run(&pg_url(), &amqp_url());
+    }
+}
+
+#[test]
+fn sequenced_postgres_with_nats_applies_every_key_in_order_without_gaps() {
+    if servers_up(&[
+        ("PostgreSQL", host_port(&pg_url(), 5432)),
+        ("NATS", host_port(&nats_url(), 4222)),
+    ]) {
+        assert_clean_sequenced_run(&pg_url(), &nats_url());
+    }
+}
+
+/// The sequenced checker's self-test: without the inbox, redeliveries apply numbers twice.
+#[test]
+fn sequenced_without_the_inbox_the_audit_reports_sequence_violations_and_fails() {
+    let (output, json) = audit(&[
+        "--database-url",
+        "sqlite",
+        "--broker-url",
+        "memory",
+        "--messages",
+        "300",
+        "--seed",
+        "11",
+        "--sequenced",
+        "--break",
+    ]);
+    assert!(json["sequence_violations"].as_u64() > Some(0), "{json}");
+    assert_eq!(output.status.code(), Some(1), "{json}");
+}
+
 #[test]
 fn without_the_inbox_the_audit_reports_double_effects_and_fails() {
     let (output, json) = audit(&[

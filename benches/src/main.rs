@@ -4,7 +4,7 @@
 //! brokers. The machine is noisy: read the ratios, not the absolute figures.
 //!
 //! Run with: `cargo run --release --manifest-path benches/Cargo.toml -- [--quick] [--json PATH]
-//! [--only enqueue,inbox,drain,oxide,brokers,latency,growth,rolloff]`
+//! [--only enqueue,inbox,sequenced,drain,oxide,brokers,latency,growth,rolloff]`
 //!
 //! Servers from `PG_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
 //! `AMQP_ADDR` (`amqp://guest:guest@127.0.0.1:5672/%2f`), `NATS_URL`
@@ -24,6 +24,7 @@ mod latency;
 mod oxide;
 mod plots;
 mod rolloff;
+mod sequenced;
 
 use std::time::Instant;
 
@@ -31,8 +32,16 @@ use diesel::connection::SimpleConnection;
 
 use common::{create_schema, drop_schema, Error, Figures, Settings};
 
-const SCENARIOS: [&str; 8] = [
-    "enqueue", "inbox", "drain", "oxide", "brokers", "latency", "growth", "rolloff",
+const SCENARIOS: [&str; 9] = [
+    "enqueue",
+    "inbox",
+    "sequenced",
+    "drain",
+    "oxide",
+    "brokers",
+    "latency",
+    "growth",
+    "rolloff",
 ];
 
 fn env_or(name: &str, default: &str) -> String {
@@ -98,6 +107,7 @@ fn main() -> Result<(), Error> {
         let outcome = match *scenario {
             "enqueue" => enqueue_scenario(&settings, &pool, &mut figures),
             "inbox" => inbox::run(&settings, &pool, &mut figures),
+            "sequenced" => sequenced::run(&settings, &pool, &mut figures),
             "drain" => drain::run(&settings, &pool, &mut figures),
             "oxide" => oxide(&settings, &pool, &mut figures),
             "brokers" => brokers::run(&settings, &pool, &mut figures),

@@ -14,7 +14,7 @@ pub(crate) struct Args {
     /// postgres://..., mysql://..., sqlite://PATH or a plain SQLite file path.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub(crate) database_url: Option<String>,
-    /// Machine-readable JSON on stdout instead of tables (status, parked, inbox status).
+    /// Machine-readable JSON on stdout instead of tables (status, parked, inbox status, marks, gaps).
     #[arg(long, global = true)]
     pub(crate) json: bool,
     /// The command.
@@ -76,6 +76,14 @@ pub(crate) enum Operation {
         /// What to show.
         #[command(subcommand)]
         command: InboxCommand,
+    },
+    /// Draw a new producer epoch for sequenced messages. Run it after restoring the database
+    /// from a backup or failing it over (see docs/guarantees.md): consumers then refuse
+    /// numbers that went back instead of skipping them as duplicates.
+    RotateEpoch {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
     /// Run the embedded migrations that have not run yet.
     Migrate,
@@ -151,6 +159,22 @@ pub(crate) enum InboxCommand {
         /// The consumer name.
         #[arg(long)]
         consumer: String,
+    },
+    /// Per consumer and sequenced key: the last number applied (process_in_order).
+    Marks {
+        /// Only this consumer's marks.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Sequenced messages held back behind a gap, or parked after the gap wait, whose key has
+    /// not moved past them since.
+    Gaps {
+        /// Only this consumer's gaps.
+        #[arg(long)]
+        consumer: Option<String>,
     },
 }
 

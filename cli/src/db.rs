@@ -2,7 +2,7 @@
 
 use diesel::r2d2::{CustomizeConnection, R2D2Connection};
 use diesel::Connection;
-use waybill_diesel::OpsConnection;
+use waybill_diesel::{InOrderConnection, OpsConnection};
 
 use crate::cli::{Args, Command, Operation};
 use crate::error::CliError;
@@ -10,7 +10,7 @@ use waybill_outbox_core::redact_url as redact;
 
 /// A database the binary can work on.
 pub(crate) trait Backend:
-    OpsConnection + R2D2Connection + Connection + Send + 'static
+    OpsConnection + InOrderConnection + R2D2Connection + Connection + Send + 'static
 {
     /// Settings every new connection gets.
     fn prepare(_conn: &mut Self) -> waybill_diesel::Result<()> {

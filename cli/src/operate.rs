@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use diesel::Connection;
-use waybill_diesel::OpsConnection;
+use waybill_diesel::{InOrderConnection, OpsConnection};
 use waybill_outbox_core::MessageId;
 
 use crate::cli::{InboxCommand, Operation, ParkedCommand, RequeueArgs};
@@ -13,7 +13,7 @@ use crate::error::CliError;
 use crate::output;
 
 /// Runs one operator command (everything but `relay`) on `conn`.
-pub(crate) fn operate<C: OpsConnection + Connection>(
+pub(crate) fn operate<C: OpsConnection + InOrderConnection + Connection>(
     conn: &mut C,
     command: Operation,
     json: bool,
@@ -80,6 +80,29 @@ pub(crate) fn operate<C: OpsConnection + Connection>(
                 }
             }
             output::inbox_status(&mut out, &stats, json)
+        }
+        Operation::Inbox {
+            command: InboxCommand::Marks { consumer, limit },
+        } => output::inbox_marks(
+            &mut out,
+            &waybill_diesel::inbox_marks(conn, consumer.as_deref(), limit)?,
+            json,
+        ),
+        Operation::Inbox {
+            command: InboxCommand::Gaps { consumer },
+        } => output::inbox_gaps(
+            &mut out,
+            &waybill_diesel::inbox_gaps(conn, consumer.as_deref())?,
+            json,
+        ),
+        Operation::RotateEpoch { yes } => {
+            confirm(
+                yes,
+                "Draw a new producer epoch? Consumers will refuse sequence numbers that went back.",
+            )?;
+            let epoch = waybill_diesel::rotate_sequence_epoch(conn)?;
+            writeln!(out, "new producer epoch {epoch}")?;
+            Ok(())
         }
         Operation::Migrate => {
             let applied = waybill_diesel::run_migrations(conn)?;

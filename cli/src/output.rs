@@ -4,7 +4,7 @@ use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
-use waybill_diesel::{InboxStats, OpsConnection, ParkedMessage, RelayLease};
+use waybill_diesel::{GapEntry, InboxStats, MarkEntry, OpsConnection, ParkedMessage, RelayLease};
 use waybill_outbox_core::OutboxMessage;
 
 use crate::error::CliError;
@@ -227,6 +227,107 @@ pub(crate) fn inbox_status(
             time(stats.oldest),
             time(stats.newest),
         ]],
+    )
+}
+
+/// `inbox marks`: one row per consumer and sequenced key.
+pub(crate) fn inbox_marks(
+    out: &mut impl Write,
+    marks: &[MarkEntry],
+    json: bool,
+) -> Result<(), CliError> {
+    if json {
+        let marks: Vec<Value> = marks
+            .iter()
+            .map(|m| {
+                json!({
+                    "consumer": m.consumer,
+                    "source": m.source,
+                    "topic": m.topic,
+                    "partition_key": m.partition_key,
+                    "last_sequence": m.last_sequence,
+                    "epoch": m.epoch,
+                    "updated_at": rfc3339(m.updated_at),
+                })
+            })
+            .collect();
+        return print_json(out, &json!({ "marks": marks }));
+    }
+    if marks.is_empty() {
+        writeln!(out, "no sequenced messages applied yet")?;
+        return Ok(());
+    }
+    table(
+        out,
+        &["CONSUMER", "SOURCE", "TOPIC", "KEY", "LAST", "UPDATED"],
+        marks
+            .iter()
+            .map(|m| {
+                vec![
+                    m.consumer.clone(),
+                    m.source.clone(),
+                    m.topic.clone(),
+                    m.partition_key.clone(),
+                    m.last_sequence.to_string(),
+                    rfc3339(m.updated_at),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// `inbox gaps`: messages held back or parked behind a gap.
+pub(crate) fn inbox_gaps(
+    out: &mut impl Write,
+    gaps: &[GapEntry],
+    json: bool,
+) -> Result<(), CliError> {
+    if json {
+        let gaps: Vec<Value> = gaps
+            .iter()
+            .map(|g| {
+                json!({
+                    "consumer": g.consumer,
+                    "source": g.source,
+                    "topic": g.topic,
+                    "partition_key": g.partition_key,
+                    "expected": g.expected,
+                    "got": g.got,
+                    "message_id": g.message_id,
+                    "state": if g.parked { "parked" } else { "held" },
+                    "first_seen_at": rfc3339(g.first_seen_at),
+                    "last_seen_at": rfc3339(g.last_seen_at),
+                })
+            })
+            .collect();
+        return print_json(out, &json!({ "gaps": gaps }));
+    }
+    if gaps.is_empty() {
+        writeln!(
+            out,
+            "no gaps: every consumer applied what it received in order"
+        )?;
+        return Ok(());
+    }
+    table(
+        out,
+        &[
+            "CONSUMER", "TOPIC", "KEY", "EXPECTED", "GOT", "STATE", "MESSAGE", "SINCE",
+        ],
+        gaps.iter()
+            .map(|g| {
+                vec![
+                    g.consumer.clone(),
+                    g.topic.clone(),
+                    g.partition_key.clone(),
+                    g.expected.to_string(),
+                    g.got.to_string(),
+                    if g.parked { "parked" } else { "held" }.to_owned(),
+                    g.message_id.clone(),
+                    rfc3339(g.first_seen_at),
+                ]
+            })
+            .collect(),
     )
 }
 

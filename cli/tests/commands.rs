@@ -406,7 +406,90 @@ fn inbox_status_of_an_unknown_consumer_fails_and_lists_the_known_ones<C: Backend
     assert!(purged["newest_processed_at"].is_null());
 }
 
+fn inbox_marks_and_gaps_show_sequenced_consumers<
+    C: Backend + Ops + waybill_diesel::InOrderConnection,
+>(
+    db: TestDb<C>,
+) {
+    let none = waybill(&db, &["inbox", "gaps"], "");
+    none.assert_code(0);
+    assert!(none.stdout.contains("no gaps"), "{none:?}");
+    let mut conn = db.conn();
+    let ids: Vec<MessageId> = (1..=3)
+        .map(|i| {
+            let msg = message("orders", "order:7", &format!("Step{i}")).sequenced();
+            diesel::Connection::transaction(&mut *conn, |conn| waybill_diesel::enqueue(conn, &msg))
+                .unwrap()
+        })
+        .collect();
+    let received: Vec<IncomingMessage> = ids
+        .iter()
+        .map(|id| {
+            IncomingMessage::from(
+                waybill_diesel::find_message(&mut *conn, *id)
+                    .unwrap()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let billing = Inbox::new("billing").max_gap_wait(Duration::from_secs(3600));
+    let ok = |_: &mut _| Ok::<_, waybill_diesel::Error>(());
+    assert!(billing
+        .process_in_order(&mut *conn, &received[0], ok)
+        .unwrap()
+        .is_done());
+    let held = billing
+        .process_in_order(&mut *conn, &received[2], ok)
+        .unwrap();
+    assert!(!held.is_done(), "{held:?}");
+    drop(conn);
+
+    let marks = waybill(&db, &["inbox", "marks"], "");
+    marks.assert_code(0);
+    let mark = row(&marks.stdout, "billing");
+    assert_eq!(mark[2..5], ["orders", "order:7", "1"], "{marks:?}");
+    let json = waybill(
+        &db,
+        &["inbox", "marks", "--consumer", "billing", "--json"],
+        "",
+    )
+    .assert_code(0)
+    .json();
+    assert_eq!(json["marks"][0]["last_sequence"].as_u64(), Some(1));
+    assert_eq!(json["marks"][0]["source"], "urn:waybill:orders");
+
+    let gaps = waybill(&db, &["inbox", "gaps"], "");
+    gaps.assert_code(0);
+    let gap = row(&gaps.stdout, "billing");
+    assert_eq!(
+        gap[1..6],
+        ["orders", "order:7", "2", "3", "held"],
+        "{gaps:?}"
+    );
+    let json = waybill(&db, &["inbox", "gaps", "--json"], "")
+        .assert_code(0)
+        .json();
+    assert_eq!(json["gaps"][0]["message_id"], ids[2].to_string());
+    assert_eq!(json["gaps"][0]["state"], "held");
+    let other = waybill(
+        &db,
+        &["inbox", "gaps", "--consumer", "shipping", "--json"],
+        "",
+    )
+    .assert_code(0)
+    .json();
+    assert_eq!(other, serde_json::json!({"gaps": []}));
+
+    let rotated = waybill(&db, &["rotate-epoch", "--yes"], "");
+    rotated.assert_code(0);
+    assert!(
+        rotated.stdout.starts_with("new producer epoch "),
+        "{rotated:?}"
+    );
+}
+
 backend_tests!(
+    inbox_marks_and_gaps_show_sequenced_consumers,
     status_counts_every_topic_in_a_table_and_as_json,
     status_of_an_empty_outbox_has_no_topics,
     parked_list_and_show_tell_what_failed,

@@ -32,6 +32,41 @@ pub trait OutboxConnection {
     /// [`Error::DuplicateMessageId`](crate::Error::DuplicateMessageId) or database failures.
     fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()>;
 
+    /// Adds `count` (negative to give numbers back) to the sequence counter of `topic` and
+    /// `partition_key`, creating it at `count`, and returns its new value with the producer
+    /// epoch. The counter row stays locked until the caller's transaction ends, so writers of
+    /// one key serialize. See [`crate::sequence`].
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn draw_key_sequences(
+        &mut self,
+        topic: &str,
+        partition_key: &str,
+        count: i64,
+    ) -> Result<crate::sequence::Drawn>;
+
+    /// Draws the next number of a single sequenced `message`'s key and inserts the message
+    /// stamped with it, in one statement where the backend can (PostgreSQL: the counter upsert
+    /// in a CTE feeding the insert, one round trip). Returns `false`, having done nothing,
+    /// where it cannot; the caller then draws and inserts in two steps. Must run inside a
+    /// transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateMessageId`](crate::Error::DuplicateMessageId) or database failures.
+    fn insert_sequenced_outbox_message(&mut self, _message: &NewOutboxMessage) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Replaces the random part of the producer epoch with `epoch`.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()>;
+
     /// Runs the embedded outbox and inbox migrations that have not run yet; returns the names
     /// of those it applied (`<version>_<name>`), in order.
     ///
@@ -183,6 +218,20 @@ mod pooled {
         }
         fn insert_outbox_messages(&mut self, messages: &[NewOutboxMessage]) -> Result<()> {
             (**self).insert_outbox_messages(messages)
+        }
+        fn draw_key_sequences(
+            &mut self,
+            topic: &str,
+            partition_key: &str,
+            count: i64,
+        ) -> Result<crate::sequence::Drawn> {
+            (**self).draw_key_sequences(topic, partition_key, count)
+        }
+        fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()> {
+            (**self).set_sequence_epoch(epoch)
+        }
+        fn insert_sequenced_outbox_message(&mut self, message: &NewOutboxMessage) -> Result<bool> {
+            (**self).insert_sequenced_outbox_message(message)
         }
         fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
             (**self).run_outbox_migrations()

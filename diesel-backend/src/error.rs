@@ -160,6 +160,58 @@ pub enum Error {
     /// transaction block; call it on a connection outside any transaction.
     #[error("a partition roll-off cannot run inside a transaction")]
     RollOffInTransaction,
+    /// A sequenced message was enqueued outside a transaction: its number and its row are two
+    /// statements, and a failure between them would leave a gap consumers wait on. Nothing was
+    /// written. Call `enqueue` inside `conn.transaction(..)`.
+    #[error("message {0} is sequenced and needs a transaction; call enqueue inside conn.transaction(..)")]
+    SequencedOutsideTransaction(MessageId),
+    /// `process_in_order` got a message without a sequence number (not enqueued as
+    /// `sequenced`, or sent by a producer that does not number messages), or with the number 0:
+    /// it cannot be put in order. Dead-letter it, or consume the topic with `process_once`.
+    #[error("inbox {consumer}: message {message_id} has no sequence number; it cannot be applied in order")]
+    NotSequenced {
+        /// The consumer.
+        consumer: String,
+        /// The message.
+        message_id: MessageId,
+    },
+    /// The producer's counter went back: a message of a new producer epoch carries a number
+    /// this consumer already applied under another epoch (the producer database was restored
+    /// from a backup or failed over to a replica that lagged). Applying it would skip a new
+    /// message as a duplicate, so it is refused; nothing was recorded. An operator must decide
+    /// (see docs/guarantees.md, "Sequenced messages").
+    #[error(transparent)]
+    SequenceRegression(Box<Regression>),
+}
+
+/// What [`Error::SequenceRegression`] saw.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "inbox {consumer}: sequence regression on {producer}/{topic}/{partition_key}: message \
+     {message_id} has number {got} under producer epoch {epoch:?}, but {last} was already \
+     applied under epoch {mark_epoch:?} (the producer's counter went back: restored or failed \
+     over?)"
+)]
+#[non_exhaustive]
+pub struct Regression {
+    /// The consumer.
+    pub consumer: String,
+    /// The producer's CloudEvents source.
+    pub producer: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition key.
+    pub partition_key: String,
+    /// The refused message.
+    pub message_id: MessageId,
+    /// Its number.
+    pub got: u64,
+    /// Its epoch.
+    pub epoch: String,
+    /// The last number applied.
+    pub last: u64,
+    /// The epoch that number was applied under.
+    pub mark_epoch: String,
 }
 
 /// The result type of this crate.

@@ -108,6 +108,7 @@ pub mod partitions;
 pub mod pg;
 #[cfg(feature = "postgres")]
 mod prepared;
+pub mod sequence;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod store;
@@ -127,15 +128,16 @@ use chrono::{DateTime, Utc};
 use waybill_outbox_core::{Limits, MessageId, NewOutboxMessage, OutboxMessage};
 
 pub use connection::OutboxConnection;
-pub use error::{Error, Result};
+pub use error::{Error, Regression, Result};
 pub use inbox::{
-    purge_processed_before, DedupKey, Inbox, InboxConnection, InboxHandler, IncomingMessage,
-    Inserted, Processed,
+    purge_processed_before, DedupKey, FirstMessage, InOrder, Inbox, InboxConnection, InboxHandler,
+    IncomingMessage, Inserted, Processed,
 };
 pub use ops::{
     inbox_consumers, inbox_stats, outbox_clock, parked_messages, purge_skipped, relay_leases,
     requeue_all_parked, skip, InboxStats, OpsConnection, ParkedMessage, RelayLease,
 };
+pub use sequence::{inbox_gaps, inbox_marks, GapEntry, InOrderConnection, MarkEntry};
 pub use store::DieselStore;
 
 /// Rows per `INSERT` statement: far below every backend's bind-parameter limit.
@@ -179,6 +181,46 @@ pub fn enqueue_all<C: OutboxConnection + ?Sized>(
     messages: &[NewOutboxMessage],
 ) -> Result<()> {
     Outbox::default().enqueue_all(conn, messages)
+}
+
+/// Inserts validated messages, stamping the sequenced ones first (see [`sequence`]).
+fn insert<C: OutboxConnection + ?Sized>(conn: &mut C, messages: &[NewOutboxMessage]) -> Result<()> {
+    if let [message] = messages {
+        if message.is_sequenced() {
+            if !conn.in_transaction()? {
+                return Err(Error::SequencedOutsideTransaction(message.id()));
+            }
+            if conn.insert_sequenced_outbox_message(message)? {
+                return Ok(());
+            }
+        }
+    }
+    match sequence::stamp(conn, messages)? {
+        None => conn.insert_outbox_messages(messages),
+        Some((stamped, draws)) => {
+            let inserted = conn.insert_outbox_messages(&stamped);
+            if inserted.is_err() {
+                sequence::give_back(conn, draws);
+            }
+            inserted
+        }
+    }
+}
+
+/// Draws a new random part of the producer epoch of sequenced messages. Run it after restoring
+/// the producer database from a backup or failing it over, when the epoch's automatic parts do
+/// not change (on MySQL/MariaDB and SQLite it has none; on PostgreSQL see
+/// `docs/guarantees.md`): consumers then refuse numbers that went back instead of skipping
+/// them as duplicates. Harmless otherwise: numbers that continue are accepted under a new
+/// epoch. Returns the new random part.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub fn rotate_sequence_epoch<C: OutboxConnection + ?Sized>(conn: &mut C) -> Result<String> {
+    let epoch = uuid::Uuid::new_v4().simple().to_string();
+    conn.set_sequence_epoch(&epoch)?;
+    Ok(epoch)
 }
 
 /// Runs the embedded outbox migrations that have not run yet, in their own transactions, and
@@ -318,7 +360,7 @@ impl Outbox {
         message: &NewOutboxMessage,
     ) -> Result<MessageId> {
         self.validate(message)?;
-        conn.insert_outbox_messages(std::slice::from_ref(message))?;
+        insert(conn, std::slice::from_ref(message))?;
         Ok(message.id())
     }
 
@@ -345,7 +387,7 @@ impl Outbox {
         if messages.is_empty() {
             return Ok(());
         }
-        conn.insert_outbox_messages(messages)
+        insert(conn, messages)
     }
 
     fn validate(&self, message: &NewOutboxMessage) -> Result<()> {

@@ -318,6 +318,22 @@ impl OutboxConnection for MysqlConnection {
         Ok(())
     }
 
+    fn draw_key_sequences(
+        &mut self,
+        topic: &str,
+        partition_key: &str,
+        count: i64,
+    ) -> Result<crate::sequence::Drawn> {
+        crate::sequence::draw_mysql(self, topic, partition_key, count)
+    }
+
+    fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()> {
+        diesel::sql_query("UPDATE outbox_sequence_epoch SET epoch = ? WHERE id = 1")
+            .bind::<diesel::sql_types::Text, _>(epoch)
+            .execute(self)?;
+        Ok(())
+    }
+
     fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
         // Several processes starting at once would race on diesel's migrations table: the
         // first runs them, the others wait (up to an hour) and find nothing left to do.

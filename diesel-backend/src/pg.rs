@@ -56,6 +56,14 @@ mod schema {
 
 use schema::outbox_messages as m;
 
+/// What the prepared sequenced insert returns: one row per message inserted.
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    #[allow(dead_code)] // Read only to make the statement a prepared query.
+    one: i32,
+}
+
 #[derive(Insertable)]
 #[diesel(table_name = m)]
 struct NewRow<'a> {
@@ -448,6 +456,60 @@ impl OutboxConnection for PgConnection {
                 .execute(self)
                 .map_err(|e| duplicate_or(e, single))?;
         }
+        Ok(())
+    }
+
+    fn draw_key_sequences(
+        &mut self,
+        topic: &str,
+        partition_key: &str,
+        count: i64,
+    ) -> Result<crate::sequence::Drawn> {
+        crate::sequence::draw_pg(self, topic, partition_key, count)
+    }
+
+    fn insert_sequenced_outbox_message(&mut self, message: &NewOutboxMessage) -> Result<bool> {
+        // One round trip: the counter upsert locks the key's row and hands its number to the
+        // insert, which only then forms the outbox row (and draws its `seq`), so a second
+        // writer of the key waits in the CTE and gets both the next number and a later `seq`.
+        let _: Inserted = Prepared(
+            diesel::sql_query(concat!(
+            "WITH drawn AS (\
+               INSERT INTO outbox_key_sequences (topic, partition_key, last_sequence) \
+               VALUES ($2, $3, 1) \
+               ON CONFLICT (topic, partition_key) DO UPDATE \
+               SET last_sequence = outbox_key_sequences.last_sequence + 1 \
+               RETURNING last_sequence, ",
+            crate::sequence::pg_epoch!(),
+            " AS epoch) \
+             INSERT INTO outbox_messages \
+               (id, topic, partition_key, message_type, content_type, payload, headers, available_at) \
+             SELECT $1, $2, $3, $4, $5, $6, \
+               $7 || jsonb_build_object($9::text, drawn.last_sequence::text, $10::text, drawn.epoch), \
+               COALESCE($8, now()) \
+             FROM drawn RETURNING 1 AS one"
+        ))
+        .bind::<diesel::sql_types::Uuid, _>(*message.id().as_uuid())
+        .bind::<Text, _>(message.topic())
+        .bind::<Text, _>(message.partition_key())
+        .bind::<Text, _>(message.message_type())
+        .bind::<Text, _>(message.content_type())
+        .bind::<diesel::sql_types::Bytea, _>(message.payload())
+        .bind::<diesel::sql_types::Jsonb, _>(headers_json(message))
+        .bind::<Nullable<Timestamptz>, _>(message.available_after())
+        .bind::<Text, _>(waybill_outbox_core::sequence::SEQUENCE_HEADER)
+        .bind::<Text, _>(waybill_outbox_core::sequence::EPOCH_HEADER),
+        )
+        // Prepared: planning this statement costs more than running it.
+        .get_result(self)
+        .map_err(|e| duplicate_or(e, Some(message.id())))?;
+        Ok(true)
+    }
+
+    fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()> {
+        diesel::sql_query("UPDATE outbox_sequence_epoch SET epoch = $1 WHERE id = 1")
+            .bind::<diesel::sql_types::Text, _>(epoch)
+            .execute(self)?;
         Ok(())
     }
 

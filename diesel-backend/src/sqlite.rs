@@ -281,6 +281,22 @@ impl OutboxConnection for SqliteConnection {
         Ok(())
     }
 
+    fn draw_key_sequences(
+        &mut self,
+        topic: &str,
+        partition_key: &str,
+        count: i64,
+    ) -> Result<crate::sequence::Drawn> {
+        crate::sequence::draw_sqlite(self, topic, partition_key, count)
+    }
+
+    fn set_sequence_epoch(&mut self, epoch: &str) -> Result<()> {
+        diesel::sql_query("UPDATE outbox_sequence_epoch SET epoch = ? WHERE id = 1")
+            .bind::<diesel::sql_types::Text, _>(epoch)
+            .execute(self)?;
+        Ok(())
+    }
+
     fn run_outbox_migrations(&mut self) -> Result<Vec<String>> {
         // One immediate transaction: a second process starting at once waits for the first
         // (busy timeout) instead of racing it on diesel's migrations table.

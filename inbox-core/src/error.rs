@@ -80,6 +80,17 @@ pub enum DecodeError {
         /// The missing header's name.
         header: &'static str,
     },
+    /// A sequenced message (it has a `waybillepoch` attribute) whose `sequence` is missing or
+    /// not a decimal number.
+    #[error("message {id}: {name} is not a sequence number: {value:?}")]
+    InvalidSequence {
+        /// The message.
+        id: MessageId,
+        /// The header.
+        name: String,
+        /// Its value.
+        value: String,
+    },
     /// The send time is not an RFC 3339 timestamp.
     #[error("message {id}: {name} is not an RFC 3339 timestamp: {value:?}")]
     InvalidSentAt {

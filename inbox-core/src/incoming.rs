@@ -2,7 +2,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
-use waybill_outbox_core::{is_valid_traceparent, Headers, MessageId, OutboxMessage, TRACEPARENT};
+use waybill_outbox_core::sequence::RESERVED_HEADERS;
+use waybill_outbox_core::{
+    is_valid_traceparent, Headers, MessageId, OutboxMessage, Stamp, TRACEPARENT,
+};
 
 /// The content type of [`IncomingMessage::new`] unless set otherwise.
 pub const OCTET_STREAM: &str = "application/octet-stream";
@@ -41,6 +44,66 @@ pub struct IncomingMessage {
     pub headers: Headers,
     /// When the sender enqueued the message (the sender's clock).
     pub sent_at: DateTime<Utc>,
+    /// Where the message stands in its key's order, when the producer numbered it (a
+    /// `sequenced` message); `None` otherwise.
+    pub sequence: Option<Sequenced>,
+}
+
+/// A sequenced message's position: the producer's source, the per-key number and the epoch it
+/// was drawn under, read from the CloudEvents `source`, `sequence` and `waybillepoch`
+/// attributes. `process_in_order` keeps, per consumer and `(source, topic, partition key)`,
+/// the last number applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Sequenced {
+    /// The producer (the CloudEvents `source`).
+    pub source: String,
+    /// The number and producer epoch.
+    pub stamp: Stamp,
+    /// `Some(reason)` for a skip marker: an operator skipped the message that had this number;
+    /// the consumer moves past it without running its handler.
+    pub skipped: Option<String>,
+}
+
+impl Sequenced {
+    /// The position `stamp` of a message from `source`.
+    pub fn new(source: impl Into<String>, stamp: Stamp) -> Self {
+        Self {
+            source: source.into(),
+            stamp,
+            skipped: None,
+        }
+    }
+
+    /// Marks the position as a skip marker with `reason`.
+    #[must_use]
+    pub fn skipped(mut self, reason: impl Into<String>) -> Self {
+        self.skipped = Some(reason.into());
+        self
+    }
+
+    /// The position stored in an outbox message's reserved headers, with the default source
+    /// `urn:waybill:<topic>`; `None` when it is not sequenced or its number does not parse.
+    pub fn of_outbox(message: &OutboxMessage) -> Option<Self> {
+        let stamp = message.stamp()?.ok()?;
+        Some(Self {
+            source: format!("urn:waybill:{}", message.topic),
+            stamp,
+            skipped: message
+                .headers
+                .get(waybill_outbox_core::sequence::SKIPPED_HEADER)
+                .cloned(),
+        })
+    }
+}
+
+/// The sender's headers of an outbox message without the reserved sequence headers.
+fn sender_headers(headers: &Headers) -> Headers {
+    let mut headers = headers.clone();
+    for reserved in RESERVED_HEADERS {
+        headers.remove(reserved);
+    }
+    headers
 }
 
 impl IncomingMessage {
@@ -61,7 +124,15 @@ impl IncomingMessage {
             payload: payload.into(),
             headers: Headers::new(),
             sent_at: Utc::now(),
+            sequence: None,
         }
+    }
+
+    /// Sets the message's position in its key's order (see [`Sequenced`]).
+    #[must_use]
+    pub fn with_sequence(mut self, sequence: Sequenced) -> Self {
+        self.sequence = Some(sequence);
+        self
     }
 
     /// Sets the partition key.
@@ -139,8 +210,9 @@ impl From<&OutboxMessage> for IncomingMessage {
             partition_key: message.partition_key.clone(),
             content_type: message.content_type.clone(),
             payload: message.payload.clone(),
-            headers: message.headers.clone(),
+            headers: sender_headers(&message.headers),
             sent_at: message.created_at,
+            sequence: Sequenced::of_outbox(message),
         }
     }
 }
@@ -148,16 +220,7 @@ impl From<&OutboxMessage> for IncomingMessage {
 impl From<OutboxMessage> for IncomingMessage {
     /// The message as a consumer receives it; `sent_at` is the enqueue time (`created_at`).
     fn from(message: OutboxMessage) -> Self {
-        Self {
-            id: message.id,
-            topic: message.topic,
-            message_type: message.message_type,
-            partition_key: message.partition_key,
-            content_type: message.content_type,
-            payload: message.payload,
-            headers: message.headers,
-            sent_at: message.created_at,
-        }
+        Self::from(&message)
     }
 }
 

@@ -37,3 +37,20 @@ pub fn record_duplicate(consumer: &str) {
     metrics::counter!(CONSUMER_DUPLICATES_SKIPPED, CONSUMER_LABEL => consumer.to_owned())
         .increment(1);
 }
+
+/// Counter: sequence gaps a consumer met (`process_in_order` held a message back because an
+/// earlier number of its key was not applied yet), counted once per held message.
+pub const CONSUMER_SEQUENCE_GAPS: &str = "waybill_consumer_sequence_gaps_total";
+/// Counter: messages parked (dead-lettered) after waiting the whole gap wait.
+pub const CONSUMER_SEQUENCE_GAPS_PARKED: &str = "waybill_consumer_sequence_gaps_parked_total";
+
+/// Counts one new sequence gap met by `consumer`.
+pub fn record_gap(consumer: &str) {
+    metrics::counter!(CONSUMER_SEQUENCE_GAPS, CONSUMER_LABEL => consumer.to_owned()).increment(1);
+}
+
+/// Counts one message `consumer` parked behind a gap.
+pub fn record_gap_parked(consumer: &str) {
+    metrics::counter!(CONSUMER_SEQUENCE_GAPS_PARKED, CONSUMER_LABEL => consumer.to_owned())
+        .increment(1);
+}

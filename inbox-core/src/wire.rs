@@ -8,7 +8,8 @@
 //! - The message's metadata are CloudEvents attributes in headers named for the [`Binding`]:
 //!   `ce-id`, `ce-source`, `ce-type`, `ce-specversion` (`1.0`), `ce-time` (the enqueue time,
 //!   RFC 3339), `ce-partitionkey` (the partition key, when not empty), `ce-sequence` (the
-//!   outbox position, zero-padded), `ce-waybilltopic` (the topic) and `ce-traceparent` /
+//!   outbox position, zero-padded; for a sequenced message its key's number, with
+//!   `ce-waybillepoch` and, on a skip marker, `ce-waybillskipped`), `ce-waybilltopic` (the topic) and `ce-traceparent` /
 //!   `ce-tracestate` (copied from the headers of those names). Kafka writes `ce_` instead of
 //!   `ce-`; NATS and the memory transport percent-encode values as the HTTP binding does.
 //! - `datacontenttype` is the `content-type` header (Kafka, NATS, memory) or the AMQP
@@ -64,6 +65,15 @@ pub const STRUCTURED_JSON: &str = "application/cloudevents+json";
 /// destination (exchange, subject) need not name it; a decoder without it falls back to where
 /// the message came from.
 pub const TOPIC_EXTENSION: &str = "waybilltopic";
+
+/// The extension attribute that carries a sequenced message's producer epoch. Its presence
+/// makes `sequence` the per-key number of a sequenced message rather than the informational
+/// outbox position.
+pub const EPOCH_EXTENSION: &str = "waybillepoch";
+
+/// The extension attribute that marks a skip marker of a sequenced key: the value is the
+/// operator's reason.
+pub const SKIPPED_EXTENSION: &str = "waybillskipped";
 
 /// The header carrying `datacontenttype` in binary mode on Kafka, NATS and the memory
 /// transport (RabbitMQ uses the `content_type` property).
@@ -126,6 +136,8 @@ struct Names {
     partitionkey: &'static str,
     sequence: &'static str,
     topic: &'static str,
+    epoch: &'static str,
+    skipped: &'static str,
     traceparent: &'static str,
     tracestate: &'static str,
 }
@@ -139,6 +151,8 @@ const DASH: Names = Names {
     partitionkey: "ce-partitionkey",
     sequence: "ce-sequence",
     topic: "ce-waybilltopic",
+    epoch: "ce-waybillepoch",
+    skipped: "ce-waybillskipped",
     traceparent: "ce-traceparent",
     tracestate: "ce-tracestate",
 };
@@ -152,6 +166,8 @@ const UNDERSCORE: Names = Names {
     partitionkey: "ce_partitionkey",
     sequence: "ce_sequence",
     topic: "ce_waybilltopic",
+    epoch: "ce_waybillepoch",
+    skipped: "ce_waybillskipped",
     traceparent: "ce_traceparent",
     tracestate: "ce_tracestate",
 };
@@ -263,6 +279,10 @@ impl Encoder {
     pub fn encode(&self, message: &OutboxMessage) -> (Headers, Vec<u8>) {
         let names = self.binding.names();
         let mut headers = message.headers.clone();
+        // The reserved sequence headers travel as extension attributes, not as headers.
+        for reserved in waybill_outbox_core::sequence::RESERVED_HEADERS {
+            headers.remove(reserved);
+        }
         let mut put = |name: &'static str, value: &str| {
             let value = self.binding.escape(value).into_owned();
             if headers.insert(name.to_owned(), value).is_some() {
@@ -288,9 +308,27 @@ impl Encoder {
         if !message.partition_key.is_empty() {
             put(names.partitionkey, &message.partition_key);
         }
-        if message.seq > 0 {
-            // Zero-padded: the sequence extension compares values as strings.
-            put(names.sequence, &format!("{:019}", message.seq));
+        match message.stamp() {
+            // A sequenced message: its key's number (zero-padded, the sequence extension
+            // compares values as strings) and the producer epoch.
+            Some(Ok(stamp)) => {
+                put(names.sequence, &stamp.padded());
+                put(names.epoch, &stamp.epoch);
+                if let Some(reason) = message
+                    .headers
+                    .get(waybill_outbox_core::sequence::SKIPPED_HEADER)
+                {
+                    put(names.skipped, reason);
+                }
+            }
+            Some(Err(value)) => log::error!(
+                "message {}: stored sequence number {value:?} does not parse; sent without one",
+                message.id
+            ),
+            None if message.seq > 0 => {
+                put(names.sequence, &format!("{:019}", message.seq));
+            }
+            None => {}
         }
         put(names.topic, &message.topic);
         for (from, to) in [

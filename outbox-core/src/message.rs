@@ -39,6 +39,7 @@ pub struct NewOutboxMessage {
     payload: Vec<u8>,
     headers: Headers,
     available_at: Option<DateTime<Utc>>,
+    sequenced: bool,
 }
 
 impl NewOutboxMessage {
@@ -91,6 +92,7 @@ impl NewOutboxMessage {
             payload: payload.into(),
             headers: Headers::new(),
             available_at: None,
+            sequenced: false,
         }
     }
 
@@ -122,6 +124,28 @@ impl NewOutboxMessage {
         // Every backend keeps microseconds; truncating here makes the stored row equal the input.
         self.available_at = Some(at.trunc_subsecs(6));
         self
+    }
+
+    /// Makes the message sequenced: `enqueue` gives it the next number of its topic and
+    /// partition key, in the writer's transaction, so writers of one key wait for each other
+    /// and numbers follow commit order; a consumer's `process_in_order` applies the key's
+    /// messages in that order, each once, with no retention window. See [`crate::sequence`].
+    ///
+    /// ```
+    /// use waybill_outbox_core::NewOutboxMessage;
+    ///
+    /// let msg = NewOutboxMessage::bytes("orders", "order:1", "OrderPlaced", "text/plain", "x").sequenced();
+    /// assert!(msg.is_sequenced());
+    /// ```
+    #[must_use]
+    pub fn sequenced(mut self) -> Self {
+        self.sequenced = true;
+        self
+    }
+
+    /// Whether `enqueue` numbers the message (see [`sequenced`](Self::sequenced)).
+    pub fn is_sequenced(&self) -> bool {
+        self.sequenced
     }
 
     /// The sender-assigned id.
@@ -238,6 +262,12 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
+    /// The per-key number and epoch of a sequenced message (`None` when it is not one, `Err`
+    /// with the stored value when it does not parse).
+    pub fn stamp(&self) -> Option<Result<crate::Stamp, String>> {
+        crate::Stamp::read(&self.headers)
+    }
+
     /// A stored message with the given position, id and status; every other field empty (times
     /// at the Unix epoch). For backends and tests that fill the fields afterwards.
     pub fn new(seq: i64, id: MessageId, status: Status) -> Self {

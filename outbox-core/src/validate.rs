@@ -148,6 +148,9 @@ impl Limits {
             });
         }
         for (name, value) in msg.headers() {
+            if crate::sequence::RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(ValidationError::ReservedHeader(name.clone()));
+            }
             if name.is_empty()
                 || name.len() > self.max_name_bytes
                 || !name.bytes().all(is_token_byte)
@@ -343,6 +346,10 @@ pub enum ValidationError {
     /// A header value that is too long or contains a control character.
     #[error("invalid value for header {0:?}")]
     InvalidHeaderValue(String),
+    /// A header whose name waybill reserves for sequenced messages (see
+    /// [`crate::sequence::RESERVED_HEADERS`]); `enqueue` writes those itself.
+    #[error("header {0:?} is reserved for sequenced messages")]
+    ReservedHeader(String),
     /// A `traceparent` that is not in the W3C Trace Context format.
     #[error("malformed W3C traceparent {0:?}")]
     InvalidTraceparent(String),

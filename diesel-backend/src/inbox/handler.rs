@@ -4,8 +4,11 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection, R2D2Connection};
-use waybill_inbox_core::{DeliveryHandler, Disposition, IncomingMessage, Processed};
+use waybill_inbox_core::{
+    gap_reason, DeliveryHandler, Disposition, InOrder, IncomingMessage, Processed,
+};
 
+use super::in_order::Failure;
 use super::{Inbox, InboxConnection};
 use crate::Error;
 
@@ -47,6 +50,7 @@ pub struct InboxHandler<C: R2D2Connection + 'static, F> {
     handler: F,
     duplicates: u64,
     topics: Option<BTreeSet<String>>,
+    in_order: bool,
 }
 
 impl<C: R2D2Connection + 'static, F> fmt::Debug for InboxHandler<C, F> {
@@ -67,7 +71,30 @@ impl<C: R2D2Connection + 'static, F> InboxHandler<C, F> {
             handler,
             duplicates: 0,
             topics: None,
+            in_order: false,
         }
+    }
+
+    /// Runs each delivery through [`Inbox::process_in_order`] instead of `process_once`: for
+    /// topics of sequenced messages, applied in their key's order by number.
+    ///
+    /// - handled, a skip marker, or a duplicate -> [`Disposition::Ack`]
+    /// - held behind a gap ([`InOrder::Held`](waybill_inbox_core::InOrder::Held)) ->
+    ///   [`Disposition::Retry`] with `gap: expected N, got M`: the loop retries in place,
+    ///   keeping the key's position
+    /// - the gap wait ran out -> [`Disposition::DeadLetter`] with `gap: expected N, got M`
+    /// - no sequence number, or a regression of the producer's counter ->
+    ///   [`Disposition::DeadLetter`] with the reason
+    /// - handler or database error -> [`Disposition::Retry`]
+    ///
+    /// Give the consumer loop's [`RetryPolicy`](waybill_inbox_core::RetryPolicy) enough
+    /// deliveries to span the inbox's [`max_gap_wait`](Inbox::max_gap_wait), or it
+    /// dead-letters a held message first (its reason then ends with the gap's). Defaults to
+    /// off.
+    #[must_use]
+    pub fn in_order(mut self) -> Self {
+        self.in_order = true;
+        self
     }
 
     /// Acts only on messages of these topics, the ones this consumer subscribed to; any other
@@ -109,6 +136,36 @@ where
             Err(error) => return Disposition::Retry(format!("no database connection: {error}")),
         };
         let handler = &mut self.handler;
+        if self.in_order {
+            return match self
+                .inbox
+                .apply_in_order(&mut conn, message, |conn| handler(conn, message))
+            {
+                Ok(InOrder::Handled(())) | Ok(InOrder::Skipped { .. }) => Disposition::Ack,
+                Ok(InOrder::Duplicate) => {
+                    self.duplicates += 1;
+                    waybill_inbox_core::metrics::record_duplicate(self.inbox.consumer());
+                    Disposition::Ack
+                }
+                Ok(InOrder::Held { expected, got, .. }) => {
+                    Disposition::Retry(gap_reason(expected, got))
+                }
+                Ok(InOrder::GapParked { expected, got }) => {
+                    Disposition::DeadLetter(gap_reason(expected, got))
+                }
+                Err(Failure::Refused(error)) => {
+                    Disposition::DeadLetter(format!("refused: {error}"))
+                }
+                Err(Failure::Failed(error)) => {
+                    log::warn!(
+                        "inbox {}: message {} failed, will be redelivered: {error}",
+                        self.inbox.consumer(),
+                        message.id
+                    );
+                    Disposition::Retry(error.to_string())
+                }
+            };
+        }
         match self
             .inbox
             .process_once(&mut conn, message, |conn| handler(conn, message))

@@ -13,6 +13,7 @@
 //! record may have been purged and it is refused as [`Processed::Expired`].
 
 mod handler;
+mod in_order;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
@@ -26,7 +27,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use diesel::connection::TransactionManager;
 use diesel::Connection;
-pub use waybill_inbox_core::{DedupKey, IncomingMessage, Processed};
+pub use waybill_inbox_core::{DedupKey, FirstMessage, InOrder, IncomingMessage, Processed};
 use waybill_outbox_core::MessageId;
 
 pub use handler::InboxHandler;
@@ -44,6 +45,9 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// 5 minutes.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
+/// The default gap wait of [`Inbox::process_in_order`]: 30 seconds.
+pub const DEFAULT_MAX_GAP_WAIT: Duration = Duration::from_secs(30);
+
 /// The prefix of a business key's stored form, so business keys and message ids (stored as
 /// the id's hyphenated lowercase form) never collide.
 const BUSINESS_PREFIX: &str = "b:";
@@ -55,7 +59,7 @@ const BUSINESS_PREFIX: &str = "b:";
 /// These are the per-backend building blocks of [`Inbox`]; every method runs on the connection
 /// it is given, joins the caller's transaction if there is one and never checks out another
 /// connection.
-pub trait InboxConnection: Connection {
+pub trait InboxConnection: Connection + crate::sequence::InOrderConnection {
     /// Inserts the record of `key` for `consumer` with the payload's SHA-256 digest; `true`
     /// when inserted, `false` when the consumer already has it. Waits for a concurrent
     /// uncommitted insert of the same key, and never leaves the caller's transaction aborted on
@@ -203,6 +207,8 @@ pub struct Inbox {
     retention: Duration,
     max_clock_skew: Duration,
     accept_expired: bool,
+    max_gap_wait: Duration,
+    first_message: waybill_inbox_core::FirstMessage,
 }
 
 impl Inbox {
@@ -215,6 +221,8 @@ impl Inbox {
             retention: DEFAULT_RETENTION,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             accept_expired: false,
+            max_gap_wait: DEFAULT_MAX_GAP_WAIT,
+            first_message: waybill_inbox_core::FirstMessage::MustBeFirst,
         }
     }
 

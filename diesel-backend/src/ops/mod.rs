@@ -78,12 +78,21 @@ pub trait OpsConnection: OutboxConnection {
     /// Database failures or a malformed id.
     fn parked_outbox_messages(&mut self, limit: usize) -> Result<Vec<ParkedMessage>>;
 
-    /// Moves the parked message `id` to `outbox_skipped` in one transaction.
+    /// Copies the parked message `id` to `outbox_skipped` and, in the same transaction,
+    /// deletes it, or, with `marker` (the JSON headers of a skip marker, for a sequenced
+    /// message), turns it in place into a pending skip marker with those headers, an empty
+    /// payload and the type [`SKIP_MARKER_TYPE`](waybill_outbox_core::sequence::SKIP_MARKER_TYPE).
     ///
     /// # Errors
     ///
     /// As [`skip`].
-    fn skip_parked_message(&mut self, id: MessageId, reason: &str, by: &str) -> Result<()>;
+    fn skip_parked_message(
+        &mut self,
+        id: MessageId,
+        reason: &str,
+        by: &str,
+        marker: Option<&str>,
+    ) -> Result<()>;
 
     /// Deletes up to `limit` skipped messages skipped more than `older_than` ago.
     ///
@@ -133,8 +142,14 @@ mod pooled {
         fn parked_outbox_messages(&mut self, limit: usize) -> Result<Vec<ParkedMessage>> {
             (**self).parked_outbox_messages(limit)
         }
-        fn skip_parked_message(&mut self, id: MessageId, reason: &str, by: &str) -> Result<()> {
-            (**self).skip_parked_message(id, reason, by)
+        fn skip_parked_message(
+            &mut self,
+            id: MessageId,
+            reason: &str,
+            by: &str,
+            marker: Option<&str>,
+        ) -> Result<()> {
+            (**self).skip_parked_message(id, reason, by, marker)
         }
         fn purge_skipped_messages(&mut self, older_than: Duration, limit: usize) -> Result<u64> {
             (**self).purge_skipped_messages(older_than, limit)
@@ -171,6 +186,14 @@ pub fn parked_messages<C: OpsConnection + ?Sized>(
 /// of its key flow again; the skipped row stays for the audit trail until
 /// [`purge_skipped`] deletes it.
 ///
+/// A sequenced message (see [`NewOutboxMessage::sequenced`](waybill_outbox_core::NewOutboxMessage::sequenced))
+/// is not deleted but replaced in place by a *skip marker*: a pending message with the same
+/// id, number and epoch, an empty payload, the type
+/// [`SKIP_MARKER_TYPE`](waybill_outbox_core::sequence::SKIP_MARKER_TYPE) and the reason in the
+/// [`SKIPPED_HEADER`](waybill_outbox_core::sequence::SKIPPED_HEADER). The relay publishes it
+/// in the skipped message's place, and consumers' `process_in_order` moves past its number
+/// instead of waiting at a gap forever.
+///
 /// # Errors
 ///
 /// [`Error::MessageNotFound`], [`Error::NotParked`] (nothing is written then),
@@ -181,7 +204,24 @@ pub fn skip<C: OpsConnection + ?Sized>(
     reason: &str,
     by: &str,
 ) -> Result<()> {
-    conn.skip_parked_message(id, reason, by)
+    let marker = match conn.find_outbox_message(id)? {
+        Some(message) => match message.stamp() {
+            Some(Ok(stamp)) => {
+                let mut headers = waybill_outbox_core::Headers::new();
+                stamp.write(&mut headers);
+                headers.insert(
+                    waybill_outbox_core::sequence::SKIPPED_HEADER.to_owned(),
+                    reason.to_owned(),
+                );
+                Some(serde_json::to_string(&headers).map_err(|e| {
+                    Error::Database(diesel::result::Error::SerializationError(Box::new(e)))
+                })?)
+            }
+            _ => None,
+        },
+        None => return Err(Error::MessageNotFound(id)),
+    };
+    conn.skip_parked_message(id, reason, by, marker.as_deref())
 }
 
 /// Deletes up to `limit` skipped messages skipped more than `older_than` ago; returns how many.

@@ -90,6 +90,7 @@ impl OpsConnection for MysqlConnection {
         id: waybill_outbox_core::MessageId,
         reason: &str,
         by: &str,
+        marker: Option<&str>,
     ) -> Result<()> {
         let bytes = id.as_bytes().to_vec();
         self.transaction::<_, Error, _>(|conn| {
@@ -107,9 +108,25 @@ impl OpsConnection for MysqlConnection {
             .bind::<Text, _>(by)
             .bind::<Binary, _>(&bytes)
             .execute(conn)?;
-            diesel::sql_query("DELETE FROM outbox_messages WHERE id = ?")
-                .bind::<Binary, _>(&bytes)
-                .execute(conn)?;
+            match marker {
+                Some(headers) => {
+                    diesel::sql_query(
+                        "UPDATE outbox_messages SET status = 0, attempts = 0, last_error = NULL, \
+                           message_type = ?, content_type = 'application/octet-stream', \
+                           payload = X'', headers = ?, available_at = UTC_TIMESTAMP(6) \
+                         WHERE id = ?",
+                    )
+                    .bind::<Text, _>(MARKER_TYPE)
+                    .bind::<Text, _>(headers)
+                    .bind::<Binary, _>(&bytes)
+                    .execute(conn)?;
+                }
+                None => {
+                    diesel::sql_query("DELETE FROM outbox_messages WHERE id = ?")
+                        .bind::<Binary, _>(&bytes)
+                        .execute(conn)?;
+                }
+            }
             Ok(())
         })
     }
@@ -175,3 +192,5 @@ impl OpsConnection for MysqlConnection {
         Ok(row.now.and_utc())
     }
 }
+
+const MARKER_TYPE: &str = waybill_outbox_core::sequence::SKIP_MARKER_TYPE;

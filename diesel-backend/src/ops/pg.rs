@@ -86,6 +86,7 @@ impl OpsConnection for PgConnection {
         id: waybill_outbox_core::MessageId,
         reason: &str,
         by: &str,
+        marker: Option<&str>,
     ) -> Result<()> {
         let uuid = *id.as_uuid();
         self.transaction::<_, Error, _>(|conn| {
@@ -103,9 +104,25 @@ impl OpsConnection for PgConnection {
             .bind::<Text, _>(reason)
             .bind::<Text, _>(by)
             .execute(conn)?;
-            diesel::sql_query("DELETE FROM outbox_messages WHERE id = $1")
-                .bind::<diesel::sql_types::Uuid, _>(uuid)
-                .execute(conn)?;
+            match marker {
+                Some(headers) => {
+                    diesel::sql_query(
+                        "UPDATE outbox_messages SET status = 0, attempts = 0, last_error = NULL, \
+                           message_type = $2, content_type = 'application/octet-stream', \
+                           payload = ''::bytea, headers = $3::jsonb, available_at = now() \
+                         WHERE id = $1",
+                    )
+                    .bind::<diesel::sql_types::Uuid, _>(uuid)
+                    .bind::<Text, _>(MARKER_TYPE)
+                    .bind::<Text, _>(headers)
+                    .execute(conn)?;
+                }
+                None => {
+                    diesel::sql_query("DELETE FROM outbox_messages WHERE id = $1")
+                        .bind::<diesel::sql_types::Uuid, _>(uuid)
+                        .execute(conn)?;
+                }
+            }
             Ok(())
         })
     }
@@ -172,3 +189,5 @@ impl OpsConnection for PgConnection {
         Ok(row.now)
     }
 }
+
+const MARKER_TYPE: &str = waybill_outbox_core::sequence::SKIP_MARKER_TYPE;

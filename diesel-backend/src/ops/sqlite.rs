@@ -93,6 +93,7 @@ impl OpsConnection for SqliteConnection {
         id: waybill_outbox_core::MessageId,
         reason: &str,
         by: &str,
+        marker: Option<&str>,
     ) -> Result<()> {
         let bytes = id.as_bytes().to_vec();
         self.immediate_transaction::<_, Error, _>(|conn| {
@@ -111,9 +112,26 @@ impl OpsConnection for SqliteConnection {
             .bind::<BigInt, _>(now())
             .bind::<Binary, _>(&bytes)
             .execute(conn)?;
-            diesel::sql_query("DELETE FROM outbox_messages WHERE id = ?")
-                .bind::<Binary, _>(&bytes)
-                .execute(conn)?;
+            match marker {
+                Some(headers) => {
+                    diesel::sql_query(
+                        "UPDATE outbox_messages SET status = 0, attempts = 0, last_error = NULL, \
+                           message_type = ?, content_type = 'application/octet-stream', \
+                           payload = X'', headers = ?, available_at = ? \
+                         WHERE id = ?",
+                    )
+                    .bind::<Text, _>(MARKER_TYPE)
+                    .bind::<Text, _>(headers)
+                    .bind::<BigInt, _>(now())
+                    .bind::<Binary, _>(&bytes)
+                    .execute(conn)?;
+                }
+                None => {
+                    diesel::sql_query("DELETE FROM outbox_messages WHERE id = ?")
+                        .bind::<Binary, _>(&bytes)
+                        .execute(conn)?;
+                }
+            }
             Ok(())
         })
     }
@@ -179,3 +197,5 @@ impl OpsConnection for SqliteConnection {
         Ok(time(now()))
     }
 }
+
+const MARKER_TYPE: &str = waybill_outbox_core::sequence::SKIP_MARKER_TYPE;

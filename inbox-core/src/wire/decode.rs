@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use waybill_outbox_core::{Headers, MessageId};
+use waybill_outbox_core::{Headers, MessageId, Stamp};
 
 use super::{
-    essence, is_json, legacy, percent, Binding, CONTENT_TYPE_HEADER, SPEC_VERSION, STRUCTURED_JSON,
-    TOPIC_EXTENSION, TRACEPARENT, TRACESTATE,
+    essence, is_json, legacy, percent, Binding, CONTENT_TYPE_HEADER, EPOCH_EXTENSION,
+    SKIPPED_EXTENSION, SPEC_VERSION, STRUCTURED_JSON, TOPIC_EXTENSION, TRACEPARENT, TRACESTATE,
 };
 use crate::incoming::OCTET_STREAM;
-use crate::{DecodeError, IncomingMessage};
+use crate::{DecodeError, IncomingMessage, Sequenced};
 
 /// A header value as the broker delivered it. NATS headers are always text; Kafka header
 /// values are bytes ([`WireValue::from_bytes`]); an AMQP headers table holds typed values.
@@ -210,7 +210,7 @@ pub struct Decoder {
 
 /// Attributes waybill reads from binary mode and removes from the headers; other `ce-`
 /// headers (extensions it does not know) stay with the sender's headers.
-const KNOWN: [&str; 13] = [
+const KNOWN: [&str; 15] = [
     "specversion",
     "id",
     "source",
@@ -222,6 +222,8 @@ const KNOWN: [&str; 13] = [
     "partitionkey",
     "sequence",
     TOPIC_EXTENSION,
+    EPOCH_EXTENSION,
+    SKIPPED_EXTENSION,
     TRACEPARENT,
     TRACESTATE,
 ];
@@ -370,11 +372,42 @@ impl Decoder {
         }
         let (id_name, raw_id) = required(text("id")?, "id")?;
         let id = parse_id(&id_name, &raw_id)?;
-        required(text("source")?, "source")?;
+        let (_, source) = required(text("source")?, "source")?;
         let (_, message_type) = required(text("type")?, "type")?;
-        for optional in ["dataschema", "subject", "sequence"] {
+        for optional in ["dataschema", "subject"] {
             text(optional)?;
         }
+        let sequence = text("sequence")?;
+        let epoch = text(EPOCH_EXTENSION)?;
+        let skipped = text(SKIPPED_EXTENSION)?.map(|(_, reason)| reason);
+        // Only a message with an epoch is sequenced; a bare `sequence` is the informational
+        // outbox position.
+        let sequence = match (epoch, sequence) {
+            (None, _) => None,
+            (Some((_, epoch)), Some((name, value))) => {
+                let number =
+                    value
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| DecodeError::InvalidSequence {
+                            id,
+                            name: name.clone(),
+                            value: value.clone(),
+                        })?;
+                let position = Sequenced::new(source, Stamp::new(number, epoch));
+                Some(match skipped {
+                    Some(reason) => position.skipped(reason),
+                    None => position,
+                })
+            }
+            (Some(_), None) => {
+                return Err(DecodeError::InvalidSequence {
+                    id,
+                    name: self.binding.header("sequence"),
+                    value: String::new(),
+                })
+            }
+        };
         let partition_key = text("partitionkey")?.map(|(_, key)| key);
         let topic = text(TOPIC_EXTENSION)?.map(|(_, topic)| topic);
         let traceparent = text(TRACEPARENT)?;
@@ -431,6 +464,7 @@ impl Decoder {
             payload: received.payload,
             headers,
             sent_at,
+            sequence,
         })
     }
 
@@ -510,6 +544,7 @@ impl Decoder {
             payload: received.payload,
             headers: pass_through(received.headers),
             sent_at,
+            sequence: None,
         })
     }
 }
@@ -665,6 +700,7 @@ fn structured(received: Received) -> Result<IncomingMessage, DecodeError> {
         payload,
         headers,
         sent_at,
+        sequence: None,
     })
 }
 
@@ -707,5 +743,6 @@ fn legacy_headers(received: Received) -> Result<IncomingMessage, DecodeError> {
         payload: received.payload,
         headers: pass_through(headers),
         sent_at,
+        sequence: None,
     })
 }

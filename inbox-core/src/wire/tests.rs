@@ -829,3 +829,69 @@ fn the_documented_examples_are_what_is_encoded() {
     let (nats, _) = Encoder::new(Binding::Nats).encode(&key);
     assert!(doc.contains(&format!("ce-partitionkey: {}`", nats["ce-partitionkey"])));
 }
+
+#[test]
+fn a_sequenced_message_sends_its_key_number_and_epoch_as_extensions_not_headers() {
+    let mut message = stored("text/plain", b"x");
+    waybill_outbox_core::Stamp::new(7, "epoch-1").write(&mut message.headers);
+    for binding in BINDINGS {
+        let (headers, _) = Encoder::new(binding).encode(&message);
+        assert_eq!(headers[&binding.header("sequence")], "0000000000000000007");
+        assert_eq!(headers[&binding.header(EPOCH_EXTENSION)], "epoch-1");
+        for reserved in waybill_outbox_core::sequence::RESERVED_HEADERS {
+            assert!(
+                !headers.contains_key(reserved),
+                "{reserved} stays in the outbox"
+            );
+        }
+        let decoded = Decoder::new(binding)
+            .decode(deliver(binding, &message, Some("/orders-service")))
+            .unwrap_or_else(|e| panic!("{binding:?}: {e}"));
+        let position = decoded
+            .sequence
+            .unwrap_or_else(|| panic!("{binding:?}: no sequence"));
+        assert_eq!(position.source, "/orders-service");
+        assert_eq!(
+            position.stamp,
+            waybill_outbox_core::Stamp::new(7, "epoch-1")
+        );
+        assert_eq!(position.skipped, None);
+        assert_eq!(
+            decoded.headers.get("correlation-id").map(String::as_str),
+            Some("checkout-77")
+        );
+    }
+}
+
+#[test]
+fn a_bare_sequence_is_the_informational_outbox_position_and_a_broken_one_is_refused() {
+    let message = stored("text/plain", b"x");
+    let decoded = Decoder::new(Binding::Kafka)
+        .decode(deliver(Binding::Kafka, &message, None))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(decoded.sequence, None, "no epoch: not a sequenced message");
+    let (mut headers, body) = Encoder::new(Binding::Kafka).encode(&message);
+    headers.insert("ce_waybillepoch".into(), "e".into());
+    headers.insert("ce_sequence".into(), "seven".into());
+    let refused = Decoder::new(Binding::Kafka).decode(Received::from_text(headers, body));
+    assert!(
+        matches!(refused, Err(DecodeError::InvalidSequence { ref value, .. }) if value == "seven"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_skip_marker_carries_its_reason() {
+    let mut message = stored("application/octet-stream", b"");
+    waybill_outbox_core::Stamp::new(3, "e").write(&mut message.headers);
+    message.headers.insert(
+        waybill_outbox_core::sequence::SKIPPED_HEADER.into(),
+        "poison payload".into(),
+    );
+    let decoded = Decoder::new(Binding::Nats)
+        .decode(deliver(Binding::Nats, &message, None))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let position = decoded.sequence.unwrap_or_else(|| panic!("no sequence"));
+    assert_eq!(position.skipped.as_deref(), Some("poison payload"));
+    assert_eq!(position.source, "urn:waybill:orders");
+}
