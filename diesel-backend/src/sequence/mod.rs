@@ -132,6 +132,48 @@ pub(crate) fn give_back<C: OutboxConnection + ?Sized>(conn: &mut C, draws: Draws
     }
 }
 
+/// The counter row a draw returns on every backend, with the epoch.
+#[derive(diesel::QueryableByName)]
+struct DrawnRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    last_sequence: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    epoch: String,
+}
+
+impl From<DrawnRow> for Drawn {
+    fn from(row: DrawnRow) -> Self {
+        Self {
+            last: row.last_sequence.unsigned_abs(),
+            epoch: row.epoch,
+        }
+    }
+}
+
+/// The mark row that locking a mark returns on every backend.
+#[derive(diesel::QueryableByName)]
+struct MarkRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    epoch: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    previous_epoch: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    epoch_start: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    last_sequence: i64,
+}
+
+impl From<MarkRow> for SequenceMark {
+    fn from(row: MarkRow) -> Self {
+        Self {
+            epoch: row.epoch,
+            previous_epoch: row.previous_epoch,
+            epoch_start: row.epoch_start.unsigned_abs(),
+            last: row.last_sequence.unsigned_abs(),
+        }
+    }
+}
+
 /// A consumer's mark on one stream: the last number applied and the epoch it came under.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SequenceMark {

@@ -5,16 +5,8 @@ use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-use super::Drawn;
+use super::{Drawn, DrawnRow};
 use crate::Result;
-
-#[derive(QueryableByName)]
-struct DrawnRow {
-    #[diesel(sql_type = BigInt)]
-    last_sequence: i64,
-    #[diesel(sql_type = Text)]
-    epoch: String,
-}
 
 /// Adds `count` to the key's counter (creating it at `count`), locking its row until the
 /// caller's transaction ends.
@@ -56,28 +48,13 @@ fn read_drawn(conn: &mut MysqlConnection) -> Result<Drawn> {
                 (SELECT epoch FROM outbox_sequence_epoch WHERE id = 1) AS epoch",
     )
     .get_result(conn)?;
-    Ok(Drawn {
-        last: row.last_sequence.unsigned_abs(),
-        epoch: row.epoch,
-    })
+    Ok(row.into())
 }
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::sql_types::{Binary, Bool, Datetime, Nullable};
 
-use super::{big, GapEntry, Held, InOrderConnection, MarkEntry, SequenceMark, Stream};
-
-#[derive(QueryableByName)]
-struct MarkRow {
-    #[diesel(sql_type = Text)]
-    epoch: String,
-    #[diesel(sql_type = Text)]
-    previous_epoch: String,
-    #[diesel(sql_type = BigInt)]
-    epoch_start: i64,
-    #[diesel(sql_type = BigInt)]
-    last_sequence: i64,
-}
+use super::{big, GapEntry, Held, InOrderConnection, MarkEntry, MarkRow, SequenceMark, Stream};
 
 #[derive(QueryableByName)]
 struct Seen {
@@ -172,12 +149,7 @@ impl InOrderConnection for MysqlConnection {
         .bind::<Text, _>(consumer)
         .bind::<Binary, _>(&stream.digest)
         .get_result(self)?;
-        Ok(SequenceMark {
-            epoch: row.epoch,
-            previous_epoch: row.previous_epoch,
-            epoch_start: row.epoch_start.unsigned_abs(),
-            last: row.last_sequence.unsigned_abs(),
-        })
+        Ok(row.into())
     }
 
     fn save_sequence_mark(

@@ -5,17 +5,9 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-use super::Drawn;
+use super::{Drawn, DrawnRow};
 use crate::prepared::Prepared;
 use crate::Result;
-
-#[derive(QueryableByName)]
-struct DrawnRow {
-    #[diesel(sql_type = BigInt)]
-    last_sequence: i64,
-    #[diesel(sql_type = Text)]
-    epoch: String,
-}
 
 /// Adds `count` to the key's counter (creating it at `count`), locking its row until the
 /// caller's transaction ends.
@@ -48,28 +40,13 @@ pub(crate) fn draw(conn: &mut PgConnection, topic: &str, key: &str, count: i64) 
         .bind::<BigInt, _>(count),
     )
     .get_result(conn)?;
-    Ok(Drawn {
-        last: row.last_sequence.unsigned_abs(),
-        epoch: row.epoch,
-    })
+    Ok(row.into())
 }
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Binary, Bool, Nullable, Timestamptz};
 
-use super::{big, GapEntry, Held, InOrderConnection, MarkEntry, SequenceMark, Stream};
-
-#[derive(QueryableByName)]
-struct MarkRow {
-    #[diesel(sql_type = Text)]
-    epoch: String,
-    #[diesel(sql_type = Text)]
-    previous_epoch: String,
-    #[diesel(sql_type = BigInt)]
-    epoch_start: i64,
-    #[diesel(sql_type = BigInt)]
-    last_sequence: i64,
-}
+use super::{big, GapEntry, Held, InOrderConnection, MarkEntry, MarkRow, SequenceMark, Stream};
 
 #[derive(QueryableByName)]
 struct Moved {
@@ -170,12 +147,7 @@ impl InOrderConnection for PgConnection {
         .bind::<Text, _>(stream.topic)
         .bind::<Text, _>(stream.partition_key)
         .get_result(self)?;
-        Ok(SequenceMark {
-            epoch: row.epoch,
-            previous_epoch: row.previous_epoch,
-            epoch_start: row.epoch_start.unsigned_abs(),
-            last: row.last_sequence.unsigned_abs(),
-        })
+        Ok(row.into())
     }
 
     fn save_sequence_mark(

@@ -4,16 +4,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::SqliteConnection;
 
-use super::Drawn;
+use super::{Drawn, DrawnRow};
 use crate::Result;
-
-#[derive(QueryableByName)]
-struct DrawnRow {
-    #[diesel(sql_type = BigInt)]
-    last_sequence: i64,
-    #[diesel(sql_type = Text)]
-    epoch: String,
-}
 
 /// Adds `count` to the key's counter (creating it at `count`).
 pub(crate) fn draw(
@@ -46,28 +38,13 @@ pub(crate) fn draw(
     .bind::<Text, _>(key)
     .bind::<BigInt, _>(count)
     .get_result(conn)?;
-    Ok(Drawn {
-        last: row.last_sequence.unsigned_abs(),
-        epoch: row.epoch,
-    })
+    Ok(row.into())
 }
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Binary, Bool, Nullable};
 
-use super::{big, GapEntry, Held, InOrderConnection, MarkEntry, SequenceMark, Stream};
-
-#[derive(QueryableByName)]
-struct MarkRow {
-    #[diesel(sql_type = Text)]
-    epoch: String,
-    #[diesel(sql_type = Text)]
-    previous_epoch: String,
-    #[diesel(sql_type = BigInt)]
-    epoch_start: i64,
-    #[diesel(sql_type = BigInt)]
-    last_sequence: i64,
-}
+use super::{big, GapEntry, Held, InOrderConnection, MarkEntry, MarkRow, SequenceMark, Stream};
 
 #[derive(QueryableByName)]
 struct Seen {
@@ -165,12 +142,7 @@ impl InOrderConnection for SqliteConnection {
         .bind::<Text, _>(stream.partition_key)
         .bind::<BigInt, _>(micros(Utc::now()))
         .get_result(self)?;
-        Ok(SequenceMark {
-            epoch: row.epoch,
-            previous_epoch: row.previous_epoch,
-            epoch_start: row.epoch_start.unsigned_abs(),
-            last: row.last_sequence.unsigned_abs(),
-        })
+        Ok(row.into())
     }
 
     fn save_sequence_mark(
