@@ -80,13 +80,13 @@ fn start_relay_with(
         .expect("waybill relay starts")
 }
 
-/// `GET /metrics`, or `None` while the endpoint is not up yet.
-fn scrape(port: u16) -> Option<String> {
+/// The body of `GET path` on the loopback `port`, or `None` while nothing answers there.
+fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(DEADLINE)).ok()?;
     write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -94,6 +94,11 @@ fn scrape(port: u16) -> Option<String> {
     response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
+}
+
+/// `GET /metrics`, or `None` while the endpoint is not up yet.
+fn scrape(port: u16) -> Option<String> {
+    http_get(port, "/metrics")
 }
 
 /// Sample values by their full series name (`name{labels}`).
@@ -387,17 +392,8 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(DEADLINE)).ok()?;
-        write!(
-            stream,
-            "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (_, body) = response.split_once("\r\n\r\n")?;
-        let body: serde_json::Value = serde_json::from_str(body).ok()?;
+        let body = http_get(self.port, &format!("/api/v1/query?query={encoded}"))?;
+        let body: serde_json::Value = serde_json::from_str(&body).ok()?;
         assert_eq!(body["status"], "success", "{expr}: {body}");
         let values = body["data"]["result"]
             .as_array()?
