@@ -41,7 +41,7 @@ pub use error::{error_chain, Error, Retryable};
 pub use id::MessageId;
 pub use message::{Headers, NewOutboxMessage, OutboxMessage, Status, JSON_CONTENT_TYPE};
 pub use publisher::{InMemoryPublisher, PublishError, Publisher, Unroutable};
-pub use redact::redact_url;
+pub use redact::{redact_url, url_userinfo};
 pub use relay::{NoHooks, Relay, RelayConfig, RelayHooks, RelayReport};
 pub use secret::{read_secret_file, warn_if_shared};
 pub use sequence::Stamp;

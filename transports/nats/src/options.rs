@@ -53,7 +53,7 @@ pub struct ConnectOptions {
 #[derive(Clone, Default)]
 enum Auth {
     /// Only what the URL carries (`nats://user:password@host`, `nats://token@host`), which
-    /// async-nats itself ignores: [`url_auth`] reads it.
+    /// async-nats itself ignores: [`url_userinfo`](waybill_outbox_core::url_userinfo) reads it.
     #[default]
     Url,
     CredentialsFile(PathBuf),
@@ -202,12 +202,12 @@ impl ConnectOptions {
     pub(crate) async fn client_options(&self, url: &str) -> Result<async_nats::ConnectOptions> {
         let mut options = async_nats::ConnectOptions::new();
         options = match &self.auth {
-            Auth::Url => match url_auth(url) {
+            // async-nats (0.51) ignores the URL's user info: without this,
+            // `nats://user:password@host` would connect without authenticating.
+            Auth::Url => match waybill_outbox_core::url_userinfo(url) {
                 None => options,
-                Some(UrlAuth::Token(token)) => options.token(token),
-                Some(UrlAuth::UserPassword(user, password)) => {
-                    options.user_and_password(user, password)
-                }
+                Some((token, None)) => options.token(token),
+                Some((user, Some(password))) => options.user_and_password(user, password),
             },
             Auth::CredentialsFile(path) => {
                 // Whole, its last line break included: async-nats's parser needs it.
@@ -266,57 +266,6 @@ impl ConnectOptions {
     }
 }
 
-/// Credentials carried by a URL of the comma-separated list (the first that has any).
-enum UrlAuth {
-    /// `nats://token@host`.
-    Token(String),
-    /// `nats://user:password@host`.
-    UserPassword(String, String),
-}
-
-/// The credentials in `url`'s user info, percent-decoded: async-nats (0.51) ignores them, so
-/// without this `nats://user:password@host` would connect without authenticating.
-fn url_auth(url: &str) -> Option<UrlAuth> {
-    url.split(',').find_map(|one| {
-        let rest = one
-            .trim()
-            .split_once("://")
-            .map_or(one.trim(), |(_, rest)| rest);
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        let (userinfo, _host) = authority.rsplit_once('@')?;
-        Some(match userinfo.split_once(':') {
-            Some((user, password)) => {
-                UrlAuth::UserPassword(percent_decode(user), percent_decode(password))
-            }
-            None => UrlAuth::Token(percent_decode(userinfo)),
-        })
-    })
-}
-
-/// `%XX` escapes decoded; anything else (an invalid escape included) kept as it is.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn read_secret(what: &'static str, path: &Path) -> Result<String> {
     waybill_outbox_core::read_secret_file(path).map_err(|source| Error::ReadFile {
         what,
@@ -335,33 +284,4 @@ fn readable(what: &'static str, path: &Path) -> Result<()> {
             path: path.to_owned(),
             source,
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn auth(url: &str) -> Option<(String, Option<String>)> {
-        url_auth(url).map(|auth| match auth {
-            UrlAuth::Token(token) => (token, None),
-            UrlAuth::UserPassword(user, password) => (user, Some(password)),
-        })
-    }
-
-    #[test]
-    fn url_credentials_are_read_and_percent_decoded() {
-        assert_eq!(auth("nats://127.0.0.1:4222"), None);
-        assert_eq!(auth("tls://h:1/path@x"), None);
-        assert_eq!(
-            auth("nats://relay:p%40ss%3Aw%25rd@h:4222"),
-            Some(("relay".into(), Some("p@ss:w%rd".into())))
-        );
-        assert_eq!(auth("tls://t0ken@h"), Some(("t0ken".into(), None)));
-        assert_eq!(
-            auth("nats://h1:4222, nats://u:p@h2:4222"),
-            Some(("u".into(), Some("p".into())))
-        );
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%41"), "%zzA");
-    }
 }
