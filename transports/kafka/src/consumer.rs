@@ -20,7 +20,7 @@ use waybill_outbox_core::StopHandle;
 
 use crate::delivery::{read_headers, record_headers, DeliveryContext, Tag};
 use crate::publisher::millis;
-use crate::{Error, Result};
+use crate::{Bootstrap, Error, Result};
 
 /// Dead-letter header: why the record was dead-lettered. The same name on every transport.
 pub use waybill_inbox_core::DEAD_LETTER_REASON;
@@ -196,13 +196,13 @@ impl ConsumerConfig {
             .unwrap_or_else(|| format!("{}.dead", self.topic))
     }
 
-    fn consumer_config(&self, brokers: &str) -> ClientConfig {
+    fn consumer_config(&self, brokers: &Bootstrap) -> ClientConfig {
         let mut config = ClientConfig::new();
         for (key, value) in &self.properties {
             config.set(key, value);
         }
-        config
-            .set("bootstrap.servers", brokers)
+        brokers
+            .apply(&mut config)
             .set("group.id", &self.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -215,13 +215,13 @@ impl ConsumerConfig {
         config
     }
 
-    fn dead_letter_config(&self, brokers: &str) -> ClientConfig {
+    fn dead_letter_config(&self, brokers: &Bootstrap) -> ClientConfig {
         let mut config = ClientConfig::new();
         for (key, value) in &self.properties {
             config.set(key, value);
         }
-        config
-            .set("bootstrap.servers", brokers)
+        brokers
+            .apply(&mut config)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", millis(self.request_timeout))
@@ -268,10 +268,12 @@ impl KafkaConsumer {
     /// [`Error::Subscribe`].
     pub fn connect(brokers: &str, config: ConsumerConfig) -> Result<Self> {
         let shown = waybill_outbox_core::redact_url(brokers);
-        let servers = crate::bootstrap_servers(brokers);
+        let servers = Bootstrap::parse(brokers);
         let dead_letter_topic = config.dead_letter_topic_name();
         if config.create_dead_letter_topic {
-            crate::ensure_topic(brokers, &dead_letter_topic, 1)?;
+            let properties = config.properties.iter();
+            let properties = properties.map(|(key, value)| (key.as_str(), value.as_str()));
+            crate::ensure_topic_with(brokers, &dead_letter_topic, 1, properties)?;
         }
         let client_error = |what| {
             let brokers = shown.clone();

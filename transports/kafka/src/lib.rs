@@ -146,12 +146,43 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Error::Client`] when `brokers` is not a valid bootstrap list, [`Error::CreateTopic`]
 /// when the broker refused or did not answer in time.
 pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    ensure_topic_with(brokers, topic, partitions, [])
+}
+
+/// [`ensure_topic`] with librdkafka `properties` for the admin client: the security settings
+/// of a cluster that demands them (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`),
+/// as [`PublisherConfig::properties`] lists them.
+///
+/// ```no_run
+/// use waybill_kafka::PublisherConfig;
+///
+/// let config = PublisherConfig::default()
+///     .set("security.protocol", "SASL_SSL")
+///     .set("sasl.mechanism", "SCRAM-SHA-512")
+///     .set("ssl.ca.location", "/etc/waybill/kafka-ca.pem");
+/// waybill_kafka::ensure_topic_with("kafka://relay:secret@kafka.internal:9093", "orders", 6, config.properties())?;
+/// # Ok::<(), waybill_kafka::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`ensure_topic`].
+pub fn ensure_topic_with<'a>(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    properties: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<()> {
     let create_error = |source| Error::CreateTopic {
         topic: topic.to_owned(),
         source: Box::new(source),
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers(brokers))
+    let mut config = ClientConfig::new();
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = Bootstrap::parse(brokers)
+        .apply(&mut config)
         .create()
         .map_err(|source| Error::Client {
             what: "admin client",
@@ -177,19 +208,45 @@ pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     Ok(())
 }
 
-/// The bootstrap servers of `brokers`: `host:port` items, comma-separated, each optionally
-/// written as a `kafka://host:port` URL (as `BROKER_URL` takes them).
-pub(crate) fn bootstrap_servers(brokers: &str) -> String {
-    brokers
-        .split(',')
-        .map(|item| {
-            let item = item.trim();
-            item.strip_prefix("kafka://")
-                .unwrap_or(item)
-                .trim_end_matches('/')
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+/// Where and as whom to connect, from `brokers`: `host:port` items, comma-separated, each
+/// optionally written as a `kafka://[user[:password]@]host:port` URL (as `BROKER_URL` takes
+/// them). librdkafka has no URL form for credentials, so the user info becomes `sasl.username`
+/// and `sasl.password`; the mechanism and `security.protocol` are ordinary properties.
+#[derive(Clone)]
+pub(crate) struct Bootstrap {
+    servers: String,
+    user: Option<(String, Option<String>)>,
+}
+
+impl Bootstrap {
+    pub(crate) fn parse(brokers: &str) -> Self {
+        let servers = brokers
+            .split(',')
+            .map(|item| {
+                let item = item.trim();
+                let item = item.strip_prefix("kafka://").unwrap_or(item);
+                let item = item.rsplit_once('@').map_or(item, |(_, host)| host);
+                item.trim_end_matches('/')
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        Self {
+            servers,
+            user: waybill_outbox_core::url_userinfo(brokers),
+        }
+    }
+
+    /// Sets the servers and credentials on `config`, over what the user's properties said.
+    pub(crate) fn apply<'c>(&self, config: &'c mut ClientConfig) -> &'c mut ClientConfig {
+        config.set("bootstrap.servers", &self.servers);
+        if let Some((user, password)) = &self.user {
+            config.set("sasl.username", user);
+            if let Some(password) = password {
+                config.set("sasl.password", password);
+            }
+        }
+        config
+    }
 }
 
 /// librdkafka properties as `Debug` shows them: values of secrets hidden.
@@ -210,11 +267,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kafka_urls_become_bootstrap_servers() {
-        assert_eq!(bootstrap_servers("h1:9092"), "h1:9092");
+    fn kafka_urls_become_bootstrap_servers_and_sasl_credentials() {
+        let properties = |brokers: &str| {
+            let mut config = ClientConfig::new();
+            Bootstrap::parse(brokers).apply(&mut config);
+            ["bootstrap.servers", "sasl.username", "sasl.password"]
+                .map(|key| config.get(key).map(str::to_owned))
+        };
+        assert_eq!(properties("h1:9092"), [Some("h1:9092".into()), None, None]);
         assert_eq!(
-            bootstrap_servers("kafka://h1:9092, kafka://h2:9093/"),
-            "h1:9092,h2:9093"
+            properties("kafka://h1:9092, kafka://h2:9093/"),
+            [Some("h1:9092,h2:9093".into()), None, None]
+        );
+        assert_eq!(
+            properties("kafka://relay:p%40ss@h1:9092,kafka://relay:p%40ss@h2:9092"),
+            [
+                Some("h1:9092,h2:9092".into()),
+                Some("relay".into()),
+                Some("p@ss".into())
+            ]
         );
     }
 }

@@ -12,7 +12,7 @@ use waybill_inbox_core::wire::{Binding, Encoder};
 use waybill_outbox_core::{OutboxMessage, PublishError, Publisher};
 
 use crate::delivery::{record_headers, wire_size, DeliveryContext, Tag};
-use crate::{Error, Result};
+use crate::{Bootstrap, Error, Result};
 use waybill_outbox_core::error_chain;
 
 /// How a [`KafkaPublisher`] publishes. `Default` gives the documented defaults.
@@ -175,13 +175,21 @@ impl PublisherConfig {
         self.transactional_id.as_deref()
     }
 
-    fn client_config(&self, brokers: &str) -> ClientConfig {
+    /// The librdkafka properties set with [`set`](Self::set), for the clients a relay makes
+    /// besides the producer ([`ensure_topic_with`](crate::ensure_topic_with)).
+    pub fn properties(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.properties
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+    }
+
+    fn client_config(&self, brokers: &Bootstrap) -> ClientConfig {
         let mut config = ClientConfig::new();
         for (key, value) in &self.properties {
             config.set(key, value);
         }
-        config
-            .set("bootstrap.servers", brokers)
+        brokers
+            .apply(&mut config)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("max.in.flight.requests.per.connection", "5")
@@ -230,8 +238,8 @@ pub(crate) fn millis(duration: Duration) -> String {
 pub struct KafkaPublisher {
     producer: BaseProducer<DeliveryContext>,
     config: PublisherConfig,
-    /// The bootstrap servers as librdkafka takes them.
-    servers: String,
+    /// The bootstrap servers and credentials as librdkafka takes them.
+    servers: Bootstrap,
     /// The same, passwords redacted, for logs.
     brokers: String,
     generation: u64,
@@ -273,7 +281,7 @@ impl KafkaPublisher {
     /// [`Error::Client`] when librdkafka refuses the configuration.
     pub fn connect(brokers: &str, config: PublisherConfig) -> Result<Self> {
         let brokers_shown = waybill_outbox_core::redact_url(brokers);
-        let servers = crate::bootstrap_servers(brokers);
+        let servers = Bootstrap::parse(brokers);
         let producer = create_producer(&config, &servers, &brokers_shown)?;
         let transactions = if config.transactional_id.is_some() {
             Transactions::Uninitialised
@@ -644,7 +652,7 @@ impl KafkaPublisher {
 
 fn create_producer(
     config: &PublisherConfig,
-    servers: &str,
+    servers: &Bootstrap,
     brokers_shown: &str,
 ) -> Result<BaseProducer<DeliveryContext>> {
     config
@@ -777,6 +785,20 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn the_bundled_librdkafka_has_tls_and_scram() {
+        // Creating the client checks the configuration without connecting: a librdkafka built
+        // without OpenSSL refuses SASL_SSL and SCRAM here ("No provider for SASL mechanism").
+        for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] {
+            let config = PublisherConfig::default()
+                .set("security.protocol", "SASL_SSL")
+                .set("sasl.mechanism", mechanism);
+            let connected = KafkaPublisher::connect("kafka://relay:pw@127.0.0.1:1", config);
+            let error = connected.err().map(|e| error_chain(&e));
+            assert_eq!(error, None, "{mechanism}");
+        }
+    }
+
     fn msg(key: &str) -> OutboxMessage {
         let mut msg = OutboxMessage::new(1, MessageId::new(), Status::Pending);
         msg.partition_key = key.into();
@@ -822,7 +844,7 @@ mod tests {
         let config = PublisherConfig::default();
         assert_eq!(config.max_message_bytes_in_force(), 1_000_000);
         assert_eq!(config.transactional_id(), None);
-        let client = config.client_config("h:1");
+        let client = config.client_config(&Bootstrap::parse("h:1"));
         assert_eq!(client.get("acks"), Some("all"));
         assert_eq!(client.get("enable.idempotence"), Some("true"));
         assert_eq!(client.get("message.timeout.ms"), Some("10000"));
