@@ -1,7 +1,6 @@
 //! The command line, parsed by clap.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
@@ -212,17 +211,9 @@ pub(crate) struct RelayArgs {
     /// Relay threads in this process, each its own relay over one pool.
     #[arg(long, default_value_t = 1)]
     pub(crate) relays: usize,
-    /// The file holding the broker password, filled into --broker-url's user info
-    /// (amqp://USER@HOST/..., nats://USER@HOST or tls://USER@HOST); never logged. A file that
-    /// others may read (mode wider than 0600) is used with a warning.
-    #[arg(long, env = "BROKER_PASSWORD_FILE")]
-    pub(crate) broker_password_file: Option<PathBuf>,
-    /// NATS options: credentials, TLS.
+    /// Broker connection options: password file, NATS, RabbitMQ and Kafka security.
     #[command(flatten)]
-    pub(crate) nats: NatsArgs,
-    /// RabbitMQ options: TLS.
-    #[command(flatten)]
-    pub(crate) amqp: AmqpArgs,
+    pub(crate) connect: waybill_cli::connect::BrokerArgs,
     /// Serve Prometheus metrics (no authentication) at http://ADDR/metrics. A bare PORT binds
     /// 127.0.0.1:PORT, this host only; to let a Prometheus on another host scrape it, give
     /// the address to bind, e.g. 0.0.0.0:9090 (with a firewall in front). Off by default.
@@ -243,69 +234,6 @@ pub(crate) struct RelayArgs {
     /// Relay owner name prefix; each relay appends `-<n>`. Defaults to `<host>-<pid>`.
     #[arg(long)]
     pub(crate) owner: Option<String>,
-}
-
-/// How `waybill relay` authenticates to NATS and secures the connection (the NATS broker URL
-/// only). Secret files that others may read (mode wider than 0600) are used with a warning.
-#[derive(Debug, Default, ClapArgs)]
-#[command(group(ArgGroup::new("nats_auth").multiple(false).args(["nats_creds", "nats_nkey_file", "nats_token_file"])))]
-pub(crate) struct NatsArgs {
-    /// NATS: authenticate with this credentials file (.creds, as nsc writes it).
-    #[arg(long, env = "NATS_CREDS")]
-    pub(crate) nats_creds: Option<PathBuf>,
-    /// NATS: authenticate with the user nkey whose seed (SU...) is in this file.
-    #[arg(long, env = "NATS_NKEY_FILE")]
-    pub(crate) nats_nkey_file: Option<PathBuf>,
-    /// NATS: authenticate with the token in this file.
-    #[arg(long, env = "NATS_TOKEN_FILE")]
-    pub(crate) nats_token_file: Option<PathBuf>,
-    /// NATS: trust the CA certificates in this PEM file (a private CA), besides the system's.
-    #[arg(long, env = "NATS_CA")]
-    pub(crate) nats_ca: Option<PathBuf>,
-    /// NATS: present this client certificate (PEM), with --nats-client-key.
-    #[arg(long, env = "NATS_CLIENT_CERT", requires = "nats_client_key")]
-    pub(crate) nats_client_cert: Option<PathBuf>,
-    /// NATS: the client certificate's private key (PEM).
-    #[arg(long, env = "NATS_CLIENT_KEY", requires = "nats_client_cert")]
-    pub(crate) nats_client_key: Option<PathBuf>,
-    /// NATS: connect over TLS only, even to a nats:// URL (a server without TLS is refused).
-    #[arg(long, env = "NATS_REQUIRE_TLS")]
-    pub(crate) nats_require_tls: bool,
-}
-
-impl NatsArgs {
-    /// Whether any option is set (they need a NATS broker URL).
-    pub(crate) fn any(&self) -> bool {
-        self.nats_creds.is_some()
-            || self.nats_nkey_file.is_some()
-            || self.nats_token_file.is_some()
-            || self.nats_ca.is_some()
-            || self.nats_client_cert.is_some()
-            || self.nats_require_tls
-    }
-}
-
-/// How `waybill relay` secures an `amqps://` connection to RabbitMQ. The server name is always
-/// checked against its certificate; for the EXTERNAL mechanism (the client certificate as the
-/// login), add `?auth_mechanism=external` to the URL.
-#[derive(Debug, Default, ClapArgs)]
-pub(crate) struct AmqpArgs {
-    /// RabbitMQ: trust the CA certificates in this PEM file (a private CA) instead of the system's.
-    #[arg(long, env = "AMQP_CA")]
-    pub(crate) amqp_ca: Option<PathBuf>,
-    /// RabbitMQ: present this client certificate (PEM), with --amqp-client-key.
-    #[arg(long, env = "AMQP_CLIENT_CERT", requires = "amqp_client_key")]
-    pub(crate) amqp_client_cert: Option<PathBuf>,
-    /// RabbitMQ: the client certificate's private key (PEM).
-    #[arg(long, env = "AMQP_CLIENT_KEY", requires = "amqp_client_cert")]
-    pub(crate) amqp_client_key: Option<PathBuf>,
-}
-
-impl AmqpArgs {
-    /// Whether any option is set (they need an amqps:// broker URL).
-    pub(crate) fn any(&self) -> bool {
-        self.amqp_ca.is_some() || self.amqp_client_cert.is_some()
-    }
 }
 
 /// A metrics address: `HOST:PORT`, or a bare `PORT` on loopback.

@@ -84,17 +84,9 @@ pub(crate) enum CliError {
     /// Options that do not fit together or with the broker URL.
     #[error("{0}")]
     Usage(String),
-    /// A secret file (--broker-password-file) could not be read.
-    #[error("reading the {what} {path} failed")]
-    SecretFile {
-        /// Which option's file.
-        what: &'static str,
-        /// Its path.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The broker connection flags do not fit, or the password file cannot be read.
+    #[error(transparent)]
+    BrokerFlags(#[from] waybill_cli::connect::ConnectError),
     /// The metrics endpoint could not be started.
     #[error("serving metrics failed: {0}")]
     Metrics(String),

@@ -75,24 +75,11 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
         .connection_customizer(Box::new(Prepare))
         .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
         .build(ConnectionManager::new(url))?;
-    let broker = broker_url(&args)?;
-    let is_nats = broker.starts_with("nats://") || broker.starts_with("tls://");
-    if args.nats.any() && !is_nats {
-        return Err(CliError::Usage(format!(
-            "--nats-* options need a nats:// or tls:// broker URL, not {}",
-            redact(&broker)
-        )));
-    }
-    if args.amqp.any() && !broker.starts_with("amqps://") {
-        return Err(CliError::Usage(format!(
-            "--amqp-* options need an amqps:// broker URL, not {}",
-            redact(&broker)
-        )));
-    }
+    let broker = args.connect.url(&args.broker_url)?;
     if broker.starts_with("amqp://") || broker.starts_with("amqps://") {
         #[cfg(feature = "amqp")]
         {
-            let config = waybill_amqp::PublisherConfig::default().tls(amqp_tls(&args.amqp));
+            let config = waybill_amqp::PublisherConfig::default().tls(args.connect.amqp_tls());
             let publishers = (0..relays)
                 .map(|_| {
                     waybill_amqp::AmqpPublisher::connect(&broker, config.clone())
@@ -107,11 +94,11 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
             return run_relays(pool, publishers, &args, &mut signals);
         }
     }
-    if is_nats {
+    if broker.starts_with("nats://") || broker.starts_with("tls://") {
         #[cfg(feature = "nats")]
         {
-            let config =
-                waybill_nats::PublisherConfig::default().connect_options(nats_options(&args.nats));
+            let config = waybill_nats::PublisherConfig::default()
+                .connect_options(args.connect.nats_options());
             let publishers = (0..relays)
                 .map(|_| {
                     waybill_nats::NatsPublisher::connect(&broker, config.clone())
@@ -134,14 +121,16 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
     if broker.starts_with("kafka://") {
         #[cfg(feature = "kafka")]
         {
+            let config = args.connect.kafka_publisher();
             for topic in &args.topics {
-                waybill_kafka::ensure_topic(&broker, topic, args.kafka_partitions)
+                let properties = config.properties();
+                waybill_kafka::ensure_topic_with(&broker, topic, args.kafka_partitions, properties)
                     .map_err(|e| broker_error(&broker, &e))?;
                 log::info!("Kafka topic {topic} is there");
             }
             let publishers = (0..relays)
                 .map(|_| {
-                    waybill_kafka::KafkaPublisher::connect(&broker, Default::default())
+                    waybill_kafka::KafkaPublisher::connect(&broker, config.clone())
                         .map_err(|e| broker_error(&broker, &e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -152,99 +141,6 @@ pub(crate) fn run<C: Backend>(url: &str, args: RelayArgs) -> Result<(), CliError
     #[cfg(not(all(feature = "amqp", feature = "nats", feature = "kafka")))]
     let _ = (&pool, &mut signals);
     Err(CliError::UnsupportedBroker(redact(&broker)))
-}
-
-/// The TLS options the `--amqp-*` flags ask for.
-#[cfg(feature = "amqp")]
-fn amqp_tls(args: &crate::cli::AmqpArgs) -> waybill_amqp::TlsOptions {
-    let mut tls = waybill_amqp::TlsOptions::default();
-    if let Some(path) = &args.amqp_ca {
-        tls = tls.root_certificates(path);
-    }
-    if let (Some(cert), Some(key)) = (&args.amqp_client_cert, &args.amqp_client_key) {
-        tls = tls.client_certificate(cert, key);
-    }
-    tls
-}
-
-/// The NATS connect options the `--nats-*` flags ask for.
-#[cfg(feature = "nats")]
-fn nats_options(args: &crate::cli::NatsArgs) -> waybill_nats::ConnectOptions {
-    let mut options = waybill_nats::ConnectOptions::default().require_tls(args.nats_require_tls);
-    if let Some(path) = &args.nats_creds {
-        options = options.credentials_file(path);
-    }
-    if let Some(path) = &args.nats_nkey_file {
-        options = options.nkey_seed_file(path);
-    }
-    if let Some(path) = &args.nats_token_file {
-        options = options.token_file(path);
-    }
-    if let Some(path) = &args.nats_ca {
-        options = options.root_certificates(path);
-    }
-    if let (Some(cert), Some(key)) = (&args.nats_client_cert, &args.nats_client_key) {
-        options = options.client_certificate(cert, key);
-    }
-    options
-}
-
-/// `--broker-url`, with the password of `--broker-password-file` filled into its user info.
-fn broker_url(args: &RelayArgs) -> Result<String, CliError> {
-    let url = args.broker_url.clone();
-    let Some(path) = &args.broker_password_file else {
-        return Ok(url);
-    };
-    if url.starts_with("kafka://") {
-        return Err(CliError::Usage(
-            "--broker-password-file is not supported for kafka:// yet".into(),
-        ));
-    }
-    let password =
-        waybill_outbox_core::read_secret_file(path).map_err(|source| CliError::SecretFile {
-            what: "broker password file",
-            path: path.clone(),
-            source,
-        })?;
-    with_password(&url, &password).ok_or_else(|| {
-        CliError::Usage(format!(
-            "--broker-password-file needs a user and no password in --broker-url \
-             (SCHEME://USER@HOST...), not {}",
-            redact(&url)
-        ))
-    })
-}
-
-/// `url` (each of a comma-separated list) with `password` percent-encoded after the user of
-/// its user info; `None` when no URL has a user, or one already has a password.
-fn with_password(url: &str, password: &str) -> Option<String> {
-    let encoded: String = password
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect();
-    let mut filled = false;
-    let urls = url
-        .split(',')
-        .map(|one| {
-            let (scheme, rest) = one.split_once("://")?;
-            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            let Some(at) = rest[..authority_end].rfind('@') else {
-                return Some(one.to_owned());
-            };
-            let (user, host) = (&rest[..at], &rest[at..]);
-            if user.contains(':') || user.is_empty() {
-                return None;
-            }
-            filled = true;
-            Some(format!("{scheme}://{user}:{encoded}{host}"))
-        })
-        .collect::<Option<Vec<_>>>()?;
-    filled.then(|| urls.join(","))
 }
 
 #[allow(dead_code)] // unused when no transport is built in
@@ -369,24 +265,4 @@ fn default_owner() -> String {
         })
         .unwrap_or_else(|| "waybill".to_owned());
     format!("{host}-{}", std::process::id())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_password;
-
-    #[test]
-    fn the_password_is_filled_in_percent_encoded_after_the_user() {
-        assert_eq!(
-            with_password("amqps://relay@mq:5671/%2f", "p@ss:w/rd").as_deref(),
-            Some("amqps://relay:p%40ss%3Aw%2Frd@mq:5671/%2f")
-        );
-        assert_eq!(
-            with_password("nats://relay@h1:4222,nats://relay@h2:4222", "pw").as_deref(),
-            Some("nats://relay:pw@h1:4222,nats://relay:pw@h2:4222")
-        );
-        assert_eq!(with_password("nats://h1:4222", "pw"), None); // no user
-        assert_eq!(with_password("amqp://u:old@h/%2f", "pw"), None); // a password already
-        assert_eq!(with_password("amqp://h/v@x", "pw"), None); // `@` after the authority
-    }
 }
