@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use waybill_cli::connect::BrokerArgs;
 use waybill_inbox_core::DeliveryHandler;
 use waybill_outbox_core::{Publisher, StopHandle};
 
@@ -30,7 +31,7 @@ impl Kind {
     pub(crate) fn of(url: &str) -> Result<Self, Error> {
         if url.starts_with("amqp://") || url.starts_with("amqps://") {
             Ok(Self::Amqp)
-        } else if url.starts_with("nats://") {
+        } else if url.starts_with("nats://") || url.starts_with("tls://") {
             Ok(Self::Nats)
         } else if url.starts_with("kafka://") {
             Ok(Self::Kafka)
@@ -46,30 +47,47 @@ impl Kind {
     }
 }
 
-/// A real broker at `url`, its names prefixed by `namespace`.
+/// A real broker at `url`, its names prefixed by `namespace`, connected to as `security` says.
 #[derive(Clone, Debug)]
 pub(crate) struct Broker {
     kind: Kind,
     url: String,
     namespace: String,
+    security: BrokerArgs,
 }
 
 impl Broker {
-    /// The broker at `url` (AMQP or NATS).
+    /// The broker at `url` (AMQP, NATS or Kafka), with the password of
+    /// `--broker-password-file` filled in and the TLS and credential flags of `security`.
     ///
     /// # Errors
     ///
-    /// `memory` and unknown schemes.
-    pub(crate) fn new(url: &str, namespace: &str) -> Result<Self, Error> {
+    /// `memory` and unknown schemes, flags that do not fit the URL, an unreadable password
+    /// file, and `--kafka-option` (a Kafka run uses a private broker of its own).
+    pub(crate) fn new(url: &str, namespace: &str, security: &BrokerArgs) -> Result<Self, Error> {
         let kind = Kind::of(url)?;
         if kind == Kind::Memory {
             return Err("the in-process broker cannot span processes".into());
         }
+        if kind == Kind::Kafka && !security.kafka.kafka_options.is_empty() {
+            return Err(
+                "--kafka-option does not apply: a Kafka run starts a private broker".into(),
+            );
+        }
         Ok(Self {
             kind,
-            url: url.to_owned(),
+            url: security.url(url)?,
             namespace: namespace.to_owned(),
+            security: BrokerArgs {
+                broker_password_file: None, // filled into the URL
+                ..security.clone()
+            },
         })
+    }
+
+    /// The TLS and credential flags, for a worker process (its URL carries the password).
+    pub(crate) fn security_args(&self) -> Vec<std::ffi::OsString> {
+        self.security.to_args(false)
     }
 
     /// The broker's URL.
@@ -99,7 +117,7 @@ impl Broker {
         match self.kind {
             Kind::Amqp => drop(waybill_amqp::AmqpConsumer::connect(
                 &self.url,
-                self.amqp_queue(),
+                self.amqp_queue().tls(self.security.amqp_tls()),
             )?),
             Kind::Nats => self
                 .nats_publisher()?
@@ -171,6 +189,7 @@ impl Broker {
             Kind::Amqp => Box::new(waybill_amqp::AmqpPublisher::connect(
                 &self.url,
                 waybill_amqp::PublisherConfig::default()
+                    .tls(self.security.amqp_tls())
                     .routing(waybill_amqp::Routing::Exchange(self.exchange()))
                     .connect_timeout(PUBLISH_TIMEOUT)
                     .confirm_timeout(PUBLISH_TIMEOUT),
@@ -199,6 +218,7 @@ impl Broker {
             Kind::Amqp => {
                 let config = self
                     .amqp_queue()
+                    .tls(self.security.amqp_tls())
                     .max_reconnect_delay(Duration::from_secs(1))
                     .connect_timeout(Duration::from_secs(5));
                 let mut consumer = waybill_amqp::AmqpConsumer::connect(&self.url, config)?;
@@ -233,6 +253,7 @@ impl Broker {
             .ack_wait(Duration::from_secs(2))
             .max_ack_pending(1)
             .batch_size(1)
+            .connect_options(self.security.nats_options())
     }
 
     fn nats_publisher(&self) -> Result<waybill_nats::NatsPublisher, Error> {
@@ -240,6 +261,7 @@ impl Broker {
         // The publisher keeps one message per key in flight, so a message whose ack is lost (a
         // cut connection) stops its key before a later one is sent.
         let config = waybill_nats::PublisherConfig::default()
+            .connect_options(self.security.nats_options())
             .ack_timeout(PUBLISH_TIMEOUT)
             .subject_mapping(waybill_nats::SubjectMapping::custom(move |topic, _key| {
                 format!("{namespace}.{topic}")

@@ -12,6 +12,8 @@ use diesel::{Connection, PgConnection, SqliteConnection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use waybill_cli::connect::BrokerArgs;
+
 use crate::broker::{Broker, Kind};
 use crate::counter;
 use crate::db::{self, AuditConnection, DbPool};
@@ -237,9 +239,14 @@ fn with_database(url: &str, database: &str) -> String {
 /// # Errors
 ///
 /// The database or broker could not be set up.
-pub(crate) fn run(database: &Database, broker_url: &str, plan: &Plan) -> Result<Report, Error> {
+pub(crate) fn run(
+    database: &Database,
+    broker_url: &str,
+    security: &BrokerArgs,
+    plan: &Plan,
+) -> Result<Report, Error> {
     let started = Instant::now();
-    let broker = Broker::new(broker_url, &plan.namespace)?;
+    let broker = Broker::new(broker_url, &plan.namespace, security)?;
     let mut target = Target::create(database, &plan.namespace)?;
     let result = match database {
         Database::Postgres(_) => run_on::<PgConnection>(&mut target, &broker, plan, started),
@@ -284,6 +291,7 @@ fn run_on<C: AuditConnection>(
     let spawner = Spawner {
         exe: std::env::current_exe()?,
         broker_url: proxied,
+        security: broker.security_args(),
         events: events.clone(),
         plan: plan.clone(),
     };
@@ -397,6 +405,8 @@ impl Drain {
 struct Spawner {
     exe: PathBuf,
     broker_url: String,
+    /// The broker's TLS and credential flags.
+    security: Vec<std::ffi::OsString>,
     events: PathBuf,
     plan: Plan,
 }
@@ -428,6 +438,7 @@ impl Spawner {
             .args(["--messages", &plan.messages.to_string()])
             .args(["--keys", &plan.keys.to_string()])
             .args(["--rate", &plan.rate.to_string()])
+            .args(&self.security)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Some(broken) = plan.broken {

@@ -67,6 +67,12 @@ struct Args {
     /// `.ci/run` installs it; the address in a `kafka://` URL is not used.
     #[arg(long, env = "BROKER_URL", default_value = DEFAULT_BROKER)]
     broker_url: String,
+    /// How the broker connections are secured: the flags `waybill relay` takes. The workers
+    /// reach the broker through the audit's fault proxy on 127.0.0.1, so a TLS server's
+    /// certificate must name 127.0.0.1; removing the run's queues or streams at the end uses
+    /// the URL alone.
+    #[command(flatten)]
+    security: waybill_cli::connect::BrokerArgs,
     /// Prefix of every schema, queue, stream and subject of the run (unique by default).
     #[arg(long)]
     namespace: Option<String>,
@@ -262,7 +268,7 @@ fn run(args: &Args) -> Result<bool, Error> {
     let database = Database::parse(&args.database_url)?;
     let report = match broker::Kind::of(&args.broker_url)? {
         broker::Kind::Memory => embedded::run(&database, &plan)?,
-        _ => controller::run(&database, &args.broker_url, &plan)?,
+        _ => controller::run(&database, &args.broker_url, &args.security, &plan)?,
     };
     report.print();
     Ok(report.passed())

@@ -39,6 +39,9 @@ pub(crate) struct WorkerArgs {
     /// The run's namespace.
     #[arg(long)]
     namespace: String,
+    /// The broker's TLS and credential flags, as the controller was given them.
+    #[command(flatten)]
+    security: waybill_cli::connect::BrokerArgs,
     /// Where the worker appends its event counts.
     #[arg(long)]
     events_dir: PathBuf,
@@ -95,7 +98,7 @@ fn run_on<C: AuditConnection>(url: &str, args: &WorkerArgs) -> Result<(), Error>
         args.crash_probability,
         CrashMode::Abort,
     ));
-    let broker = Broker::new(&args.broker_url, &args.namespace)?;
+    let broker = Broker::new(&args.broker_url, &args.namespace, &args.security)?;
     let stop = AtomicBool::new(false);
     match args.role {
         Role::Writer => {

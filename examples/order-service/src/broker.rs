@@ -8,20 +8,23 @@
 
 use std::time::Duration;
 
+use waybill_cli::connect::BrokerArgs;
 use waybill_inbox_core::DeliveryHandler;
 use waybill_outbox_core::{Publisher, Relay, RelayConfig, RelayHandle, RelayReport, StopHandle};
 
 use crate::db::{AppConnection, DbPool};
 use crate::Error;
 
-/// A broker URL, the namespace its names are prefixed with, and how soon work a killed
-/// process left behind is taken up again.
+/// A broker URL, the namespace its names are prefixed with, how soon work a killed process
+/// left behind is taken up again, and how the connections are secured (the flags `waybill
+/// relay` takes: `--broker-password-file`, `--nats-*`, `--amqp-*`, `--kafka-option`).
 #[derive(Clone, Debug)]
 pub(crate) struct Broker {
     transport: Transport,
     url: String,
     namespace: Option<String>,
     timing: Timing,
+    security: BrokerArgs,
 }
 
 /// Which kind of broker.
@@ -47,19 +50,21 @@ pub(crate) struct Timing {
 }
 
 impl Broker {
-    /// The broker `url` names.
+    /// The broker `url` names, secured as `security` says.
     ///
     /// # Errors
     ///
-    /// `memory` (only the one-command run has an in-process broker) and unknown schemes.
+    /// `memory` (only the one-command run has an in-process broker), unknown schemes, and
+    /// security flags that do not fit the URL or a password file that cannot be read.
     pub(crate) fn parse(
         url: &str,
         namespace: Option<String>,
         timing: Timing,
+        security: BrokerArgs,
     ) -> Result<Self, Error> {
         let transport = if url.starts_with("amqp://") || url.starts_with("amqps://") {
             Transport::Amqp
-        } else if url.starts_with("nats://") {
+        } else if url.starts_with("nats://") || url.starts_with("tls://") {
             Transport::Nats
         } else if url.starts_with("kafka://") {
             Transport::Kafka
@@ -77,9 +82,10 @@ impl Broker {
         };
         Ok(Self {
             transport,
-            url: url.to_owned(),
+            url: security.url(url)?,
             namespace,
             timing,
+            security,
         })
     }
 
@@ -97,7 +103,7 @@ impl Broker {
         let (url, namespace) = (&self.url, &self.namespace);
         match self.transport {
             Transport::Amqp => {
-                let mut config = waybill_amqp::PublisherConfig::default();
+                let mut config = waybill_amqp::PublisherConfig::default().tls(self.amqp_tls());
                 if let Some(namespace) = namespace {
                     config = config.routing(waybill_amqp::Routing::Exchange(exchange(namespace)));
                 }
@@ -107,13 +113,13 @@ impl Broker {
                 for (topic, consumer) in QUEUES {
                     drop(waybill_amqp::AmqpConsumer::connect(
                         url,
-                        amqp_queue(namespace.as_deref(), topic, consumer),
+                        amqp_queue(namespace.as_deref(), topic, consumer).tls(self.amqp_tls()),
                     )?);
                 }
                 Ok(self.relay(db, publisher, started))
             }
             Transport::Nats => {
-                let mut config = waybill_nats::PublisherConfig::default();
+                let mut config = self.nats_publisher();
                 if let Some(namespace) = namespace.clone() {
                     config = config.subject_mapping(waybill_nats::SubjectMapping::custom(
                         move |topic, _key| format!("{namespace}.{topic}"),
@@ -125,8 +131,8 @@ impl Broker {
             }
             Transport::Kafka => {
                 let brokers = kafka_brokers(url);
-                ensure_topics(brokers, namespace.as_deref())?;
-                let mut config = waybill_kafka::PublisherConfig::default();
+                self.ensure_topics(brokers)?;
+                let mut config = self.security.kafka_publisher();
                 if let Some(namespace) = namespace {
                     config = config.topic_prefix(format!("{namespace}."));
                 }
@@ -152,37 +158,59 @@ impl Broker {
         let (url, namespace) = (&self.url, &self.namespace);
         match self.transport {
             Transport::Amqp => {
-                let config = amqp_queue(namespace.as_deref(), topic, consumer);
+                let config = amqp_queue(namespace.as_deref(), topic, consumer).tls(self.amqp_tls());
                 let mut consumer = waybill_amqp::AmqpConsumer::connect(url, config)?;
                 consumer.run(handler, stop)?;
             }
             Transport::Nats => {
                 // The stream must exist before a durable consumer can be created on it.
-                let publisher = waybill_nats::NatsPublisher::connect(
-                    url,
-                    waybill_nats::PublisherConfig::default(),
-                )?;
+                let publisher = waybill_nats::NatsPublisher::connect(url, self.nats_publisher())?;
                 ensure_streams(&publisher, namespace.as_deref())?;
                 let config = waybill_nats::ConsumerConfig::new(
                     stream(namespace.as_deref(), topic),
                     consumer,
                 )
-                .ack_wait(self.timing.ack_wait);
+                .ack_wait(self.timing.ack_wait)
+                .connect_options(self.security.nats_options());
                 let mut consumer = waybill_nats::NatsConsumer::connect(url, config)?;
                 consumer.run(handler, stop)?;
             }
             Transport::Kafka => {
                 let brokers = kafka_brokers(url);
-                ensure_topics(brokers, namespace.as_deref())?;
+                self.ensure_topics(brokers)?;
                 // A killed member's partitions move on once its session runs out.
                 let config = waybill_kafka::ConsumerConfig::new(
                     subject(namespace.as_deref(), topic),
                     namespaced(namespace.as_deref(), consumer),
                 )
                 .session_timeout(self.timing.ack_wait.max(Duration::from_secs(1)));
+                let config = self.security.kafka_consumer(config);
                 let mut consumer = waybill_kafka::KafkaConsumer::connect(brokers, config)?;
                 consumer.run(handler, stop)?;
             }
+        }
+        Ok(())
+    }
+
+    fn amqp_tls(&self) -> waybill_amqp::TlsOptions {
+        self.security.amqp_tls()
+    }
+
+    fn nats_publisher(&self) -> waybill_nats::PublisherConfig {
+        waybill_nats::PublisherConfig::default().connect_options(self.security.nats_options())
+    }
+
+    /// Kafka topics are `<namespace>.<topic>`, like NATS subjects.
+    fn ensure_topics(&self, brokers: &str) -> Result<(), Error> {
+        let config = self.security.kafka_publisher();
+        for topic in [crate::orders::ORDERS_TOPIC, crate::billing::PAYMENTS_TOPIC] {
+            let topic = subject(self.namespace.as_deref(), topic);
+            waybill_kafka::ensure_topic_with(
+                brokers,
+                &topic,
+                KAFKA_PARTITIONS,
+                config.properties(),
+            )?;
         }
         Ok(())
     }
@@ -278,14 +306,6 @@ fn namespaced(namespace: Option<&str>, name: &str) -> String {
 
 fn kafka_brokers(url: &str) -> &str {
     url.trim_start_matches("kafka://")
-}
-
-/// Kafka topics are `<namespace>.<topic>`, like NATS subjects.
-fn ensure_topics(brokers: &str, namespace: Option<&str>) -> Result<(), Error> {
-    for topic in [crate::orders::ORDERS_TOPIC, crate::billing::PAYMENTS_TOPIC] {
-        waybill_kafka::ensure_topic(brokers, &subject(namespace, topic), KAFKA_PARTITIONS)?;
-    }
-    Ok(())
 }
 
 /// Partitions of each Kafka topic.

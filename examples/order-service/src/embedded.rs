@@ -44,7 +44,7 @@ pub(crate) enum Messaging {
         redeliver_fraction: f64,
     },
     /// RabbitMQ or NATS.
-    Server(Broker),
+    Server(Box<Broker>),
 }
 
 /// What happened on a background thread, as the waiting loop hears it.

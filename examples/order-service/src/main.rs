@@ -102,6 +102,9 @@ struct Args {
     /// writer ends the run at once with its error.
     #[arg(long, hide = true)]
     fail_at_order: Option<u64>,
+    /// How the broker connections are secured: the flags `waybill relay` takes.
+    #[command(flatten)]
+    security: waybill_cli::connect::BrokerArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -184,7 +187,7 @@ impl Args {
                     relay_lease: Duration::from_secs(self.relay_lease_secs),
                     ack_wait: Duration::from_secs(self.ack_wait_secs),
                 };
-                Broker::parse(url, self.namespace.clone(), timing)
+                Broker::parse(url, self.namespace.clone(), timing, self.security.clone())
             })
             .transpose()
     }
@@ -239,7 +242,7 @@ fn run(args: &Args) -> Result<bool, Error> {
                 None | Some("memory") => Messaging::InProcess {
                     redeliver_fraction: args.redeliver_fraction,
                 },
-                Some(_) => Messaging::Server(args.required_broker()?),
+                Some(_) => Messaging::Server(Box::new(args.required_broker()?)),
             };
             // The default SQLite files start afresh on every run; a database named is kept.
             let orders_url = match &args.orders_db {
