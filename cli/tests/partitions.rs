@@ -141,6 +141,30 @@ fn roll_offs_from_two_processes_at_once_drop_each_partition_once() {
 }
 
 #[test]
+fn status_counts_the_history_the_partitioned_layout_moved_out_of_the_queue() {
+    let Some(db) = common::postgres() else { return };
+    support::waybill(&db.url, &["partitions", "adopt", "--yes"], "").assert_code(0);
+    // Three messages published (marking moves them to `outbox_published`), one pending.
+    db.conn()
+        .batch_execute(
+            "INSERT INTO outbox_messages (id, topic, partition_key, message_type, content_type, payload)
+             SELECT gen_random_uuid(), 'orders', 'k' || i, 'OrderPlaced', 'application/json', '{}'
+             FROM generate_series(1, 4) AS i;
+             UPDATE outbox_messages SET status = 1, published_at = now()
+             WHERE partition_key IN ('k1', 'k2', 'k3');",
+        )
+        .unwrap();
+    let status = support::waybill(&db.url, &["--json", "status"], "");
+    let status = status.assert_code(0).json();
+    let topics = status["topics"].as_array().unwrap();
+    assert_eq!(topics.len(), 1, "{status}");
+    assert_eq!(topics[0]["topic"], "orders");
+    assert_eq!(topics[0]["pending"], 1, "{status}");
+    assert_eq!(topics[0]["published"], 3, "{status}");
+    assert!(topics[0]["oldest_pending_at"].is_string(), "{status}");
+}
+
+#[test]
 fn partitions_on_sqlite_are_refused_as_a_postgresql_layout() {
     let dir = std::env::temp_dir().join(format!("waybill-parts-{}.db", std::process::id()));
     let url = dir.display().to_string();

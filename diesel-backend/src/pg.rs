@@ -860,15 +860,26 @@ impl OutboxConnection for PgConnection {
     }
 
     fn outbox_topic_stats(&mut self) -> Result<Vec<TopicStats>> {
-        let rows: Vec<StatsRow> = diesel::sql_query(
-            "SELECT topic, \
+        const QUEUE: &str = "SELECT topic, \
                count(*) FILTER (WHERE status = 0) AS pending, \
                count(*) FILTER (WHERE status = 2) AS parked, \
                count(*) FILTER (WHERE status = 1) AS published, \
                min(created_at) FILTER (WHERE status = 0) AS oldest_pending \
-             FROM outbox_messages GROUP BY topic ORDER BY topic",
-        )
-        .load(self)?;
+             FROM outbox_messages GROUP BY topic";
+        // On the partitioned layout the relay moves published rows to `outbox_published`;
+        // without it, status would show a drained topic as gone and count no history.
+        let rows: Vec<StatsRow> = if crate::partitions::is_partitioned(self)? {
+            diesel::sql_query(format!(
+                "SELECT topic, sum(pending)::bigint AS pending, sum(parked)::bigint AS parked, \
+                   sum(published)::bigint AS published, min(oldest_pending) AS oldest_pending \
+                 FROM ({QUEUE} UNION ALL \
+                       SELECT topic, 0, 0, count(*), NULL FROM outbox_published GROUP BY topic) s \
+                 GROUP BY topic ORDER BY topic"
+            ))
+            .load(self)?
+        } else {
+            diesel::sql_query(format!("{QUEUE} ORDER BY topic")).load(self)?
+        };
         Ok(rows
             .into_iter()
             .map(|r| TopicStats::new(r.topic, r.pending, r.parked, r.published, r.oldest_pending))
